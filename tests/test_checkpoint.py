@@ -1,0 +1,92 @@
+import os
+
+import pytest
+import torch
+
+from tests.conftest import VARIANTS, milesial_state_dict
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.errors import UserError
+from unet_export.fileio import sha256_file
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_release_format_is_detected_and_loads(make_checkpoint, variant):
+    path = make_checkpoint(variant)
+    ckpt = load_checkpoint(path)
+    expected = VARIANTS[variant]
+    assert ckpt.architecture == "milesial"
+    assert ckpt.config == dict(n_channels=3, width=8, **expected["config"])
+    assert ckpt.mask_values == expected["mask_values"]
+    assert ckpt.sha256 == sha256_file(path)
+    model = build_model(ckpt)
+    reference = milesial_state_dict(variant)
+    assert torch.equal(model.state_dict()["outc.conv.weight"], reference["outc.conv.weight"])
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model"])
+def test_wrapped_state_dicts_load(make_checkpoint, wrap):
+    ckpt = load_checkpoint(make_checkpoint("v4", wrap=wrap))
+    assert ckpt.mask_values == [0, 127, 255]
+    build_model(ckpt)
+
+
+def test_dataparallel_prefix_and_legacy_serialisation(tmp_path):
+    state = {f"module.{k}": v for k, v in milesial_state_dict("v3").items()}
+    path = tmp_path / "legacy.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    build_model(load_checkpoint(path))
+
+
+def test_model_flag_forces_the_family(make_checkpoint):
+    assert load_checkpoint(make_checkpoint("v3"), model="milesial").architecture == "milesial"
+    with pytest.raises(UserError, match="unknown model"):
+        load_checkpoint(make_checkpoint("v3"), model="nope")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo should-not-run",))
+
+
+def _bad_files(tmp_path):
+    """Each bad input and a fragment its one-line message must contain."""
+    good = tmp_path / "good.pth"
+    torch.save(milesial_state_dict("v3"), good)
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.pth", "not found")
+    (tmp_path / "adir").mkdir()
+    cases["directory"] = (tmp_path / "adir", "is a directory")
+    (tmp_path / "notes.txt").write_text("just some text\n")
+    cases["text"] = (tmp_path / "notes.txt", "not a readable PyTorch checkpoint")
+    data = good.read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (tmp_path / "trunc.pth", "truncated")
+    torch.save({"w": Evil()}, tmp_path / "evil.pth")
+    cases["code pickle"] = (tmp_path / "evil.pth", "could run code")
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pth")
+    cases["other network"] = (tmp_path / "resnet.pth", "not a checkpoint of a known architecture")
+    state = milesial_state_dict("v3")
+    state["outc.conv.weight"] = torch.zeros(2, 99, 1, 1)
+    torch.save(state, tmp_path / "shape.pth")
+    cases["shape mismatch"] = (tmp_path / "shape.pth", "size mismatch")
+    state = milesial_state_dict("v3")
+    del state["down2.maxpool_conv.1.double_conv.0.weight"]
+    torch.save(state, tmp_path / "missing_key.pth")
+    cases["missing key"] = (tmp_path / "missing_key.pth", "Missing key")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    cases["not a dict"] = (tmp_path / "list.pth", "not a state_dict")
+    torch.save({"epoch": 3}, tmp_path / "empty.pth")
+    cases["no tensors"] = (tmp_path / "empty.pth", "no tensors")
+    return cases
+
+
+BAD = ["missing", "directory", "text", "truncated", "code pickle", "other network",
+       "shape mismatch", "missing key", "not a dict", "no tensors"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_checkpoints_raise_one_clear_user_error(tmp_path, case):
+    path, fragment = _bad_files(tmp_path)[case]
+    with pytest.raises(UserError, match=fragment) as info:
+        build_model(load_checkpoint(path))
+    assert "\n" not in str(info.value)

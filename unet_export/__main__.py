@@ -1,0 +1,3 @@
+from unet_export.cli.main import main
+
+main()

@@ -1,0 +1,36 @@
+"""The default job `make demo` runs: a milesial U-Net exported to every format and verified.
+
+Until the trained demo model ships (issue 5), the weights are random but seeded, with
+non-trivial BatchNorm statistics so the network is not close to the identity.
+"""
+
+from pathlib import Path
+
+import torch
+
+from unet_export.fileio import atomic_path
+from unet_export.models.milesial import UNet
+
+DEMO_CONFIG = dict(n_channels=3, n_classes=2, bilinear=False, width=64)  # milesial v3.0's shape
+
+
+def random_milesial(seed: int = 0, **config) -> UNet:
+    """A seeded milesial UNet whose BatchNorm layers carry trained-looking running statistics."""
+    torch.manual_seed(seed)
+    model = UNet(**(DEMO_CONFIG | config))
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def write_random_checkpoint(dest: Path, seed: int = 0, mask_values=None, **config) -> Path:
+    """Save it the way milesial's train.py does: state_dict plus ``mask_values``."""
+    state = random_milesial(seed, **config).state_dict()
+    state["mask_values"] = mask_values if mask_values is not None else [0, 1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        torch.save(state, tmp)
+    return dest

@@ -1,0 +1,20 @@
+"""Artefact writers, one per format: ``write(model, dest, sample, metadata, **options) -> io record``.
+Each writes through a temp file and renames, so a failure leaves nothing behind."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from unet_export.export.onnx import export_onnx
+from unet_export.export.torchscript import export_torchscript
+
+
+@dataclass(frozen=True)
+class Format:
+    write: Callable[..., dict]
+    suffix: str
+
+
+FORMATS: dict[str, Format] = {
+    "onnx": Format(export_onnx, ".onnx"),
+    "torchscript": Format(export_torchscript, ".ts"),
+}

@@ -1,0 +1,116 @@
+"""ONNX writer: torch.onnx's dynamo exporter (the default since PyTorch 2.9) with dynamic batch,
+height and width, metadata_props, onnx.checker, and an atomic write."""
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from unet_export.errors import ArtifactError, UserError, require
+from unet_export.fileio import atomic_path
+
+# ONNX Runtime's CUDA provider had no Resize kernel for opset >= 19 until early 2026, so a
+# U-Net's up-sampling silently fell back to the CPU; Ultralytics caps at 18 for the same reason.
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the lowest opset torch.onnx's dynamo exporter implements
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
+
+
+def export_onnx(
+    model: nn.Module,
+    dest: Path,
+    sample: torch.Tensor,
+    metadata: dict[str, str],
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    min_size: int = 16,
+    size_multiple: int = 1,
+) -> dict:
+    """Write ``model`` to ``dest`` as ONNX; returns the I/O description for the manifest."""
+    onnx = require("onnx")
+    require("onnxscript")  # the dynamo exporter translates through it
+    check_opset(opset, onnx.defs.onnx_opset_version())
+    shapes = (_dynamic_shapes(min_size, size_multiple),) if dynamic else None
+    proto = _export_proto(model, sample, opset, shapes)
+    onnx.helper.set_model_props(proto, metadata)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ArtifactError(f"the exported ONNX model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    with atomic_path(dest) as tmp:
+        onnx.save(proto, str(tmp))
+    return _io_record(proto, dynamic)
+
+
+def check_opset(opset: int, newest: int) -> None:
+    """The dynamo exporter writes opset 18 and up; below that its down-conversion fails for
+    U-Nets (no Pad adapter) and it would silently keep 18, so refuse instead."""
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {newest} (installed onnx)")
+
+
+def _dynamic_shapes(min_size: int, size_multiple: int) -> dict:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=4096)
+    if size_multiple == 1:
+        height, width = Dim("height", min=min_size), Dim("width", min=min_size)
+    else:  # e.g. 32 * k for encoders that halve the size five times
+        lo = max(1, min_size // size_multiple)
+        height = size_multiple * Dim("height_blocks", min=lo)
+        width = size_multiple * Dim("width_blocks", min=lo)
+    return {0: batch, 2: height, 3: width}
+
+
+def _export_proto(model, sample, opset, dynamic_shapes):
+    log = io.StringIO()
+    try:
+        # The exporter prints progress lines and deprecation chatter; keep it for errors only.
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model.eval(),
+                (sample,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; all mean "could not export"
+        first = " ".join(str(exc).split())[:300]
+        raise ArtifactError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+    return program.model_proto
+
+
+def _io_record(proto, dynamic: bool) -> dict:
+    def shape(value_info):
+        dims = value_info.type.tensor_type.shape.dim
+        return [d.dim_param or d.dim_value for d in dims]
+
+    return {
+        "inputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.input],
+        "outputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.output],
+        "dynamic_axes": {name: DYNAMIC_AXES for name in (INPUT_NAME, OUTPUT_NAME)} if dynamic else {},
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+    }
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file (without loading its weights)."""
+    onnx = require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def metadata_json(record: dict) -> dict[str, str]:
+    """Flatten a model record into ONNX metadata_props (string values only)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}

@@ -5,9 +5,11 @@
     assert result.passed, result.parity.failures()
 """
 
+import functools
+import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +20,9 @@ from unet_export.export import FORMATS
 from unet_export.export.onnx import DEFAULT_OPSET, metadata_json
 from unet_export.manifest import load_manifest, save_manifest, set_model, tool_versions, upsert_artifact, utc_now
 from unet_export.models import ModelSpec, get_spec
-from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.bench import BenchConfig, run_benchmark
+from unet_export.runners import BACKENDS, BackendContext, EagerRunner, artifact_runner
+from unet_export.runners.onnxruntime import physical_cores
 from unet_export.verify import FP32, ParityReport, check_parity, seeded_inputs
 
 # The second parity size is deliberately not a multiple of 16 (milesial pads odd sizes).
@@ -136,3 +140,93 @@ class _created_dir:
     def __exit__(self, exc_type, *_):
         if exc_type and self.created and not any(self.path.iterdir()):
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class BenchReport:
+    device: dict
+    versions: dict
+    config: dict
+    rows: list
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "versions": self.versions, "config": self.config,
+                "results": [row.to_dict() for row in self.rows]}  # fmt: skip
+
+
+def benchmark(
+    workdir: str | Path = "exports",
+    *,
+    batch: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+    backends: list[str] | None = None,
+    device: str = "auto",
+    weights: str | Path | None = None,
+    compile_mode: str = "default",
+    on_row=None,
+    **timing,
+) -> BenchReport:
+    """Parity-gate and time every backend on the workdir's model; ``timing`` goes to BenchConfig."""
+    workdir = Path(workdir)
+    manifest = load_manifest(workdir)
+    if manifest.get("model") is None:
+        raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
+    ckpt = _bench_checkpoint(manifest["model"], weights)
+    spec = get_spec(ckpt.architecture)
+    height, width = _bench_size(manifest, height, width)
+    spec.check_size(height, width)
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    names = _backend_names(backends)
+    net, dev = build_model(ckpt), resolve_device(device)
+    cfg = BenchConfig(batch=batch, height=height, width=width, **timing)
+    channels = ckpt.config.get("n_channels", 3)
+    ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
+    makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
+    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, channels, on_row)
+    config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
+                            "model": manifest["model"]}  # fmt: skip
+    return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
+
+
+def _bench_checkpoint(record: dict, weights):
+    path = Path(weights or record["checkpoint"]["path"])
+    if not path.exists():
+        raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
+    ckpt = load_checkpoint(path, record["architecture"])
+    if ckpt.sha256 != record["checkpoint"]["sha256"]:
+        raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
+    return ckpt
+
+
+def _bench_size(manifest: dict, height, width) -> tuple[int, int]:
+    sizes = [a["export_size"] for a in manifest["artifacts"] if "export_size" in a]
+    default = sizes[0] if sizes else (256, 256)
+    return height or default[0], width or default[1]
+
+
+def _backend_names(backends: list[str] | None) -> list[str]:
+    names = list(backends or BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from: {', '.join(BACKENDS)}")
+    return ["eager"] + [n for n in names if n != "eager"]  # the baseline always runs, first
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+    return {"type": "cpu", "name": _cpu_name(), "cores": physical_cores(), "torch_threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -31,7 +31,7 @@ class Checkpoint:
             "architecture": self.architecture,
             "config": self.config,
             "mask_values": self.mask_values,
-            "checkpoint": {"path": str(self.path), "sha256": self.sha256},
+            "checkpoint": {"path": str(self.path.resolve()), "sha256": self.sha256},
         }
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from unet_export.errors import UnetExportError
 
 # Logs in CI are not terminals; Rich would wrap them at 80 columns and split paths and tables.
-console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 DEBUG_ENV = "UNET_EXPORT_DEBUG"
 INTERNAL_ERROR = 3  # a bug, not the user's input: never mistaken for a parity failure (1)
 

@@ -42,3 +42,64 @@ def export_report(result: ExportResult, workdir) -> None:
         for failure in result.parity.failures():
             console.print(f"[red]parity failed[/] {failure}")
         console.print(f"[red]FAILED[/]: {result.path} recorded as failed in {workdir / 'manifest.json'}")
+
+
+BENCH_COLUMNS = ("backend", "precision", "status", "img/s", "mean ms", "p50 ms", "p99 ms", "CV", "speed-up",
+                 "peak MB", "max abs err", "class diff", "Dice vs eager")  # fmt: skip
+STATUS_STYLE = {"ok": "green", "parity_failed": "red", "error": "red", "unavailable": "yellow"}
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def bench_cells(row) -> list[str]:
+    lat, parity = row.latency_ms or {}, row.parity or {}
+    return [
+        row.backend, row.precision, row.status, _num(row.img_per_s, ".2f"), _num(lat.get("mean"), ".1f"),
+        _num(lat.get("p50"), ".1f"), _num(lat.get("p99"), ".1f"), _num(row.cv, ".1%"),
+        _num(row.speedup_vs_eager, ".2f") + ("x" if row.speedup_vs_eager else ""), _num(row.peak_mem_mb, ".0f"),
+        _num(parity.get("max_abs_err"), ".1e"), _num(parity.get("argmax_disagreement"), ".3%"),
+        _num(parity.get("dice_vs_eager"), ".5f"),
+    ]  # fmt: skip
+
+
+def row_line(row) -> str:
+    """One progress line as each backend finishes."""
+    style = STATUS_STYLE[row.status]
+    speed = f"{row.img_per_s:.2f} img/s" if row.img_per_s else ""
+    detail = f" ({row.reason})" if row.reason else ""
+    where = f" on {row.runs_on}" if row.runs_on else ""
+    return f"[{style}]{row.status:>13}[/] {row.backend:<20} {speed}{where}{detail}"
+
+
+def bench_table(report) -> Table:
+    cfg, dev = report.config, report.device
+    title = (f"unet-bench: {dev['name']} ({dev['type']}), batch {cfg['batch']} x {cfg['height']}x{cfg['width']}, "
+             f"speed-up vs eager fp32 in the same run")  # fmt: skip
+    table = Table(title=title, title_justify="left")
+    for column in BENCH_COLUMNS:
+        table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right")
+    for row in report.rows:
+        cells = bench_cells(row)
+        cells[2] = f"[{STATUS_STYLE[row.status]}]{cells[2]}[/]"
+        table.add_row(*cells)
+    for row in report.rows:
+        for warning in row.warnings:
+            table.caption = (table.caption + "\n" if table.caption else "") + f"{row.backend}: {warning}"
+    return table
+
+
+def bench_markdown(report) -> str:
+    dev, cfg = report.device, report.config
+    lines = [
+        f"Device: {dev['name']} ({dev['type']}); batch {cfg['batch']} x {cfg['height']}x{cfg['width']}; "
+        f"torch {report.versions.get('torch')}",
+        "",
+        "| " + " | ".join(BENCH_COLUMNS) + " |",
+        "|" + "---|" * len(BENCH_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(bench_cells(row)) + " |" for row in report.rows]
+    reasons = [f"- {row.backend}: runs on {row.runs_on}" for row in report.rows if row.runs_on]
+    reasons += [f"- {row.backend}: {row.reason}" for row in report.rows if row.reason]
+    return "\n".join(lines + ([""] + reasons if reasons else []))

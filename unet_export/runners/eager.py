@@ -1,24 +1,49 @@
-"""Eager PyTorch: the reference every artefact is compared against."""
+"""Eager PyTorch: the fp32 reference every artefact is compared against, and the eager rows
+of the benchmark (fp16/bf16, channels_last)."""
+
+import copy
 
 import torch
 import torch.nn as nn
 
 from unet_export.runners.base import Runner
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class EagerRunner(Runner):
     name = "eager"
 
-    def __init__(self, model: nn.Module, device="cpu", precision="fp32", tf32: bool = False):
+    def __init__(self, model: nn.Module, device="cpu", precision="fp32", tf32=False, channels_last=False):
         super().__init__(device, precision)
         self.model = model
+        self.dtype = DTYPES[precision]
         # PyTorch lets cuDNN use TF32 for FP32 convs by default on Ampere+; a reference that
         # artefacts must match to 1e-4 has to be true FP32, so it is off unless asked for.
         self.tf32 = tf32
+        self.channels_last = channels_last
+        self.module = None
 
     def _activate_impl(self) -> None:
-        self.model = self.model.eval().to(self.device)
+        module = self.model.eval()
+        if self.dtype != torch.float32 or self.channels_last or self.device.type != "cpu":
+            module = copy.deepcopy(module)  # never convert the caller's model in place
+        # The whole network in fp16/bf16, not autocast: no per-layer casts, the fastest eager path.
+        module = module.to(self.device, self.dtype)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = self._prepare(module)
+
+    def _prepare(self, module: nn.Module) -> nn.Module:
+        """Hook for subclasses that wrap the module (torch.compile)."""
+        return module
 
     def _infer_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=self.tf32):
-            return self.model(x).float()
+            return self.module(x).float()
+
+    def _deactivate_impl(self) -> None:
+        self.module = None

@@ -1,0 +1,65 @@
+"""Reproduce the README's benchmark tables with `unet-bench`'s own library call, in one run.
+
+    python benchmarks/run.py                                   # CPU table: 256x256, batch 8
+    python benchmarks/run.py --device cuda --height 640 --width 960 --batch 8   # GPU recipe
+
+Model: the full-size milesial U-Net (ConvTranspose, 3 -> 2 classes, 31.0M parameters) with the
+demo's seeded random weights (reduced-precision rows are reported, not claimed, until the model
+is trained). Exports ONNX and TorchScript into benchmarks/work/, then writes
+benchmarks/results/<date>-<device>.json and .md with the device and the git commit.
+"""
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from unet_export.api import benchmark, export_artifact
+from unet_export.cli.render import bench_markdown
+from unet_export.demo import write_random_checkpoint
+
+HERE = Path(__file__).resolve().parent
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True)
+    return proc.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--backends", default=None, help="comma-separated; default: all")
+    parser.add_argument("--min-time", type=float, default=5.0)
+    parser.add_argument("--compile-mode", default="default")
+    args = parser.parse_args()
+
+    work = HERE / "work" / args.device
+    weights = write_random_checkpoint(work / "unet_full.pth", seed=0)
+    for fmt in ("onnx", "torchscript"):
+        result = export_artifact(weights, fmt, work, device=args.device, height=args.height, width=args.width)
+        print(f"{fmt}: {'verified' if result.passed else 'FAILED parity'} ({result.path})")
+    report = benchmark(
+        work, batch=args.batch, height=args.height, width=args.width, device=args.device,
+        backends=args.backends.split(",") if args.backends else None, compile_mode=args.compile_mode,
+        min_time=args.min_time, on_row=lambda row: print(f"{row.status:>13} {row.backend:<20} {row.img_per_s or ''}"),
+    )  # fmt: skip
+    data = report.to_dict()
+    data["commit"] = git_commit()
+    data["command"] = "python benchmarks/run.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", report.device["name"]).strip("-").lower()
+    stem = HERE / "results" / f"{datetime.date.today()}-{args.device}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    markdown = bench_markdown(report) + f"\n\nCommit {data['commit']}; command: `{data['command']}`\n"
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

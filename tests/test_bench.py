@@ -1,0 +1,211 @@
+"""unet-bench: every status path, the JSON schema, exit codes, and a harness that does not
+distort what it measures."""
+
+import json
+import shutil
+import statistics
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unet_export.api import benchmark, export_artifact
+from unet_export.bench import BenchConfig, exit_code, latency_stats, time_infer
+from unet_export.cli.bench import app
+from unet_export.demo import random_milesial, write_random_checkpoint
+from unet_export.runners import BACKENDS, EagerRunner, Runner
+
+runner = CliRunner()
+FAST = dict(batch=2, warmup=1, iters=2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir with a small model exported to ONNX and TorchScript (shared: exporting is slow)."""
+    root = tmp_path_factory.mktemp("bench")
+    weights = write_random_checkpoint(root / "small.pth", width=8)
+    for fmt in ("onnx", "torchscript"):
+        assert export_artifact(weights, fmt, root / "exports", device="cpu", height=64, width=64).passed
+    return root / "exports"
+
+
+def by_backend(report):
+    return {row.backend: row for row in report.rows}
+
+
+def test_rows_for_available_and_unavailable_backends(workdir):
+    names = ["eager", "onnxruntime", "torchscript", "eager-bf16", "openvino", "eager-fp16", "onnxruntime-cuda"]
+    report = benchmark(workdir, backends=names, device="cpu", **FAST)
+    rows = by_backend(report)
+    assert [r.backend for r in report.rows] == names
+    for name in ("eager", "onnxruntime", "torchscript", "openvino"):
+        row = rows[name]
+        assert row.status == "ok", row.reason
+        assert row.parity["passed"] and row.parity["max_abs_err"] < 1e-4
+        assert row.iters == 2 and row.img_per_s == pytest.approx(2000 / row.latency_ms["mean"])
+        assert row.peak_mem_mb > 0 and row.precision == "fp32"
+    assert rows["eager"].speedup_vs_eager == 1.0
+    assert rows["onnxruntime"].speedup_vs_eager == pytest.approx(rows["onnxruntime"].img_per_s / rows["eager"].img_per_s)
+    assert rows["eager-bf16"].precision == "bf16" and rows["eager-bf16"].parity is not None
+    for name in ("eager-fp16", "onnxruntime-cuda"):
+        assert rows[name].status == "unavailable" and "CUDA GPU" in rows[name].reason
+    assert exit_code(report.rows) == 0
+
+
+def test_missing_artefact_is_unavailable_not_fatal(workdir, tmp_path):
+    partial = tmp_path / "exports"
+    shutil.copytree(workdir, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["format"] != "onnx"]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    rows = by_backend(benchmark(partial, backends=["onnxruntime", "torchscript"], device="cpu", **FAST))
+    assert rows["onnxruntime"].status == "unavailable" and "unet-export onnx" in rows["onnxruntime"].reason
+    assert rows["torchscript"].status == "ok"
+
+
+def test_wrong_artefact_is_timed_but_flagged_parity_failed(workdir, tmp_path):
+    wrong = tmp_path / "exports"
+    shutil.copytree(workdir, wrong)
+    other = write_random_checkpoint(tmp_path / "other.pth", seed=1, width=8)
+    export_artifact(other, "onnx", tmp_path / "other", device="cpu", height=64, width=64)
+    shutil.copy(tmp_path / "other" / "other.onnx", wrong / "small.onnx")  # same name, other weights
+
+    args = ["-w", str(wrong), "--backends", "onnxruntime", "--batch", "2", "--iters", "2", "--warmup", "1"]
+    result = runner.invoke(app, args + ["--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 1, result.output
+    row = json.loads((tmp_path / "r.json").read_text())["results"][1]
+    assert row["backend"] == "onnxruntime" and row["status"] == "parity_failed"
+    assert row["img_per_s"] > 0 and row["parity"]["passed"] is False and "would pass with" in row["reason"]
+    assert runner.invoke(app, args + ["--no-gate"]).exit_code == 0
+
+
+class Broken(Runner):
+    name = "broken"
+
+    def _activate_impl(self):
+        pass
+
+    def _infer_impl(self, x):
+        raise RuntimeError("kernel exploded")
+
+
+def test_crashing_runtime_is_an_error_row_and_exit_1(workdir, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "broken", lambda ctx: Broken())
+    report = benchmark(workdir, backends=["broken"], device="cpu", **FAST)
+    row = by_backend(report)["broken"]
+    assert row.status == "error" and "kernel exploded" in row.reason
+    assert exit_code(report.rows) == 1
+
+
+def test_json_schema_and_markdown(workdir, tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["-w", str(workdir), "--backends", "eager,onnxruntime,tensorrt", "--batch", "2", "--iters", "2",
+            "--warmup", "1", "--json", str(out_json), "--markdown", str(out_md)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert set(data) == {"device", "versions", "config", "results"}
+    assert data["device"]["type"] == "cpu" and data["versions"]["torch"] == torch.__version__
+    assert data["config"]["batch"] == 2 and (data["config"]["height"], data["config"]["width"]) == (64, 64)
+    required = {"backend", "precision", "status", "reason", "img_per_s", "latency_ms", "cv", "speedup_vs_eager",
+                "peak_mem_mb", "parity"}  # fmt: skip
+    for row in data["results"]:
+        assert required <= set(row)
+    ok = data["results"][1]
+    assert set(ok["latency_ms"]) == {"mean", "min", "p50", "p90", "p99", "max"}
+    assert ok["latency_ms"]["min"] <= ok["latency_ms"]["p50"] <= ok["latency_ms"]["max"]
+    assert set(ok["parity"]) == {"max_abs_err", "mean_abs_err", "argmax_disagreement", "dice_vs_eager", "passed"}
+    assert data["results"][2]["status"] == "unavailable"
+    md = out_md.read_text()
+    assert "| onnxruntime | fp32 | ok |" in md and "| tensorrt | - | unavailable |" in md
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--backends", "eager,warp-drive"], "unknown backend(s) warp-drive"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--height", "8"], "too small"),
+    ],
+)
+def test_bad_options_exit_2(workdir, args, fragment):
+    result = runner.invoke(app, ["-w", str(workdir), *args])
+    assert result.exit_code == 2 and fragment in result.stderr
+
+
+def test_missing_manifest_exits_2(tmp_path):
+    result = runner.invoke(app, ["-w", str(tmp_path)])
+    assert result.exit_code == 2 and "run `unet-export onnx" in result.stderr
+
+
+def test_moved_checkpoint_needs_weights_flag(workdir, tmp_path):
+    moved = tmp_path / "exports"
+    shutil.copytree(workdir, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["model"]["checkpoint"]["path"] = str(tmp_path / "gone.pth")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["-w", str(moved), "--backends", "eager", "--iters", "1"])
+    assert result.exit_code == 2 and "--weights" in result.stderr
+    result = runner.invoke(app, ["-w", str(moved), "--backends", "eager", "--iters", "1", "--batch", "1",
+                                 "--weights", str(workdir.parent / "small.pth")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_latency_stats():
+    stats = latency_stats([10.0, 20.0, 30.0, 40.0], batch=4)
+    assert stats["latency_ms"]["mean"] == 25.0 and stats["latency_ms"]["min"] == 10.0
+    assert stats["latency_ms"]["p50"] == 25.0 and stats["img_per_s"] == pytest.approx(160.0)
+    assert stats["cv"] == pytest.approx(statistics.pstdev([10, 20, 30, 40]) / 25)
+
+
+def test_harness_does_not_distort_eager_timing():
+    """The eager row must agree within 15% with a bare loop over the same model."""
+    model = random_milesial(width=16)
+    x = torch.rand(2, 3, 128, 128)
+    cfg = BenchConfig(warmup=3, iters=15)
+
+    def bare() -> float:
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            times = []
+            for _ in range(15):
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    with EagerRunner(model, "cpu") as eager:
+        harness = [statistics.median(time_infer(eager, x, cfg)) for _ in range(2)]
+    loops = [bare() for _ in range(2)]
+    assert min(harness) == pytest.approx(min(loops), rel=0.15)
+
+
+def test_reduced_precision_runner_leaves_the_callers_model_alone():
+    model = random_milesial(width=8)
+    with EagerRunner(model, "cpu", "bf16", channels_last=True) as bf16:
+        out = bf16.infer(torch.rand(1, 3, 32, 32))
+    assert out.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(model.parameters()).is_contiguous()
+
+
+def test_torch_compile_row(workdir):
+    rows = by_backend(benchmark(workdir, backends=["torch.compile"], device="cpu", compile_mode="default", **FAST))
+    row = rows["torch.compile"]
+    assert row.status == "ok", row.reason
+    assert row.parity["max_abs_err"] < 1e-4 and "mode=default" in row.runs_on
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rows(workdir):
+    names = ["eager", "eager-fp16", "eager-bf16", "eager-channels-last", "torchscript", "onnxruntime-cuda"]
+    report = benchmark(workdir, backends=names, device="cuda", **FAST)
+    rows = by_backend(report)
+    assert report.device["type"] == "cuda"
+    for name in ("eager", "eager-fp16", "eager-channels-last", "torchscript"):
+        assert rows[name].status == "ok", rows[name].reason
+        assert rows[name].h2d_ms > 0 and rows[name].d2h_ms > 0
+    assert rows["onnxruntime-cuda"].status in ("ok", "unavailable")

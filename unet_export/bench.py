@@ -1,0 +1,212 @@
+"""Timing harness over runners: every row is parity-checked against eager fp32 on the benchmark
+batch, then warmed up and timed. Results are data; the CLI renders them.
+
+CPU: perf_counter around infer(). CUDA: CUDA events around infer() with the input already on
+the device; host-to-device and device-to-host copies are timed on their own (as trtexec does).
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from unet_export.errors import UserError
+from unet_export.runners import Runner, Unavailable
+from unet_export.verify import TOLERANCES, compare
+
+CV_WARNING = 0.05  # trtexec warns when GPU time varies by more than a few percent
+
+
+@dataclass
+class BenchConfig:
+    batch: int = 8
+    height: int = 256
+    width: int = 256
+    warmup: int = 3
+    iters: int | None = None  # exact count; None: time for min_time seconds (min_iters..max_iters)
+    min_time: float = 5.0
+    min_iters: int = 5
+    max_iters: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    status: str  # ok | parity_failed | unavailable | error
+    reason: str = ""
+    runs_on: str = ""
+    img_per_s: float | None = None
+    latency_ms: dict | None = None
+    cv: float | None = None
+    speedup_vs_eager: float | None = None
+    peak_mem_mb: float | None = None
+    h2d_ms: float | None = None
+    d2h_ms: float | None = None
+    iters: int = 0
+    parity: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_stats(latencies_ms: list[float], batch: int) -> dict:
+    """mean/min/percentiles/max in ms per batch, coefficient of variation and images/s."""
+    lat = np.asarray(latencies_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(lat, [50, 90, 99])
+    mean = float(lat.mean())
+    latency = {"mean": mean, "min": float(lat.min()), "p50": float(p50), "p90": float(p90),
+               "p99": float(p99), "max": float(lat.max())}  # fmt: skip
+    return {"latency_ms": latency, "cv": float(lat.std() / mean) if mean else 0.0, "img_per_s": batch * 1000.0 / mean}
+
+
+def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]:
+    """Per-iteration latencies in ms, after ``cfg.warmup`` untimed calls."""
+    for _ in range(cfg.warmup):
+        runner.infer(x)
+    runner.synchronize()
+    cuda = runner.device.type == "cuda"
+    latencies, started = [], time.perf_counter()
+    while _more(len(latencies), time.perf_counter() - started, cfg):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            runner.infer(x)
+            end.record()
+            end.synchronize()
+            latencies.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            runner.infer(x)
+            runner.synchronize()
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+    return latencies
+
+
+def _more(done: int, elapsed: float, cfg: BenchConfig) -> bool:
+    if cfg.iters is not None:
+        return done < cfg.iters
+    return done < cfg.min_iters or (elapsed < cfg.min_time and done < cfg.max_iters)
+
+
+def copy_times_ms(x: torch.Tensor, out: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """Host-to-device time of the input batch and device-to-host time of the output (pinned)."""
+    host_in, host_out = x.cpu().pin_memory(), torch.empty(out.shape, dtype=out.dtype).pin_memory()
+    on_device = torch.empty_like(host_in, device=device)
+    times = []
+    for dst, src in ((on_device, host_in), (host_out, out)):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return times[0], times[1]
+
+
+class PeakMemory:
+    """Peak memory of one row: CUDA max allocated (torch's allocator only), else process RSS
+    high-water mark, reset through /proc/self/clear_refs where Linux allows it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        self.mb = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else _vm_hwm_mb()
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference: torch.Tensor, cfg: BenchConfig) -> Row:
+    """Build, parity-check and time one runtime; every outcome is a row, nothing raises."""
+    try:
+        runner = make()
+    except (Unavailable, UserError) as exc:
+        return Row(name, "-", "unavailable", reason=str(exc))
+    row = Row(name, runner.precision, "ok", runs_on=runner.describe())
+    try:
+        with PeakMemory(runner.device) as memory, runner:
+            row.runs_on = runner.describe()
+            x_dev = x.to(runner.device)
+            out = runner.infer(x_dev)
+            case = compare(out, reference, TOLERANCES[runner.precision])
+            row.parity = _parity_record(case)
+            if not case.passed:
+                row.status, row.reason = "parity_failed", "; ".join(case.failures)
+            _time_into(row, runner, x_dev, out, cfg)
+        row.peak_mem_mb = memory.mb
+    except (Unavailable, UserError) as exc:
+        return Row(name, runner.precision, "unavailable", reason=str(exc))
+    except Exception as exc:  # a runtime that crashes is reported, never stops the run
+        row.status, row.reason = "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return row
+
+
+def _time_into(row: Row, runner: Runner, x: torch.Tensor, out: torch.Tensor, cfg: BenchConfig) -> None:
+    latencies = time_infer(runner, x, cfg)
+    stats = latency_stats(latencies, x.shape[0])
+    row.img_per_s, row.latency_ms, row.cv, row.iters = stats["img_per_s"], stats["latency_ms"], stats["cv"], len(latencies)
+    if row.cv > CV_WARNING:
+        row.warnings.append(f"latency varies by {row.cv:.1%} (CV > {CV_WARNING:.0%}): the machine may be busy")
+    if runner.device.type == "cuda":
+        row.h2d_ms, row.d2h_ms = copy_times_ms(x, out, runner.device)
+
+
+def _parity_record(case) -> dict:
+    return {"max_abs_err": case.max_abs_err, "mean_abs_err": case.mean_abs_err,
+            "argmax_disagreement": case.argmax_disagreement, "dice_vs_eager": case.dice_vs_eager,
+            "passed": case.passed}  # fmt: skip
+
+
+def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Runner, cfg: BenchConfig,
+                  channels: int, on_row: Callable[[Row], None] | None = None) -> list[Row]:  # fmt: skip
+    """Bench every runner in ``makers`` (the first, "eager", is the baseline) on one seeded batch."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.rand(cfg.batch, channels, cfg.height, cfg.width, generator=gen)
+    with reference_runner:
+        reference = reference_runner.infer(x.to(reference_runner.device)).cpu()
+    rows = []
+    for name, make in makers.items():
+        rows.append(bench_row(name, make, x, reference, cfg))
+        if on_row:
+            on_row(rows[-1])
+    _speedups(rows)
+    return rows
+
+
+def _speedups(rows: list[Row]) -> None:
+    base = next((r for r in rows if r.backend == "eager" and r.status == "ok"), None)
+    for row in rows:
+        if base and row.img_per_s:
+            row.speedup_vs_eager = row.img_per_s / base.img_per_s
+
+
+def exit_code(rows: list[Row], gate: bool = True) -> int:
+    """1 if any row errored, or (with the gate on) failed parity; else 0."""
+    if any(r.status == "error" for r in rows):
+        return 1
+    return 1 if gate and any(r.status == "parity_failed" for r in rows) else 0

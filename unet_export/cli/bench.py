@@ -1,0 +1,57 @@
+"""`unet-bench`: every runtime on the workdir's model, parity-gated, timed side by side."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unet_export.api import benchmark
+from unet_export.bench import exit_code
+from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.render import bench_markdown, bench_table, row_line
+from unet_export.fileio import atomic_path
+from unet_export.runners import BACKENDS
+from unet_export.runners.compiled import COMPILE_MODES
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+@cli_errors
+def bench(
+    workdir: Workdir = Path("exports"),
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    height: Annotated[int | None, typer.Option(help="Input height (default: the export size).")] = None,
+    width: Annotated[int | None, typer.Option(help="Input width (default: the export size).")] = None,
+    backends: Annotated[str | None, typer.Option(help=f"Comma-separated subset of: {', '.join(BACKENDS)}.")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
+    iters: Annotated[int | None, typer.Option(help="Timed calls (default: as many as --min-time allows).")] = None,
+    min_time: Annotated[float, typer.Option(help="Seconds to time each backend (at least 5 calls).")] = 5.0,
+    device: DeviceOpt = "auto",
+    compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
+    weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
+    gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,
+) -> None:
+    """Time every runtime against eager fp32 after checking each one's output (exit 1 on mismatch)."""
+    names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    if compile_mode not in COMPILE_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
+    report = benchmark(
+        workdir, batch=batch, height=height, width=width, backends=names, device=device.value, weights=weights,
+        compile_mode=compile_mode, warmup=warmup, iters=iters, min_time=min_time,
+        on_row=lambda row: console.print(row_line(row)),
+    )  # fmt: skip
+    console.print(bench_table(report))
+    for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2)), (markdown, lambda: bench_markdown(report))):
+        if path:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text() + "\n")
+            console.print(f"wrote {path}")
+    raise typer.Exit(exit_code(report.rows, gate))
+
+
+def main() -> None:
+    app()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from unet_export.api import benchmark, export_artifact
-from unet_export.bench import BenchConfig, exit_code, latency_stats, time_infer
+from unet_export.api import export_artifact
+from unet_export.bench import BenchConfig, benchmark, exit_code, latency_stats, time_infer
 from unet_export.cli.bench import app
 from unet_export.demo import random_milesial, write_random_checkpoint
 from unet_export.runners import BACKENDS, EagerRunner, Runner
@@ -100,7 +100,7 @@ def test_crashing_runtime_is_an_error_row_and_exit_1(workdir, monkeypatch):
 
 def test_json_schema_and_markdown(workdir, tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    args = ["-w", str(workdir), "--backends", "eager,onnxruntime,tensorrt", "--batch", "2", "--iters", "2",
+    args = ["-w", str(workdir), "--backends", "eager,onnxruntime,tensorrt-fp16", "--batch", "2", "--iters", "2",
             "--warmup", "1", "--json", str(out_json), "--markdown", str(out_md)]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -118,7 +118,7 @@ def test_json_schema_and_markdown(workdir, tmp_path):
     assert set(ok["parity"]) == {"max_abs_err", "mean_abs_err", "argmax_disagreement", "dice_vs_eager", "passed"}
     assert data["results"][2]["status"] == "unavailable"
     md = out_md.read_text()
-    assert "| onnxruntime | fp32 | ok |" in md and "| tensorrt | - | unavailable |" in md
+    assert "| onnxruntime | fp32 | ok |" in md and "| tensorrt-fp16 | - | unavailable |" in md
 
 
 @pytest.mark.parametrize(

@@ -5,25 +5,25 @@
     assert result.passed, result.parity.failures()
 """
 
-import functools
-import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.errors import UnetExportError, UserError
 from unet_export.export import FORMATS
+from unet_export.export.fp16 import convert_onnx_fp16
 from unet_export.export.onnx import DEFAULT_OPSET, metadata_json
+from unet_export.export.tensorrt import build_engine, import_tensorrt
+from unet_export.export.tensorrt_plan import engine_path, plan_build, resolve_profile
 from unet_export.manifest import load_manifest, save_manifest, set_model, tool_versions, upsert_artifact, utc_now
 from unet_export.models import ModelSpec, get_spec
-from unet_export.bench import BenchConfig, run_benchmark
-from unet_export.runners import BACKENDS, BackendContext, EagerRunner, artifact_runner
-from unet_export.runners.onnxruntime import physical_cores
-from unet_export.verify import FP32, ParityReport, check_parity, seeded_inputs
+from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.runners.tensorrt import gpu_identity
+from unet_export.verify import FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs
 
 # The second parity size is deliberately not a multiple of 16 (milesial pads odd sizes).
 SECOND_PARITY_SHAPE = (2, 250, 375)
@@ -97,35 +97,85 @@ def export_artifact(
             net, dest, torch.rand(1, channels, height, width), metadata,
             opset=opset, dynamic=not static, min_size=spec.min_size, size_multiple=spec.size_multiple,
         )  # fmt: skip
-    entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io}
+    entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
+             "size_rule": {"min": spec.min_size, "multiple": spec.size_multiple, "static": static}}  # fmt: skip
     inputs = seeded_inputs(parity_shapes(spec, channels, height, width, static), seed)
-    parity = run_parity(entry, workdir, net, dev, inputs)
-    entry |= {
-        "status": "verified" if parity.passed else "failed",
-        "export_size": [height, width],
-        "size_rule": {"min": spec.min_size, "multiple": spec.size_multiple, "static": static},
-        "bytes": dest.stat().st_size,
-        "parity": parity.to_dict() | {"device": str(dev)},
-        "versions": tool_versions(),
-        "created": utc_now(),
-    }
+    parity = run_parity(entry, workdir, net, dev, inputs, FP32)
     dropped = set_model(manifest, ckpt.record())
-    upsert_artifact(manifest, entry)
-    save_manifest(workdir, manifest)
+    record_artifact(workdir, manifest, entry, parity, dev)
     return ExportResult(dest, entry, parity, time.perf_counter() - started, dropped)
 
 
-def run_parity(entry: dict, workdir: Path, net, device, inputs) -> ParityReport:
+def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] | None = None,
+                     device: str = "auto", seed: int = 0) -> ExportResult:  # fmt: skip
+    """Convert the workdir's verified FP32 ONNX model to FP16 (FP32 inputs and outputs) and check
+    it against eager FP32 with the FP16 tolerances."""
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    manifest = load_manifest(workdir)
+    source = onnx_entry(manifest, workdir)
+    net = build_model(manifest_checkpoint(manifest))
+    dev = resolve_device(device)
+    dest = workdir / Path(source["path"]).with_suffix(".fp16.onnx").name
+    io = convert_onnx_fp16(workdir / source["path"], dest, fp32_layers)
+    entry = {"format": "onnx", "path": dest.name, "precision": "fp16", **io,
+             "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
+    shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
+    parity = run_parity(entry, workdir, net, dev, seeded_inputs(shapes, seed), FP16)
+    record_artifact(workdir, manifest, entry, parity, dev)
+    return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance) -> ParityReport:
     """Parity of one manifest entry against the eager model; a runtime crash is a failed check."""
     runner = artifact_runner(entry, workdir, device)
     try:
         with EagerRunner(net, device) as reference, runner:
-            return check_parity(runner, reference, inputs, FP32)
+            return check_parity(runner, reference, inputs, tol)
     except UnetExportError:
         raise
     except Exception as exc:  # the artefact itself would not run: that is a verification failure
         message = " ".join(str(exc).split())[:300]
-        return ParityReport(runner.name, FP32.name, cases=[], error=f"{type(exc).__name__}: {message}")
+        return ParityReport(runner.name, tol.name, cases=[], error=f"{type(exc).__name__}: {message}")
+
+
+def record_artifact(workdir: Path, manifest: dict, entry: dict, parity: ParityReport, device) -> None:
+    """Complete an artefact's entry with its verdict and provenance, and save the manifest."""
+    entry |= {
+        "status": "verified" if parity.passed else "failed",
+        "bytes": (workdir / entry["path"]).stat().st_size,
+        "parity": parity.to_dict() | {"device": str(device)},
+        "versions": tool_versions(),
+        "created": utc_now(),
+    }
+    upsert_artifact(manifest, entry)
+    save_manifest(workdir, manifest)
+
+
+def manifest_checkpoint(manifest: dict, weights: str | Path | None = None) -> Checkpoint:
+    """The checkpoint the workdir's artefacts were exported from (``weights`` if it has moved)."""
+    record = manifest.get("model")
+    if record is None:
+        raise UserError("the workdir has no manifest with a model: run `unet-export onnx WEIGHTS` first")
+    path = Path(weights or record["checkpoint"]["path"])
+    if not path.exists():
+        raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
+    ckpt = load_checkpoint(path, record["architecture"])
+    if ckpt.sha256 != record["checkpoint"]["sha256"]:
+        raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
+    return ckpt
+
+
+def onnx_entry(manifest: dict, workdir: Path, path: str | Path | None = None) -> dict:
+    """The FP32 ONNX entry of the manifest (or the one at ``path``), which must have verified."""
+    for entry in manifest["artifacts"]:
+        if entry["format"] == "onnx" and entry["precision"] == "fp32":
+            if path is None or Path(path).resolve() == (workdir / entry["path"]).resolve():
+                if entry["status"] != "verified":
+                    raise UserError(f"{entry['path']} failed its parity check; fix and re-export it first")
+                return entry
+    where = f"{path} is not an ONNX model exported into {workdir}" if path else f"no FP32 ONNX model in {workdir}"
+    raise UserError(f"{where}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
 
 
 class _created_dir:
@@ -142,91 +192,47 @@ class _created_dir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-@dataclass
-class BenchReport:
-    device: dict
-    versions: dict
-    config: dict
-    rows: list
 
-    def to_dict(self) -> dict:
-        return {"device": self.device, "versions": self.versions, "config": self.config,
-                "results": [row.to_dict() for row in self.rows]}  # fmt: skip
-
-
-def benchmark(
+def build_trt(
     workdir: str | Path = "exports",
     *,
-    batch: int = 8,
-    height: int | None = None,
-    width: int | None = None,
-    backends: list[str] | None = None,
-    device: str = "auto",
-    weights: str | Path | None = None,
-    compile_mode: str = "default",
-    on_row=None,
-    **timing,
-) -> BenchReport:
-    """Parity-gate and time every backend on the workdir's model; ``timing`` goes to BenchConfig."""
+    precision: str = "fp16",
+    onnx: str | Path | None = None,
+    min_shape: str | None = None,
+    opt_shape: str | None = None,
+    max_shape: str | None = None,
+    workspace_gib: float = 4.0,
+    timing_cache: str | Path | None = None,
+    fp32_layers: list[str] | None = None,
+    seed: int = 0,
+) -> ExportResult:
+    """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA."""
+    started = time.perf_counter()
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
-    if manifest.get("model") is None:
-        raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
-    ckpt = _bench_checkpoint(manifest["model"], weights)
-    spec = get_spec(ckpt.architecture)
-    height, width = _bench_size(manifest, height, width)
-    spec.check_size(height, width)
-    if batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
-    names = _backend_names(backends)
-    net, dev = build_model(ckpt), resolve_device(device)
-    cfg = BenchConfig(batch=batch, height=height, width=width, **timing)
-    channels = ckpt.config.get("n_channels", 3)
-    ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
-    makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
-    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, channels, on_row)
-    config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
-                            "model": manifest["model"]}  # fmt: skip
-    return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
-
-
-def _bench_checkpoint(record: dict, weights):
-    path = Path(weights or record["checkpoint"]["path"])
-    if not path.exists():
-        raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
-    ckpt = load_checkpoint(path, record["architecture"])
-    if ckpt.sha256 != record["checkpoint"]["sha256"]:
-        raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
-    return ckpt
-
-
-def _bench_size(manifest: dict, height, width) -> tuple[int, int]:
-    sizes = [a["export_size"] for a in manifest["artifacts"] if "export_size" in a]
-    default = sizes[0] if sizes else (256, 256)
-    return height or default[0], width or default[1]
-
-
-def _backend_names(backends: list[str] | None) -> list[str]:
-    names = list(backends or BACKENDS)
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown:
-        raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from: {', '.join(BACKENDS)}")
-    return ["eager"] + [n for n in names if n != "eager"]  # the baseline always runs, first
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
-    return {"type": "cpu", "name": _cpu_name(), "cores": physical_cores(), "torch_threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    source = onnx_entry(manifest, workdir, onnx)
+    profile = resolve_profile(source, min_shape, opt_shape, max_shape)
+    net = build_model(manifest_checkpoint(manifest))
+    trt = import_tensorrt()
+    if not torch.cuda.is_available():
+        raise UserError("TensorRT needs an NVIDIA GPU and torch sees no CUDA device here; "
+                        "build the engine on the GPU machine that will run it")  # fmt: skip
+    plan = plan_build(trt.__version__, precision, fp32_layers)
+    onnx_path = workdir / source["path"]
+    if plan.source == "fp16-onnx":  # TensorRT >= 11: FP16 comes from the model's types
+        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", seed=seed).path
+    dest = engine_path(workdir, source["path"], precision)
+    cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"
+    info = build_engine(plan, onnx_path, profile, dest, workspace_gib=workspace_gib, timing_cache=cache,
+                        fp32_layers=fp32_layers)  # fmt: skip
+    dev = torch.device("cuda")
+    gpu, capability = gpu_identity(dev)
+    entry = {"format": "tensorrt", "path": dest.name, "precision": precision, "source_onnx": onnx_path.name,
+             **info, "gpu": gpu, "compute_capability": capability, "profile": profile.to_dict(),
+             "build": {"fp16_flag": plan.fp16_flag, "strongly_typed": plan.strongly_typed,
+                       "fp32_layers": fp32_layers or [], "timing_cache": str(cache)},
+             "inputs": source["inputs"], "outputs": source["outputs"], "dynamic_axes": source["dynamic_axes"],
+             "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
+    parity = run_parity(entry, workdir, net, dev, seeded_inputs(profile.parity_shapes(), seed), TOLERANCES[precision])
+    record_artifact(workdir, load_manifest(workdir), entry, parity, dev)
+    return ExportResult(dest, entry, parity, time.perf_counter() - started)

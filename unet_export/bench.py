@@ -5,15 +5,23 @@ CPU: perf_counter around infer(). CUDA: CUDA events around infer() with the inpu
 the device; host-to-device and device-to-host copies are timed on their own (as trtexec does).
 """
 
+import functools
+import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from unet_export.api import manifest_checkpoint, resolve_device
+from unet_export.checkpoint import build_model
 from unet_export.errors import UserError
-from unet_export.runners import Runner, Unavailable
+from unet_export.manifest import load_manifest, tool_versions
+from unet_export.models import get_spec
+from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, Unavailable
+from unet_export.runners.onnxruntime import physical_cores
 from unet_export.verify import TOLERANCES, compare
 
 CV_WARNING = 0.05  # trtexec warns when GPU time varies by more than a few percent
@@ -210,3 +218,83 @@ def exit_code(rows: list[Row], gate: bool = True) -> int:
     if any(r.status == "error" for r in rows):
         return 1
     return 1 if gate and any(r.status == "parity_failed" for r in rows) else 0
+
+
+@dataclass
+class BenchReport:
+    device: dict
+    versions: dict
+    config: dict
+    rows: list
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "versions": self.versions, "config": self.config,
+                "results": [row.to_dict() for row in self.rows]}  # fmt: skip
+
+
+def benchmark(
+    workdir: str | Path = "exports",
+    *,
+    batch: int = 8,
+    height: int | None = None,
+    width: int | None = None,
+    backends: list[str] | None = None,
+    device: str = "auto",
+    weights: str | Path | None = None,
+    compile_mode: str = "default",
+    on_row=None,
+    **timing,
+) -> BenchReport:
+    """Parity-gate and time every backend on the workdir's model; ``timing`` goes to BenchConfig."""
+    workdir = Path(workdir)
+    manifest = load_manifest(workdir)
+    if manifest.get("model") is None:
+        raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
+    ckpt = manifest_checkpoint(manifest, weights)
+    spec = get_spec(ckpt.architecture)
+    height, width = _bench_size(manifest, height, width)
+    spec.check_size(height, width)
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    names = _backend_names(backends)
+    net, dev = build_model(ckpt), resolve_device(device)
+    cfg = BenchConfig(batch=batch, height=height, width=width, **timing)
+    channels = ckpt.config.get("n_channels", 3)
+    ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
+    makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
+    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, channels, on_row)
+    config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
+                            "model": manifest["model"]}  # fmt: skip
+    return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
+
+
+def _bench_size(manifest: dict, height, width) -> tuple[int, int]:
+    sizes = [a["export_size"] for a in manifest["artifacts"] if "export_size" in a]
+    default = sizes[0] if sizes else (256, 256)
+    return height or default[0], width or default[1]
+
+
+def _backend_names(backends: list[str] | None) -> list[str]:
+    names = list(backends or BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from: {', '.join(BACKENDS)}")
+    return ["eager"] + [n for n in names if n != "eager"]  # the baseline always runs, first
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+    return {"type": "cpu", "name": _cpu_name(), "cores": physical_cores(), "torch_threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

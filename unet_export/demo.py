@@ -4,6 +4,7 @@ Until the trained demo model ships (issue 5), the weights are random but seeded,
 non-trivial BatchNorm statistics so the network is not close to the identity.
 """
 
+import io
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ def write_random_checkpoint(dest: Path, seed: int = 0, mask_values=None, **confi
     state = random_milesial(seed, **config).state_dict()
     state["mask_values"] = mask_values if mask_values is not None else [0, 1]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # torch.save names the archive after the file; a buffer keeps the bytes
+    torch.save(state, buffer)  # (and so the sha256 the manifest keys on) the same on every run
     with atomic_path(dest) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getvalue())
     return dest

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from unet_export.api import benchmark
-from unet_export.bench import exit_code
+from unet_export.bench import benchmark, exit_code
 from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
 from unet_export.cli.render import bench_markdown, bench_table, row_line
 from unet_export.fileio import atomic_path

@@ -5,11 +5,13 @@ from typing import Annotated
 
 import typer
 
-from unet_export.api import export_artifact
+from unet_export.api import build_trt, export_artifact, export_fp16_onnx, resolve_device
+from unet_export.bench import benchmark, exit_code
 from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console
-from unet_export.cli.render import export_report
+from unet_export.cli.render import bench_table, export_report, row_line
 from unet_export.demo import write_random_checkpoint
 from unet_export.export import FORMATS
+from unet_export.errors import UserError
 from unet_export.export.onnx import DEFAULT_OPSET
 
 app = typer.Typer(
@@ -19,8 +21,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+DEMO_CPU_BACKENDS = ["eager", "eager-bf16", "torchscript", "onnxruntime", "openvino", "openvino-bf16"]
 Height = Annotated[int, typer.Option(help="Export and first parity size: height.")]
 Width = Annotated[int, typer.Option(help="Export and first parity size: width.")]
+
+
+FP32Layers = Annotated[
+    list[str] | None,
+    typer.Option("--fp32-layers", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
+                 "path, e.g. 'outc*' or Resize); repeatable."),
+]  # fmt: skip
 
 
 def _export(fmt: str, weights: Path, workdir: Path, **options) -> None:
@@ -38,12 +48,23 @@ def onnx_cmd(
     height: Height = 256,
     width: Width = 256,
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write DIR/<stem>.fp16.onnx (FP32 I/O), verified.")] = False,
+    fp32_layers: FP32Layers = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
-    _export("onnx", weights, workdir, opset=opset, height=height, width=width, static=static,
-            device=device.value, model=model)  # fmt: skip
+    if fp32_layers and not fp16:
+        raise UserError("--fp32-layers applies to the FP16 model: add --fp16")
+    result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
+                             device=device.value, model=model)  # fmt: skip
+    export_report(result, workdir)
+    passed = result.passed
+    if fp16 and passed:
+        half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value)
+        export_report(half, workdir)
+        passed = half.passed
+    raise typer.Exit(0 if passed else 1)
 
 
 @app.command("torchscript")
@@ -58,6 +79,27 @@ def torchscript_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
     _export("torchscript", weights, workdir, height=height, width=width, device=device.value, model=model)
+
+
+@app.command("trt")
+@cli_errors
+def trt_cmd(
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Engine precision.")] = True,
+    workdir: Workdir = Path("exports"),
+    onnx: Annotated[Path | None, typer.Option(help="ONNX model (default: the FP32 ONNX in DIR/manifest.json).")] = None,
+    min_shape: Annotated[str | None, typer.Option(help="Profile minimum NxCxHxW (default batch 1, export size).")] = None,
+    opt_shape: Annotated[str | None, typer.Option(help="Profile optimum NxCxHxW (default batch 8, export size).")] = None,
+    max_shape: Annotated[str | None, typer.Option(help="Profile maximum NxCxHxW (default batch 16, export size).")] = None,
+    workspace: Annotated[float, typer.Option(help="Builder workspace in GiB.")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache reused across builds (default DIR/timing.cache).")] = None,
+    fp32_layers: FP32Layers = None,
+) -> None:
+    """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
+    result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
+                       opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
+                       timing_cache=timing_cache, fp32_layers=fp32_layers)  # fmt: skip
+    export_report(result, workdir)
+    raise typer.Exit(0 if result.passed else 1)
 
 
 @app.command("demo")
@@ -75,7 +117,13 @@ def demo_cmd(workdir: Workdir = Path("exports/demo"), device: DeviceOpt = "auto"
         result = export_artifact(weights, fmt, workdir, device=device.value)
         export_report(result, workdir)
         passed &= result.passed
-    raise typer.Exit(0 if passed else 1)
+    cuda = resolve_device(device.value).type == "cuda"
+    # On a 2-core CPU the full set (torch.compile's build included) takes minutes: the demo
+    # times the runtimes that matter there, on a batch of 2; `unet-bench` runs them all.
+    report = benchmark(workdir, batch=8 if cuda else 2, backends=None if cuda else DEMO_CPU_BACKENDS,
+                       device=device.value, warmup=1, min_time=2.0, on_row=lambda row: console.print(row_line(row)))  # fmt: skip
+    console.print(bench_table(report))
+    raise typer.Exit(0 if passed and exit_code(report.rows) == 0 else 1)
 
 
 def main() -> None:

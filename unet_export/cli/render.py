@@ -10,9 +10,15 @@ def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.1f} MB"
 
 
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def parity_table(result: ExportResult) -> Table:
     parity = result.parity
-    table = Table(title=f"Parity vs eager fp32: {parity.runner}, tolerance {parity.tolerance}", title_justify="left")
+    rule = "max abs err <= atol, no class change" if parity.tolerance == "fp32" else "class diff <= 0.1%, Dice >= 0.999"
+    table = Table(title=f"Parity vs eager fp32: {parity.runner}, {parity.tolerance} tolerance ({rule})",
+                  title_justify="left")  # fmt: skip
     for column in ("input", "max |err|", "mean |err|", "atol", "class diff", "Dice", "result"):
         table.add_column(column, justify="left" if column == "input" else "right")
     for case in parity.cases:
@@ -30,8 +36,15 @@ def parity_table(result: ExportResult) -> Table:
 def export_report(result: ExportResult, workdir) -> None:
     entry = result.entry
     shape = "static" if not entry["dynamic_axes"] else "dynamic batch/height/width"
+    if "profile" in entry:  # a TensorRT engine: what built it, for which GPU, for which shapes
+        p = entry["profile"]
+        shape = (f"TensorRT {entry['tensorrt_version']}, {entry['gpu']} (sm {entry['compute_capability']}), "
+                 f"profile min {_dims(p['min'])} opt {_dims(p['opt'])} max {_dims(p['max'])}")  # fmt: skip
     opset = f", opset {entry['opset']}" if "opset" in entry else ""
-    console.print(f"[bold]{entry['format']}[/] {result.path} ({_mb(entry['bytes'])}{opset}, {shape})")
+    label = f"{entry['format']} {entry['precision']}"
+    console.print(f"[bold]{label}[/] {result.path} ({_mb(entry['bytes'])}{opset}, {shape})")
+    if entry.get("fp32_nodes"):
+        console.print(f"kept in FP32: {len(entry['fp32_nodes'])} nodes ({', '.join(entry['fp32_nodes'][:6])})")
     if result.dropped:
         console.print(f"manifest: new checkpoint, {result.dropped} entries of the previous one dropped")
     if result.parity.cases:

@@ -45,7 +45,7 @@ def export_onnx(
         raise ArtifactError(f"the exported ONNX model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     with atomic_path(dest) as tmp:
         onnx.save(proto, str(tmp))
-    return _io_record(proto, dynamic)
+    return io_record(proto, dynamic)
 
 
 def check_opset(opset: int, newest: int) -> None:
@@ -91,7 +91,7 @@ def _export_proto(model, sample, opset, dynamic_shapes):
     return program.model_proto
 
 
-def _io_record(proto, dynamic: bool) -> dict:
+def io_record(proto, dynamic: bool) -> dict:
     def shape(value_info):
         dims = value_info.type.tensor_type.shape.dim
         return [d.dim_param or d.dim_value for d in dims]

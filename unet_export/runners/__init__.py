@@ -5,6 +5,7 @@ importing this package costs nothing."""
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,11 +16,14 @@ from unet_export.runners.compiled import TorchCompileRunner
 from unet_export.runners.eager import EagerRunner
 from unet_export.runners.onnxruntime import OnnxRuntimeRunner
 from unet_export.runners.openvino import OpenVinoRunner
+from unet_export.runners.tensorrt import TensorRTRunner
 from unet_export.runners.torchscript import TorchScriptRunner
 
-ARTIFACT_RUNNERS: dict[str, type[Runner]] = {
-    "onnx": OnnxRuntimeRunner,
-    "torchscript": TorchScriptRunner,
+# format -> runner(path, device, manifest entry)
+ARTIFACT_RUNNERS: dict[str, Callable[[Path, torch.device, dict], Runner]] = {
+    "onnx": lambda path, device, entry: OnnxRuntimeRunner(path, device, entry["precision"]),
+    "torchscript": lambda path, device, entry: TorchScriptRunner(path, device, entry["precision"]),
+    "tensorrt": lambda path, device, entry: TensorRTRunner(path, device, entry["precision"], record=entry),
 }
 
 
@@ -30,10 +34,10 @@ class Unavailable(Exception):
 def artifact_runner(entry: dict, workdir: Path, device) -> Runner:
     """A runner for one manifest entry (``format``, ``path`` relative to the workdir, ``precision``)."""
     try:
-        cls = ARTIFACT_RUNNERS[entry["format"]]
+        make = ARTIFACT_RUNNERS[entry["format"]]
     except KeyError:
         raise UserError(f"no runner for artefact format {entry.get('format')!r}") from None
-    return cls(Path(workdir) / entry["path"], device=device, precision=entry.get("precision", "fp32"))
+    return make(Path(workdir) / entry["path"], torch.device(device), entry)
 
 
 @dataclass
@@ -45,14 +49,20 @@ class BackendContext:
     shape: tuple[int, int, int, int]
     compile_mode: str = "default"
 
-    def artifact(self, fmt: str, precision: str = "fp32") -> Path:
+    def entry(self, fmt: str, precision: str = "fp32") -> dict:
+        """The manifest entry of an artefact that can run at the benchmark shape."""
         for entry in self.manifest["artifacts"]:
             if entry["format"] == fmt and entry["precision"] == precision:
                 static = entry.get("size_rule", {}).get("static")
                 if static and entry["inputs"][0]["shape"] != list(self.shape):
                     raise Unavailable(f"static {fmt} artefact takes {entry['inputs'][0]['shape']}, not {list(self.shape)}")
-                return self.workdir / entry["path"]
-        raise Unavailable(f"no {precision} {fmt} artefact in {self.workdir}/manifest.json (run unet-export {fmt})")
+                return entry
+        command = "unet-export trt" if fmt == "tensorrt" else f"unet-export {fmt}"
+        hint = f"{command} --{precision}" if precision != "fp32" or fmt == "tensorrt" else command
+        raise Unavailable(f"no {precision} {fmt} artefact in {self.workdir}/manifest.json (run {hint})")
+
+    def artifact(self, fmt: str, precision: str = "fp32") -> Path:
+        return self.workdir / self.entry(fmt, precision)["path"]
 
     def needs_cuda(self, what: str) -> None:
         if self.device.type != "cuda":
@@ -64,17 +74,21 @@ def _eager_half(ctx: BackendContext) -> Runner:
     return EagerRunner(ctx.model, ctx.device, "fp16", channels_last=True)
 
 
-def _ort_provider(provider: str):
+def _ort_provider(provider: str, precision: str = "fp32"):
     def make(ctx: BackendContext) -> Runner:
         ctx.needs_cuda(f"ONNX Runtime's {provider} provider")
-        return OnnxRuntimeRunner(ctx.artifact("onnx"), ctx.device, provider=provider)
+        return OnnxRuntimeRunner(ctx.artifact("onnx", precision), ctx.device, precision, provider=provider)
 
     return make
 
 
-def _tensorrt(ctx: BackendContext) -> Runner:
-    ctx.needs_cuda("TensorRT")
-    raise Unavailable("this version has no TensorRT engine runner yet")
+def _tensorrt(precision: str):
+    def make(ctx: BackendContext) -> Runner:
+        ctx.needs_cuda("TensorRT")
+        entry = ctx.entry("tensorrt", precision)
+        return TensorRTRunner(ctx.workdir / entry["path"], ctx.device, precision, record=entry)
+
+    return make
 
 
 # Order is the table's order; "eager" is the baseline every speed-up is relative to.
@@ -87,12 +101,14 @@ BACKENDS = {
     "torchscript": lambda ctx: TorchScriptRunner(ctx.artifact("torchscript"), ctx.device, freeze=True),
     "onnxruntime": lambda ctx: OnnxRuntimeRunner(ctx.artifact("onnx"), "cpu"),
     "onnxruntime-cuda": _ort_provider("cuda"),
+    "onnxruntime-cuda-fp16": _ort_provider("cuda", "fp16"),
     "onnxruntime-trt": _ort_provider("tensorrt"),
     "openvino": lambda ctx: OpenVinoRunner(ctx.artifact("onnx"), "cpu", "fp32"),
     "openvino-bf16": lambda ctx: OpenVinoRunner(ctx.artifact("onnx"), "cpu", "bf16"),
-    "tensorrt": _tensorrt,
+    "tensorrt-fp16": _tensorrt("fp16"),
+    "tensorrt-fp32": _tensorrt("fp32"),
 }
 
 
 __all__ = ["ARTIFACT_RUNNERS", "BACKENDS", "BackendContext", "EagerRunner", "OnnxRuntimeRunner", "Runner",
-           "TorchScriptRunner", "Unavailable", "artifact_runner"]  # fmt: skip
+           "TensorRTRunner", "TorchScriptRunner", "Unavailable", "artifact_runner"]  # fmt: skip

@@ -1,0 +1,301 @@
+"""TensorRT: everything that needs no TensorRT runs here (profiles, version dispatch, FP16 ONNX
+and its parity, manifest records, error messages); the real-engine tests carry the `tensorrt`
+marker and run only where `import tensorrt` and CUDA work."""
+
+import sys
+import types
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unet_export.api import build_trt, export_artifact, export_fp16_onnx
+from unet_export.cli.main import app
+from unet_export.demo import write_random_checkpoint
+from unet_export.errors import UserError
+from unet_export.export.tensorrt_plan import (
+    Profile,
+    check_engine_compat,
+    engine_path,
+    parse_shape,
+    parser_error_message,
+    plan_build,
+    resolve_profile,
+)
+from unet_export.manifest import load_manifest
+
+runner = CliRunner()
+ONNX_ENTRY = {"inputs": [{"name": "input", "shape": ["batch", 3, "height", "width"]}], "export_size": [256, 320],
+              "size_rule": {"min": 16, "multiple": 1, "static": False}}  # fmt: skip
+
+
+def confident_checkpoint(path, seed=0):
+    """Random weights with a scaled output layer: logits far from ties, as a trained model's are,
+    so FP16 rounding is judged on decisions that mean something."""
+    ckpt = write_random_checkpoint(path, seed=seed, width=8)
+    state = torch.load(ckpt, weights_only=True)
+    state["outc.conv.weight"] *= 50
+    torch.save(state, ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trt")
+    weights = confident_checkpoint(root / "unet.pth")
+    assert export_artifact(weights, "onnx", root / "exports", device="cpu", height=64, width=96).passed
+    return root / "exports"
+
+
+# --- profiles -------------------------------------------------------------------------------
+
+
+def test_parse_shape_and_its_errors():
+    assert parse_shape("8x3x256x256", "--opt-shape") == (8, 3, 256, 256)
+    for bad in ("8x3x256", "8x3xAx256", "0x3x256x256"):
+        with pytest.raises(UserError, match="NxCxHxW"):
+            parse_shape(bad, "--opt-shape")
+
+
+def test_default_profile_comes_from_the_manifest():
+    profile = resolve_profile(ONNX_ENTRY)
+    assert profile == Profile((1, 3, 256, 320), (8, 3, 256, 320), (16, 3, 256, 320))
+    assert profile.parity_shapes() == [(1, 3, 256, 320), (2, 3, 256, 320)]
+    assert profile.contains((4, 3, 256, 320)) and not profile.contains((32, 3, 256, 320))
+
+
+def test_user_shapes_override_and_widen_the_defaults():
+    profile = resolve_profile(ONNX_ENTRY, max_text="32x3x512x640")
+    assert profile.min == (1, 3, 256, 320) and profile.max == (32, 3, 512, 640) and profile.opt == (8, 3, 256, 320)
+    profile = resolve_profile(ONNX_ENTRY, min_text="1x3x128x128", opt_text="4x3x512x512", max_text="8x3x1024x1024")
+    assert profile.parity_shapes() == [(1, 3, 512, 512), (2, 3, 1024, 1024)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(min_text="1x1x256x320"), "channels"),
+        (dict(min_text="8x3x256x320", max_text="4x3x256x320"), "min <= opt <= max"),
+        (dict(max_text="16x3x8x320"), "size rule"),
+    ],
+)
+def test_bad_profiles_are_user_errors(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        resolve_profile(ONNX_ENTRY, **kwargs)
+
+
+def test_static_onnx_gets_a_fixed_profile():
+    static = ONNX_ENTRY | {"inputs": [{"name": "input", "shape": [1, 3, 64, 64]}], "size_rule": {"static": True}}
+    assert resolve_profile(static) == Profile((1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 64, 64))
+    with pytest.raises(UserError, match="--static"):
+        resolve_profile(static, max_text="4x3x64x64")
+
+
+# --- version dispatch, names, compatibility, messages -----------------------------------------
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "10.12.0.36", "8.6.1"])
+def test_tensorrt_10_builds_fp16_with_the_builder_flag(version):
+    plan = plan_build(version, "fp16", ["outc*"])
+    assert plan.source == "fp32-onnx" and plan.fp16_flag and not plan.strongly_typed and plan.pin_fp32_layers
+
+
+@pytest.mark.parametrize("version", ["11.0.0.12", "11.4.1"])
+def test_tensorrt_11_builds_fp16_from_an_fp16_onnx_model(version):
+    plan = plan_build(version, "fp16", ["outc*"])
+    assert plan.source == "fp16-onnx" and not plan.fp16_flag and plan.strongly_typed and not plan.pin_fp32_layers
+
+
+def test_fp32_engines_are_strongly_typed_from_the_fp32_model():
+    for version in ("10.3.0", "11.0.0"):
+        plan = plan_build(version, "fp32")
+        assert (plan.source, plan.fp16_flag, plan.strongly_typed) == ("fp32-onnx", False, True)
+    with pytest.raises(UserError, match="fp16 or fp32"):
+        plan_build("10.3.0", "int8")
+
+
+def test_engine_path(tmp_path):
+    assert engine_path(tmp_path, "weights.onnx", "fp16") == tmp_path / "weights.fp16.engine"
+    assert engine_path(tmp_path, "weights.fp16.onnx", "fp16") == tmp_path / "weights.fp16.engine"
+
+
+def test_engine_from_another_version_or_gpu_is_refused_with_rebuild_hint():
+    entry = {"path": "w.fp16.engine", "tensorrt_version": "10.3.0", "gpu": "NVIDIA A100", "compute_capability": "8.0"}
+    check_engine_compat(entry, "10.3.0", "NVIDIA A100-SXM4-80GB", "8.0")
+    for version, capability in (("10.8.0", "8.0"), ("10.3.0", "9.0")):
+        with pytest.raises(UserError, match="rebuild it with `unet-export trt`"):
+            check_engine_compat(entry, version, "NVIDIA H100", capability)
+
+
+def test_parser_rejection_names_the_node_and_explains_reflect_padding():
+    errors = [{"node": 7, "node_name": "node_pad_3", "operator": "Pad",
+               "desc": "Assertion failed: mode == \"constant\" && value == 0.f"}, {"node": 9, "desc": "x"}]  # fmt: skip
+    message = parser_error_message("reflect.onnx", errors)
+    assert "node node_pad_3 (Pad) of reflect.onnx" in message and "reflect padding" in message
+    assert "(+1 more errors)" in message and "\n" not in message
+    assert "without saying why" in parser_error_message("m.onnx", [])
+
+
+# --- FP16 ONNX (runs here through ONNX Runtime's CPU provider) --------------------------------
+
+
+def test_fp16_onnx_is_verified_with_fp16_tolerances(workdir):
+    result = export_fp16_onnx(workdir, device="cpu")
+    assert result.path.name == "unet.fp16.onnx"
+    model = onnx.load(str(result.path))
+    elem = onnx.TensorProto
+    assert model.graph.input[0].type.tensor_type.elem_type == elem.FLOAT  # FP32 I/O kept
+    assert model.graph.output[0].type.tensor_type.elem_type == elem.FLOAT
+    assert any(init.data_type == elem.FLOAT16 for init in model.graph.initializer)
+    assert result.parity.tolerance == "fp16" and result.passed, result.parity.failures()
+    for case in result.parity.cases:
+        assert case.argmax_disagreement <= 1e-3 and case.dice_vs_eager >= 0.999
+        assert case.max_abs_err > 0  # really converted: FP16 rounding shows
+    entries = {(a["format"], a["precision"]): a for a in load_manifest(workdir)["artifacts"]}
+    assert entries[("onnx", "fp16")]["status"] == "verified" and entries[("onnx", "fp32")]["status"] == "verified"
+
+
+def test_fp32_layers_stay_fp32_in_the_fp16_model(workdir):
+    result = export_fp16_onnx(workdir, fp32_layers=["outc*", "ConvTranspose"], device="cpu")
+    model = onnx.load(str(result.path))
+    kept = set(result.entry["fp32_nodes"])
+    assert kept and all(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node if n.name in kept)
+    fp32_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    casts_to_fp32 = {o for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT
+                     for o in n.output}  # fmt: skip
+    for node in (n for n in model.graph.node if n.name in kept):
+        assert all(x in fp32_weights or x in casts_to_fp32 for x in node.input if x), node.name
+    converted = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in kept][0]
+    assert not all(x in fp32_weights or x in casts_to_fp32 for x in converted.input if x)
+    with pytest.raises(UserError, match="matches no node"):
+        export_fp16_onnx(workdir, fp32_layers=["no-such-layer*"], device="cpu")
+
+
+def test_onnx_fp16_cli_writes_both_artefacts(tmp_path):
+    weights = confident_checkpoint(tmp_path / "w.pth")
+    out = tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--height", "64", "--width", "64"])
+    assert result.exit_code == 0, result.output
+    assert "onnx fp16" in result.stdout and "fp16 tolerance" in result.stdout
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["w.fp16.onnx", "w.onnx"]
+    bad = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp32-layers", "outc*"])
+    assert bad.exit_code == 2 and "add --fp16" in bad.stderr
+
+
+# --- `unet-export trt` without TensorRT or without a GPU ----------------------------------------
+
+
+def test_trt_without_tensorrt_exits_2_with_the_install_line(workdir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    result = runner.invoke(app, ["trt", "--fp16", "-w", str(workdir)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == 'error: TensorRT is not installed: on a machine with an NVIDIA GPU, pip install "unet-export[trt]"'
+    assert not list(workdir.glob("*.engine"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_trt_without_gpu_exits_2(workdir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    result = runner.invoke(app, ["trt", "-w", str(workdir)])
+    assert result.exit_code == 2 and "needs an NVIDIA GPU" in result.stderr
+
+
+def test_trt_needs_an_exported_onnx_model(tmp_path, workdir):
+    result = runner.invoke(app, ["trt", "-w", str(tmp_path)])
+    assert result.exit_code == 2 and "run `unet-export onnx" in result.stderr
+    result = runner.invoke(app, ["trt", "-w", str(workdir), "--onnx", str(tmp_path / "other.onnx")])
+    assert result.exit_code == 2 and "is not an ONNX model exported into" in result.stderr
+    result = runner.invoke(app, ["trt", "-w", str(workdir), "--max-shape", "4x3x64"])
+    assert result.exit_code == 2 and "NxCxHxW" in result.stderr
+
+
+# --- real engines: only where TensorRT and a GPU exist ------------------------------------------
+
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
+def test_real_engine_build_parity_and_manifest(workdir, precision):
+    pytest.importorskip("tensorrt")
+    result = build_trt(workdir, precision=precision, max_shape="4x3x128x128")
+    assert result.passed, result.parity.failures()
+    entry = result.entry
+    assert entry["format"] == "tensorrt" and entry["path"] == f"unet.{precision}.engine"
+    assert entry["gpu"] == torch.cuda.get_device_name() and entry["profile"]["max"] == [4, 3, 128, 128]
+    assert (workdir / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
+def test_real_engine_refuses_a_record_from_another_version(workdir):
+    pytest.importorskip("tensorrt")
+    from unet_export.runners import TensorRTRunner
+
+    result = build_trt(workdir, precision="fp16")
+    record = result.entry | {"tensorrt_version": "0.0.0"}
+    with pytest.raises(UserError, match="rebuild"):
+        TensorRTRunner(result.path, "cuda", "fp16", record=record).activate()
+
+
+# --- the builder's decisions, against a recording test double of TensorRT's API ----------------
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    from tests.fake_tensorrt import make_fake_tensorrt
+
+    def install(**kwargs):
+        trt = make_fake_tensorrt(**kwargs)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        return trt
+
+    return install
+
+
+def _build(workdir, tmp_path, version, precision="fp16", fp32_layers=None):
+    from unet_export.export.tensorrt import build_engine
+
+    source = workdir / "unet.onnx"
+    plan = plan_build(version, precision, fp32_layers)
+    profile = resolve_profile(load_manifest(workdir)["artifacts"][0])
+    return build_engine(plan, source, profile, tmp_path / "e.engine", timing_cache=tmp_path / "t.cache",
+                        fp32_layers=fp32_layers)  # fmt: skip
+
+
+def test_builder_on_tensorrt_10_sets_fp16_and_pins_fp32_layers(workdir, tmp_path, fake_trt):
+    trt = fake_trt(version="10.3.0")
+    info = _build(workdir, tmp_path, "10.3.0", fp32_layers=["outc*"])
+    config, network = trt.built["config"], trt.built["network"]
+    assert network.flags == 0  # weakly typed, so the FP16 flag takes effect
+    assert trt.BuilderFlag.FP16 in config.flags and trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS in config.flags
+    pinned = [layer.name for layer in network.layers if layer.precision == trt.float32]
+    assert pinned == ["node_conv2d_18"] and info["fp32_layers_pinned"] == 1  # outc.conv's node
+    assert config.profiles[0].shapes["input"] == ((1, 3, 64, 96), (8, 3, 64, 96), (16, 3, 64, 96))
+    assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and (tmp_path / "t.cache").read_bytes() == b"cache:"
+
+
+def test_builder_on_tensorrt_11_is_strongly_typed_without_precision_flags(workdir, tmp_path, fake_trt):
+    trt = fake_trt(version="11.0.0")
+    info = _build(workdir, tmp_path, "11.0.0")
+    assert trt.built["network"].flags == 1 << 1 and trt.built["config"].flags == set()
+    assert info["tensorrt_version"] == "11.0.0"
+
+
+def test_fp32_engine_turns_tf32_off(workdir, tmp_path, fake_trt):
+    trt = fake_trt(version="10.3.0")
+    _build(workdir, tmp_path, "10.3.0", precision="fp32")
+    assert trt.BuilderFlag.TF32 in trt.built["config"].cleared and not trt.built["config"].flags
+
+
+def test_parser_rejection_and_failed_build_are_clear_and_leave_nothing(workdir, tmp_path, fake_trt):
+    from unet_export.errors import ArtifactError
+
+    fake_trt(parse_errors=[("node_pad", "Pad", "Assertion failed: mode == constant")])
+    with pytest.raises(ArtifactError, match=r"rejected node node_pad \(Pad\).*reflect padding"):
+        _build(workdir, tmp_path, "10.3.0")
+    fake_trt(build_ok=False)
+    with pytest.raises(ArtifactError, match="out of workspace memory"):
+        _build(workdir, tmp_path, "10.3.0")
+    assert not list(tmp_path.iterdir())

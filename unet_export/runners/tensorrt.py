@@ -1,0 +1,72 @@
+"""TensorRT engines, run with torch CUDA tensors as I/O (set_input_shape, set_tensor_address,
+execute_async_v3 on the current torch stream), for any batch and size inside the profile."""
+
+from pathlib import Path
+
+import torch
+
+from unet_export.errors import UserError
+from unet_export.export.tensorrt import import_tensorrt, make_logger
+from unet_export.export.tensorrt_plan import Profile, check_engine_compat
+from unet_export.runners.base import Runner
+
+
+def gpu_identity(device: torch.device) -> tuple[str, str]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+class TensorRTRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, device="cuda", precision="fp16", record: dict | None = None):
+        super().__init__(device, precision)
+        self.path = Path(path)
+        self.record = record or {}  # the engine's manifest entry: version, GPU, profile
+        self.profile = Profile.from_dict(self.record["profile"]) if "profile" in self.record else None
+
+    def _activate_impl(self) -> None:
+        trt = import_tensorrt()
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise UserError("TensorRT engines run on an NVIDIA GPU; torch sees no CUDA device here")
+        if not self.path.is_file():
+            raise UserError(f"TensorRT engine not found: {self.path}")
+        if self.record:
+            check_engine_compat(self.record, trt.__version__, *gpu_identity(self.device))
+        self.trt, self.logger = trt, make_logger(trt)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:  # TensorRT returns None (and logs) for another version or GPU
+            detail = self.logger.errors[-1] if self.logger.errors else "unreadable plan"
+            raise UserError(f"TensorRT cannot load {self.path.name} ({detail}); rebuild it with `unet-export trt`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = [self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names]
+        self.input_name = names[is_input.index(True)]
+        self.output_name = names[is_input.index(False)]
+
+    def _dtype(self, name: str) -> torch.dtype:
+        trt = self.trt
+        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
+        return table[self.engine.get_tensor_dtype(name)]
+
+    def _infer_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if self.profile and not self.profile.contains(tuple(x.shape)):
+            raise UserError(f"input {tuple(x.shape)} is outside the engine's profile {self.profile.to_dict()}; "
+                            "rebuild with wider --min-shape/--max-shape")  # fmt: skip
+        x = x.to(self._dtype(self.input_name)).contiguous()
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise UserError(f"TensorRT refused input shape {tuple(x.shape)} for {self.path.name}")
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
+                          dtype=self._dtype(self.output_name), device=self.device)  # fmt: skip
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        # Enqueue on torch's current stream, so torch's own ordering covers x and out.
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path.name}")
+        return out.float()
+
+    def _deactivate_impl(self) -> None:
+        self.context = self.engine = None
+
+    def describe(self) -> str:
+        return f"TensorRT {self.record.get('tensorrt_version', '?')}, {self.record.get('gpu', self.device)}"

@@ -209,3 +209,14 @@ def test_cuda_rows(workdir):
         assert rows[name].status == "ok", rows[name].reason
         assert rows[name].h2d_ms > 0 and rows[name].d2h_ms > 0
     assert rows["onnxruntime-cuda"].status in ("ok", "unavailable")
+
+
+def test_real_images_fill_the_batch(workdir, tmp_path):
+    from unet_export.data.synth import make_synth
+
+    make_synth(tmp_path / "data", n=3, size=(48, 80), seed=2)
+    report = benchmark(workdir, backends=["onnxruntime"], device="cpu", data=tmp_path / "data", batch=4,
+                       warmup=1, iters=1)  # fmt: skip
+    assert report.config["inputs"] == str(tmp_path / "data") and by_backend(report)["onnxruntime"].status == "ok"
+    result = runner.invoke(app, ["-w", str(workdir), "--data", str(tmp_path / "nothing"), "--iters", "1"])
+    assert result.exit_code == 2 and "no images found" in result.stderr

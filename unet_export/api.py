@@ -1,13 +1,15 @@
-"""The library behind `unet-export onnx|torchscript`: checkpoint in, verified artefact out.
+"""The library behind `unet-export onnx|torchscript|trt`: checkpoint in, verified artefact out.
 
     from unet_export.api import export_artifact
     result = export_artifact("weights.pth", "onnx", workdir="exports")
     assert result.passed, result.parity.failures()
+
+export_fp16_onnx and build_trt then start from the workdir's manifest.
 """
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +38,6 @@ class ExportResult:
     parity: ParityReport
     seconds: float
     dropped: int = 0  # manifest entries of a previous checkpoint that were dropped
-    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:

@@ -14,9 +14,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unet_export.api import manifest_checkpoint, resolve_device
 from unet_export.checkpoint import build_model
+from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
 from unet_export.errors import UserError
 from unet_export.manifest import load_manifest, tool_versions
 from unet_export.models import get_spec
@@ -190,11 +192,33 @@ def _parity_record(case) -> dict:
             "passed": case.passed}  # fmt: skip
 
 
+def bench_batch(cfg: BenchConfig, channels: int, data: str | Path | None = None) -> torch.Tensor:
+    """Real images from ``data`` (cycled to fill the batch, resized to the bench size), else
+    seeded noise. A trained model's logits on noise sit near ties, so reduced-precision parity
+    is only meaningful on images like the ones it was trained for."""
+    if data is None:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        return torch.rand(cfg.batch, channels, cfg.height, cfg.width, generator=gen)
+    paths = image_paths(data)
+    images = [image_to_tensor(load_image(paths[i % len(paths)]), Preprocess()) for i in range(cfg.batch)]
+    if any(img.shape[0] != channels for img in images):
+        raise UserError(f"images in {data} do not have the model's {channels} channel(s)")
+    return torch.stack([F.interpolate(img[None], (cfg.height, cfg.width), mode="bilinear")[0] for img in images])
+
+
+def image_paths(data: str | Path) -> list[Path]:
+    """The images of a dataset folder (either layout) or of a plain folder of images."""
+    data = Path(data)
+    folder = next((data / d for d in ("imgs", "JPEGImages") if (data / d).is_dir()), data)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    if not paths:
+        raise UserError(f"--data {data}: no images found (a folder of images, or a dataset with imgs/ or JPEGImages/)")
+    return paths
+
+
 def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Runner, cfg: BenchConfig,
-                  channels: int, on_row: Callable[[Row], None] | None = None) -> list[Row]:  # fmt: skip
-    """Bench every runner in ``makers`` (the first, "eager", is the baseline) on one seeded batch."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = torch.rand(cfg.batch, channels, cfg.height, cfg.width, generator=gen)
+                  x: torch.Tensor, on_row: Callable[[Row], None] | None = None) -> list[Row]:  # fmt: skip
+    """Bench every runner in ``makers`` (the first, "eager", is the baseline) on the batch ``x``."""
     with reference_runner:
         reference = reference_runner.infer(x.to(reference_runner.device)).cpu()
     rows = []
@@ -242,6 +266,7 @@ def benchmark(
     device: str = "auto",
     weights: str | Path | None = None,
     compile_mode: str = "default",
+    data: str | Path | None = None,
     on_row=None,
     **timing,
 ) -> BenchReport:
@@ -262,8 +287,9 @@ def benchmark(
     channels = ckpt.config.get("n_channels", 3)
     ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
-    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, channels, on_row)
+    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, data), on_row)
     config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
+                            "inputs": str(data) if data else "seeded noise",
                             "model": manifest["model"]}  # fmt: skip
     return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
 

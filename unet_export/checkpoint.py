@@ -1,6 +1,7 @@
 """Safe checkpoint loading: weights_only=True always, every milesial release format, and one-line
 errors for everything that is not a usable checkpoint."""
 
+import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ class Checkpoint:
     config: dict
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     mask_values: list | None = None  # milesial's class index -> mask value mapping
+    preprocess: dict | None = None  # from the training sidecar (<name>.json), when there is one
 
     def record(self) -> dict:
         """What the manifest and the artefacts' metadata say about the model."""
@@ -31,6 +33,7 @@ class Checkpoint:
             "architecture": self.architecture,
             "config": self.config,
             "mask_values": self.mask_values,
+            "preprocess": self.preprocess or {"scale": 1.0, "square": None},
             "checkpoint": {"path": str(self.path.resolve()), "sha256": self.sha256},
         }
 
@@ -46,7 +49,17 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> Checkpoint:
         target = f"a {model!r} model" if model else f"a known architecture ({', '.join(MODELS)})"
         raise UserError(f"{path} is not a checkpoint of {target}: its keys begin {sample}")
     name, config = found
-    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values)
+    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values, _sidecar_preprocess(path))
+
+
+def _sidecar_preprocess(path: Path) -> dict | None:
+    """`unet-export train` writes <name>.json beside each checkpoint; its preprocessing travels
+    with the model into every artefact, so predict and evaluate match training."""
+    sidecar = path.with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()).get("preprocess") if sidecar.is_file() else None
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return None
 
 
 def build_model(ckpt: Checkpoint) -> nn.Module:

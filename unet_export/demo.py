@@ -1,7 +1,8 @@
-"""The default job `make demo` runs: a milesial U-Net exported to every format and verified.
+"""The shipped default model and the seeded random models that tests and benchmarks use.
 
-Until the trained demo model ships (issue 5), the weights are random but seeded, with
-non-trivial BatchNorm statistics so the network is not close to the identity.
+The default: a small milesial U-Net trained with `unet-export train` on `unet-export data synth`
+data (scripts/train_demo_model.sh has the exact commands), shipped with its labelled
+validation set in unet_export/assets/.
 """
 
 import io
@@ -12,6 +13,10 @@ import torch
 from unet_export.fileio import atomic_path
 from unet_export.models.milesial import UNet
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_WEIGHTS = ASSETS / "demo_unet.pth"  # + demo_unet.json, the training sidecar
+DEMO_VAL = ASSETS / "demo_val"  # imgs/ + masks/, never seen in training
+DEMO_SIZE = (128, 128)  # the size it was trained at
 DEMO_CONFIG = dict(n_channels=3, n_classes=2, bilinear=False, width=64)  # milesial v3.0's shape
 
 

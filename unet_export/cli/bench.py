@@ -30,6 +30,8 @@ def bench(
     device: DeviceOpt = "auto",
     compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Images for the batch (default: seeded noise); use real ones "
+                                                   "to judge reduced precision on a trained model.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,
@@ -40,7 +42,7 @@ def bench(
         raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
     report = benchmark(
         workdir, batch=batch, height=height, width=width, backends=names, device=device.value, weights=weights,
-        compile_mode=compile_mode, warmup=warmup, iters=iters, min_time=min_time,
+        compile_mode=compile_mode, data=data, warmup=warmup, iters=iters, min_time=min_time,
         on_row=lambda row: console.print(row_line(row)),
     )  # fmt: skip
     console.print(bench_table(report))

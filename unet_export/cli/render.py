@@ -88,8 +88,8 @@ def row_line(row) -> str:
 
 def bench_table(report) -> Table:
     cfg, dev = report.config, report.device
-    title = (f"unet-bench: {dev['name']} ({dev['type']}), batch {cfg['batch']} x {cfg['height']}x{cfg['width']}, "
-             f"speed-up vs eager fp32 in the same run")  # fmt: skip
+    title = (f"unet-bench: {dev['name']} ({dev['type']}), batch {cfg['batch']} x {cfg['height']}x{cfg['width']} "
+             f"({cfg['inputs']}), speed-up vs eager fp32 in the same run")  # fmt: skip
     table = Table(title=title, title_justify="left")
     for column in BENCH_COLUMNS:
         table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right")
@@ -116,3 +116,16 @@ def bench_markdown(report) -> str:
     reasons = [f"- {row.backend}: runs on {row.runs_on}" for row in report.rows if row.runs_on]
     reasons += [f"- {row.backend}: {row.reason}" for row in report.rows if row.reason]
     return "\n".join(lines + ([""] + reasons if reasons else []))
+
+
+def dice_table(report: dict, data) -> Table:
+    """`evaluate`'s report: eager and every artefact, Dice against ground truth side by side."""
+    table = Table(title=f"Dice on {data} ({report['images']} images, milesial's definition)", title_justify="left")
+    for column in ("model", "precision", "Dice", "vs eager", "status"):
+        table.add_column(column, justify="left" if column in ("model", "precision", "status") else "right")
+    table.add_row("eager", "fp32", f"{report['eager']['dice']:.4f}", "-", "ok")
+    for a in report["artifacts"]:
+        dice = "-" if a["dice"] is None else f"{a['dice']:.4f}"
+        delta = "-" if a["delta_vs_eager"] is None else f"{a['delta_vs_eager']:+.4f}"
+        table.add_row(f"{a['format']} ({a['path']})", a["precision"], dice, delta, a.get("reason") or a["status"])
+    return table

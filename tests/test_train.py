@@ -1,0 +1,180 @@
+"""Train, evaluate, predict and the data commands, end to end on tiny synthetic sets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.cli.main import app
+from unet_export.data.dataset import Preprocess, SegmentationDataset, find_samples, unique_mask_values
+from unet_export.data.labelme import convert_labelme
+from unet_export.data.synth import make_synth
+from unet_export.evaluate import evaluate, mean_dice
+from unet_export.models import create_model
+from unet_export.predict import predict
+from unet_export.runners import EagerRunner
+from unet_export.train import TrainConfig, train
+
+runner = CliRunner()
+TINY = TrainConfig(model_config={"width": 8}, epochs=2, batch_size=2, lr=3e-3, val_fraction=0.25, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    make_synth(root / "data", n=32, size=(64, 64), classes=3, seed=0)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train(synth, out, TINY), out
+
+
+def test_synth_is_deterministic_and_uses_spread_mask_values(tmp_path):
+    a, b = make_synth(tmp_path / "a", n=3, size=(48, 64), seed=5), make_synth(tmp_path / "b", n=3, size=(48, 64), seed=5)
+    for name in ("imgs/synth_0002.png", "masks/synth_0002_mask.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert a.mask_values == [0, 128, 255] and Image.open(tmp_path / "a/imgs/synth_0000.png").size == (64, 48)
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "a/masks/synth_0000_mask.png")))) <= {0, 128, 255}
+
+
+def test_two_epochs_lower_the_loss_and_raise_dice(synth, trained):
+    result, _ = trained
+    losses = [h["train_loss"] for h in result.history]
+    dices = [h["val_dice"] for h in result.history]
+    assert losses[1] < losses[0] and dices[1] > dices[0]
+    _, samples = find_samples(synth)
+    data = SegmentationDataset(samples, result.mask_values, Preprocess())
+    torch.manual_seed(TINY.seed)  # the initialisation train() started from
+    before = create_model("milesial", n_channels=3, n_classes=3, width=8)
+    after = build_model(load_checkpoint(result.checkpoints[-1]))
+    with EagerRunner(before) as r0, EagerRunner(after) as r1:
+        assert mean_dice(r1, data, 3) > mean_dice(r0, data, 3) + 0.2
+
+
+def test_checkpoints_are_milesial_format_with_sidecar(trained, synth):
+    result, out = trained
+    assert [p.name for p in result.checkpoints] == ["checkpoint_epoch1.pth", "checkpoint_epoch2.pth"]
+    state = torch.load(result.checkpoints[-1], weights_only=True)
+    assert state["mask_values"] == [0, 128, 255] and "outc.conv.weight" in state and "up1.up.weight" in state
+    sidecar = json.loads(result.checkpoints[-1].with_suffix(".json").read_text())
+    assert sidecar["epoch"] == 2 and len(sidecar["metrics"]) == 2 and sidecar["config"]["width"] == 8
+    assert sidecar["data"]["layout"] == "milesial" and len(sidecar["data"]["sha256"]) == 64
+    assert sidecar["data"]["train"] == 24 and sidecar["data"]["val"] == 8
+    assert sidecar["preprocess"] == {"scale": 1.0, "square": None}
+
+
+def test_resume_continues_the_epochs(trained, synth, tmp_path):
+    result, out = trained
+    resumed = train(synth, tmp_path, TrainConfig(**{**TINY.__dict__, "epochs": 3}), resume=result.checkpoints[-1])
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.checkpoints[0].name == "checkpoint_epoch3.pth"
+
+
+def test_voc_layout_from_labelme_with_square_preprocessing(tmp_path):
+    (tmp_path / "json").mkdir()
+    for i in range(4):
+        Image.new("RGB", (80, 60), (i * 40, 90, 160)).save(tmp_path / "json" / f"im{i}.png")
+        doc = {"imagePath": f"im{i}.png", "imageHeight": 60, "imageWidth": 80, "shapes": [
+            {"label": "box", "shape_type": "rectangle", "points": [[10 + i, 10], [40, 50]]},
+            {"label": "dot", "shape_type": "circle", "points": [[60, 30], [66, 30]]}]}  # fmt: skip
+        (tmp_path / "json" / f"im{i}.json").write_text(json.dumps(doc))
+    convert_labelme(tmp_path / "json", tmp_path / "voc", ["background", "box", "dot"])
+    layout, samples = find_samples(tmp_path / "voc")
+    assert layout == "voc" and unique_mask_values(samples) == [0, 1, 2]
+    cfg = TrainConfig(model_config={"width": 4}, epochs=1, batch_size=2, square=64, val_fraction=0.25, device="cpu")
+    result = train(tmp_path / "voc", tmp_path / "run", cfg)
+    assert json.loads(result.checkpoints[0].with_suffix(".json").read_text())["preprocess"]["square"] == 64
+    masks = predict(result.checkpoints[0], [samples[0].image], tmp_path / "pred")
+    assert Image.open(masks[0]).size == (80, 60)  # back to the original size after pad-to-square
+
+
+def test_evaluate_eager_and_artefacts_with_gate(trained, synth, tmp_path):
+    result, _ = trained
+    weights = result.checkpoints[-1]
+    exported = runner.invoke(app, ["onnx", str(weights), "-w", str(tmp_path), "--height", "64", "--width", "64"])
+    assert exported.exit_code == 0, exported.output
+    report = evaluate(weights, synth, tmp_path, device="cpu")
+    assert 0.3 < report["eager"]["dice"] < 1 and report["images"] == 32
+    (onnx_row,) = report["artifacts"]
+    assert onnx_row["format"] == "onnx" and onnx_row["delta_vs_eager"] == pytest.approx(0, abs=1e-6)
+    out_json = tmp_path / "eval.json"
+    ok = runner.invoke(app, ["evaluate", str(weights), str(synth), "-w", str(tmp_path), "--json", str(out_json),
+                             "--max-delta", "0.001"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(out_json.read_text())
+    assert set(data) >= {"eager", "artifacts"} and {"format", "precision", "dice", "delta_vs_eager"} <= set(data["artifacts"][0])
+    failed = runner.invoke(app, ["evaluate", str(weights), str(synth), "-w", str(tmp_path), "--min-dice", "0.999"])
+    assert failed.exit_code == 1 and "gate failed" in failed.stdout
+
+
+def test_predict_from_checkpoint_and_onnx_agree(trained, synth, tmp_path):
+    result, _ = trained
+    weights = result.checkpoints[-1]
+    runner.invoke(app, ["onnx", str(weights), "-w", str(tmp_path / "exp"), "--height", "64", "--width", "64"])
+    image = synth / "imgs" / "synth_0000.png"
+    cli = runner.invoke(app, ["predict", str(weights), str(image), "--out", str(tmp_path / "a"), "--overlay"])
+    assert cli.exit_code == 0, cli.output
+    predict(tmp_path / "exp" / f"{weights.stem}.onnx", [image], tmp_path / "b")
+    a = np.asarray(Image.open(tmp_path / "a" / "synth_0000_mask.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "synth_0000_mask.png"))
+    assert a.shape == (64, 64) and set(np.unique(a)) <= {0, 128, 255}
+    assert np.array_equal(a, b)
+    assert (tmp_path / "a" / "synth_0000_overlay.png").is_file()
+
+
+def _bad_dataset(tmp_path, case):
+    data = tmp_path / "bad"
+    make_synth(data, n=4, size=(48, 48), seed=1)
+    if case == "empty folder":
+        for p in (data / "imgs").iterdir():
+            p.unlink()
+    elif case == "image without mask":
+        (data / "masks" / "synth_0001_mask.png").unlink()
+    elif case == "mask size mismatch":
+        Image.new("L", (40, 48)).save(data / "masks" / "synth_0002_mask.png")
+    elif case == "unreadable image":
+        (data / "imgs" / "synth_0003.png").write_bytes(b"not a png")
+    elif case == "unknown mask value":
+        Image.fromarray(np.full((48, 48), 50, np.uint8)).save(data / "masks" / "synth_0000_mask.png")
+    return data
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [("empty folder", "holds no images"), ("image without mask", "has no mask"),
+     ("mask size mismatch", "a mask must match its image"), ("unreadable image", "cannot read image"),
+     ("unknown mask value", "mask value 50 is not one of mask_values")],  # fmt: skip
+)
+def test_bad_data_exits_2_with_one_line(trained, tmp_path, case, fragment):
+    data = _bad_dataset(tmp_path, case)
+    if case == "unknown mask value":  # the model's classes are fixed: 50 is not among them
+        args = ["evaluate", str(trained[0].checkpoints[-1]), str(data), "-w", str(tmp_path / "none")]
+    else:
+        args = ["train", str(data), "--width", "4", "--epochs", "1", "-w", str(tmp_path / "run")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_data_synth_cli(tmp_path):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--n", "2", "--size", "40x56", "--classes", "4"])
+    assert result.exit_code == 0 and "mask values [0, 85, 170, 255]" in result.stdout
+    assert Image.open(tmp_path / "s" / "imgs" / "synth_0001.png").size == (56, 40)
+    bad = runner.invoke(app, ["data", "synth", str(tmp_path / "t"), "--classes", "9"])
+    assert bad.exit_code == 2 and "--classes 9" in bad.stderr
+
+
+def test_shipped_demo_model_reaches_its_stated_dice():
+    from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+
+    report = evaluate(DEMO_WEIGHTS, DEMO_VAL, None, device="cpu")
+    assert report["images"] == 24 and report["eager"]["dice"] >= 0.95
+    sidecar = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
+    assert sidecar["config"] == {"n_channels": 3, "n_classes": 3, "width": 16, "bilinear": False}
+    assert DEMO_WEIGHTS.stat().st_size < 10e6  # a few MB, shipped inside the package

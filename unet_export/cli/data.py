@@ -1,0 +1,47 @@
+"""`unet-export data synth|labelme`: make a dataset to train on."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unet_export.cli.common import cli_errors, console
+from unet_export.data.labelme import convert_labelme
+from unet_export.data.synth import make_synth
+from unet_export.export.tensorrt_plan import parse_shape
+
+app = typer.Typer(help="Make datasets: synthetic shapes, or labelme annotations.", no_args_is_help=True)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'128x160' -> (128, 160) as height x width."""
+    _, _, height, width = parse_shape(f"1x1x{text}", "--size")
+    return height, width
+
+
+@app.command("synth")
+@cli_errors
+def synth_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write imgs/ and masks/ into.")],
+    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
+    size: Annotated[str, typer.Option(help="Image size HxW.")] = "128x128",
+    classes: Annotated[int, typer.Option(help="Classes, background included.")] = 3,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+) -> None:
+    """A deterministic synthetic set in milesial's layout: shapes over textured, noisy backgrounds."""
+    summary = make_synth(out_dir, n=n, size=parse_size(size), classes=classes, seed=seed)
+    console.print(f"wrote {summary.images} images and masks to {out_dir} (imgs/, masks/ *_mask.png); "
+                  f"{classes} classes, mask values {summary.mask_values}")  # fmt: skip
+
+
+@app.command("labelme")
+@cli_errors
+def labelme_cmd(
+    json_dir: Annotated[Path, typer.Argument(help="Folder of labelme .json files.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write JPEGImages/ and SegmentationClass/ into.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated classes, background first: background,cat,dog.")],
+) -> None:
+    """labelme polygons -> class-index PNG masks plus the images, in the VOC layout."""
+    summary = convert_labelme(json_dir, out_dir, [name.strip() for name in labels.split(",")])
+    counts = ", ".join(f"{k} {v}" for k, v in summary.pixels_per_class.items())
+    console.print(f"wrote {summary.images} images, {summary.shapes} shapes to {out_dir}; pixels per class: {counts}")

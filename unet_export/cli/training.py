@@ -1,0 +1,101 @@
+"""`unet-export train|evaluate|predict`: thin commands over unet_export.train, .evaluate, .predict."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from unet_export.api import resolve_device
+from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.render import dice_table
+from unet_export.evaluate import evaluate, gate
+from unet_export.fileio import write_json
+from unet_export.predict import predict
+from unet_export.train import TrainConfig, train
+
+MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = masks/<image stem><suffix>.<ext>.")]
+
+
+@cli_errors
+def train_cmd(
+    data: Annotated[Path, typer.Argument(help="Dataset: imgs/ + masks/ (milesial) or JPEGImages/ + SegmentationClass/.")],
+    model: Annotated[str, typer.Option(help="Architecture from the registry.")] = "milesial",
+    width: Annotated[int, typer.Option(help="Base channel count (64 in milesial's releases).")] = 64,
+    bilinear: Annotated[bool, typer.Option("--bilinear", help="Bilinear up-sampling instead of ConvTranspose.")] = False,
+    epochs: Annotated[int, typer.Option(help="Train up to this epoch (with --resume: in total).")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam, or rmsprop as milesial (use --lr 1e-5).")] = "adam",
+    scale: Annotated[float, typer.Option(help="milesial preprocessing: resize by this factor.")] = 1.0,
+    square: Annotated[int | None, typer.Option(help="seed 003 preprocessing: pad to square, resize to SIZE.")] = None,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (CUDA only).")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Share of images held out for validation.")] = 0.1,
+    mask_suffix: MaskSuffix = "_mask",
+    workdir: Workdir = Path("runs"),
+    resume: Annotated[Path | None, typer.Option(help="Checkpoint to continue from (its .state.pt too).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for init, split and shuffling.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train on a segmentation dataset; a milesial-format checkpoint + JSON sidecar per epoch."""
+    config = {"width": width, "bilinear": bilinear} if model == "milesial" else {}
+    cfg = TrainConfig(model, config, epochs, batch_size, lr, optimizer, scale, square, amp, val_fraction,
+                      mask_suffix, seed, device.value)  # fmt: skip
+    columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("train", total=None, epoch=0, loss=float("nan"))
+
+        def on_step(epoch, step, total, loss):
+            progress.update(task, completed=step, total=total, epoch=epoch, loss=loss)
+
+        def on_epoch(h):
+            console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, val Dice {h['val_dice']:.4f}, "
+                          f"lr {h['lr']:.1e}, {h['seconds']:.1f} s")  # fmt: skip
+
+        result = train(data, workdir, cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
+    if result.checkpoints:
+        console.print(f"mask_values {result.mask_values}; last checkpoint {result.checkpoints[-1]}")
+    else:
+        console.print(f"nothing to do: {resume} is already at epoch {epochs}")
+
+
+@cli_errors
+def evaluate_cmd(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint (its .json sidecar gives the preprocessing).")],
+    data: Annotated[Path, typer.Argument(help="Labelled dataset (either layout).")],
+    workdir: Workdir = Path("exports"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    min_dice: Annotated[float | None, typer.Option(help="Gate: exit 1 if any Dice is below this.")] = None,
+    max_delta: Annotated[float | None, typer.Option(help="Gate: exit 1 if an artefact is this far below eager.")] = None,
+    mask_suffix: MaskSuffix = "_mask",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
+    report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value, mask_suffix=mask_suffix)
+    console.print(dice_table(report, data))
+    if json_path:
+        write_json(json_path, report)
+    failures = gate(report, min_dice, max_delta)
+    for failure in failures:
+        console.print(f"[red]gate failed[/] {failure}")
+    raise typer.Exit(1 if failures else 0)
+
+
+@cli_errors
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="Checkpoint (.pth) or artefact (.onnx, .ts, .engine).")],
+    images: Annotated[list[Path], typer.Argument(help="Images to segment.")],
+    out: Annotated[Path, typer.Option(help="Folder for <stem>_mask.png (and _overlay.png).")] = Path("predictions"),
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write the mask blended over the image.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Masks with milesial's mask_values restored, preprocessed as the model was trained."""
+    written = predict(model, images, out, overlay, device=resolve_device(device.value))
+    console.print(f"wrote {len(written)} masks to {out}" + (" (with overlays)" if overlay else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("predict")(predict_cmd)

@@ -1,0 +1,1 @@
+"""Datasets: synthetic data, labelme conversion, and the milesial and VOC layouts."""

@@ -1,0 +1,70 @@
+"""Mean Dice against ground truth (milesial's definition) for any runner: the eager model
+during training and `evaluate`, and every artefact in a workdir's manifest."""
+
+import torch
+
+from unet_export.api import resolve_device
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.data.dataset import Preprocess, SegmentationDataset, check_sizes, find_samples
+from unet_export.errors import UnetExportError, UserError
+from unet_export.manifest import load_manifest
+from unet_export.metrics import dice_score, logits_to_mask
+from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.runners.base import Runner
+
+
+def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1) -> float:
+    """Mean over images and foreground classes; ``runner`` must be active."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    total, count = 0.0, 0
+    for batch in loader:
+        pred = logits_to_mask(runner.infer(batch["image"]).cpu())
+        # every image has the same number of classes, so batch means weighted by size are exact
+        total += dice_score(pred, batch["mask"], n_classes) * len(pred)
+        count += len(pred)
+    return total / max(count, 1)
+
+
+def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suffix: str = "_mask",
+             batch_size: int = 1) -> dict:  # fmt: skip
+    """Mean Dice of the eager model and of every artefact in ``workdir``'s manifest that came
+    from the same checkpoint: {"eager": {"dice"}, "artifacts": [{format, precision, dice, ...}]}."""
+    ckpt = load_checkpoint(weights)
+    _, samples = find_samples(data_dir, mask_suffix)
+    check_sizes(samples)
+    n_classes = ckpt.config.get("n_classes", 2)
+    mask_values = ckpt.mask_values or ([0, 1] if n_classes <= 2 else list(range(n_classes)))
+    if len(mask_values) != max(n_classes, 2):
+        raise UserError(f"{weights} has {n_classes} classes but mask_values {mask_values}")
+    dataset = SegmentationDataset(samples, mask_values, Preprocess.from_dict(ckpt.preprocess))
+    dev = resolve_device(device)
+    with EagerRunner(build_model(ckpt), dev) as eager:
+        eager_dice = mean_dice(eager, dataset, n_classes, batch_size)
+    report = {"eager": {"dice": eager_dice}, "artifacts": [], "images": len(dataset)}
+    manifest = load_manifest(workdir) if workdir else {"model": None, "artifacts": []}
+    if (manifest.get("model") or {}).get("checkpoint", {}).get("sha256") != ckpt.sha256:
+        return report  # the workdir's artefacts (if any) come from another checkpoint
+    for entry in manifest["artifacts"]:
+        row = {"format": entry["format"], "precision": entry["precision"], "path": entry["path"]}
+        try:
+            with artifact_runner(entry, workdir, dev) as runner:
+                dice = mean_dice(runner, dataset, n_classes, batch_size)
+            row |= {"status": "ok", "dice": dice, "delta_vs_eager": dice - eager_dice}
+        except UnetExportError as exc:  # e.g. TensorRT not installed here: say so, keep going
+            row |= {"status": "unavailable", "reason": str(exc), "dice": None, "delta_vs_eager": None}
+        report["artifacts"].append(row)
+    return report
+
+
+def gate(report: dict, min_dice: float | None = None, max_delta: float | None = None) -> list[str]:
+    """The CI gate's failures: Dice below ``min_dice``, or an artefact more than ``max_delta`` below eager."""
+    failures = []
+    rows = [("eager", report["eager"]["dice"], 0.0)] + [
+        (f"{a['format']} {a['precision']}", a["dice"], a["delta_vs_eager"]) for a in report["artifacts"] if a["dice"] is not None
+    ]
+    for name, dice, delta in rows:
+        if min_dice is not None and dice < min_dice:
+            failures.append(f"{name}: Dice {dice:.4f} < --min-dice {min_dice}")
+        if max_delta is not None and -delta > max_delta:
+            failures.append(f"{name}: Dice {-delta:.4f} below eager > --max-delta {max_delta}")
+    return failures

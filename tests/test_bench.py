@@ -126,7 +126,7 @@ def test_json_schema_and_markdown(workdir, tmp_path):
     [
         (["--backends", "eager,warp-drive"], "unknown backend(s) warp-drive"),
         (["--batch", "0"], "--batch must be at least 1"),
-        (["--height", "8"], "too small"),
+        (["--height", "8"], "does not fit this model"),
     ],
 )
 def test_bad_options_exit_2(workdir, args, fragment):

@@ -46,7 +46,7 @@ def test_bad_checkpoint_exits_2_with_one_line_and_leaves_nothing(tmp_path, case)
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--height", "8"], "too small"),
+        (["--height", "8"], "does not fit this model"),
         (["--opset", "9"], "--opset 9 is not supported"),
         (["--model", "nope"], "unknown model"),
     ],

@@ -88,6 +88,6 @@ def test_registry_errors_list_valid_names():
 
 def test_size_rule_names_valid_sizes():
     spec = get_spec("milesial")
-    spec.check_size(17, 250)
-    with pytest.raises(UserError, match="at least 16"):
-        spec.check_size(8, 64)
+    spec.sizes({}).check(17, 250)
+    with pytest.raises(UserError, match=r"at least 16\): use 16"):
+        spec.sizes({}).check(8, 64)

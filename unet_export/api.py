@@ -22,7 +22,8 @@ from unet_export.export.onnx import DEFAULT_OPSET, metadata_json
 from unet_export.export.tensorrt import build_engine, import_tensorrt
 from unet_export.export.tensorrt_plan import engine_path, plan_build, resolve_profile
 from unet_export.manifest import load_manifest, save_manifest, set_model, tool_versions, upsert_artifact, utc_now
-from unet_export.models import ModelSpec, get_spec
+from unet_export.models import get_spec
+from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.tensorrt import gpu_identity
 from unet_export.verify import FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs
@@ -54,14 +55,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def parity_shapes(spec: ModelSpec, channels: int, height: int, width: int, static: bool) -> list[tuple]:
-    """The export size, plus (unless static) a batch of 2 at a size the model allows but
-    that is not a multiple of 16 where the model takes any size."""
+def parity_shapes(rule: SizeRule, channels: int, height: int, width: int, static: bool) -> list[tuple]:
+    """The export size, plus (unless static) a batch of 2 at another size the model allows:
+    250x375, not a multiple of 16, where the model takes any size."""
     shapes = [(1, channels, height, width)]
     if not static:
         n, h, w = SECOND_PARITY_SHAPE
-        m = spec.size_multiple
-        shapes.append((n, channels, max(spec.min_size, h // m * m), max(spec.min_size, w // m * m)))
+        shapes.append((n, channels, rule.fit(h), rule.fit(w)))
     return shapes
 
 
@@ -83,8 +83,8 @@ def export_artifact(
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     ckpt = load_checkpoint(weights, model)
-    spec = get_spec(ckpt.architecture)
-    spec.check_size(height, width)
+    rule = get_spec(ckpt.architecture).sizes(ckpt.config)
+    rule.check(height, width)
     net = build_model(ckpt)
     dev = resolve_device(device)
     workdir = Path(workdir)
@@ -96,11 +96,11 @@ def export_artifact(
     with _created_dir(workdir):
         io = FORMATS[fmt].write(
             net, dest, torch.rand(1, channels, height, width), metadata,
-            opset=opset, dynamic=not static, min_size=spec.min_size, size_multiple=spec.size_multiple,
+            opset=opset, dynamic=not static, sizes=rule,
         )  # fmt: skip
     entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
-             "size_rule": {"min": spec.min_size, "multiple": spec.size_multiple, "static": static}}  # fmt: skip
-    inputs = seeded_inputs(parity_shapes(spec, channels, height, width, static), seed)
+             "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
+    inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
     parity = run_parity(entry, workdir, net, dev, inputs, FP32)
     dropped = set_model(manifest, ckpt.record())
     record_artifact(workdir, manifest, entry, parity, dev)

@@ -276,9 +276,8 @@ def benchmark(
     if manifest.get("model") is None:
         raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
     ckpt = manifest_checkpoint(manifest, weights)
-    spec = get_spec(ckpt.architecture)
     height, width = _bench_size(manifest, height, width)
-    spec.check_size(height, width)
+    get_spec(ckpt.architecture).sizes(ckpt.config).check(height, width)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
     names = _backend_names(backends)

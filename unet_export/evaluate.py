@@ -8,7 +8,8 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.data.dataset import Preprocess, SegmentationDataset, check_sizes, find_samples
 from unet_export.errors import UnetExportError, UserError
 from unet_export.manifest import load_manifest
-from unet_export.metrics import dice_score, logits_to_mask
+from unet_export.models import get_spec
+from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.base import Runner
 
@@ -19,17 +20,18 @@ def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1) -> f
     total, count = 0.0, 0
     for batch in loader:
         pred = logits_to_mask(runner.infer(batch["image"]).cpu())
+        target = center_crop(batch["mask"], pred.shape[-2:])
         # every image has the same number of classes, so batch means weighted by size are exact
-        total += dice_score(pred, batch["mask"], n_classes) * len(pred)
+        total += dice_score(pred, target, n_classes) * len(pred)
         count += len(pred)
     return total / max(count, 1)
 
 
 def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suffix: str = "_mask",
-             batch_size: int = 1) -> dict:  # fmt: skip
+             batch_size: int = 1, model: str | None = None) -> dict:  # fmt: skip
     """Mean Dice of the eager model and of every artefact in ``workdir``'s manifest that came
     from the same checkpoint: {"eager": {"dice"}, "artifacts": [{format, precision, dice, ...}]}."""
-    ckpt = load_checkpoint(weights)
+    ckpt = load_checkpoint(weights, model)
     _, samples = find_samples(data_dir, mask_suffix)
     check_sizes(samples)
     n_classes = ckpt.config.get("n_classes", 2)
@@ -37,6 +39,7 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
     if len(mask_values) != max(n_classes, 2):
         raise UserError(f"{weights} has {n_classes} classes but mask_values {mask_values}")
     dataset = SegmentationDataset(samples, mask_values, Preprocess.from_dict(ckpt.preprocess))
+    check_model_size(ckpt.architecture, ckpt.config, dataset)
     dev = resolve_device(device)
     with EagerRunner(build_model(ckpt), dev) as eager:
         eager_dice = mean_dice(eager, dataset, n_classes, batch_size)
@@ -68,3 +71,12 @@ def gate(report: dict, min_dice: float | None = None, max_delta: float | None = 
         if max_delta is not None and -delta > max_delta:
             failures.append(f"{name}: Dice {-delta:.4f} below eager > --max-delta {max_delta}")
     return failures
+
+
+def check_model_size(architecture: str, config: dict, dataset) -> None:
+    """Training and evaluation feed whole images: they must already have a size the model takes."""
+    height, width = dataset[0]["image"].shape[-2:]
+    rule = get_spec(architecture).sizes(config)
+    if not (rule.accepts(height) and rule.accepts(width)):
+        raise UserError(f"images are {height}x{width} after preprocessing, but {architecture} takes "
+                        f"{rule.describe()}: use --square {rule.at_least(max(height, width))}")  # fmt: skip

@@ -36,3 +36,11 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> floa
     sets = pred_1h.sum(dim=(-1, -2)) + target_1h.sum(dim=(-1, -2))
     sets = torch.where(sets == 0, inter, sets)
     return ((inter + EPSILON) / (sets + EPSILON)).mean().item()
+
+
+def center_crop(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre of (..., H, W) ``target`` at ``size``: an unpadded U-Net (the 2015 paper's)
+    predicts only the centre of its input, so its ground truth is cropped to match."""
+    height, width = target.shape[-2:]
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    return target[..., top : top + size[0], left : left + size[1]]

@@ -15,6 +15,8 @@ from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, ma
 from unet_export.errors import UserError
 from unet_export.manifest import load_manifest
 from unet_export.metrics import logits_to_mask
+from unet_export.models import get_spec
+from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchScriptRunner
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])
@@ -25,16 +27,35 @@ class Predictor:
     runner: Runner
     mask_values: list
     preprocess: Preprocess
+    sizes: SizeRule
 
 
-def load_predictor(model_path: str | Path, device) -> Predictor:
+def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule) -> torch.Tensor:
+    """Pad the image to a size the model takes (mirror padding, as the 2015 paper's overlap-tile:
+    half the shrink on the top/left so output pixel i is image pixel i), run, crop to the image."""
+    height, width = x.shape[-2:]
+    margin = rule.shrink // 2
+    target_h, target_w = rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
+    pads = [margin, target_w - width - margin, margin, target_h - height - margin]
+    mode = "reflect" if max(pads) < min(height, width) else "replicate"  # reflect needs pad < size
+    logits = runner.infer(F.pad(x, pads, mode=mode) if any(pads) else x)
+    # The output is centred in the padded input: output j <-> image pixel j + (T - O) // 2 - margin.
+    off_y = max(0, margin - (target_h - logits.shape[-2]) // 2)
+    off_x = max(0, margin - (target_w - logits.shape[-1]) // 2)
+    logits = logits[..., off_y : off_y + height, off_x : off_x + width]
+    if logits.shape[-2:] != (height, width):  # a shrink the rule only approximates (valid-pad)
+        logits = F.interpolate(logits, (height, width), mode="bilinear")
+    return logits
+
+
+def load_predictor(model_path: str | Path, device, model: str | None = None) -> Predictor:
     """A runner for MODEL by its suffix, and the model record its metadata carries."""
     path = Path(model_path)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".pth", ".pt"):
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, model)
         record, runner = ckpt.record(), EagerRunner(build_model(ckpt), device)
     elif suffix == ".onnx":
         from unet_export.export.onnx import read_metadata
@@ -49,9 +70,11 @@ def load_predictor(model_path: str | Path, device) -> Predictor:
         runner = TensorRTRunner(path, device, entry["precision"], record=entry)
     else:
         raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth) or an artefact (.onnx, .ts, .engine)")
-    n_classes = record.get("config", {}).get("n_classes", 2)
+    config = record.get("config", {})
+    n_classes = config.get("n_classes", 2)
     mask_values = record.get("mask_values") or ([0, 1] if n_classes <= 2 else list(range(n_classes)))
-    return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")))
+    rule = get_spec(record.get("architecture", "milesial")).sizes(config)
+    return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule)
 
 
 def _decode(metadata: dict) -> dict:
@@ -77,7 +100,7 @@ def predict_image(predictor: Predictor, image_path: Path) -> tuple[np.ndarray, I
     """(mask as milesial's predict.py writes it, the original image)."""
     img = load_image(image_path)
     x = image_to_tensor(img, predictor.preprocess)[None]
-    logits = predictor.runner.infer(x).float().cpu()
+    logits = fit_and_run(predictor.runner, x, predictor.sizes).float().cpu()
     width, height = img.size
     if predictor.preprocess.square:  # undo pad-to-square: back to the square canvas, then crop
         side = max(width, height)
@@ -102,9 +125,10 @@ def overlay(img: Image.Image, classes: np.ndarray, alpha: float = 0.5) -> Image.
     return Image.fromarray(blended.astype(np.uint8))
 
 
-def predict(model_path, images: list[Path], out_dir: Path, overlay_images: bool = False, device="cpu") -> list[Path]:
+def predict(model_path, images: list[Path], out_dir: Path, overlay_images: bool = False, device="cpu",
+            model: str | None = None) -> list[Path]:  # fmt: skip
     """Write <stem>_mask.png (and <stem>_overlay.png) per image into ``out_dir``."""
-    predictor = load_predictor(model_path, torch.device(device))
+    predictor = load_predictor(model_path, torch.device(device), model)
     written = []
     with predictor.runner:
         for image_path in images:

@@ -15,8 +15,9 @@ from unet_export.api import resolve_device
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.data.dataset import Preprocess, SegmentationDataset, check_sizes, data_hash, find_samples, unique_mask_values
 from unet_export.errors import UserError
-from unet_export.evaluate import mean_dice
+from unet_export.evaluate import check_model_size, mean_dice
 from unet_export.fileio import atomic_path, write_json
+from unet_export.metrics import center_crop
 from unet_export.models import create_model
 from unet_export.runners import EagerRunner
 
@@ -68,9 +69,11 @@ def train(data_dir: str | Path, workdir: str | Path, cfg: TrainConfig, resume: s
     workdir, device = Path(workdir), resolve_device(cfg.device)
     layout, samples = find_samples(data_dir, cfg.mask_suffix)
     check_sizes(samples)
-    model, mask_values, start, history = _model_and_state(cfg, samples, resume)
+    model, architecture, mask_values, start, history = _model_and_state(cfg, samples, resume)
     pp = Preprocess(cfg.scale, cfg.square)
-    train_set, val_set = _split(SegmentationDataset(samples, mask_values, pp), cfg)
+    dataset = SegmentationDataset(samples, mask_values, pp)
+    check_model_size(architecture, {"concat": getattr(model, "concat", 0)}, dataset)
+    train_set, val_set = _split(dataset, cfg)
     _check_batchable(train_set)
     model = model.to(device)
     optimizer = _optimizer(model, cfg)
@@ -101,14 +104,14 @@ def _model_and_state(cfg: TrainConfig, samples, resume):
         ckpt = load_checkpoint(resume)
         sidecar = _read_sidecar(Path(resume))
         mask_values = ckpt.mask_values or unique_mask_values(samples)
-        return build_model(ckpt).train(), mask_values, sidecar.get("epoch", 0), sidecar.get("metrics", [])
+        return build_model(ckpt).train(), ckpt.architecture, mask_values, sidecar.get("epoch", 0), sidecar.get("metrics", [])
     mask_values = unique_mask_values(samples)
     if len(mask_values) < 2:
         raise UserError(f"every mask holds the single value {mask_values}: nothing to segment")
     channels = 1 if SegmentationDataset(samples[:1], mask_values, Preprocess())[0]["image"].shape[0] == 1 else 3
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, n_channels=channels, n_classes=len(mask_values), **cfg.model_config)
-    return model.train(), mask_values, 0, []
+    return model.train(), cfg.model, mask_values, 0, []
 
 
 def _split(dataset, cfg: TrainConfig):
@@ -142,7 +145,8 @@ def _train_epoch(model, train_set, optimizer, scaler, cfg, device, epoch, on_ste
     for step, batch in enumerate(loader, 1):
         images, masks = batch["image"].to(device), batch["mask"].to(device)
         with torch.autocast(device.type, enabled=scaler.is_enabled()):
-            loss = segmentation_loss(model(images).float(), masks)
+            logits = model(images).float()
+            loss = segmentation_loss(logits, center_crop(masks, logits.shape[-2:]))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -189,3 +193,4 @@ def _load_train_state(ckpt: Path, optimizer, scheduler, scaler) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+

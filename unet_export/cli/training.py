@@ -1,5 +1,6 @@
 """`unet-export train|evaluate|predict`: thin commands over unet_export.train, .evaluate, .predict."""
 
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -7,12 +8,25 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unet_export.api import resolve_device
-from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.common import DeviceOpt, ModelOpt, Workdir, cli_errors, console
 from unet_export.cli.render import dice_table
 from unet_export.evaluate import evaluate, gate
+from unet_export.errors import UserError
 from unet_export.fileio import write_json
+from unet_export.models import get_spec
 from unet_export.predict import predict
 from unet_export.train import TrainConfig, train
+
+def model_options(model: str, **options) -> dict:
+    """The options this architecture's constructor takes; a flag it has no use for is an error."""
+    params = inspect.signature(get_spec(model).build).parameters
+    defaults = {"width": 64, "bilinear": False, "encoder_weights": None}
+    chosen = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v != defaults[k]}
+    unused = [k for k in chosen if k not in params]
+    if unused:
+        raise UserError(f"--{unused[0].replace('_', '-')} does not apply to --model {model}")
+    return {k: v for k, v in chosen.items() if k in params} | ({"width": options["width"]} if "width" in params else {})
+
 
 MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = masks/<image stem><suffix>.<ext>.")]
 
@@ -21,8 +35,9 @@ MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = mask
 def train_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset: imgs/ + masks/ (milesial) or JPEGImages/ + SegmentationClass/.")],
     model: Annotated[str, typer.Option(help="Architecture from the registry.")] = "milesial",
-    width: Annotated[int, typer.Option(help="Base channel count (64 in milesial's releases).")] = 64,
-    bilinear: Annotated[bool, typer.Option("--bilinear", help="Bilinear up-sampling instead of ConvTranspose.")] = False,
+    width: Annotated[int, typer.Option(help="Base channel count (64 in the originals) of the U-Nets that have one.")] = 64,
+    bilinear: Annotated[bool, typer.Option("--bilinear", help="milesial: bilinear up-sampling instead of ConvTranspose.")] = False,
+    encoder_weights: Annotated[Path | None, typer.Option(help="resnet50: a local torchvision ResNet-50 state_dict to start from.")] = None,
     epochs: Annotated[int, typer.Option(help="Train up to this epoch (with --resume: in total).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 4,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -38,7 +53,7 @@ def train_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train on a segmentation dataset; a milesial-format checkpoint + JSON sidecar per epoch."""
-    config = {"width": width, "bilinear": bilinear} if model == "milesial" else {}
+    config = model_options(model, width=width, bilinear=bilinear, encoder_weights=encoder_weights)
     cfg = TrainConfig(model, config, epochs, batch_size, lr, optimizer, scale, square, amp, val_fraction,
                       mask_suffix, seed, device.value)  # fmt: skip
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -69,10 +84,12 @@ def evaluate_cmd(
     min_dice: Annotated[float | None, typer.Option(help="Gate: exit 1 if any Dice is below this.")] = None,
     max_delta: Annotated[float | None, typer.Option(help="Gate: exit 1 if an artefact is this far below eager.")] = None,
     mask_suffix: MaskSuffix = "_mask",
+    model: ModelOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
-    report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value, mask_suffix=mask_suffix)
+    report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
+                      mask_suffix=mask_suffix, model=model)  # fmt: skip
     console.print(dice_table(report, data))
     if json_path:
         write_json(json_path, report)
@@ -88,10 +105,11 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="Images to segment.")],
     out: Annotated[Path, typer.Option(help="Folder for <stem>_mask.png (and _overlay.png).")] = Path("predictions"),
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write the mask blended over the image.")] = False,
+    architecture: ModelOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Masks with milesial's mask_values restored, preprocessed as the model was trained."""
-    written = predict(model, images, out, overlay, device=resolve_device(device.value))
+    written = predict(model, images, out, overlay, device=resolve_device(device.value), model=architecture)
     console.print(f"wrote {len(written)} masks to {out}" + (" (with overlays)" if overlay else ""))
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import atomic_path
+from unet_export.models.sizes import SizeRule
 
 # ONNX Runtime's CUDA provider had no Resize kernel for opset >= 19 until early 2026, so a
 # U-Net's up-sampling silently fell back to the CPU; Ultralytics caps at 18 for the same reason.
@@ -29,14 +30,13 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic: bool = True,
-    min_size: int = 16,
-    size_multiple: int = 1,
+    sizes: SizeRule = SizeRule(),
 ) -> dict:
     """Write ``model`` to ``dest`` as ONNX; returns the I/O description for the manifest."""
     onnx = require("onnx")
     require("onnxscript")  # the dynamo exporter translates through it
     check_opset(opset, onnx.defs.onnx_opset_version())
-    shapes = (_dynamic_shapes(min_size, size_multiple),) if dynamic else None
+    shapes = (_dynamic_shapes(sizes),) if dynamic else None
     proto = _export_proto(model, sample, opset, shapes)
     onnx.helper.set_model_props(proto, metadata)
     try:
@@ -55,17 +55,17 @@ def check_opset(opset: int, newest: int) -> None:
         raise UserError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {newest} (installed onnx)")
 
 
-def _dynamic_shapes(min_size: int, size_multiple: int) -> dict:
+def _dynamic_shapes(sizes: SizeRule) -> dict:
+    """Batch, height and width as torch.export dims that follow the model's size rule."""
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=4096)
-    if size_multiple == 1:
-        height, width = Dim("height", min=min_size), Dim("width", min=min_size)
-    else:  # e.g. 32 * k for encoders that halve the size five times
-        lo = max(1, min_size // size_multiple)
-        height = size_multiple * Dim("height_blocks", min=lo)
-        width = size_multiple * Dim("width_blocks", min=lo)
-    return {0: batch, 2: height, 3: width}
+    if sizes.multiple == 1:
+        return {0: batch, 2: Dim("height", min=sizes.min), 3: Dim("width", min=sizes.min)}
+    # e.g. 32k for encoders that halve five times, 16k + 124 for the unpadded 2015 U-Net
+    k_min = (sizes.first() - sizes.offset) // sizes.multiple
+    dims = [sizes.multiple * Dim(f"{name}_k", min=k_min) + sizes.offset for name in ("height", "width")]
+    return {0: batch, 2: dims[0], 3: dims[1]}
 
 
 def _export_proto(model, sample, opset, dynamic_shapes):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unet_export.errors import UserError
+from unet_export.models.sizes import SizeRule
 
 Shape = tuple[int, int, int, int]
 DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH = 1, 8, 16
@@ -48,7 +49,7 @@ def resolve_profile(onnx_entry: dict, min_text=None, opt_text=None, max_text=Non
     (batch 1..16, opt batch 8, height and width at the export size)."""
     channels = int(onnx_entry["inputs"][0]["shape"][1])
     height, width = onnx_entry["export_size"]
-    rule = onnx_entry.get("size_rule", {})
+    rule = dict(onnx_entry.get("size_rule", {}))
     if rule.get("static"):
         fixed = tuple(int(d) for d in onnx_entry["inputs"][0]["shape"])
         defaults = Profile(fixed, fixed, fixed)
@@ -59,7 +60,8 @@ def resolve_profile(onnx_entry: dict, min_text=None, opt_text=None, max_text=Non
     profile = Profile(**({"min": defaults.min, "opt": defaults.opt, "max": defaults.max} | given))
     if given and not all(k in given for k in ("min", "max")):
         profile = _widen(profile, given)
-    _validate(profile, channels, rule, static=bool(rule.get("static")))
+    static = bool(rule.pop("static", False))
+    _validate(profile, channels, SizeRule(**rule), static)
     return profile
 
 
@@ -70,15 +72,14 @@ def _widen(profile: Profile, given: dict) -> Profile:
     return Profile(lo, profile.opt, hi)  # type: ignore[arg-type]
 
 
-def _validate(profile: Profile, channels: int, rule: dict, static: bool) -> None:
+def _validate(profile: Profile, channels: int, rule: SizeRule, static: bool) -> None:
     for name in ("min", "opt", "max"):
         shape = getattr(profile, name)
         if shape[1] != channels:
             raise UserError(f"--{name}-shape has {shape[1]} channels; the model takes {channels}")
         for dim, label in ((shape[2], "height"), (shape[3], "width")):
-            if dim < rule.get("min", 1) or dim % rule.get("multiple", 1):
-                raise UserError(f"--{name}-shape {label} {dim} breaks the model's size rule "
-                                f"(at least {rule.get('min', 1)}, multiple of {rule.get('multiple', 1)})")  # fmt: skip
+            if not rule.accepts(dim):
+                raise UserError(f"--{name}-shape {label} {dim} breaks the model's size rule ({rule.describe()})")
     if not (all(a <= b for a, b in zip(profile.min, profile.opt)) and all(a <= b for a, b in zip(profile.opt, profile.max))):
         raise UserError(f"profile must satisfy min <= opt <= max in every dimension, got {profile.to_dict()}")
     if static and not (profile.min == profile.opt == profile.max):

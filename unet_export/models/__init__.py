@@ -1,13 +1,14 @@
 """Model registry: a plain dict of architecture families, each with a constructor, a detector
 that reads the config back from a state_dict's keys and shapes, and the input sizes it takes."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 
 from unet_export.errors import UserError
-from unet_export.models import milesial
+from unet_export.models import deeplab, milesial, plain, reflect, resnet50, valid
+from unet_export.models.sizes import SizeRule
 
 
 @dataclass(frozen=True)
@@ -15,29 +16,42 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     detect: Callable[[dict], dict | None]
     description: str
-    min_size: int = 16  # smallest H and W the network accepts
-    size_multiple: int = 1  # H and W must be multiples of this (1: any size)
-
-    def check_size(self, height: int, width: int) -> None:
-        """Raise a UserError naming valid sizes when (height, width) is not accepted."""
-        for name, value in (("height", height), ("width", width)):
-            if value < self.min_size:
-                raise UserError(f"{name} {value} is too small: this model needs at least {self.min_size}")
-            if value % self.size_multiple:
-                lower = value - value % self.size_multiple
-                raise UserError(
-                    f"{name} {value} is not a multiple of {self.size_multiple}: "
-                    f"use {max(lower, self.min_size)} or {lower + self.size_multiple}"
-                )
+    sizes: Callable[[dict], SizeRule] = lambda config: SizeRule()  # input sizes, given the config
+    defaults: dict = field(default_factory=dict)  # config a variant fixes (e.g. sigmoid=True)
 
 
+def _variant(family: ModelSpec, description: str, **fixed) -> ModelSpec:
+    """A variant whose keys are its family's: only --model NAME can choose it."""
+
+    def detect(state_dict):
+        config = family.detect(state_dict)
+        return None if config is None else config | fixed
+
+    return ModelSpec(family.build, detect, description, family.sizes, fixed)
+
+
+MULTIPLE_OF_16 = SizeRule(min=16, multiple=16)
+
+# Detection tries these in order; variants that the keys cannot tell apart come after their
+# family, so auto-detection picks the family's default and --model picks the variant.
 MODELS: dict[str, ModelSpec] = {
-    "milesial": ModelSpec(
-        build=milesial.UNet,
-        detect=milesial.config_from_state_dict,
-        description="milesial/Pytorch-UNet (ConvTranspose or bilinear, any H and W)",
-    ),
-}
+    "milesial": ModelSpec(milesial.UNet, milesial.config_from_state_dict,
+                          "milesial/Pytorch-UNet (ConvTranspose or bilinear, any H and W)"),
+    "plain": ModelSpec(plain.PlainUNet, plain.config_from_state_dict,
+                       "seed 001's plain U-Net (no BatchNorm, 1 channel, 1 class)", lambda c: MULTIPLE_OF_16),
+    "reflect": ModelSpec(reflect.ReflectUNet, reflect.config_from_state_dict,
+                         "seed 003's bilibili U-Net (reflect padding, logits for CE)", lambda c: MULTIPLE_OF_16),
+
+    "valid": ModelSpec(valid.ValidUNet, valid.config_from_state_dict,
+                       "seed 004's 2015 U-Net, unpadded, center-cropped skips (572 -> 388)", valid.sizes),
+    "resnet50": ModelSpec(resnet50.UNetWithResnet50Encoder, resnet50.config_from_state_dict,
+                          "seed 002's U-Net with a ResNet-50 encoder (H, W multiples of 32)", lambda c: resnet50.SIZES),
+    "deeplabv3": ModelSpec(deeplab.DeepLabV3, deeplab.config_from_state_dict,
+                           "torchvision DeepLabV3-ResNet50, the 'out' tensor", lambda c: SizeRule(min=32)),
+}  # fmt: skip
+MODELS["reflect-sigmoid"] = _variant(MODELS["reflect"], "seed 003's early version: sigmoid outputs (BCE)", sigmoid=True)
+MODELS["valid-pad"] = _variant(MODELS["valid"], "seed 004's 2015 U-Net, decoder padded to the skips", concat=1)
+MODELS["valid-same"] = _variant(MODELS["valid"], "seed 004's U-Net with padding=1 convs (same size)", concat=2)
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -51,7 +65,7 @@ def create_model(name: str, **config) -> nn.Module:
     """Build a registered model in eval mode, e.g. ``create_model("milesial", n_classes=2)``."""
     spec = get_spec(name)
     try:
-        return spec.build(**config).eval()
+        return spec.build(**(spec.defaults | config)).eval()
     except TypeError as exc:
         raise UserError(f"bad config for model {name!r}: {exc}") from exc
 

@@ -8,7 +8,7 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def check_input(x: torch.Tensor, n_channels: int, min_size: int = 1) -> None:
+def check_input(x: torch.Tensor, n_channels: int, min_size: int = 1, multiple: int = 1, offset: int = 0) -> None:
     """Raise ValueError naming the fix when x is not an (N, n_channels, H, W) batch."""
     if _exporting():
         return
@@ -23,3 +23,6 @@ def check_input(x: torch.Tensor, n_channels: int, min_size: int = 1) -> None:
         )
     if min(x.shape[2], x.shape[3]) < min_size:
         raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is too small: H and W must be >= {min_size}")
+    if (x.shape[2] - offset) % multiple or (x.shape[3] - offset) % multiple:
+        form = f"{offset} + {multiple}k" if offset else f"multiples of {multiple}"
+        raise ValueError(f"input {x.shape[2]}x{x.shape[3]}: H and W must be {form}; resize or pad the image")

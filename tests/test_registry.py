@@ -1,0 +1,160 @@
+"""Every registered model: detected from its original key layout, exported to ONNX and
+TorchScript through the parity gate, and refusing sizes it cannot take with the valid ones."""
+
+import pytest
+import torch
+
+from unet_export.api import export_artifact
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.errors import UserError
+from unet_export.manifest import load_manifest
+from unet_export.models import MODELS, create_model, detect_model
+
+# name -> (constructor options for a small test instance, export size)
+CASES = {
+    "milesial": ({"width": 8}, 64),
+    "plain": ({"width": 8}, 64),
+    "reflect": ({"width": 8}, 64),
+    "reflect-sigmoid": ({"width": 8}, 64),
+    "valid": ({"width": 8}, 188),
+    "valid-pad": ({"width": 8}, 200),
+    "valid-same": ({"width": 8}, 192),
+    "resnet50": ({}, 64),
+    "deeplabv3": ({"n_classes": 3}, 64),
+}
+HEAVY = {"resnet50", "deeplabv3"}  # 148M / 40M parameters, fixed widths: exported at full size (~70 s)
+VARIANTS = {"reflect-sigmoid": "reflect", "valid-pad": "valid", "valid-same": "valid"}
+
+
+def test_every_registered_model_has_export_and_parity_coverage():
+    assert set(CASES) == set(MODELS), "add the new model to CASES so it is exported and parity-checked"
+
+
+def checkpoint(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, **CASES[name][0])
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)  # each original project saves a plain state_dict
+    return path, model
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in HEAVY])
+def test_detected_from_its_original_keys(name, tmp_path):
+    path, model = checkpoint(name, tmp_path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.architecture == VARIANTS.get(name, name)  # variants need --model: same keys
+    named = load_checkpoint(path, model=name)
+    assert all(named.config[k] == v for k, v in MODELS[name].defaults.items())
+    rebuilt = build_model(named)
+    size = CASES[name][1]
+    x = torch.rand(1, getattr(model, "n_channels", 3), size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_with_parity(name, fmt, tmp_path):
+    path, model = checkpoint(name, tmp_path)
+    size = CASES[name][1]
+    result = export_artifact(path, fmt, tmp_path / "out", model=name, device="cpu", height=size, width=size)
+    assert result.passed, result.parity.failures()
+    assert len(result.parity.cases) == 2
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["model"]["architecture"] == name
+    rule = manifest["artifacts"][0]["size_rule"]
+    assert MODELS[name].sizes(manifest["model"]["config"]).to_dict() == {k: v for k, v in rule.items() if k != "static"}
+
+
+def test_valid_crop_gives_the_papers_sizes_and_refuses_others():
+    model = create_model("valid", n_channels=1, n_classes=2, width=4)
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 572, 572)).shape == (1, 2, 388, 388)
+    with pytest.raises(ValueError, match=r"124 \+ 16k"):
+        model(torch.rand(1, 1, 200, 200))
+    with pytest.raises(UserError, match="use 188 or 204"):
+        MODELS["valid"].sizes({"concat": 0}).check(200, 572)
+    with pytest.raises(UserError, match="use 96 or 128"):
+        MODELS["resnet50"].sizes({}).check(100, 64)
+
+
+def test_deeplabv3_loads_a_torchvision_state_dict(tmp_path):
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    torch.manual_seed(0)
+    original = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=4, aux_loss=True).eval()
+    torch.save(original.state_dict(), tmp_path / "tv.pth")
+    ckpt = load_checkpoint(tmp_path / "tv.pth")
+    assert (ckpt.architecture, ckpt.config) == ("deeplabv3", {"n_classes": 4, "aux_loss": True})
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(build_model(ckpt)(x), original(x)["out"])
+
+
+def test_resnet50_encoder_starts_from_local_torchvision_weights(tmp_path):
+    from torchvision.models import resnet50
+
+    torch.manual_seed(1)
+    encoder = resnet50(weights=None)
+    torch.save(encoder.state_dict(), tmp_path / "resnet50.pth")
+    model = create_model("resnet50", n_classes=2, encoder_weights=str(tmp_path / "resnet50.pth"))
+    assert torch.equal(model.input_block[0].weight, encoder.conv1.weight)
+    assert torch.equal(model.down_blocks[3][2].conv3.weight, encoder.layer4[2].conv3.weight)
+    assert detect_model(model.state_dict()) == ("resnet50", {"n_classes": 2})
+    with pytest.raises(UserError, match="not a torchvision ResNet-50"):
+        torch.save({"conv1.weight": encoder.conv1.weight}, tmp_path / "partial.pth")
+        create_model("resnet50", encoder_weights=str(tmp_path / "partial.pth"))
+
+
+@pytest.mark.parametrize("name, size", [("valid", (150, 210)), ("reflect", (70, 90)), ("valid-same", (100, 37))])
+def test_predict_pads_images_to_a_size_the_model_takes(name, size, tmp_path):
+    from PIL import Image
+
+    from unet_export.predict import fit_and_run
+    from unet_export.runners import EagerRunner
+
+    path, model = checkpoint(name, tmp_path)
+    rule = MODELS[name].sizes(load_checkpoint(path, model=name).config)
+    x = torch.rand(1, model.n_channels, *size)
+    with EagerRunner(model) as runner:
+        logits = fit_and_run(runner, x, rule)
+    assert logits.shape[-2:] == size
+    if name == "valid":  # the output pixel under the image's (0, 0) sees the mirrored margin around it
+        padded = torch.nn.functional.pad(x, [92, 92, 92, 92], mode="reflect")[..., : 188 + 16 * 0, : 188]
+        with torch.no_grad():
+            assert torch.allclose(model(padded)[..., 0, 0], logits[..., 0, 0], atol=1e-5)
+    Image.new("RGB" if model.n_channels == 3 else "L", size[::-1]).save(tmp_path / "im.png")
+    from unet_export.predict import predict
+
+    if name == "valid":
+        (mask,) = predict_named(path, name, tmp_path)
+    else:
+        (mask,) = predict(path, [tmp_path / "im.png"], tmp_path / "pred", model=name)
+    assert Image.open(mask).size == size[::-1]
+
+
+def predict_named(path, name, tmp_path):
+    from unet_export.predict import predict
+
+    export_artifact(path, "onnx", tmp_path / "exp", model=name, device="cpu", height=188, width=188)
+    return predict(tmp_path / "exp" / f"{name}.onnx", [tmp_path / "im.png"], tmp_path / "pred")
+
+
+@pytest.mark.parametrize("name, size", [("plain", 64), ("reflect", 64), ("valid", 188)])
+def test_train_other_models(name, size, tmp_path):
+    from typer.testing import CliRunner
+
+    from unet_export.cli.main import app
+    from unet_export.data.synth import make_synth
+
+    make_synth(tmp_path / "data", n=6, size=(size, size), seed=0)
+    args = ["train", str(tmp_path / "data"), "--model", name, "--width", "4", "--epochs", "1", "--batch-size", "2",
+            "--val-fraction", "0.34", "-w", str(tmp_path / "run"), "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_epoch1.pth", model=name)
+    assert ckpt.architecture == name and ckpt.mask_values == [0, 128, 255]
+    if name == "valid":  # 200 is not 16k + 124: refused with the sizes that fit
+        make_synth(tmp_path / "odd", n=4, size=(200, 200), seed=0)
+        bad = CliRunner().invoke(app, [*args[:1], str(tmp_path / "odd"), *args[2:]])
+        assert bad.exit_code == 2 and "--square 204" in bad.stderr

@@ -96,7 +96,7 @@ def export_artifact(
     with _created_dir(workdir):
         io = FORMATS[fmt].write(
             net, dest, torch.rand(1, channels, height, width), metadata,
-            opset=opset, dynamic=not static, sizes=rule,
+            opset=opset, dynamic=not static, sizes=rule, device=dev,
         )  # fmt: skip
     entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
              "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip

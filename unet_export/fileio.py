@@ -12,7 +12,8 @@ from typing import Iterator
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it into place only if the block succeeds."""
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    # The real suffix stays last: some writers (AOTInductor's .pt2) check it.
+    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.tmp{dest.suffix}")
     try:
         yield tmp
         os.replace(tmp, dest)

@@ -17,7 +17,7 @@ from unet_export.manifest import load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
-from unet_export.runners import EagerRunner, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchScriptRunner
+from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchScriptRunner
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])
 
@@ -65,11 +65,15 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
         from unet_export.export.torchscript import read_metadata
 
         record, runner = _decode(read_metadata(path)), TorchScriptRunner(path, device)
+    elif suffix == ".pt2":
+        from unet_export.export.aoti import read_metadata
+
+        record, runner = _decode(read_metadata(path)), AotiRunner(path, device)
     elif suffix == ".engine":
         entry, record = _engine_entry(path)
         runner = TensorRTRunner(path, device, entry["precision"], record=entry)
     else:
-        raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth) or an artefact (.onnx, .ts, .engine)")
+        raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth) or an artefact (.onnx, .ts, .pt2, .engine)")
     config = record.get("config", {})
     n_classes = config.get("n_classes", 2)
     mask_values = record.get("mask_values") or ([0, 1] if n_classes <= 2 else list(range(n_classes)))

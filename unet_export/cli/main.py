@@ -11,7 +11,8 @@ from unet_export.bench import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
 from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console
-from unet_export.cli.render import bench_table, dice_table, export_report, row_line
+from unet_export.cli.render import bench_table, cpp_table, dice_table, export_report, row_line
+from unet_export.cpp import cpp_check
 from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.evaluate import evaluate
 from unet_export.export import FORMATS
@@ -26,7 +27,7 @@ app = typer.Typer(
 )
 
 # torch.compile's CPU build alone takes a minute on 2 cores: the demo leaves it to unet-bench.
-DEMO_CPU_BACKENDS = ["eager", "eager-channels-last", "eager-bf16", "torchscript", "onnxruntime", "openvino",
+DEMO_CPU_BACKENDS = ["eager", "eager-channels-last", "eager-bf16", "torchscript", "aoti", "onnxruntime", "openvino",
                      "openvino-bf16"]  # fmt: skip
 Height = Annotated[int, typer.Option(help="Export and first parity size: height.")]
 Width = Annotated[int, typer.Option(help="Export and first parity size: width.")]
@@ -85,6 +86,35 @@ def torchscript_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
     _export("torchscript", weights, workdir, height=height, width=width, device=device.value, model=model)
+
+
+@app.command("aoti")
+@cli_errors
+def aoti_cmd(
+    weights: Weights,
+    workdir: Workdir = Path("exports"),
+    height: Height = 256,
+    width: Width = 256,
+    static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
+    device: DeviceOpt = "auto",
+    model: ModelOpt = None,
+) -> None:
+    """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
+    _export("aoti", weights, workdir, height=height, width=width, static=static, device=device.value, model=model)
+
+
+@app.command("cpp-check")
+@cli_errors
+def cpp_check_cmd(
+    workdir: Workdir = Path("exports"),
+    build_dir: Annotated[Path, typer.Option(help="CMake build folder for examples/cpp.")] = Path("build/cpp"),
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Build examples/cpp against the installed libtorch, run DIR's TorchScript and .pt2 artefacts
+    from C++, and compare with Python (exit 1 on a mismatch)."""
+    rows = cpp_check(workdir, build_dir, device.value)
+    console.print(cpp_table(rows))
+    raise typer.Exit(1 if any(r["status"] == "parity_failed" for r in rows) else 0)
 
 
 @app.command("trt")

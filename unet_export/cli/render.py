@@ -129,3 +129,17 @@ def dice_table(report: dict, data) -> Table:
         delta = "-" if a["delta_vs_eager"] is None else f"{a['delta_vs_eager']:+.4f}"
         table.add_row(f"{a['format']} ({a['path']})", a["precision"], dice, delta, a.get("reason") or a["status"])
     return table
+
+
+def cpp_table(rows: list[dict]) -> Table:
+    """`cpp-check`: each artefact run from C++ against the eager model in Python."""
+    table = Table(title="C++ (examples/cpp, libtorch) vs eager fp32 in Python", title_justify="left")
+    for column in ("artefact", "C++ mean ms", "C++ min ms", "max |err|", "class diff", "result"):
+        table.add_column(column, justify="left" if column in ("artefact", "result") else "right")
+    for row in rows:
+        case = row.get("case")
+        status = {"ok": "[green]pass[/]", "parity_failed": "[red]FAIL[/]"}.get(row["status"], row.get("reason", ""))
+        table.add_row(f"{row['format']} ({row['path']})", _num(row.get("mean_ms"), ".1f"), _num(row.get("min_ms"), ".1f"),
+                      f"{case.max_abs_err:.2e}" if case else "-", f"{case.argmax_disagreement:.4%}" if case else "-",
+                      status)  # fmt: skip
+    return table

@@ -4,6 +4,7 @@ Each writes through a temp file and renames, so a failure leaves nothing behind.
 from dataclasses import dataclass
 from typing import Callable
 
+from unet_export.export.aoti import export_aoti
 from unet_export.export.onnx import export_onnx
 from unet_export.export.torchscript import export_torchscript
 
@@ -17,4 +18,5 @@ class Format:
 FORMATS: dict[str, Format] = {
     "onnx": Format(export_onnx, ".onnx"),
     "torchscript": Format(export_torchscript, ".ts"),
+    "aoti": Format(export_aoti, ".pt2"),
 }

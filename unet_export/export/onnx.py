@@ -31,6 +31,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic: bool = True,
     sizes: SizeRule = SizeRule(),
+    **_,
 ) -> dict:
     """Write ``model`` to ``dest`` as ONNX; returns the I/O description for the manifest."""
     onnx = require("onnx")

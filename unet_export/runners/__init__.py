@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import UserError
+from unet_export.runners.aoti import AotiRunner
 from unet_export.runners.base import Runner
 from unet_export.runners.compiled import TorchCompileRunner
 from unet_export.runners.eager import EagerRunner
@@ -24,6 +25,7 @@ ARTIFACT_RUNNERS: dict[str, Callable[[Path, torch.device, dict], Runner]] = {
     "onnx": lambda path, device, entry: OnnxRuntimeRunner(path, device, entry["precision"]),
     "torchscript": lambda path, device, entry: TorchScriptRunner(path, device, entry["precision"]),
     "tensorrt": lambda path, device, entry: TensorRTRunner(path, device, entry["precision"], record=entry),
+    "aoti": lambda path, device, entry: AotiRunner(path, device, entry["precision"]),
 }
 
 
@@ -82,6 +84,13 @@ def _ort_provider(provider: str, precision: str = "fp32"):
     return make
 
 
+def _aoti(ctx: BackendContext) -> Runner:
+    entry = ctx.entry("aoti")
+    if entry.get("device", "cpu") != ctx.device.type:
+        raise Unavailable(f"{entry['path']} is compiled for {entry.get('device')}, the benchmark runs on {ctx.device.type}")
+    return AotiRunner(ctx.workdir / entry["path"], ctx.device)
+
+
 def _tensorrt(precision: str):
     def make(ctx: BackendContext) -> Runner:
         ctx.needs_cuda("TensorRT")
@@ -99,6 +108,7 @@ BACKENDS = {
     "eager-fp16": _eager_half,
     "torch.compile": lambda ctx: TorchCompileRunner(ctx.model, ctx.device, mode=ctx.compile_mode),
     "torchscript": lambda ctx: TorchScriptRunner(ctx.artifact("torchscript"), ctx.device, freeze=True),
+    "aoti": lambda ctx: _aoti(ctx),
     "onnxruntime": lambda ctx: OnnxRuntimeRunner(ctx.artifact("onnx"), "cpu"),
     "onnxruntime-cuda": _ort_provider("cuda"),
     "onnxruntime-cuda-fp16": _ort_provider("cuda", "fp16"),
@@ -110,5 +120,5 @@ BACKENDS = {
 }
 
 
-__all__ = ["ARTIFACT_RUNNERS", "BACKENDS", "BackendContext", "EagerRunner", "OnnxRuntimeRunner", "Runner",
+__all__ = ["AotiRunner", "ARTIFACT_RUNNERS", "BACKENDS", "BackendContext", "EagerRunner", "OnnxRuntimeRunner", "Runner",
            "TensorRTRunner", "TorchScriptRunner", "Unavailable", "artifact_runner"]  # fmt: skip

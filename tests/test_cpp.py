@@ -1,0 +1,52 @@
+"""AOTInductor packages and the libtorch C++ example: both artefact kinds run from C++ and
+match Python within the FP32 tolerance."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unet_export.api import export_artifact
+from unet_export.bench import benchmark
+from unet_export.cpp import cpp_check
+from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
+from unet_export.manifest import load_manifest
+from unet_export.predict import predict
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpp") / "exports"
+    for fmt in ("torchscript", "aoti"):
+        result = export_artifact(DEMO_WEIGHTS, fmt, out, device="cpu", height=DEMO_SIZE[0], width=DEMO_SIZE[1])
+        assert result.passed, result.parity.failures()
+    return out
+
+
+def test_aoti_package_is_verified_with_its_limits(workdir, tmp_path):
+    entry = {a["format"]: a for a in load_manifest(workdir)["artifacts"]}["aoti"]
+    assert entry["path"] == "demo_unet.pt2" and entry["device"] == "cpu" and entry["status"] == "verified"
+    assert entry["limits"] == {"batch": [1, None], "height": [16, None], "width": [16, None]}
+    assert [c["shape"] for c in entry["parity"]["cases"]] == [[1, 3, 128, 128], [2, 3, 250, 375]]
+    image = DEMO_VAL / "imgs" / "synth_0003.png"
+    (from_pt2,) = predict(workdir / "demo_unet.pt2", [image], tmp_path / "a")
+    (from_pth,) = predict(DEMO_WEIGHTS, [image], tmp_path / "b")
+    assert np.array_equal(np.asarray(Image.open(from_pt2)), np.asarray(Image.open(from_pth)))
+    row = benchmark(workdir, backends=["aoti"], device="cpu", batch=2, warmup=1, iters=2).rows[1]
+    assert row.backend == "aoti" and row.status == "ok" and row.parity["max_abs_err"] < 1e-4
+
+
+@pytest.mark.cpp
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
+                    reason="cmake or a C++ compiler is absent")  # fmt: skip
+def test_cpp_example_matches_python(workdir, tmp_path):
+    rows = cpp_check(workdir, tmp_path / "build", device="cpu")
+    assert sorted(r["format"] for r in rows) == ["aoti", "torchscript"]
+    for row in rows:
+        case = row["case"]
+        assert row["status"] == "ok", case.failures
+        assert case.max_abs_err <= case.atol and case.differing_pixels == 0
+        assert row["mean_ms"] > 0 and row["min_ms"] <= row["mean_ms"]
+    pgm = (tmp_path / "build" / "runs" / "demo_unet.pt2.mask.pgm").read_bytes()
+    assert pgm.startswith(b"P5\n128 128\n255\n") and len(pgm) == len(b"P5\n128 128\n255\n") + 128 * 128

@@ -1,0 +1,138 @@
+"""The libtorch C++ example (examples/cpp): build it against the libtorch inside the installed
+torch wheel, feed it the same batch as Python, and compare its logits with the eager model's.
+
+Tensor files shared with the C++ side: 8 magic bytes "UNETTNS1", int32 dtype (0 float32, 1 uint8),
+int32 ndim, int64 dims, then the data in C order."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unet_export.errors import UserError
+
+MAGIC = b"UNETTNS1"
+DTYPES = {0: np.float32, 1: np.uint8}
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
+
+
+def write_tensor(path: Path, tensor: torch.Tensor) -> None:
+    arr = tensor.detach().cpu().contiguous().numpy()
+    code = {np.dtype(np.float32): 0, np.dtype(np.uint8): 1}[arr.dtype]
+    header = MAGIC + np.array([code, arr.ndim], np.int32).tobytes() + np.array(arr.shape, np.int64).tobytes()
+    Path(path).write_bytes(header + arr.tobytes())
+
+
+def read_tensor(path: Path) -> torch.Tensor:
+    data = Path(path).read_bytes()
+    if data[:8] != MAGIC:
+        raise UserError(f"{path} is not a tensor file written by unet_infer")
+    code, ndim = np.frombuffer(data, np.int32, 2, 8)
+    shape = np.frombuffer(data, np.int64, ndim, 16)
+    return torch.from_numpy(np.frombuffer(data, DTYPES[int(code)], offset=16 + 8 * ndim).reshape(shape).copy())
+
+
+def cmake_args() -> list[str]:
+    """Point CMake at the wheel's libtorch; a CUDA build of torch also needs the CUDA toolkit
+    (headers, cudart) and libnvrtc, which the pip wheels of NVIDIA's libraries provide."""
+    import torch.utils
+
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", "-DCMAKE_BUILD_TYPE=Release"]
+    if torch.version.cuda:
+        root = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if Path("/usr/local/cuda/include").is_dir() else None)
+        if root is None:
+            raise UserError("torch is a CUDA build, so building against its libtorch needs the CUDA toolkit: "
+                            "install it (apt-get install nvidia-cuda-toolkit) or set CUDA_HOME")  # fmt: skip
+        args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={root}")
+        nvrtc = _find_nvrtc(Path(root))
+        if nvrtc:
+            args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
+    return args
+
+
+def _find_nvrtc(root: Path) -> Path | None:
+    candidates = list((root / "lib64").glob("libnvrtc.so*"))
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            candidates += sorted(Path(base).glob("*/lib/libnvrtc.so*"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if "builtins" not in c.name), None)
+
+
+def build_example(build_dir: Path = Path("build/cpp")) -> Path:
+    """Configure and build examples/cpp; returns the unet_infer binary."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise UserError(f"{tool} is not installed: apt-get install cmake g++ to build the C++ example")
+    _run(["cmake", "-S", str(EXAMPLE), "-B", str(build_dir), *cmake_args()], "configuring the C++ example")
+    _run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2)], "building the C++ example")
+    return Path(build_dir) / "unet_infer"
+
+
+def _run(cmd: list[str], what: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
+        raise UserError(f"{what} failed: {(errors or ['see ' + ' '.join(cmd)])[0].strip()[:300]}")
+    return proc.stdout
+
+
+def run_example(binary: Path, model: Path, batch: torch.Tensor, work: Path, device: str = "cpu", iters: int = 5) -> dict:
+    """Run unet_infer on ``batch``; returns its logits, mask and reported latency."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_tensor(work / "input.tensor", batch)
+    prefix = work / model.name
+    started = time.perf_counter()
+    out = _run([str(binary), str(model), str(work / "input.tensor"), str(prefix), "--device", device,
+                "--iters", str(iters)], f"running {binary.name} on {model.name}")  # fmt: skip
+    latency = re.search(r"latency mean ([\d.]+) ms, min ([\d.]+) ms", out)
+    return {
+        "logits": read_tensor(f"{prefix}.logits.tensor"),
+        "mask": read_tensor(f"{prefix}.mask.tensor"),
+        "mean_ms": float(latency.group(1)) if latency else None,
+        "min_ms": float(latency.group(2)) if latency else None,
+        "wall_s": time.perf_counter() - started,
+        "stdout": out.strip(),
+    }
+
+
+def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp"), device: str = "cpu",
+              seed: int = 0) -> list[dict]:  # fmt: skip
+    """Build the example, run every TorchScript and AOTInductor artefact of ``workdir`` from C++
+    on one seeded batch, and compare with the eager model (FP32 tolerances)."""
+    from unet_export.api import manifest_checkpoint, resolve_device
+    from unet_export.checkpoint import build_model
+    from unet_export.manifest import load_manifest
+    from unet_export.runners import EagerRunner
+    from unet_export.verify import FP32, compare, seeded_inputs
+
+    workdir, dev = Path(workdir), resolve_device(device)
+    manifest = load_manifest(workdir)
+    net = build_model(manifest_checkpoint(manifest))
+    entries = [a for a in manifest["artifacts"] if a["format"] in ("torchscript", "aoti")]
+    if not entries:
+        raise UserError(f"no TorchScript or AOTInductor artefact in {workdir}: run `unet-export torchscript` or `unet-export aoti`")
+    binary = build_example(Path(build_dir))
+    height, width = entries[0]["export_size"]
+    (batch,) = seeded_inputs([(2, int(entries[0]["inputs"][0]["shape"][1]), height, width)], seed)
+    with EagerRunner(net, dev) as eager:
+        reference = eager.infer(batch).cpu()
+    rows = []
+    for entry in entries:
+        row = {"format": entry["format"], "path": entry["path"]}
+        if entry["format"] == "aoti" and entry.get("device", "cpu") != dev.type:
+            rows.append(row | {"status": "unavailable", "reason": f"compiled for {entry.get('device')}"})
+            continue
+        result = run_example(binary, workdir / entry["path"], batch, Path(build_dir) / "runs", dev.type)
+        case = compare(result["logits"], reference, FP32)
+        rows.append(row | {"status": "ok" if case.passed else "parity_failed", "case": case,
+                           "mean_ms": result["mean_ms"], "min_ms": result["min_ms"]})  # fmt: skip
+    return rows

@@ -1,6 +1,8 @@
 """Every registered model: detected from its original key layout, exported to ONNX and
 TorchScript through the parity gate, and refusing sizes it cannot take with the valid ones."""
 
+import json
+
 import pytest
 import torch
 
@@ -158,3 +160,21 @@ def test_train_other_models(name, size, tmp_path):
         make_synth(tmp_path / "odd", n=4, size=(200, 200), seed=0)
         bad = CliRunner().invoke(app, [*args[:1], str(tmp_path / "odd"), *args[2:]])
         assert bad.exit_code == 2 and "--square 204" in bad.stderr
+
+
+def test_resume_keeps_a_variant_the_keys_cannot_tell(tmp_path):
+    from unet_export.data.synth import make_synth
+    from unet_export.train import TrainConfig, train
+
+    make_synth(tmp_path / "data", n=6, size=(64, 64), seed=0)
+    cfg = TrainConfig(model="reflect-sigmoid", model_config={"width": 4}, epochs=1, batch_size=2, val_fraction=0.34,
+                      device="cpu")  # fmt: skip
+    first = train(tmp_path / "data", tmp_path / "run", cfg)
+    resumed = train(tmp_path / "data", tmp_path / "run", TrainConfig(**{**cfg.__dict__, "model": "milesial", "epochs": 2}),
+                    resume=first.checkpoints[-1])  # fmt: skip
+    sidecar = json.loads(resumed.checkpoints[-1].with_suffix(".json").read_text())
+    assert sidecar["model"] == "reflect-sigmoid"
+    model = build_model(load_checkpoint(resumed.checkpoints[-1], sidecar["model"]))
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    assert 0 <= out.min() and out.max() <= 1  # still the sigmoid variant

@@ -193,7 +193,6 @@ class _created_dir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-
 def build_trt(
     workdir: str | Path = "exports",
     *,

@@ -62,6 +62,12 @@ def _sidecar_preprocess(path: Path) -> dict | None:
         return None
 
 
+def class_mask_values(mask_values: list | None, n_classes: int) -> list:
+    """milesial's mapping class i -> mask_values[i]; predict.py's default [0, 1] when a checkpoint
+    has none (class indices for more classes)."""
+    return mask_values or ([0, 1] if n_classes <= 2 else list(range(n_classes)))
+
+
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """The eager model with the checkpoint's weights, in eval mode on the CPU."""
     model = create_model(ckpt.architecture, **ckpt.config)

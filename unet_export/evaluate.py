@@ -4,7 +4,7 @@ during training and `evaluate`, and every artefact in a workdir's manifest."""
 import torch
 
 from unet_export.api import resolve_device
-from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
 from unet_export.data.dataset import Preprocess, SegmentationDataset, check_sizes, find_samples
 from unet_export.errors import UnetExportError, UserError
 from unet_export.manifest import load_manifest
@@ -35,7 +35,7 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
     _, samples = find_samples(data_dir, mask_suffix)
     check_sizes(samples)
     n_classes = ckpt.config.get("n_classes", 2)
-    mask_values = ckpt.mask_values or ([0, 1] if n_classes <= 2 else list(range(n_classes)))
+    mask_values = class_mask_values(ckpt.mask_values, n_classes)
     if len(mask_values) != max(n_classes, 2):
         raise UserError(f"{weights} has {n_classes} classes but mask_values {mask_values}")
     dataset = SegmentationDataset(samples, mask_values, Preprocess.from_dict(ckpt.preprocess))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
 from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
 from unet_export.errors import UserError
 from unet_export.manifest import load_manifest
@@ -76,7 +76,7 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
         raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth) or an artefact (.onnx, .ts, .pt2, .engine)")
     config = record.get("config", {})
     n_classes = config.get("n_classes", 2)
-    mask_values = record.get("mask_values") or ([0, 1] if n_classes <= 2 else list(range(n_classes)))
+    mask_values = class_mask_values(record.get("mask_values"), n_classes)
     rule = get_spec(record.get("architecture", "milesial")).sizes(config)
     return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule)
 

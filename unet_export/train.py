@@ -18,7 +18,7 @@ from unet_export.errors import UserError
 from unet_export.evaluate import check_model_size, mean_dice
 from unet_export.fileio import atomic_path, write_json
 from unet_export.metrics import center_crop
-from unet_export.models import create_model
+from unet_export.models import create_model, get_spec
 from unet_export.runners import EagerRunner
 
 
@@ -72,7 +72,7 @@ def train(data_dir: str | Path, workdir: str | Path, cfg: TrainConfig, resume: s
     model, architecture, mask_values, start, history = _model_and_state(cfg, samples, resume)
     pp = Preprocess(cfg.scale, cfg.square)
     dataset = SegmentationDataset(samples, mask_values, pp)
-    check_model_size(architecture, {"concat": getattr(model, "concat", 0)}, dataset)
+    check_model_size(architecture, get_spec(architecture).detect(model.state_dict()), dataset)
     train_set, val_set = _split(dataset, cfg)
     _check_batchable(train_set)
     model = model.to(device)
@@ -81,7 +81,7 @@ def train(data_dir: str | Path, workdir: str | Path, cfg: TrainConfig, resume: s
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     if resume:
         _load_train_state(Path(resume), optimizer, scheduler, scaler)
-    meta = {"data": {"path": str(Path(data_dir).resolve()), "layout": layout, "sha256": data_hash(samples),
+    meta = {"model": architecture, "data": {"path": str(Path(data_dir).resolve()), "layout": layout, "sha256": data_hash(samples),
                      "train": len(train_set), "val": len(val_set)}, "preprocess": pp.to_dict()}  # fmt: skip
     checkpoints = []
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -101,8 +101,8 @@ def train(data_dir: str | Path, workdir: str | Path, cfg: TrainConfig, resume: s
 def _model_and_state(cfg: TrainConfig, samples, resume):
     """A new model sized from the data, or the checkpoint to resume with its history."""
     if resume:
-        ckpt = load_checkpoint(resume)
         sidecar = _read_sidecar(Path(resume))
+        ckpt = load_checkpoint(resume, sidecar.get("model"))  # a variant (valid-pad) is not in the keys
         mask_values = ckpt.mask_values or unique_mask_values(samples)
         return build_model(ckpt).train(), ckpt.architecture, mask_values, sidecar.get("epoch", 0), sidecar.get("metrics", [])
     mask_values = unique_mask_values(samples)
@@ -168,7 +168,7 @@ def _save(workdir: Path, epoch, model, mask_values, cfg, meta, history, optimize
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     config = {k: getattr(model, k) for k in ("n_channels", "n_classes") if hasattr(model, k)}
-    write_json(path.with_suffix(".json"), {"model": cfg.model, "config": config | cfg.model_config, "epoch": epoch,
+    write_json(path.with_suffix(".json"), {"config": config | cfg.model_config, "epoch": epoch,
                "mask_values": mask_values, "metrics": history, "train_config": asdict(cfg), **meta})  # fmt: skip
     with atomic_path(path.with_suffix(".state.pt")) as tmp:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

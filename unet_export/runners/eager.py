@@ -26,7 +26,8 @@ class EagerRunner(Runner):
 
     def _activate_impl(self) -> None:
         module = self.model.eval()
-        if self.dtype != torch.float32 or self.channels_last or self.device.type != "cpu":
+        on_device = next(module.parameters()).device == self.device
+        if self.dtype != torch.float32 or self.channels_last or not on_device:
             module = copy.deepcopy(module)  # never convert the caller's model in place
         # The whole network in fp16/bf16, not autocast: no per-layer casts, the fastest eager path.
         module = module.to(self.device, self.dtype)

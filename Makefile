@@ -1,29 +1,26 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both first make .venv exactly requirements/lock.txt (scripts/venv.sh): the same versions on every
+# machine, a rebuild when the lock changes, and a one-line failure when the venv drifts from it.
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all clean
+.PHONY: venv demo test test-all lock clean
 
-# torch and torchvision come from the package registry: the CUDA build also runs on CPU-only
-# machines. torchvision pins its exact torch, which keeps pip off any CPU-only torch wheel
-# (that one cannot import torchvision). The first install downloads ~3 GB, about a minute.
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -c "import torch, torchvision, onnx, onnxruntime; print('installed torch', torch.__version__, '| torchvision', torchvision.__version__, '| onnxruntime', onnxruntime.__version__)"
-	touch $@
+venv:
+	@PYTHON=$(PYTHON) bash scripts/venv.sh
 
-demo: $(STAMP)
+demo: venv
 	$(VENV)/bin/unet-export demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:logging
+test: venv
+	$(VENV)/bin/python -m pytest -q -p no:logging
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q -p no:logging -m "not gpu and not tensorrt"
+test-all: venv
+	$(VENV)/bin/python -m pytest -q -p no:logging -m "not gpu and not tensorrt"
+
+# Re-resolve requirements/lock.in (the torch pair + pyproject's [dev] set) into requirements/lock.txt.
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh
 
 clean:
 	rm -rf $(VENV) exports build *.egg-info

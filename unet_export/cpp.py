@@ -136,3 +136,37 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
         rows.append(row | {"status": "ok" if case.passed else "parity_failed", "case": case,
                            "mean_ms": result["mean_ms"], "min_ms": result["min_ms"]})  # fmt: skip
     return rows
+
+
+# Guards that stop a too-old -std with #error, newest first: torch >= 2.14's ATen.h demands C++20,
+# older ATen.h and c10 headers C++17. CMake (examples/cpp/CMakeLists.txt) reads the same guard.
+CXX_GUARD_HEADERS = ("ATen/ATen.h", "c10/util/C++17.h", "c10/macros/Macros.h")
+CXX_GUARD = re.compile(r"__cplusplus\s*<\s*(\d{6})L\)?\s*\n\s*#\s*error")
+
+
+def required_cxx_standard(include_dir: Path | None = None) -> int:
+    """The C++ standard (17, 20, ...) that torch's installed headers require of a libtorch build.
+
+    Read from the headers' own ``#if __cplusplus < 202002L / #error`` guard rather than from the
+    torch version, so it stays right for builds we have not seen; finding the headers through the
+    import system's spec does not import torch. C++17 when no header has a guard (torch 2.1+)."""
+    include_dir = Path(include_dir) if include_dir is not None else _torch_include_dir()
+    for name in CXX_GUARD_HEADERS:
+        header = include_dir / name
+        if header.is_file():
+            guard = CXX_GUARD.search(header.read_text(errors="replace"))
+            if guard:
+                return int(guard.group(1)) // 100 % 100  # 202002 -> 2020 -> 20
+    return 17
+
+
+def _torch_include_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("torch is not installed, so there are no libtorch headers to read")
+    include = Path(next(iter(spec.submodule_search_locations))) / "include"
+    if not include.is_dir():
+        raise UserError(f"torch at {include.parent} ships no C++ headers ({include} is missing)")
+    return include

@@ -11,7 +11,7 @@ from unet_export.bench import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
 from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console
-from unet_export.cli.render import bench_table, cpp_table, dice_table, export_report, row_line
+from unet_export.cli.render import bench_table, cpp_table, dice_table, doctor_table, export_report, row_line
 from unet_export.cpp import cpp_check
 from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.evaluate import evaluate
@@ -115,6 +115,22 @@ def cpp_check_cmd(
     rows = cpp_check(workdir, build_dir, device.value)
     console.print(cpp_table(rows))
     raise typer.Exit(1 if any(r["status"] == "parity_failed" for r in rows) else 0)
+
+
+@app.command("doctor")
+@cli_errors
+def doctor_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout, not a table.")] = False,
+) -> None:
+    """What this machine can run and why not: torch/CUDA/GPUs, TensorRT, ONNX Runtime, OpenVINO,
+    the C++ toolchain, versions against the lock. Always exits 0."""
+    from unet_export.doctor import run_checks
+
+    rows = run_checks()
+    if as_json:
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+    else:
+        console.print(doctor_table(rows))
 
 
 @app.command("trt")

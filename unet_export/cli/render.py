@@ -1,5 +1,6 @@
 """Rich rendering of library results; no logic beyond formatting."""
 
+from rich.markup import escape
 from rich.table import Table
 
 from unet_export.api import ExportResult
@@ -142,4 +143,21 @@ def cpp_table(rows: list[dict]) -> Table:
         table.add_row(f"{row['format']} ({row['path']})", _num(row.get("mean_ms"), ".1f"), _num(row.get("min_ms"), ".1f"),
                       f"{case.max_abs_err:.2e}" if case else "-", f"{case.argmax_disagreement:.4%}" if case else "-",
                       status)  # fmt: skip
+    return table
+
+
+DOCTOR_STYLE = {"ok": "green", "warn": "yellow", "missing": "yellow"}
+
+
+def doctor_table(rows) -> Table:
+    """`doctor`: one row per check; a value when ok, else why not and the fix."""
+    counts = {status: sum(r.status == status for r in rows) for status in DOCTOR_STYLE}
+    caption = ", ".join(f"{n} {status}" for status, n in counts.items())
+    table = Table(title="unet-export doctor: what this machine can run", title_justify="left", caption=caption,
+                  caption_justify="left")  # fmt: skip
+    for column in ("check", "status", "detail"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        # escape: install hints such as pip install "unet-export[trt]" would read as Rich markup
+        table.add_row(escape(row.name), f"[{DOCTOR_STYLE.get(row.status, 'red')}]{row.status}[/]", escape(row.detail))
     return table

@@ -111,6 +111,7 @@ def test_fp32_engines_are_strongly_typed_from_the_fp32_model():
     for version in ("10.3.0", "11.0.0"):
         plan = plan_build(version, "fp32")
         assert (plan.source, plan.fp16_flag, plan.strongly_typed) == ("fp32-onnx", False, True)
+        assert plan.strongly_typed_flag == version.startswith("10.")  # 11.x: always on, the flag is deprecated
     with pytest.raises(UserError, match="fp16 or fp32"):
         plan_build("10.3.0", "int8")
 
@@ -239,7 +240,11 @@ def test_real_engine_refuses_a_record_from_another_version(workdir):
         TensorRTRunner(result.path, "cuda", "fp16", record=record).activate()
 
 
-# --- the builder's decisions, against a recording test double of TensorRT's API ----------------
+# --- the builder's decisions, against a test double of TensorRT's API ---------------------------
+# tests/fake_tensorrt.py has, per major version, only the names the real bindings have there (with their
+# enum values; tests/test_tensorrt_api.py checks that), so a 10.x-only call on an 11.x path fails here.
+
+TRT10, TRT11 = "10.13.0.35", "11.4.0.106"
 
 
 @pytest.fixture
@@ -265,28 +270,32 @@ def _build(workdir, tmp_path, version, precision="fp16", fp32_layers=None):
 
 
 def test_builder_on_tensorrt_10_sets_fp16_and_pins_fp32_layers(workdir, tmp_path, fake_trt):
-    trt = fake_trt(version="10.3.0")
-    info = _build(workdir, tmp_path, "10.3.0", fp32_layers=["outc*"])
-    config, network = trt.built["config"], trt.built["network"]
-    assert network.flags == 0  # weakly typed, so the FP16 flag takes effect
-    assert trt.BuilderFlag.FP16 in config.flags and trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS in config.flags
-    pinned = [layer.name for layer in network.layers if layer.precision == trt.float32]
+    trt = fake_trt(version=TRT10)
+    info = _build(workdir, tmp_path, TRT10, fp32_layers=["outc*"])
+    config, network = trt._built["config"], trt._built["network"]
+    assert network._flags == 0  # weakly typed, so the FP16 flag takes effect
+    assert config._flags == {trt.BuilderFlag.FP16, trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
+    pinned = [layer.name for layer in network._layers if layer._precision == trt.float32]
     assert pinned == ["node_conv2d_18"] and info["fp32_layers_pinned"] == 1  # outc.conv's node
-    assert config.profiles[0].shapes["input"] == ((1, 3, 64, 96), (8, 3, 64, 96), (16, 3, 64, 96))
-    assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and (tmp_path / "t.cache").read_bytes() == b"cache:"
+    assert network._layers[1]._output_types == {0: trt.float32}
+    assert config._profiles[0]._shapes["input"] == ((1, 3, 64, 96), (8, 3, 64, 96), (16, 3, 64, 96))
+    assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and (tmp_path / "t.cache").read_bytes() == b"cache:H100"
 
 
-def test_builder_on_tensorrt_11_is_strongly_typed_without_precision_flags(workdir, tmp_path, fake_trt):
-    trt = fake_trt(version="11.0.0")
-    info = _build(workdir, tmp_path, "11.0.0")
-    assert trt.built["network"].flags == 1 << 1 and trt.built["config"].flags == set()
-    assert info["tensorrt_version"] == "11.0.0"
+def test_builder_on_tensorrt_11_is_strongly_typed_without_any_flag(workdir, tmp_path, fake_trt):
+    trt = fake_trt(version=TRT11)
+    info = _build(workdir, tmp_path, TRT11)
+    # 11.x is always strongly typed; its STRONGLY_TYPED is 0 and deprecated, so no creation flag is set.
+    assert trt._built["network"]._flags == 0 and trt._built["config"]._flags == set()
+    assert info["tensorrt_version"] == TRT11 and (tmp_path / "e.engine").read_bytes() == b"PLAN"
 
 
-def test_fp32_engine_turns_tf32_off(workdir, tmp_path, fake_trt):
-    trt = fake_trt(version="10.3.0")
-    _build(workdir, tmp_path, "10.3.0", precision="fp32")
-    assert trt.BuilderFlag.TF32 in trt.built["config"].cleared and not trt.built["config"].flags
+@pytest.mark.parametrize("version, flags", [(TRT10, 1 << 1), (TRT11, 0)])
+def test_fp32_engine_is_strongly_typed_and_turns_tf32_off(workdir, tmp_path, fake_trt, version, flags):
+    trt = fake_trt(version=version)
+    _build(workdir, tmp_path, version, precision="fp32")
+    assert trt._built["network"]._flags == flags  # 10.x: 1 << STRONGLY_TYPED (1)
+    assert trt._built["config"]._cleared == {trt.BuilderFlag.TF32} and not trt._built["config"]._flags
 
 
 def test_parser_rejection_and_failed_build_are_clear_and_leave_nothing(workdir, tmp_path, fake_trt):
@@ -294,8 +303,107 @@ def test_parser_rejection_and_failed_build_are_clear_and_leave_nothing(workdir, 
 
     fake_trt(parse_errors=[("node_pad", "Pad", "Assertion failed: mode == constant")])
     with pytest.raises(ArtifactError, match=r"rejected node node_pad \(Pad\).*reflect padding"):
-        _build(workdir, tmp_path, "10.3.0")
+        _build(workdir, tmp_path, TRT10)
     fake_trt(build_ok=False)
     with pytest.raises(ArtifactError, match="out of workspace memory"):
-        _build(workdir, tmp_path, "10.3.0")
+        _build(workdir, tmp_path, TRT10)
     assert not list(tmp_path.iterdir())
+
+
+# --- the timing cache: a bad file costs build time, never the build ------------------------------
+
+
+def test_timing_cache_is_reused_when_it_matches(workdir, tmp_path, fake_trt, recwarn):
+    (tmp_path / "t.cache").write_bytes(b"cache:H100")
+    trt = fake_trt(version=TRT11)
+    _build(workdir, tmp_path, TRT11)
+    assert trt._built["config"]._cache_calls == [("create", b"cache:H100"), ("set", "H100")]
+    assert not [w for w in recwarn if "timing cache" in str(w.message)]
+
+
+@pytest.mark.parametrize("version", [TRT10, TRT11])
+@pytest.mark.parametrize(
+    "content, problem",
+    [(b"\x00garbage", "is not a timing cache TensorRT can read"),  # create_timing_cache returns None
+     (b"cache:A100", "is from another GPU or TensorRT version")],  # set_timing_cache returns False
+)  # fmt: skip
+def test_bad_timing_cache_is_replaced_with_a_warning(workdir, tmp_path, fake_trt, version, content, problem):
+    (tmp_path / "t.cache").write_bytes(content)
+    trt = fake_trt(version=version)
+    with pytest.warns(UserWarning, match=f"timing cache .*t.cache {problem}: building with a fresh one"):
+        _build(workdir, tmp_path, version)
+    assert trt._built["config"]._cache_calls[-2:] == [("create", b""), ("set", "H100")]
+    assert (tmp_path / "e.engine").read_bytes() == b"PLAN"
+    assert (tmp_path / "t.cache").read_bytes() == b"cache:H100"  # the fresh cache replaced the bad file
+
+
+def test_build_goes_on_without_a_timing_cache_when_none_can_be_made(workdir, tmp_path, fake_trt):
+    from unet_export.export.tensorrt import _save_timing_cache
+
+    trt = fake_trt(timing_cache_ok=False)
+    with pytest.warns(UserWarning, match="could not create a timing cache: building without one"):
+        _build(workdir, tmp_path, TRT10)
+    assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and not (tmp_path / "t.cache").exists()
+    config = trt.Builder(None).create_builder_config()
+    _save_timing_cache(config, tmp_path / "t.cache")  # get_timing_cache() is None: nothing to write
+    assert not (tmp_path / "t.cache").exists()
+
+
+# --- the runner, against the same double and a stand-in for torch.cuda ---------------------------
+
+RECORD = {"path": "e.engine", "tensorrt_version": None, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+          "profile": {"min": [1, 3, 64, 96], "opt": [8, 3, 64, 96], "max": [16, 3, 64, 96]}}  # fmt: skip
+
+
+@pytest.fixture
+def engine_runner(tmp_path, fake_trt, monkeypatch):
+    """A runner on an engine file, activated against the fake (version and knobs as given)."""
+    from tests.fake_tensorrt import install_fake_cuda
+    from unet_export.runners.tensorrt import TensorRTRunner
+
+    def make(version=TRT10, plan=b"PLAN", **kwargs):
+        trt = fake_trt(version=version, **kwargs)
+        cuda = install_fake_cuda(monkeypatch)
+        (tmp_path / "e.engine").write_bytes(plan)
+        runner = TensorRTRunner(tmp_path / "e.engine", "cuda", "fp16", record=RECORD | {"tensorrt_version": version})
+        return runner, trt, cuda
+
+    return make
+
+
+@pytest.mark.parametrize("version", [TRT10, TRT11])
+def test_runner_enqueues_on_its_own_stream_between_two_waits(engine_runner, version):
+    runner, trt, cuda = engine_runner(version)
+    runner.activate()
+    x = torch.randn(2, 3, 64, 96)
+    out = runner._infer_impl(x)  # no GPU here: the tensors stay on the CPU
+    context, (stream,) = trt._built["context"], cuda.created
+    assert out.shape == (2, 2, 64, 96) and out.dtype == torch.float32
+    assert context._shapes == {"input": (2, 3, 64, 96)}
+    assert context._addresses == {"input": x.data_ptr(), "output": out.data_ptr()}
+    assert context._streams == [stream.cuda_stream] and stream.cuda_stream != 0  # not the legacy default stream
+    assert stream.waited_on == [cuda.default] and cuda.default.waited_on == [stream]
+    runner.deactivate()
+    assert stream.synchronized == 1 and runner.context is None
+
+
+def test_runner_converts_to_the_engine_dtypes(engine_runner):
+    runner, _, _ = engine_runner(io_dtypes=("HALF", "HALF"))
+    out = runner.activate()._infer_impl(torch.randn(1, 3, 64, 96))
+    assert out.dtype == torch.float32 and out.shape == (1, 2, 64, 96)
+
+
+def test_runner_without_an_execution_context_says_so(engine_runner):
+    runner, _, _ = engine_runner(TRT11, context_ok=False)
+    with pytest.raises(UserError, match="could not create an execution context for e.engine"):
+        runner.activate()
+
+
+def test_runner_refuses_a_foreign_engine_and_shapes_outside_the_profile(engine_runner):
+    runner, _, _ = engine_runner(plan=b"\x00not a plan")
+    with pytest.raises(UserError, match=r"cannot load e.engine \(engine plan file is incompatible.*rebuild it"):
+        runner.activate()
+    runner, _, _ = engine_runner()
+    runner.activate()
+    with pytest.raises(UserError, match="outside the engine's profile"):
+        runner._infer_impl(torch.randn(32, 3, 64, 96))

@@ -1,6 +1,7 @@
 """TensorRT engine builder: the only module that drives TensorRT's builder (written against the
 10.x and 11.x Python API; what to build is decided in tensorrt_plan.py)."""
 
+import warnings
 from pathlib import Path
 
 from unet_export.errors import ArtifactError, UserError, require
@@ -37,8 +38,8 @@ def build_engine(plan: BuildPlan, onnx_path: Path, profile: Profile, dest: Path,
     trt = import_tensorrt()
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    # STRONGLY_TYPED is required for strong typing on 10.x and accepted (ignored) on 11.x.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    # Strong typing is opt-in on 10.x; 11.x is always strongly typed and ignores the (deprecated) flag.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed_flag else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -46,16 +47,15 @@ def build_engine(plan: BuildPlan, onnx_path: Path, profile: Profile, dest: Path,
     config = _config(trt, builder, plan, workspace_gib)
     pinned = _pin_fp32_layers(trt, network, config, onnx_path, fp32_layers) if plan.pin_fp32_layers else 0
     _add_profile(builder, config, network.get_input(0).name, profile)
-    _load_timing_cache(config, timing_cache)
+    cache = _attach_timing_cache(config, timing_cache)  # held: TensorRT needs it alive until the build ends
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = logger.errors[-1] if logger.errors else "no error was logged"
         raise ArtifactError(f"TensorRT could not build an engine from {onnx_path.name}: {detail}")
     with atomic_path(dest) as tmp:
         tmp.write_bytes(bytes(serialized))
-    if timing_cache is not None:
-        with atomic_path(timing_cache) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    if timing_cache is not None and cache is not None:
+        _save_timing_cache(config, timing_cache)
     return {"tensorrt_version": trt.__version__, "layers": network.num_layers, "fp32_layers_pinned": pinned}
 
 
@@ -103,8 +103,32 @@ def _add_profile(builder, config, input_name: str, profile: Profile) -> None:
     config.add_optimization_profile(opt_profile)
 
 
-def _load_timing_cache(config, path: Path | None) -> None:
-    """Reuse kernel timings across builds; a cache from another GPU or version is replaced."""
-    blob = path.read_bytes() if path is not None and path.is_file() else b""
-    if not config.set_timing_cache(config.create_timing_cache(blob), False):
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+def _attach_timing_cache(config, path: Path | None):
+    """Reuse kernel timings across builds. A cache file TensorRT cannot read (corrupt, truncated: it returns
+    None) or made on another GPU or TensorRT version (set_timing_cache returns False) only costs build time:
+    warn and start a fresh cache, which replaces the file after the build. Returns the cache attached."""
+    blob, problem = b"", None
+    if path is not None and path.is_file():
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror})"
+    cache = config.create_timing_cache(blob) if blob else None
+    if cache is not None and config.set_timing_cache(cache, False):  # False: never time with another GPU's data
+        return cache
+    if blob:
+        problem = "is from another GPU or TensorRT version" if cache else "is not a timing cache TensorRT can read"
+    if problem:
+        warnings.warn(f"timing cache {path} {problem}: building with a fresh one, which will replace it", stacklevel=3)
+    fresh = config.create_timing_cache(b"")
+    if fresh is not None and config.set_timing_cache(fresh, False):
+        return fresh
+    warnings.warn("TensorRT could not create a timing cache: building without one", stacklevel=3)
+    return None
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    cache = config.get_timing_cache()  # None when no cache is attached
+    if cache is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(bytes(cache.serialize()))

@@ -100,6 +100,9 @@ class BuildPlan:
     fp16_flag: bool  # TensorRT <= 10: BuilderFlag.FP16 (weak typing)
     strongly_typed: bool  # precision comes from the ONNX types alone
     pin_fp32_layers: bool  # TensorRT <= 10: layer precision + OBEY_PRECISION_CONSTRAINTS
+    # TensorRT <= 10 is strongly typed only when NetworkDefinitionCreationFlag.STRONGLY_TYPED (1) is set;
+    # 11.x always is, and its STRONGLY_TYPED (value 0 there) is deprecated and ignored, so it is not set.
+    strongly_typed_flag: bool = False
 
 
 def plan_build(trt_version: str, precision: str, fp32_layers: list[str] | None = None) -> BuildPlan:
@@ -107,9 +110,11 @@ def plan_build(trt_version: str, precision: str, fp32_layers: list[str] | None =
     precision flags (strongly typed only), so FP16 comes from an FP16 ONNX model."""
     if precision not in ("fp16", "fp32"):
         raise UserError(f"precision {precision!r}: choose fp16 or fp32")
+    legacy = trt_major(trt_version) <= 10
     if precision == "fp32":
-        return BuildPlan("fp32", "fp32-onnx", fp16_flag=False, strongly_typed=True, pin_fp32_layers=False)
-    if trt_major(trt_version) <= 10:
+        return BuildPlan("fp32", "fp32-onnx", fp16_flag=False, strongly_typed=True, pin_fp32_layers=False,
+                         strongly_typed_flag=legacy)  # fmt: skip
+    if legacy:
         return BuildPlan("fp16", "fp32-onnx", fp16_flag=True, strongly_typed=False, pin_fp32_layers=bool(fp32_layers))
     return BuildPlan("fp16", "fp16-onnx", fp16_flag=False, strongly_typed=True, pin_fp32_layers=False)
 

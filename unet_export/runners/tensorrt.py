@@ -1,5 +1,6 @@
 """TensorRT engines, run with torch CUDA tensors as I/O (set_input_shape, set_tensor_address,
-execute_async_v3 on the current torch stream), for any batch and size inside the profile."""
+execute_async_v3 on a stream of the runner's own, ordered after and before torch's current stream), for
+any batch and size inside the profile."""
 
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class TensorRTRunner(Runner):
         self.path = Path(path)
         self.record = record or {}  # the engine's manifest entry: version, GPU, profile
         self.profile = Profile.from_dict(self.record["profile"]) if "profile" in self.record else None
+        self.stream = None
 
     def _activate_impl(self) -> None:
         trt = import_tensorrt()
@@ -39,15 +41,30 @@ class TensorRTRunner(Runner):
             detail = self.logger.errors[-1] if self.logger.errors else "unreadable plan"
             raise UserError(f"TensorRT cannot load {self.path.name} ({detail}); rebuild it with `unet-export trt`")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # TensorRT returns None (and logs) when it cannot allocate the context
+            detail = self.logger.errors[-1] if self.logger.errors else "no error was logged"
+            raise UserError(f"TensorRT could not create an execution context for {self.path.name} ({detail}); "
+                            "is the GPU out of memory?")  # fmt: skip
+        self.input_name, self.output_name = self._io_names(trt)
+        # TensorRT (10.13, 11.4) warns that enqueueing on the default stream adds cudaDeviceSynchronize calls.
+        self.stream = torch.cuda.Stream(self.device)
+
+    def _io_names(self, trt) -> tuple[str, str]:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = [self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names]
-        self.input_name = names[is_input.index(True)]
-        self.output_name = names[is_input.index(False)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(f"{self.path.name} has inputs {inputs} and outputs {outputs}; "
+                            "a segmentation engine has one of each")  # fmt: skip
+        return inputs[0], outputs[0]
 
     def _dtype(self, name: str) -> torch.dtype:
         trt = self.trt
         table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
-        return table[self.engine.get_tensor_dtype(name)]
+        dtype = self.engine.get_tensor_dtype(name)
+        if dtype not in table:
+            raise UserError(f"{self.path.name}: tensor {name} is {dtype}; the runner passes float32/float16/bfloat16")
+        return table[dtype]
 
     def _infer_impl(self, x: torch.Tensor) -> torch.Tensor:
         if self.profile and not self.profile.contains(tuple(x.shape)):
@@ -57,16 +74,26 @@ class TensorRTRunner(Runner):
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise UserError(f"TensorRT refused input shape {tuple(x.shape)} for {self.path.name}")
         out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)),
-                          dtype=self._dtype(self.output_name), device=self.device)  # fmt: skip
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        # Enqueue on torch's current stream, so torch's own ordering covers x and out.
-        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path.name}")
+                          dtype=self._dtype(self.output_name), device=x.device)  # fmt: skip
+        for name, tensor in ((self.input_name, x), (self.output_name, out)):
+            if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {name} for {self.path.name}")
+        self._enqueue()
         return out.float()
 
+    def _enqueue(self) -> None:
+        """Run on the runner's stream between two waits, so torch's current stream (its copies, its timing
+        events, the caching allocator that frees x and reuses memory) sees TensorRT's work in order."""
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # x and out were written there
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path.name}")
+        caller.wait_stream(self.stream)
+
     def _deactivate_impl(self) -> None:
-        self.context = self.engine = None
+        if self.stream is not None:
+            self.stream.synchronize()  # no context may be destroyed while its work is queued
+        self.context = self.engine = self.stream = None
 
     def describe(self) -> str:
         return f"TensorRT {self.record.get('tensorrt_version', '?')}, {self.record.get('gpu', self.device)}"

@@ -14,6 +14,7 @@ from unet_export.api import export_artifact
 from unet_export.bench import BenchConfig, benchmark, exit_code, latency_stats, time_infer
 from unet_export.cli.bench import app
 from unet_export.demo import random_milesial, write_random_checkpoint
+from unet_export.fileio import sha256_file
 from unet_export.runners import BACKENDS, EagerRunner, Runner
 
 runner = CliRunner()
@@ -72,6 +73,13 @@ def test_wrong_artefact_is_timed_but_flagged_parity_failed(workdir, tmp_path):
     shutil.copy(tmp_path / "other" / "other.onnx", wrong / "small.onnx")  # same name, other weights
 
     args = ["-w", str(wrong), "--backends", "onnxruntime", "--batch", "2", "--iters", "2", "--warmup", "1"]
+    swapped = runner.invoke(app, args)  # the file is not the one that was verified: refused outright
+    assert swapped.exit_code == 2 and "changed since it was verified" in swapped.stderr
+    # An exporter that recorded the wrong file's hash: only the parity check can catch that.
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["path"] == "small.onnx")
+    entry |= {"sha256": sha256_file(wrong / "small.onnx"), "bytes": (wrong / "small.onnx").stat().st_size}
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, args + ["--json", str(tmp_path / "r.json")])
     assert result.exit_code == 1, result.output
     row = json.loads((tmp_path / "r.json").read_text())["results"][1]

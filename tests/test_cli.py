@@ -22,7 +22,7 @@ def test_onnx_command_verifies_and_exits_zero(make_checkpoint, tmp_path):
     result = runner.invoke(app, ["onnx", str(make_checkpoint("v4")), "--workdir", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "verified" in result.stdout and "1x3x256x256" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "unet_v4.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "manifest.json", "unet_v4.onnx"]
 
 
 def test_torchscript_command_with_custom_size(make_checkpoint, tmp_path):

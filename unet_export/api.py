@@ -9,6 +9,7 @@ export_fp16_onnx and build_trt then start from the workdir's manifest.
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from unet_export.export.fp16 import convert_onnx_fp16
 from unet_export.export.onnx import DEFAULT_OPSET, metadata_json
 from unet_export.export.tensorrt import build_engine, import_tensorrt
 from unet_export.export.tensorrt_plan import engine_path, plan_build, resolve_profile
-from unet_export.manifest import load_manifest, save_manifest, set_model, tool_versions, upsert_artifact, utc_now
+from unet_export.fileio import ensure_free_space, sha256_file, sweep_stale_temps, temp_path
+from unet_export.manifest import checked_path, load_manifest, publish, set_model, tool_versions, transaction, utc_now
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
@@ -78,7 +80,9 @@ def export_artifact(
     opset: int = DEFAULT_OPSET,
     seed: int = 0,
 ) -> ExportResult:
-    """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest."""
+    """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest.
+    The artefact is written and verified under a temp name, then renamed and recorded in one
+    locked step: an interrupted export never replaces a verified file."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -88,23 +92,54 @@ def export_artifact(
     net = build_model(ckpt)
     dev = resolve_device(device)
     workdir = Path(workdir)
-    manifest = load_manifest(workdir)  # a corrupt manifest is refused before anything is written
+    revision = load_manifest(workdir).get("revision", 0)  # a corrupt manifest is refused before any write
     channels = ckpt.config.get("n_channels", 3)
     dest = workdir / f"{Path(weights).stem}{FORMATS[fmt].suffix}"
     metadata = metadata_json(ckpt.record() | {"export_size": [height, width]})
 
-    with _created_dir(workdir):
+    with _created_dir(workdir), _staged(dest, _estimated_bytes(net), fmt) as staged:
         io = FORMATS[fmt].write(
-            net, dest, torch.rand(1, channels, height, width), metadata,
+            net, staged, torch.rand(1, channels, height, width), metadata,
             opset=opset, dynamic=not static, sizes=rule, device=dev,
         )  # fmt: skip
-    entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
-             "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
-    inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
-    parity = run_parity(entry, workdir, net, dev, inputs, FP32)
-    dropped = set_model(manifest, ckpt.record())
-    record_artifact(workdir, manifest, entry, parity, dev)
+        entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
+                 "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
+        inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
+        parity = run_parity(entry, workdir, net, dev, inputs, FP32, path=staged)
+        with transaction(workdir) as manifest:
+            _refuse_concurrent_model(manifest, ckpt, revision, workdir)
+            dropped = set_model(manifest, ckpt.record())
+            record_artifact(workdir, manifest, entry, parity, dev, staged)
     return ExportResult(dest, entry, parity, time.perf_counter() - started, dropped)
+
+
+def _estimated_bytes(net: torch.nn.Module) -> int:
+    """What an FP32 artefact of ``net`` takes on disk, with room for graph, metadata and manifest:
+    measured .onnx/.ts/.pt2 files are 1.0-1.3x the weights."""
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    return int(weights * 1.5) + (16 << 20)
+
+
+@contextmanager
+def _staged(dest: Path, need_bytes: int, what: str):
+    """A temp path beside ``dest`` for the artefact while it is written and verified; removed
+    unless the block publishes it. Dead processes' leftovers are swept first."""
+    sweep_stale_temps(dest.parent)
+    ensure_free_space(dest.parent, need_bytes, f"the {what} artefact {dest.name}")
+    staged = temp_path(dest)
+    try:
+        yield staged
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _refuse_concurrent_model(manifest: dict, ckpt: Checkpoint, revision: int, workdir: Path) -> None:
+    """Two checkpoints exported into one workdir at once: the later one would silently drop what
+    the other just recorded. Refuse instead; a re-export after the other finished still replaces."""
+    model = manifest.get("model") or {}
+    if model and model["checkpoint"]["sha256"] != ckpt.sha256 and manifest.get("revision", 0) != revision:
+        raise UserError(f"{workdir} received artefacts of another checkpoint ({model['checkpoint']['path']}) "
+                        f"while this export ran; export different checkpoints into different workdirs")  # fmt: skip
 
 
 def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] | None = None,
@@ -118,18 +153,28 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
     net = build_model(manifest_checkpoint(manifest))
     dev = resolve_device(device)
     dest = workdir / Path(source["path"]).with_suffix(".fp16.onnx").name
-    io = convert_onnx_fp16(workdir / source["path"], dest, fp32_layers)
-    entry = {"format": "onnx", "path": dest.name, "precision": "fp16", **io,
-             "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
-    shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
-    parity = run_parity(entry, workdir, net, dev, seeded_inputs(shapes, seed), FP16)
-    record_artifact(workdir, manifest, entry, parity, dev)
+    with _staged(dest, _estimated_bytes(net), "FP16 ONNX") as staged:
+        io = convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
+        entry = {"format": "onnx", "path": dest.name, "precision": "fp16", **io,
+                 "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
+        shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
+        parity = run_parity(entry, workdir, net, dev, seeded_inputs(shapes, seed), FP16, path=staged)
+        with transaction(workdir) as current:
+            _same_model(current, manifest, workdir)
+            record_artifact(workdir, current, entry, parity, dev, staged)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 
 
-def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance) -> ParityReport:
-    """Parity of one manifest entry against the eager model; a runtime crash is a failed check."""
-    runner = artifact_runner(entry, workdir, device)
+def _same_model(current: dict, read: dict, workdir: Path) -> None:
+    """An artefact derived from the workdir's model is recorded only if that is still the model."""
+    if (current.get("model") or {}).get("checkpoint") != (read.get("model") or {}).get("checkpoint"):
+        raise UserError(f"the model in {workdir} was replaced by another export while this one ran; run it again")
+
+
+def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:
+    """Parity of one manifest entry (its file at ``path`` if given, e.g. before it is published)
+    against the eager model; a runtime crash is a failed check."""
+    runner = artifact_runner(entry, workdir, device, path=path)
     try:
         with EagerRunner(net, device) as reference, runner:
             return check_parity(runner, reference, inputs, tol)
@@ -140,17 +185,18 @@ def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance) 
         return ParityReport(runner.name, tol.name, cases=[], error=f"{type(exc).__name__}: {message}")
 
 
-def record_artifact(workdir: Path, manifest: dict, entry: dict, parity: ParityReport, device) -> None:
-    """Complete an artefact's entry with its verdict and provenance, and save the manifest."""
+def record_artifact(workdir: Path, manifest: dict, entry: dict, parity: ParityReport, device, staged: Path) -> None:
+    """Inside a manifest transaction: complete the entry with its verdict, provenance, size and
+    sha256 (of the very file that was checked), and publish ``staged`` under the entry's name."""
     entry |= {
         "status": "verified" if parity.passed else "failed",
-        "bytes": (workdir / entry["path"]).stat().st_size,
+        "bytes": staged.stat().st_size,
+        "sha256": sha256_file(staged),
         "parity": parity.to_dict() | {"device": str(device)},
         "versions": tool_versions(),
         "created": utc_now(),
     }
-    upsert_artifact(manifest, entry)
-    save_manifest(workdir, manifest)
+    publish(workdir, manifest, entry, staged)
 
 
 def manifest_checkpoint(manifest: dict, weights: str | Path | None = None) -> Checkpoint:
@@ -174,6 +220,7 @@ def onnx_entry(manifest: dict, workdir: Path, path: str | Path | None = None) ->
             if path is None or Path(path).resolve() == (workdir / entry["path"]).resolve():
                 if entry["status"] != "verified":
                     raise UserError(f"{entry['path']} failed its parity check; fix and re-export it first")
+                checked_path(workdir, entry)
                 return entry
     where = f"{path} is not an ONNX model exported into {workdir}" if path else f"no FP32 ONNX model in {workdir}"
     raise UserError(f"{where}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
@@ -223,16 +270,24 @@ def build_trt(
         onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", seed=seed).path
     dest = engine_path(workdir, source["path"], precision)
     cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"
-    info = build_engine(plan, onnx_path, profile, dest, workspace_gib=workspace_gib, timing_cache=cache,
-                        fp32_layers=fp32_layers)  # fmt: skip
-    dev = torch.device("cuda")
-    gpu, capability = gpu_identity(dev)
-    entry = {"format": "tensorrt", "path": dest.name, "precision": precision, "source_onnx": onnx_path.name,
-             **info, "gpu": gpu, "compute_capability": capability, "profile": profile.to_dict(),
-             "build": {"fp16_flag": plan.fp16_flag, "strongly_typed": plan.strongly_typed,
-                       "fp32_layers": fp32_layers or [], "timing_cache": str(cache)},
-             "inputs": source["inputs"], "outputs": source["outputs"], "dynamic_axes": source["dynamic_axes"],
-             "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
-    parity = run_parity(entry, workdir, net, dev, seeded_inputs(profile.parity_shapes(), seed), TOLERANCES[precision])
-    record_artifact(workdir, load_manifest(workdir), entry, parity, dev)
+    with _staged(dest, _estimated_bytes(net), "TensorRT engine") as staged:
+        info = build_engine(plan, onnx_path, profile, staged, workspace_gib=workspace_gib, timing_cache=cache,
+                            fp32_layers=fp32_layers)  # fmt: skip
+        entry = _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache)
+        dev = torch.device("cuda")
+        inputs = seeded_inputs(profile.parity_shapes(), seed)
+        parity = run_parity(entry, workdir, net, dev, inputs, TOLERANCES[precision], path=staged)
+        with transaction(workdir) as current:
+            _same_model(current, manifest, workdir)
+            record_artifact(workdir, current, entry, parity, dev, staged)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache) -> dict:
+    gpu, capability = gpu_identity(torch.device("cuda"))
+    return {"format": "tensorrt", "path": dest.name, "precision": precision, "source_onnx": onnx_path.name,
+            **info, "gpu": gpu, "compute_capability": capability, "profile": profile.to_dict(),
+            "build": {"fp16_flag": plan.fp16_flag, "strongly_typed": plan.strongly_typed,
+                      "fp32_layers": fp32_layers or [], "timing_cache": str(cache)},
+            "inputs": source["inputs"], "outputs": source["outputs"], "dynamic_axes": source["dynamic_axes"],
+            "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from unet_export.api import manifest_checkpoint, resolve_device
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
-from unet_export.errors import UserError
+from unet_export.errors import IntegrityError, UserError
 from unet_export.manifest import load_manifest, tool_versions
 from unet_export.models import get_spec
 from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, Unavailable
@@ -155,6 +155,8 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
     """Build, parity-check and time one runtime; every outcome is a row, nothing raises."""
     try:
         runner = make()
+    except IntegrityError:
+        raise  # a missing or changed artefact is an error for the whole run, not an empty row
     except (Unavailable, UserError) as exc:
         return Row(name, "-", "unavailable", reason=str(exc))
     row = Row(name, runner.precision, "ok", runs_on=runner.describe())

@@ -110,7 +110,7 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
     on one seeded batch, and compare with the eager model (FP32 tolerances)."""
     from unet_export.api import manifest_checkpoint, resolve_device
     from unet_export.checkpoint import build_model
-    from unet_export.manifest import load_manifest
+    from unet_export.manifest import checked_path, load_manifest
     from unet_export.runners import EagerRunner
     from unet_export.verify import FP32, compare, seeded_inputs
 
@@ -131,7 +131,7 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
         if entry["format"] == "aoti" and entry.get("device", "cpu") != dev.type:
             rows.append(row | {"status": "unavailable", "reason": f"compiled for {entry.get('device')}"})
             continue
-        result = run_example(binary, workdir / entry["path"], batch, Path(build_dir) / "runs", dev.type)
+        result = run_example(binary, checked_path(workdir, entry), batch, Path(build_dir) / "runs", dev.type)
         case = compare(result["logits"], reference, FP32)
         rows.append(row | {"status": "ok" if case.passed else "parity_failed", "case": case,
                            "mean_ms": result["mean_ms"], "min_ms": result["min_ms"]})  # fmt: skip

@@ -20,6 +20,11 @@ class UserError(UnetExportError):
     exit_code = 2
 
 
+class IntegrityError(UserError):
+    """An artefact recorded in the manifest is missing or is not the file that was verified.
+    Never a benchmark row marked unavailable: whatever reads it stops with exit 2."""
+
+
 class ArtifactError(UnetExportError):
     """An artefact could not be produced from valid input (the exporter itself failed)."""
 

@@ -1,37 +1,134 @@
-"""The workdir's manifest.json: the model the artefacts came from and one entry per artefact.
+"""The workdir's manifest.json: a small transactional store of the model the artefacts came from
+and one entry per artefact.
 
-`unet-export trt`, `unet-bench` and `predict` read it. An entry is keyed by (format, precision):
-re-running a command replaces its own entry. Exporting a different checkpoint into the same
-workdir starts a new artefact list, since the old entries no longer describe that model.
+Every change is a read-modify-write under an exclusive lock (``fcntl.flock`` on
+``.manifest.lock``), saved atomically, so commands running at once on one workdir all land. An
+artefact is published in two steps, both inside the lock: the manifest is saved with the new
+entry marked ``pending`` (its verified temp file named), then the temp file is renamed into place
+and the mark cleared. A process killed in between leaves a redo record: the next transaction
+finishes the rename. So a crash leaves either the old state or the new one, never a manifest
+that describes a file other than the one on disk.
+
+An entry is keyed by (format, precision): re-running a command replaces its own entry. Every
+entry records the artefact's sha256 and size; ``checked_path`` refuses a file that is missing
+or changed since it was verified.
 """
 
+import fcntl
 import json
+import os
+import signal
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
-from unet_export.errors import UserError
-from unet_export.fileio import write_json
+from unet_export.errors import IntegrityError, UserError
+from unet_export.fileio import sha256_file, sweep_stale_temps, write_json
 
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
 SCHEMA_VERSION = 1
+
+# field -> type(s), checked on every load so a hand-edited manifest fails with the field's name.
+_MODEL_FIELDS = {"architecture": str, "config": dict, "checkpoint": dict}
+_ENTRY_FIELDS = {"format": str, "path": str, "precision": str, "status": str, "inputs": list, "outputs": list}
+
+
+def empty_manifest() -> dict:
+    return {"schema": SCHEMA_VERSION, "model": None, "artifacts": []}
 
 
 def load_manifest(workdir: Path) -> dict:
+    """The manifest as it is on disk (an empty one where there is none), validated."""
     path = Path(workdir) / MANIFEST_NAME
     if not path.exists():
-        return {"schema": SCHEMA_VERSION, "model": None, "artifacts": []}
+        return empty_manifest()
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); delete it and export again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
-        raise UserError(f"{path} is not an unet-export manifest; delete it and export again")
+    validate(manifest, path)
     return manifest
+
+
+def validate(manifest, path: Path) -> None:
+    """Raise a UserError naming the first field that is not what unet-export writes."""
+    fix = "delete it and export again"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
+        raise UserError(f"{path} is not an unet-export manifest (no 'artifacts' list); {fix}")
+    model = manifest.get("model")
+    if model is not None:
+        _check_fields(model, _MODEL_FIELDS, f"{path}: 'model'", fix)
+        if not isinstance(model["checkpoint"].get("sha256"), str):
+            raise UserError(f"{path}: 'model.checkpoint.sha256' is missing or not a string; {fix}")
+    for i, entry in enumerate(manifest["artifacts"]):
+        _check_fields(entry, _ENTRY_FIELDS, f"{path}: artifacts[{i}]", fix)
+
+
+def _check_fields(record, fields: dict, where: str, fix: str) -> None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is a {type(record).__name__}, not an object; {fix}")
+    for name, kind in fields.items():
+        if not isinstance(record.get(name), kind):
+            found = "missing" if name not in record else f"a {type(record[name]).__name__}"
+            raise UserError(f"{where}.{name} is {found}, expected a {kind.__name__}; {fix}")
 
 
 def save_manifest(workdir: Path, manifest: dict) -> None:
     write_json(Path(workdir) / MANIFEST_NAME, manifest)
+
+
+@contextmanager
+def transaction(workdir: Path) -> Iterator[dict]:
+    """Lock the workdir's manifest, finish any publish a killed process left half done, sweep
+    dead processes' temp files, yield the manifest, and save it when the block succeeds."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / LOCK_NAME, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = load_manifest(workdir)
+        if _recover(workdir, manifest):
+            save_manifest(workdir, manifest)
+        sweep_stale_temps(workdir)
+        yield manifest
+        # Counts committed changes, so a command can tell whether another one landed meanwhile.
+        manifest["revision"] = manifest.get("revision", 0) + 1
+        save_manifest(workdir, manifest)
+
+
+def _recover(workdir: Path, manifest: dict) -> bool:
+    """Redo the rename of every entry still marked pending (its writer died after the manifest
+    was saved); returns whether anything changed."""
+    changed = False
+    for entry in manifest["artifacts"]:
+        pending = entry.pop("pending", None)
+        if pending is None:
+            continue
+        changed = True
+        staged = workdir / pending
+        if staged.is_file() and sha256_file(staged) == entry.get("sha256"):
+            os.replace(staged, workdir / entry["path"])
+    return changed
+
+
+def publish(workdir: Path, manifest: dict, entry: dict, staged: Path) -> None:
+    """Inside ``transaction``: move the verified file ``staged`` to its name and record ``entry``
+    (which carries its sha256), with a redo record in between (see the module docstring)."""
+    _fault_point("before-publish")
+    upsert_artifact(manifest, entry | {"pending": Path(staged).name})
+    save_manifest(workdir, manifest)
+    _fault_point("before-rename")
+    os.replace(staged, Path(workdir) / entry["path"])
+    upsert_artifact(manifest, entry)
+
+
+def _fault_point(name: str) -> None:
+    """Crash tests: UNET_EXPORT_KILL_AT=<name> kills this process here with SIGKILL, as a power cut
+    or an OOM kill would, to prove a crash at this point leaves a consistent workdir."""
+    if os.environ.get("UNET_EXPORT_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def set_model(manifest: dict, record: dict) -> int:
@@ -53,6 +150,19 @@ def upsert_artifact(manifest: dict, entry: dict) -> None:
 
 def find_artifacts(manifest: dict, fmt: str | None = None) -> list[dict]:
     return [a for a in manifest["artifacts"] if fmt is None or a["format"] == fmt]
+
+
+def checked_path(workdir: Path, entry: dict) -> Path:
+    """The artefact's path, if the file is there and is the one that was verified (sha256)."""
+    path = Path(workdir) / entry["path"]
+    if not path.is_file():
+        raise IntegrityError(f"{path} is in {MANIFEST_NAME} but missing on disk; export it again")
+    if "sha256" not in entry:  # manifests written before sizes and hashes were recorded
+        return path
+    if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry["sha256"]:
+        raise IntegrityError(f"{path} changed since it was verified (its sha256 is not the one in {MANIFEST_NAME}); "
+                             f"export it again")  # fmt: skip
+    return path
 
 
 def tool_versions(*packages: str) -> dict[str, str | None]:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from unet_export.errors import UnetExportError
+from unet_export.fileio import ENVIRONMENT_ERRNOS, os_error_message
 
 # Logs in CI are not terminals; Rich would wrap them at 80 columns and split paths and tables.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -31,9 +32,18 @@ Weights = Annotated[Path, typer.Argument(help="Checkpoint (.pth) from milesial/P
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Architecture, when the keys cannot tell it.")]
 
 
+MAX_MESSAGE = 600  # characters: a CI log line, not a dump
+
+
+def one_line(message: str) -> str:
+    """Whatever a library or runtime put in an error, the user gets one line of bounded length."""
+    line = " ".join(str(message).split())
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "..."
+
+
 def fail(message: str, code: int) -> None:
     """Print one line on stderr and leave with ``code``."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -55,6 +65,8 @@ def cli_errors(fn):
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
+            if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, not a dir
+                fail(os_error_message(exc), 2)
             fail(f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", INTERNAL_ERROR)
 
     return wrapper

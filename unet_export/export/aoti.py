@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import ArtifactError
-from unet_export.fileio import atomic_path
+from unet_export.fileio import atomic_path, environment_error, write_bytes_checked
 from unet_export.models.sizes import SizeRule
 
 
@@ -34,13 +34,18 @@ def export_aoti(model: nn.Module, dest: Path, sample: torch.Tensor, metadata: di
             warnings.simplefilter("ignore")
             program = torch.export.export(model, (sample,), dynamic_shapes=shapes)
             limits = _limits(program)
-            with atomic_path(dest) as tmp:
-                torch._inductor.aoti_compile_and_package(
-                    program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": metadata}
-                )
+            # Packaged in memory, written from Python, where a full disk is an OSError (exit 2).
+            package = io.BytesIO()
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=package, inductor_configs={"aot_inductor.metadata": metadata}
+            )
     except Exception as exc:  # torch.export and Inductor raise many types
+        if cause := environment_error(exc):  # a full or read-only disk, not the exporter: exit 2
+            raise cause from exc
         first = " ".join(str(exc).split())[:300]
         raise ArtifactError(f"AOTInductor export failed: {type(exc).__name__}: {first}") from exc
+    with atomic_path(dest) as tmp:
+        write_bytes_checked(tmp, package.getvalue())
     names = ["batch", int(sample.shape[1]), "height", "width"] if dynamic else list(sample.shape)
     return {
         "inputs": [{"name": "input", "shape": names}],

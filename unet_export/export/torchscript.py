@@ -2,6 +2,7 @@
 module works at any size (a trace would freeze the padding of the trace size). The file loads
 with torch.jit.load in Python and torch::jit::load in libtorch C++."""
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import ArtifactError
-from unet_export.fileio import atomic_path
+from unet_export.fileio import atomic_path, write_bytes_checked
 
 METADATA_FILE = "unet_export.json"  # carried inside the archive as an extra file
 
@@ -24,8 +25,12 @@ def export_torchscript(model: nn.Module, dest: Path, sample: torch.Tensor, metad
         except Exception as exc:  # TorchScript's frontend raises many types
             first = " ".join(str(exc).split())[:300]
             raise ArtifactError(f"torch.jit.script failed: {type(exc).__name__}: {first}") from exc
+        # Serialised in memory, written from Python: torch.jit.save to a path aborts the whole
+        # process (SIGABRT) when the disk fills, where a Python write raises ENOSPC.
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
         with atomic_path(dest) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+            write_bytes_checked(tmp, buffer.getvalue())
     n, c = sample.shape[:2]
     return {
         "inputs": [{"name": "input", "shape": ["batch", int(c), "height", "width"]}],

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import UserError
+from unet_export.manifest import checked_path
 from unet_export.runners.aoti import AotiRunner
 from unet_export.runners.base import Runner
 from unet_export.runners.compiled import TorchCompileRunner
@@ -33,13 +34,14 @@ class Unavailable(Exception):
     """This runtime cannot run here; the benchmark shows the reason in its row."""
 
 
-def artifact_runner(entry: dict, workdir: Path, device) -> Runner:
-    """A runner for one manifest entry (``format``, ``path`` relative to the workdir, ``precision``)."""
+def artifact_runner(entry: dict, workdir: Path, device, path: Path | None = None) -> Runner:
+    """A runner for one manifest entry (``format``, ``path`` relative to the workdir, ``precision``).
+    The file must be the one the entry verified (sha256); ``path`` runs a file not yet published."""
     try:
         make = ARTIFACT_RUNNERS[entry["format"]]
     except KeyError:
         raise UserError(f"no runner for artefact format {entry.get('format')!r}") from None
-    return make(Path(workdir) / entry["path"], torch.device(device), entry)
+    return make(Path(path) if path else checked_path(workdir, entry), torch.device(device), entry)
 
 
 @dataclass
@@ -64,7 +66,7 @@ class BackendContext:
         raise Unavailable(f"no {precision} {fmt} artefact in {self.workdir}/manifest.json (run {hint})")
 
     def artifact(self, fmt: str, precision: str = "fp32") -> Path:
-        return self.workdir / self.entry(fmt, precision)["path"]
+        return checked_path(self.workdir, self.entry(fmt, precision))
 
     def needs_cuda(self, what: str) -> None:
         if self.device.type != "cuda":
@@ -88,14 +90,14 @@ def _aoti(ctx: BackendContext) -> Runner:
     entry = ctx.entry("aoti")
     if entry.get("device", "cpu") != ctx.device.type:
         raise Unavailable(f"{entry['path']} is compiled for {entry.get('device')}, the benchmark runs on {ctx.device.type}")
-    return AotiRunner(ctx.workdir / entry["path"], ctx.device)
+    return AotiRunner(checked_path(ctx.workdir, entry), ctx.device)
 
 
 def _tensorrt(precision: str):
     def make(ctx: BackendContext) -> Runner:
         ctx.needs_cuda("TensorRT")
         entry = ctx.entry("tensorrt", precision)
-        return TensorRTRunner(ctx.workdir / entry["path"], ctx.device, precision, record=entry)
+        return TensorRTRunner(checked_path(ctx.workdir, entry), ctx.device, precision, record=entry)
 
     return make
 

@@ -90,3 +90,22 @@ def test_bad_checkpoints_raise_one_clear_user_error(tmp_path, case):
     with pytest.raises(UserError, match=fragment) as info:
         build_model(load_checkpoint(path))
     assert "\n" not in str(info.value)
+
+
+def test_sidecar_architecture_wins_over_key_detection(tmp_path):
+    """A checkpoint trained with --model valid-same has valid's keys: the training sidecar says
+    which variant it is, and every command (onnx, evaluate, predict) loads through here."""
+    import json
+
+    from unet_export.models import create_model
+
+    weights = tmp_path / "same.pth"
+    torch.save(create_model("valid-same", n_channels=3, n_classes=2, width=4).state_dict(), weights)
+    assert load_checkpoint(weights).architecture == "valid"  # the keys alone cannot tell
+    weights.with_suffix(".json").write_text(json.dumps({"model": "valid-same", "preprocess": {"scale": 0.5}}))
+    ckpt = load_checkpoint(weights)
+    assert ckpt.architecture == "valid-same" and ckpt.preprocess == {"scale": 0.5}
+    assert load_checkpoint(weights, "valid").architecture == "valid"  # --model still decides
+    weights.with_suffix(".json").write_text(json.dumps({"model": "resnet50"}))
+    with pytest.raises(UserError, match="as its sidecar same.json says"):
+        load_checkpoint(weights)

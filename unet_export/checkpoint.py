@@ -43,27 +43,34 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, model: str | None = None) -> Checkpoint:
-    """Read a checkpoint and work out its architecture; ``model`` overrides the detection."""
+    """Read a checkpoint and work out its architecture: ``model`` if given, else the one its
+    training sidecar records (a variant such as valid-same has its family's keys), else the keys."""
     path = Path(path)
     raw = _torch_load(path)
     state_dict, mask_values = _unwrap(raw, path)
-    found = detect_model(state_dict, model)
+    sidecar = read_sidecar(path)
+    recorded = sidecar.get("model") if isinstance(sidecar.get("model"), str) else None
+    found = detect_model(state_dict, model or recorded)
     if found is None:
         sample = ", ".join(list(state_dict)[:3]) or "none"
-        target = f"a {model!r} model" if model else f"a known architecture ({', '.join(MODELS)})"
-        raise UserError(f"{path} is not a checkpoint of {target}: its keys begin {sample}")
+        target = f"a {model or recorded!r} model" if model or recorded else f"a known architecture ({', '.join(MODELS)})"
+        source = f" (as its sidecar {path.with_suffix('.json').name} says)" if recorded and not model else ""
+        raise UserError(f"{path} is not a checkpoint of {target}{source}: its keys begin {sample}")
     name, config = found
-    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values, _sidecar_preprocess(path))
+    preprocess = sidecar.get("preprocess") if isinstance(sidecar.get("preprocess"), dict) else None
+    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values, preprocess)
 
 
-def _sidecar_preprocess(path: Path) -> dict | None:
-    """`unet-export train` writes <name>.json beside each checkpoint; its preprocessing travels
-    with the model into every artefact, so predict and evaluate match training."""
-    sidecar = path.with_suffix(".json")
+def read_sidecar(path: Path) -> dict:
+    """`unet-export train` writes <name>.json beside each checkpoint: its architecture and
+    preprocessing travel with the model into every artefact, so predict and evaluate match
+    training. An unreadable sidecar is ignored (the checkpoint alone still loads)."""
+    sidecar = Path(path).with_suffix(".json")
     try:
-        return json.loads(sidecar.read_text()).get("preprocess") if sidecar.is_file() else None
-    except (json.JSONDecodeError, AttributeError, OSError):
-        return None
+        data = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def class_mask_values(mask_values: list | None, n_classes: int) -> list:

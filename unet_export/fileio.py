@@ -1,6 +1,7 @@
 """Atomic writes, hashing, free space and stale temp files: no half-written artefact is ever left
 where a user looks, and none that a dead process left behind survives the next run."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,14 +29,23 @@ def temp_path(dest: Path) -> Path:
 
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside ``dest`` (its folder created if need be, as for a report in
+    a new `reports/`); rename it into place only if the block succeeds. An error names ``dest``,
+    never the hidden temp file."""
+    dest = Path(dest)
     tmp = temp_path(dest)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.filename == str(tmp):
+            exc.filename = str(dest)
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never mask the real error (e.g. ENOTDIR) with the cleanup's
+            tmp.unlink(missing_ok=True)
 
 
 def fsync_file(path: Path) -> None:

@@ -4,6 +4,7 @@ option types, defined once as Annotated aliases."""
 import functools
 import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -42,9 +43,50 @@ def one_line(message: str) -> str:
 
 
 def fail(message: str, code: int) -> None:
-    """Print one line on stderr and leave with ``code``."""
+    """Print one line on stderr and leave with ``code`` (inside a command: through Typer)."""
     print(f"error: {one_line(message)}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _leave(message: str, code: int) -> None:
+    """``fail`` outside any command, where there is no Typer to turn Exit into a status."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _traceback_if_debug() -> None:
+    """UNET_EXPORT_DEBUG=1 shows the traceback, and the exit code stays the contract's (a bug
+    still exits 3, not Python's 1)."""
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exc()
+
+
+def _click_exceptions():
+    """Typer >= 0.22 vendors Click as typer._click; older releases use Click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run a Typer app with usage errors (a bad option value, a missing argument) as one line and
+    exit 2, like every other bad input, instead of a multi-line box."""
+    errors = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
+    except errors.UsageError as exc:
+        if type(exc).__name__.startswith("NoArgsIsHelp"):  # a bare command prints its help
+            print(exc.format_message())
+            sys.exit(exc.exit_code)
+        hint = f" (see {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) else ""
+        _leave(f"{exc.format_message()}{hint}", 2)
+    except errors.ClickException as exc:
+        _leave(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        _leave("aborted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def cli_errors(fn):
@@ -57,16 +99,16 @@ def cli_errors(fn):
         except (typer.Exit, typer.Abort):
             raise
         except UnetExportError as exc:
-            if os.environ.get(DEBUG_ENV):
-                raise
+            _traceback_if_debug()
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:
-            if os.environ.get(DEBUG_ENV):
-                raise
+            _traceback_if_debug()
             if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, not a dir
                 fail(os_error_message(exc), 2)
+            if isinstance(exc, _click_exceptions().ClickException):  # typer.BadParameter from a command's check
+                fail(exc.format_message(), 2)
             fail(f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", INTERNAL_ERROR)
 
     return wrapper

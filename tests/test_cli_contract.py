@@ -1,0 +1,69 @@
+"""The exit-code contract at the CLI boundary: usage errors are one line and exit 2 like any
+other bad input, a bug exits 3 even with UNET_EXPORT_DEBUG=1, and reports can go to new folders."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import unet_export.cli.main as cli_main
+from unet_export.cli.main import app
+from unet_export.demo import DEMO_WEIGHTS
+from unet_export.fileio import write_json
+
+UNET_EXPORT = [sys.executable, "-m", "unet_export"]
+UNET_BENCH = [sys.executable, "-c", "from unet_export.cli.bench import main; main()"]
+
+
+@pytest.mark.parametrize("tool, args, expected", [
+    (UNET_EXPORT, ["onnx"], "Missing argument 'weights'"),
+    (UNET_EXPORT, ["onnx", "w.pth", "--height", "abc"], "Invalid value for '--height'"),
+    (UNET_EXPORT, ["nosuch"], "No such command 'nosuch'"),
+    (UNET_BENCH, ["--batch", "x"], "Invalid value for '--batch'"),
+    (UNET_BENCH, ["--compile-mode", "fast"], "choose one of default"),
+])  # fmt: skip
+def test_usage_errors_are_one_line_and_exit_2(tool, args, expected):
+    proc = subprocess.run([*tool, *args], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+
+
+def test_help_still_exits_0():
+    proc = subprocess.run([*UNET_EXPORT, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "onnx" in proc.stdout
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_a_bug_exits_3_with_or_without_debug(monkeypatch, tmp_path, debug):
+    def broken(*_, **__):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli_main, "export_artifact", broken)
+    monkeypatch.setenv("UNET_EXPORT_DEBUG", debug)
+    result = CliRunner().invoke(app, ["torchscript", str(DEMO_WEIGHTS), "-w", str(tmp_path)])
+    assert result.exit_code == 3 and "ZeroDivisionError" in result.stderr
+    assert ("Traceback" in result.stderr) == bool(debug)
+
+
+def test_reports_go_into_folders_that_do_not_exist_yet(tmp_path):
+    write_json(tmp_path / "reports" / "nested" / "bench.json", {"ok": 1})
+    assert (tmp_path / "reports" / "nested" / "bench.json").read_text() == '{\n  "ok": 1\n}\n'
+    assert [p.name for p in (tmp_path / "reports" / "nested").iterdir()] == ["bench.json"]
+
+
+def test_a_write_error_names_the_destination_not_the_temp_file(tmp_path):
+    (tmp_path / "reports").write_text("a file, not a folder")
+    with pytest.raises(OSError) as info:
+        write_json(tmp_path / "reports" / "bench.json", {})
+    assert info.value.filename == str(tmp_path / "reports")  # the file in the way, not a hidden temp name
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    def unserialisable():
+        pass
+
+    dest = tmp_path / "r.json"
+    with pytest.raises(TypeError):
+        write_json(dest, {"f": unserialisable})
+    assert list(tmp_path.iterdir()) == []

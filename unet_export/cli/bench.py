@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from unet_export.bench import benchmark, exit_code
-from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console, run_app
 from unet_export.cli.render import bench_markdown, bench_table, row_line
 from unet_export.fileio import atomic_path
 from unet_export.runners import BACKENDS
@@ -55,4 +55,4 @@ def bench(
 
 
 def main() -> None:
-    app()
+    run_app(app)

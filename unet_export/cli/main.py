@@ -10,7 +10,7 @@ from unet_export.api import build_trt, export_artifact, export_fp16_onnx, resolv
 from unet_export.bench import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
-from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console
+from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, run_app
 from unet_export.cli.render import bench_table, cpp_table, dice_table, doctor_table, export_report, row_line
 from unet_export.cpp import cpp_check
 from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
@@ -180,4 +180,4 @@ register_training(app)
 
 
 def main() -> None:
-    app()
+    run_app(app)

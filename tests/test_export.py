@@ -127,3 +127,24 @@ def test_artefact_that_will_not_run_is_a_failed_check(make_checkpoint, tmp_path,
 def test_full_size_milesial_round_trip(make_checkpoint, tmp_path, fmt):
     result = export_artifact(make_checkpoint("v3", width=64), fmt, tmp_path, device="cpu")
     check_two_size_parity(result)
+
+
+def test_torchscript_metadata_is_real_json_under_the_final_name(tmp_path):
+    """The archive's unet_export.json holds values, not JSON strings, and its root folder is not
+    a temp file's name; files written the old way (JSON strings) still read the same."""
+    import json
+    import zipfile
+
+    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.export.onnx import decode_metadata
+    from unet_export.export.torchscript import read_metadata
+
+    result = export_artifact(DEMO_WEIGHTS, "torchscript", tmp_path, device="cpu", height=64, width=64)
+    names = zipfile.ZipFile(result.path).namelist()
+    assert not any(".tmp" in n for n in names)
+    stored = json.loads(zipfile.ZipFile(result.path).read(next(n for n in names if n.endswith("unet_export.json"))))
+    assert stored["config"]["n_classes"] == 3 and stored["export_size"] == [64, 64]
+    decoded = decode_metadata(read_metadata(result.path))
+    assert decoded["mask_values"] == stored["mask_values"] and decoded["architecture"] == "milesial"
+    old_form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in stored.items()}
+    assert decode_metadata(old_form) == decoded

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import ArtifactError
+from unet_export.export.onnx import decode_metadata
 from unet_export.fileio import atomic_path, write_bytes_checked
 
 METADATA_FILE = "unet_export.json"  # carried inside the archive as an extra file
@@ -28,7 +29,8 @@ def export_torchscript(model: nn.Module, dest: Path, sample: torch.Tensor, metad
         # Serialised in memory, written from Python: torch.jit.save to a path aborts the whole
         # process (SIGABRT) when the disk fills, where a Python write raises ENOSPC.
         buffer = io.BytesIO()
-        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+        # Real JSON inside the archive (not JSON strings inside JSON); read_metadata takes both.
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(decode_metadata(metadata))})
         with atomic_path(dest) as tmp:
             write_bytes_checked(tmp, buffer.getvalue())
     n, c = sample.shape[:2]

@@ -109,3 +109,15 @@ def test_sidecar_architecture_wins_over_key_detection(tmp_path):
     weights.with_suffix(".json").write_text(json.dumps({"model": "resnet50"}))
     with pytest.raises(UserError, match="as its sidecar same.json says"):
         load_checkpoint(weights)
+
+
+def test_sidecar_validation_folder_travels_into_the_model_record(tmp_path):
+    import json
+
+    from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+
+    assert load_checkpoint(DEMO_WEIGHTS).record()["validation"] == str(DEMO_VAL.resolve())
+    weights = tmp_path / "m.pth"
+    torch.save(milesial_state_dict("v3"), weights)
+    weights.with_suffix(".json").write_text(json.dumps({"validation": {"path": "gone"}}))
+    assert "validation" not in load_checkpoint(weights).record()  # a folder that is not there is not claimed

@@ -30,6 +30,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     mask_values: list | None = None  # milesial's class index -> mask value mapping
     preprocess: dict | None = None  # from the training sidecar (<name>.json), when there is one
+    validation: str | None = None  # held-out images the sidecar names: what reduced precision is judged on
 
     def record(self) -> dict:
         """What the manifest and the artefacts' metadata say about the model."""
@@ -38,6 +39,7 @@ class Checkpoint:
             "config": self.config,
             "mask_values": self.mask_values,
             "preprocess": self.preprocess or {"scale": 1.0, "square": None},
+            **({"validation": self.validation} if self.validation else {}),
             "checkpoint": {"path": str(self.path.resolve()), "sha256": self.sha256},
         }
 
@@ -58,7 +60,16 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> Checkpoint:
         raise UserError(f"{path} is not a checkpoint of {target}{source}: its keys begin {sample}")
     name, config = found
     preprocess = sidecar.get("preprocess") if isinstance(sidecar.get("preprocess"), dict) else None
-    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values, preprocess)
+    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values, preprocess,
+                      _validation_dir(path, sidecar))  # fmt: skip
+
+
+def _validation_dir(path: Path, sidecar: dict) -> str | None:
+    """The held-out image folder the sidecar records ({"validation": {"path": ...}}, relative to
+    the checkpoint's folder or absolute), if it is there."""
+    where = (sidecar.get("validation") or {}).get("path") if isinstance(sidecar.get("validation"), dict) else None
+    folder = (path.parent / where).resolve() if isinstance(where, str) else None
+    return str(folder) if folder and folder.is_dir() else None
 
 
 def read_sidecar(path: Path) -> dict:

@@ -1,0 +1,49 @@
+"""The README is executable: every fenced block marked ```bash runnable``` is run, line by line
+in order, in a fresh folder where `weights.pth` is the shipped demo model, with the suite's
+`unet-export`, `unet-bench` and `python` first on PATH. A line must exit 0 unless its comment
+says `(exit N ...)`, as for TensorRT on a machine without it."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unet_export.demo import DEMO_WEIGHTS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+EXPECTED_EXIT = re.compile(r"#.*\(exit (\d+)")
+
+
+def runnable_blocks(text: str) -> list[list[str]]:
+    """The command lines of each ```bash runnable``` block (continuations joined)."""
+    blocks = re.findall(r"^```bash runnable\n(.*?)^```", text, flags=re.S | re.M)
+    return [[line for line in block.replace("\\\n", " ").splitlines() if line.strip()] for block in blocks]
+
+
+def test_the_extractor_finds_the_blocks_and_their_expected_codes():
+    text = "```bash runnable\na --x \\\n  y\nb  # (exit 2 here)\n```\n```bash\nnot run\n```\n"
+    assert runnable_blocks(text) == [["a --x    y", "b  # (exit 2 here)"]]
+    assert EXPECTED_EXIT.search("b  # (exit 2 here)").group(1) == "2"
+
+
+BLOCKS = runnable_blocks(README.read_text())
+
+
+def test_the_readme_has_runnable_blocks():
+    assert len(BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(index, tmp_path):
+    shutil.copy(DEMO_WEIGHTS, tmp_path / "weights.pth")
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for line in BLOCKS[index]:
+        expected = int(match.group(1)) if (match := EXPECTED_EXIT.search(line)) else 0
+        proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == expected, f"{line}\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
+        if expected:
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -1,0 +1,54 @@
+"""examples/ci/release.yml, run for real: every `run:` step of the workflow, in order, on the CPU
+with the shipped demo model, so the example cannot rot. The install step is replaced by the
+suite's own environment (the workflow installs from git, which these machines cannot reach);
+`uses:` steps are GitHub's own. Without TensorRT the engine step must exit 2 with the
+documented message; every other step must exit 0."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unet_export.demo import DEMO_WEIGHTS
+
+WORKFLOW = Path(__file__).resolve().parent.parent / "examples" / "ci" / "release.yml"
+TRT_MISSING = 'TensorRT is not installed: on a machine with an NVIDIA GPU, pip install "unet-export[trt]"'
+
+
+def workflow_steps() -> tuple[dict, list[dict]]:
+    job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["export-and-bench"]
+    return job["env"], [s for s in job["steps"] if "run" in s]
+
+
+def test_release_workflow_runs_green_on_cpu(tmp_path):
+    env, steps = workflow_steps()
+    checkout = tmp_path / "repo"
+    (checkout / "weights").mkdir(parents=True)
+    shutil.copy(DEMO_WEIGHTS, checkout / "weights" / "unet.pth")
+    shell_env = os.environ | {
+        "WEIGHTS": "weights/unet.pth",  # the workflow's default input
+        "DEVICE": "cpu",
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    assert env["DEVICE"] == "cuda" and "weights/unet.pth" in env["WEIGHTS"]
+    ran = []
+    for step in steps:
+        if step["name"].startswith("Install"):
+            continue
+        proc = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=checkout, env=shell_env, capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        ran.append(step["name"])
+        if "TensorRT" in step["name"]:
+            assert proc.returncode == 2 and proc.stderr.strip() == f"error: {TRT_MISSING}", proc.stderr
+        else:
+            assert proc.returncode == 0, f"{step['name']}: {proc.stderr[-2000:]}"
+    assert ran == ["Export ONNX and TorchScript (parity-gated on CUDA)", "Build the TensorRT FP16 engine (parity-gated)",
+                   "Benchmark every runtime, parity-gated", "Job summary"]  # fmt: skip
+    assert (checkout / "reports" / "bench.json").is_file()
+    assert "| backend |" in (tmp_path / "summary.md").read_text()
+    assert (checkout / "exports" / "manifest.json").is_file()

@@ -67,3 +67,22 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(TypeError):
         write_json(dest, {"f": unserialisable})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_evaluate_gate_with_nothing_to_judge_is_an_error(tmp_path):
+    """--max-delta with no artefact of this checkpoint in the workdir used to score eager alone
+    and exit 0 without a word."""
+    from unet_export.demo import DEMO_VAL
+
+    empty = tmp_path / "exports"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(DEMO_VAL), "-w", str(empty),
+                                      "--max-delta", "0.001", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2 and "no artefact of this checkpoint" in result.stderr
+    # --min-dice alone judges eager, which is there: a real gate, both sides
+    passing = CliRunner().invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(DEMO_VAL), "-w", str(empty),
+                                       "--min-dice", "0.99", "--device", "cpu"])  # fmt: skip
+    assert passing.exit_code == 0, passing.output
+    failing = CliRunner().invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(DEMO_VAL), "-w", str(empty),
+                                       "--min-dice", "0.9999", "--device", "cpu"])  # fmt: skip
+    assert failing.exit_code == 1 and "gate failed" in failing.stdout

@@ -159,3 +159,50 @@ def test_empty_or_missing_folder(tmp_path):
 def test_voc_palette_matches_voc():
     pal = voc_palette()
     assert len(pal) == 768 and pal[15 * 3:16 * 3] == [192, 128, 128] and pal[-3:] == [224, 224, 192]
+
+
+@pytest.mark.parametrize("points, needle", [
+    ([[2, 2], [float("nan"), 2], [2, 18]], "non-finite coordinate (nan, 2.0)"),
+    ([[2, 2], [float("inf"), 2], [2, 18]], "non-finite coordinate (inf, 2.0)"),
+    ([[2, 2], [2, float("-inf")], [2, 18]], "non-finite coordinate (2.0, -inf)"),
+    ([[2, 2], [1e300, 2], [2, 18]], "point (1e+300, 2), more than 40 px outside the 40x30 image"),
+    ([[2, 2], [2, -75], [2, 18]], "point (2, -75), more than 40 px outside"),
+])  # fmt: skip
+def test_non_finite_or_far_out_coordinates_are_refused(tmp_path, points, needle):
+    """json.loads reads NaN, Infinity and 1e300; they used to draw a mask (exit 0)."""
+    src = tmp_path / "labelme"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes())
+    write_labelme(src, "ok", [shape("cat", [[0, 0], [5, 5]], "rectangle")], "a.png")
+    write_labelme(src, "wild", [shape("dog", [[0, 0], [5, 5]], "rectangle"), shape("cat", points)], "a.png")
+    with pytest.raises(UserError) as err:
+        convert_labelme(src, tmp_path / "voc", LABELS)
+    msg = str(err.value)
+    assert "wild.json: shape 1 ('cat')" in msg and needle in msg and "\n" not in msg
+    assert not (tmp_path / "voc").exists()
+
+
+def test_points_just_outside_the_image_are_kept(tmp_path):
+    """labelme lets a circle's rim or a dragged vertex leave the image: within a margin it is a shape."""
+    src = tmp_path / "labelme"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes())
+    write_labelme(src, "a", [shape("bird", [[38, 15], [50, 15]], "circle"), shape("cat", [[-5, -5], [10, -5], [-5, 10]])],
+                  "a.png")  # fmt: skip
+    summary = convert_labelme(src, tmp_path / "voc", LABELS)
+    assert summary.pixels_per_class["bird"] > 0 and summary.pixels_per_class["cat"] > 0
+
+
+def test_labelme_cli_names_file_and_shape(tmp_path):
+    from typer.testing import CliRunner
+
+    from unet_export.cli.main import app
+
+    src = tmp_path / "labelme"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes())
+    (src / "a.json").write_text('{"shapes": [{"label": "cat", "shape_type": "polygon", "points": [[0, 0], [NaN, 1], '
+                                '[3, 3]]}], "imagePath": "a.png", "imageWidth": 40, "imageHeight": 30}')  # fmt: skip
+    result = CliRunner().invoke(app, ["data", "labelme", str(src), str(tmp_path / "voc"), "--labels", ",".join(LABELS)])
+    assert result.exit_code == 2 and "a.json: shape 0 ('cat') has a non-finite coordinate" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "voc").exists()

@@ -5,21 +5,25 @@ import torch
 
 from unet_export.api import resolve_device
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import Preprocess, SegmentationDataset, check_sizes, find_samples
-from unet_export.errors import UnetExportError, UserError
+from unet_export.data.dataset import Preprocess, SegmentationDataset, check_dataset, find_samples
+from unet_export.errors import IntegrityError, UnetExportError, UserError
 from unet_export.manifest import load_manifest
 from unet_export.models import get_spec
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
+from unet_export.predict import TILE, TILE_HALO, run_tiled
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.base import Runner
 
 
-def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1) -> float:
-    """Mean over images and foreground classes; ``runner`` must be active."""
+def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1, halo: int | None = None) -> float:
+    """Mean over images and foreground classes; ``runner`` must be active. With ``halo`` (the
+    model's TILE_HALO), images larger than predict's TILE run in tiles, as predict runs them."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total, count = 0.0, 0
     for batch in loader:
-        pred = logits_to_mask(runner.infer(batch["image"]).cpu())
+        images = batch["image"]
+        tiled = halo and max(images.shape[-2:]) > TILE
+        pred = logits_to_mask((run_tiled(runner, images, TILE, halo) if tiled else runner.infer(images)).cpu())
         target = center_crop(batch["mask"], pred.shape[-2:])
         # every image has the same number of classes, so batch means weighted by size are exact
         total += dice_score(pred, target, n_classes) * len(pred)
@@ -28,21 +32,23 @@ def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1) -> f
 
 
 def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suffix: str = "_mask",
-             batch_size: int = 1, model: str | None = None) -> dict:  # fmt: skip
+             batch_size: int = 1, model: str | None = None, max_pixels: int | None = None) -> dict:  # fmt: skip
     """Mean Dice of the eager model and of every artefact in ``workdir``'s manifest that came
-    from the same checkpoint: {"eager": {"dice"}, "artifacts": [{format, precision, dice, ...}]}."""
+    from the same checkpoint: {"eager": {"dice"}, "artifacts": [{format, precision, dice, ...}]}.
+    Every image/mask pair is checked, in one pass, before the first inference."""
     ckpt = load_checkpoint(weights, model)
     _, samples = find_samples(data_dir, mask_suffix)
-    check_sizes(samples)
     n_classes = ckpt.config.get("n_classes", 2)
     mask_values = class_mask_values(ckpt.mask_values, n_classes)
     if len(mask_values) != max(n_classes, 2):
         raise UserError(f"{weights} has {n_classes} classes but mask_values {mask_values}")
-    dataset = SegmentationDataset(samples, mask_values, Preprocess.from_dict(ckpt.preprocess))
-    check_model_size(ckpt.architecture, ckpt.config, dataset)
-    dev = resolve_device(device)
+    pp, n_channels = Preprocess.from_dict(ckpt.preprocess), ckpt.config.get("n_channels", 3)
+    check_dataset(samples, n_channels=n_channels, mask_values=mask_values, pp=pp, same_size=batch_size > 1,
+                  rule=get_spec(ckpt.architecture).sizes(ckpt.config), max_pixels=max_pixels)  # fmt: skip
+    dataset = SegmentationDataset(samples, mask_values, pp, n_channels, max_pixels)
+    dev, halo = resolve_device(device), TILE_HALO.get(ckpt.architecture)
     with EagerRunner(build_model(ckpt), dev) as eager:
-        eager_dice = mean_dice(eager, dataset, n_classes, batch_size)
+        eager_dice = mean_dice(eager, dataset, n_classes, batch_size, halo)
     report = {"eager": {"dice": eager_dice}, "artifacts": [], "images": len(dataset)}
     manifest = load_manifest(workdir) if workdir else {"model": None, "artifacts": []}
     if (manifest.get("model") or {}).get("checkpoint", {}).get("sha256") != ckpt.sha256:
@@ -51,8 +57,10 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
         row = {"format": entry["format"], "precision": entry["precision"], "path": entry["path"]}
         try:
             with artifact_runner(entry, workdir, dev) as runner:
-                dice = mean_dice(runner, dataset, n_classes, batch_size)
+                dice = mean_dice(runner, dataset, n_classes, batch_size, halo)
             row |= {"status": "ok", "dice": dice, "delta_vs_eager": dice - eager_dice}
+        except IntegrityError:
+            raise  # a missing or changed artefact is an error, never an 'unavailable' row
         except UnetExportError as exc:  # e.g. TensorRT not installed here: say so, keep going
             row |= {"status": "unavailable", "reason": str(exc), "dice": None, "delta_vs_eager": None}
         report["artifacts"].append(row)
@@ -60,7 +68,14 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
 
 
 def gate(report: dict, min_dice: float | None = None, max_delta: float | None = None) -> list[str]:
-    """The CI gate's failures: Dice below ``min_dice``, or an artefact more than ``max_delta`` below eager."""
+    """The CI gate's failures: Dice below ``min_dice``, or an artefact more than ``max_delta`` below eager.
+    A gate with nothing to judge is bad input (UserError), never a silent pass."""
+    unjudged = [f"{a['format']} {a['precision']} ({a['reason']})" for a in report["artifacts"] if a["dice"] is None]
+    if (min_dice is not None or max_delta is not None) and unjudged:
+        raise UserError(f"the gate cannot judge {', '.join(unjudged)}: run evaluate where it can run, or export it again")
+    if max_delta is not None and not report["artifacts"]:
+        raise UserError("--max-delta compares artefacts with eager, but the workdir has no artefact of this checkpoint: "
+                        "export it first (unet-export onnx WEIGHTS --workdir DIR)")  # fmt: skip
     failures = []
     rows = [("eager", report["eager"]["dice"], 0.0)] + [
         (f"{a['format']} {a['precision']}", a["dice"], a["delta_vs_eager"]) for a in report["artifacts"] if a["dice"] is not None

@@ -1,7 +1,10 @@
 """Masks for images from a checkpoint or any artefact (ONNX, TorchScript, TensorRT engine), with
-the preprocessing the model was trained with and milesial's mask_values restored."""
+the preprocessing the model was trained with and milesial's mask_values restored.
 
-import json
+Large images are run in overlapping tiles (the fully convolutional U-Nets only), so memory is
+bounded by the tile, not the image: see TILE and TILE_HALO."""
+
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
+from unet_export.data.dataset import (Preprocess, check_channels, image_channels, image_to_tensor, load_image,
+                                      open_image)  # fmt: skip
 from unet_export.errors import UserError
-from unet_export.manifest import load_manifest
+from unet_export.fileio import atomic_path
+from unet_export.export.onnx import decode_metadata
+from unet_export.manifest import checked_path, load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
@@ -22,23 +28,46 @@ from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, Runn
 OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])
 
 
+# Tiling: windows of at most TILE x TILE pixels, each contributing its centre and overlapping its
+# neighbours by TILE_HALO on every side. The halo is the receptive-field radius rounded up to the
+# 16-pixel pooling grid (measured from input gradients: 107 px for milesial with ConvTranspose and
+# for plain, 122 for milesial bilinear, 123 for reflect), so a pixel's output never sees a tile
+# edge; windows start on multiples of 16, so pooling cells are the untiled run's, and the last
+# window ends where the image does. milesial (ConvTranspose), plain and reflect then give the
+# untiled logits to float rounding (3e-8 measured; the 4000x4000 demo mask is identical). milesial
+# bilinear up-samples with align_corners=True, which depends on the input size: its tiles are
+# close, not exact (6.8e-6 max on logits of range 0.38, argmax identical, 700x600, tile 512).
+# ResNet-50, DeepLabV3 (global pooling) and the unpadded 2015 U-Net are run whole.
+TILE = 1024
+TILE_HALO = {"milesial": 128, "plain": 128, "reflect": 128, "reflect-sigmoid": 128}
+
+
 @dataclass
 class Predictor:
     runner: Runner
     mask_values: list
     preprocess: Preprocess
     sizes: SizeRule
+    n_channels: int = 3
+    halo: int | None = None  # tile with this overlap; None: run whole images
 
 
-def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule) -> torch.Tensor:
+def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | None = None,
+                tile: int | None = None) -> torch.Tensor:
     """Pad the image to a size the model takes (mirror padding, as the 2015 paper's overlap-tile:
-    half the shrink on the top/left so output pixel i is image pixel i), run, crop to the image."""
+    half the shrink on the top/left so output pixel i is image pixel i), run, crop to the image.
+    With ``halo``, an image larger than ``tile`` runs in overlapping tiles (see TILE_HALO)."""
     height, width = x.shape[-2:]
     margin = rule.shrink // 2
     target_h, target_w = rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
     pads = [margin, target_w - width - margin, margin, target_h - height - margin]
     mode = "reflect" if max(pads) < min(height, width) else "replicate"  # reflect needs pad < size
-    logits = runner.infer(F.pad(x, pads, mode=mode) if any(pads) else x)
+    padded = F.pad(x, pads, mode=mode) if any(pads) else x
+    tile = tile or TILE
+    if halo and max(padded.shape[-2:]) > tile:
+        logits = run_tiled(runner, padded, tile, halo)
+    else:
+        logits = runner.infer(padded)
     # The output is centred in the padded input: output j <-> image pixel j + (T - O) // 2 - margin.
     off_y = max(0, margin - (target_h - logits.shape[-2]) // 2)
     off_x = max(0, margin - (target_w - logits.shape[-1]) // 2)
@@ -48,27 +77,55 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule) -> torch.Tensor
     return logits
 
 
+def _spans(size: int, core: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """(core start, core end, window start, window end) along one axis; starts on multiples of 16
+    (core and halo are), the last window ends at the image's end, as the untiled run's does."""
+    if size <= core + 2 * halo:
+        return [(0, size, 0, size)]
+    return [(c0, min(size, c0 + core), max(0, c0 - halo), min(size, c0 + core + halo)) for c0 in range(0, size, core)]
+
+
+def run_tiled(runner: Runner, x: torch.Tensor, tile: int, halo: int) -> torch.Tensor:
+    """Logits of (N, C, H, W) ``x`` from windows of at most ``tile`` x ``tile``, each keeping its
+    centre: peak memory is one window's activations plus the input and the logits."""
+    core = tile - 2 * halo
+    if core < 16 or core % 16 or halo % 16:
+        raise ValueError(f"tile {tile} and halo {halo} must leave a core that is a positive multiple of 16")
+    height, width = x.shape[-2:]
+    out = None
+    for c0, c1, w0, w1 in _spans(height, core, halo):
+        for d0, d1, v0, v1 in _spans(width, core, halo):
+            logits = runner.infer(x[..., w0:w1, v0:v1]).float()
+            if out is None:
+                out = torch.empty(x.shape[0], logits.shape[1], height, width, device=logits.device)
+            out[..., c0:c1, d0:d1] = logits[..., c0 - w0 : c1 - w0, d0 - v0 : d1 - v0]
+            del logits
+    return out
+
+
 def load_predictor(model_path: str | Path, device, model: str | None = None) -> Predictor:
     """A runner for MODEL by its suffix, and the model record its metadata carries."""
     path = Path(model_path)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".pth", ".pt"):
+        _check_recorded(path)
     if suffix in (".pth", ".pt"):
         ckpt = load_checkpoint(path, model)
         record, runner = ckpt.record(), EagerRunner(build_model(ckpt), device)
     elif suffix == ".onnx":
         from unet_export.export.onnx import read_metadata
 
-        record, runner = _decode(read_metadata(path)), OnnxRuntimeRunner(path, device)
+        record, runner = decode_metadata(read_metadata(path)), OnnxRuntimeRunner(path, device)
     elif suffix == ".ts":
         from unet_export.export.torchscript import read_metadata
 
-        record, runner = _decode(read_metadata(path)), TorchScriptRunner(path, device)
+        record, runner = decode_metadata(read_metadata(path)), TorchScriptRunner(path, device)
     elif suffix == ".pt2":
         from unet_export.export.aoti import read_metadata
 
-        record, runner = _decode(read_metadata(path)), AotiRunner(path, device)
+        record, runner = decode_metadata(read_metadata(path)), AotiRunner(path, device)
     elif suffix == ".engine":
         entry, record = _engine_entry(path)
         runner = TensorRTRunner(path, device, entry["precision"], record=entry)
@@ -77,19 +134,22 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
     config = record.get("config", {})
     n_classes = config.get("n_classes", 2)
     mask_values = class_mask_values(record.get("mask_values"), n_classes)
-    rule = get_spec(record.get("architecture", "milesial")).sizes(config)
-    return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule)
+    architecture = record.get("architecture", "milesial")
+    rule = get_spec(architecture).sizes(config)
+    return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule,
+                     int(config.get("n_channels", 3)), TILE_HALO.get(architecture))  # fmt: skip
 
 
-def _decode(metadata: dict) -> dict:
-    """Artefact metadata holds JSON strings (and plain ones, like the architecture's name)."""
-    decoded = {}
-    for key, value in metadata.items():
-        try:
-            decoded[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
-            decoded[key] = value
-    return decoded
+def _check_recorded(path: Path) -> None:
+    """An artefact that its folder's manifest records must be the file that was verified, and
+    must have passed; one copied without a manifest runs on its own metadata."""
+    if not (path.parent / "manifest.json").is_file():
+        return
+    for entry in load_manifest(path.parent)["artifacts"]:
+        if entry["path"] == path.name:
+            checked_path(path.parent, entry)
+            if entry["status"] != "verified":
+                raise UserError(f"{path} failed its parity check ({path.parent}/manifest.json); fix and re-export it")
 
 
 def _engine_entry(path: Path) -> tuple[dict, dict]:
@@ -100,26 +160,48 @@ def _engine_entry(path: Path) -> tuple[dict, dict]:
     raise UserError(f"{path.name} is not in {path.parent}/manifest.json: engines are run with their manifest record")
 
 
-def predict_image(predictor: Predictor, image_path: Path) -> tuple[np.ndarray, Image.Image]:
-    """(mask as milesial's predict.py writes it, the original image)."""
-    img = load_image(image_path)
-    x = image_to_tensor(img, predictor.preprocess)[None]
-    logits = fit_and_run(predictor.runner, x, predictor.sizes).float().cpu()
+def check_inputs(images: list[Path], n_channels: int, max_pixels: int | None = None) -> None:
+    """Everything about the inputs that can be known without running the model, for all of them
+    before any output is written: each exists, its header decodes, it is under the pixel limit,
+    the model can take its channels, and no two write the same mask."""
+    seen: dict[str, Path] = {}
+    for path in images:
+        img = open_image(path, max_pixels)
+        try:
+            check_channels(image_channels(img, path), n_channels, path, img.mode)
+        finally:
+            img.close()
+        if path.stem in seen:
+            raise UserError(f"{seen[path.stem]} and {path} would both write {path.stem}_mask.png: rename one")
+        seen[path.stem] = path
+
+
+def predict_classes(predictor: Predictor, image_path: Path, max_pixels: int | None = None):
+    """(class index per pixel at the image's size as an array, the image as the model read it)."""
+    img = load_image(image_path, predictor.n_channels, max_pixels)
+    x = image_to_tensor(img, predictor.preprocess, predictor.n_channels)[None]
+    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo).float().cpu()
+    del x
     width, height = img.size
     if predictor.preprocess.square:  # undo pad-to-square: back to the square canvas, then crop
         side = max(width, height)
         logits = F.interpolate(logits, (side, side), mode="bilinear")[..., :height, :width]
-    else:
+    elif logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits, (height, width), mode="bilinear")
     classes = logits_to_mask(logits)[0].numpy()
+    return classes, img
+
+
+def predict_image(predictor: Predictor, image_path: Path, max_pixels: int | None = None):
+    """(mask as milesial's predict.py writes it, the original image)."""
+    classes, img = predict_classes(predictor, image_path, max_pixels)
     return mask_to_image_array(classes, predictor.mask_values), img
 
 
 def mask_to_image_array(classes: np.ndarray, mask_values: list) -> np.ndarray:
     """Class indices -> stored mask values: grey levels, or RGB triplets."""
     values = np.asarray(mask_values)
-    dtype = np.uint8 if values.max() <= 255 else np.uint16
-    return values[classes].astype(dtype)
+    return values.astype(np.uint8 if values.max() <= 255 else np.uint16)[classes]
 
 
 def overlay(img: Image.Image, classes: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -130,19 +212,49 @@ def overlay(img: Image.Image, classes: np.ndarray, alpha: float = 0.5) -> Image.
 
 
 def predict(model_path, images: list[Path], out_dir: Path, overlay_images: bool = False, device="cpu",
-            model: str | None = None) -> list[Path]:  # fmt: skip
-    """Write <stem>_mask.png (and <stem>_overlay.png) per image into ``out_dir``."""
+            model: str | None = None, max_pixels: int | None = None) -> list[Path]:  # fmt: skip
+    """Write <stem>_mask.png (and <stem>_overlay.png) per image into ``out_dir``: all of them or,
+    on any error, none (every input is checked first; outputs are renamed into place at the end)."""
+    out_dir, images = Path(out_dir), [Path(p) for p in images]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
     predictor = load_predictor(model_path, torch.device(device), model)
+    check_inputs(images, predictor.n_channels, max_pixels)
+    created = not out_dir.exists()
+    try:
+        return _write_all(predictor, images, out_dir, overlay_images, max_pixels)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing was written: leave nothing behind, not even the folder
+        raise
+
+
+def _write_all(predictor: Predictor, images: list[Path], out_dir: Path, overlay_images: bool, max_pixels) -> list[Path]:
     written = []
-    with predictor.runner:
-        for image_path in images:
-            mask, img = predict_image(predictor, Path(image_path))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            dest = out_dir / f"{Path(image_path).stem}_mask.png"
-            Image.fromarray(mask).save(dest)
-            written.append(dest)
-            if overlay_images:
-                classes = mask_to_classes(mask, predictor.mask_values, dest)
-                overlay(img, classes).save(out_dir / f"{Path(image_path).stem}_overlay.png")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with predictor.runner, ExitStack() as stack:  # every temporary file is renamed only if all succeed
+            for image_path in images:
+                classes, img = predict_classes(predictor, image_path, max_pixels)
+                dest = out_dir / f"{image_path.stem}_mask.png"
+                with _writing(dest):
+                    Image.fromarray(mask_to_image_array(classes, predictor.mask_values)).save(
+                        stack.enter_context(atomic_path(dest)), format="PNG")
+                written.append(dest)
+                if overlay_images:
+                    dest = out_dir / f"{image_path.stem}_overlay.png"
+                    with _writing(dest):
+                        overlay(img, classes).save(stack.enter_context(atomic_path(dest)), format="PNG")
+                del classes, img
+    except OSError as exc:  # creating the folder, or renaming the finished files into place
+        raise UserError(f"cannot write the masks to {out_dir}: {exc.strerror or exc}") from None
     return written
 
+
+@contextmanager
+def _writing(dest: Path):
+    """OSError while writing ``dest`` (a full disk, permissions) -> a one-line UserError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from unet_export.api import resolve_device
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.data.dataset import Preprocess, SegmentationDataset, check_sizes, data_hash, find_samples, unique_mask_values
+from unet_export.data.dataset import DEFAULT_MAX_PIXELS, Preprocess, SegmentationDataset, check_dataset, data_hash, find_samples
 from unet_export.errors import UserError
-from unet_export.evaluate import check_model_size, mean_dice
+from unet_export.evaluate import mean_dice
 from unet_export.fileio import atomic_path, write_json
 from unet_export.metrics import center_crop
 from unet_export.models import create_model, get_spec
@@ -37,6 +37,8 @@ class TrainConfig:
     mask_suffix: str = "_mask"
     seed: int = 0
     device: str = "auto"
+    mask_values: list | None = None  # the classes' mask values; default: every value the masks hold
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -64,17 +66,17 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def train(data_dir: str | Path, workdir: str | Path, cfg: TrainConfig, resume: str | Path | None = None,
-          on_step: Callable | None = None, on_epoch: Callable | None = None) -> TrainResult:  # fmt: skip
-    """Train on ``data_dir``; writes workdir/checkpoint_epochN.pth (+ .json sidecar, + .state.pt)."""
+          on_step: Callable | None = None, on_epoch: Callable | None = None,
+          on_checked: Callable | None = None) -> TrainResult:  # fmt: skip
+    """Train on ``data_dir``; writes workdir/checkpoint_epochN.pth (+ .json sidecar, + .state.pt).
+    Every image/mask pair of both splits is checked, in one pass, before the first step."""
     workdir, device = Path(workdir), resolve_device(cfg.device)
     layout, samples = find_samples(data_dir, cfg.mask_suffix)
-    check_sizes(samples)
-    model, architecture, mask_values, start, history = _model_and_state(cfg, samples, resume)
     pp = Preprocess(cfg.scale, cfg.square)
-    dataset = SegmentationDataset(samples, mask_values, pp)
-    check_model_size(architecture, get_spec(architecture).detect(model.state_dict()), dataset)
+    model, architecture, mask_values, n_channels, start, history = _model_and_state(cfg, samples, pp, resume,
+                                                                                    on_checked)  # fmt: skip
+    dataset = SegmentationDataset(samples, mask_values, pp, n_channels, cfg.max_pixels)
     train_set, val_set = _split(dataset, cfg)
-    _check_batchable(train_set)
     model = model.to(device)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max", patience=5)
@@ -98,20 +100,36 @@ def train(data_dir: str | Path, workdir: str | Path, cfg: TrainConfig, resume: s
     return TrainResult(checkpoints, history, mask_values)
 
 
-def _model_and_state(cfg: TrainConfig, samples, resume):
-    """A new model sized from the data, or the checkpoint to resume with its history."""
+def _model_and_state(cfg: TrainConfig, samples, pp: Preprocess, resume, on_checked):
+    """A new model sized from the data, or the checkpoint to resume with its history; either way
+    after the one pass over the data that check_dataset makes (both splits: images are batched,
+    so every preprocessed size must be equal and one the model takes)."""
     if resume:
         sidecar = _read_sidecar(Path(resume))
         ckpt = load_checkpoint(resume, sidecar.get("model"))  # a variant (valid-pad) is not in the keys
-        mask_values = ckpt.mask_values or unique_mask_values(samples)
-        return build_model(ckpt).train(), ckpt.architecture, mask_values, sidecar.get("epoch", 0), sidecar.get("metrics", [])
-    mask_values = unique_mask_values(samples)
+        if cfg.mask_values and ckpt.mask_values and cfg.mask_values != ckpt.mask_values:
+            raise UserError(f"--mask-values {cfg.mask_values} differ from {resume}'s mask_values {ckpt.mask_values}")
+        wanted = cfg.mask_values or ckpt.mask_values
+        n_channels = ckpt.config.get("n_channels", 3)
+        rule = get_spec(ckpt.architecture).sizes(ckpt.config)
+        check = check_dataset(samples, n_channels=n_channels, mask_values=wanted, pp=pp, same_size=True, rule=rule,
+                              max_pixels=cfg.max_pixels)  # fmt: skip
+        if on_checked:
+            on_checked(check)
+        mask_values = wanted or check.mask_values
+        model = build_model(ckpt).train()
+        return model, ckpt.architecture, mask_values, n_channels, sidecar.get("epoch", 0), sidecar.get("metrics", [])
+    spec = get_spec(cfg.model)
+    check = check_dataset(samples, mask_values=cfg.mask_values, pp=pp, same_size=True,
+                          rule=spec.sizes(spec.defaults | cfg.model_config), max_pixels=cfg.max_pixels)  # fmt: skip
+    if on_checked:
+        on_checked(check)
+    mask_values = cfg.mask_values or check.mask_values
     if len(mask_values) < 2:
         raise UserError(f"every mask holds the single value {mask_values}: nothing to segment")
-    channels = 1 if SegmentationDataset(samples[:1], mask_values, Preprocess())[0]["image"].shape[0] == 1 else 3
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, n_channels=channels, n_classes=len(mask_values), **cfg.model_config)
-    return model.train(), cfg.model, mask_values, 0, []
+    model = create_model(cfg.model, n_channels=check.channels, n_classes=len(mask_values), **cfg.model_config)
+    return model.train(), cfg.model, mask_values, check.channels, 0, []
 
 
 def _split(dataset, cfg: TrainConfig):
@@ -121,12 +139,6 @@ def _split(dataset, cfg: TrainConfig):
                         "training or no validation images")  # fmt: skip
     gen = torch.Generator().manual_seed(cfg.seed)  # milesial splits with seed 0 too
     return torch.utils.data.random_split(dataset, [len(dataset) - n_val, n_val], generator=gen)
-
-
-def _check_batchable(train_set) -> None:
-    sizes = {tuple(train_set[i]["image"].shape) for i in range(min(len(train_set), 64))}
-    if len(sizes) > 1:
-        raise UserError(f"images differ in size after preprocessing ({sorted(sizes)[:3]}): pass --square SIZE")
 
 
 def _optimizer(model, cfg: TrainConfig):

@@ -7,7 +7,7 @@ import typer
 
 from unet_export.cli.common import cli_errors, console
 from unet_export.data.labelme import convert_labelme
-from unet_export.data.synth import make_synth
+from unet_export.data.synth import MAX_IMAGES, MAX_SIDE, make_synth
 from unet_export.export.tensorrt_plan import parse_shape
 
 app = typer.Typer(help="Make datasets: synthetic shapes, or labelme annotations.", no_args_is_help=True)
@@ -23,12 +23,13 @@ def parse_size(text: str) -> tuple[int, int]:
 @cli_errors
 def synth_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write imgs/ and masks/ into.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 64,
-    size: Annotated[str, typer.Option(help="Image size HxW.")] = "128x128",
+    n: Annotated[int, typer.Option("--n", help=f"Number of images (1 to {MAX_IMAGES}).")] = 64,
+    size: Annotated[str, typer.Option(help=f"Image size HxW, each side 32 to {MAX_SIDE}.")] = "128x128",
     classes: Annotated[int, typer.Option(help="Classes, background included.")] = 3,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
 ) -> None:
-    """A deterministic synthetic set in milesial's layout: shapes over textured, noisy backgrounds."""
+    """A deterministic synthetic set in milesial's layout: shapes over textured, noisy backgrounds.
+    Each file is written atomically; a write error (a full disk) exits 2 naming the file."""
     summary = make_synth(out_dir, n=n, size=parse_size(size), classes=classes, seed=seed)
     console.print(f"wrote {summary.images} images and masks to {out_dir} (imgs/, masks/ *_mask.png); "
                   f"{classes} classes, mask values {summary.mask_values}")  # fmt: skip
@@ -41,7 +42,9 @@ def labelme_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write JPEGImages/ and SegmentationClass/ into.")],
     labels: Annotated[str, typer.Option(help="Comma-separated classes, background first: background,cat,dog.")],
 ) -> None:
-    """labelme polygons -> class-index PNG masks plus the images, in the VOC layout."""
+    """labelme polygons -> class-index PNG masks plus the images, in the VOC layout. Every file is
+    checked first (labels, shape types, finite coordinates near the image) and nothing is written
+    if one is wrong."""
     summary = convert_labelme(json_dir, out_dir, [name.strip() for name in labels.split(",")])
     counts = ", ".join(f"{k} {v}" for k, v in summary.pixels_per_class.items())
     console.print(f"wrote {summary.images} images, {summary.shapes} shapes to {out_dir}; pixels per class: {counts}")

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from unet_export.api import resolve_device
 from unet_export.cli.common import DeviceOpt, ModelOpt, Workdir, cli_errors, console
 from unet_export.cli.render import dice_table
+from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.evaluate import evaluate, gate
 from unet_export.errors import UserError
 from unet_export.fileio import write_json
@@ -29,6 +30,24 @@ def model_options(model: str, **options) -> dict:
 
 
 MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = masks/<image stem><suffix>.<ext>.")]
+MaxPixels = Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (width x height) than this, "
+                                        "checked from the header before decoding (decompression bombs).")]  # fmt: skip
+
+
+def parse_mask_values(text: str | None) -> list | None:
+    """'0,128,255' -> [0, 128, 255]; '0:0:0,255:0:0' -> [[0, 0, 0], [255, 0, 0]] (RGB masks)."""
+    if text is None:
+        return None
+    try:
+        values = [[int(c) for c in item.split(":")] if ":" in item else int(item) for item in text.split(",")]
+    except ValueError:
+        raise UserError(f"--mask-values {text!r}: give integers, e.g. 0,128,255 (or r:g:b for RGB masks)") from None
+    grey, rgb = all(isinstance(v, int) for v in values), all(isinstance(v, list) and len(v) == 3 for v in values)
+    if len(values) < 2 or not (grey or rgb):
+        raise UserError(f"--mask-values {text!r}: at least two values, all grey integers or all r:g:b triplets")
+    if len({str(v) for v in values}) != len(values):
+        raise UserError(f"--mask-values {text!r}: values must be distinct")
+    return values
 
 
 @cli_errors
@@ -50,12 +69,16 @@ def train_cmd(
     workdir: Workdir = Path("runs"),
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to continue from (its .state.pt too).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for init, split and shuffling.")] = 0,
+    mask_values: Annotated[str | None, typer.Option(help="The classes' mask values, background first "
+                           "(0,128,255; r:g:b for RGB masks): any other value in a mask is an error. "
+                           "Default: every value the masks hold, listed before training.")] = None,  # fmt: skip
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train on a segmentation dataset; a milesial-format checkpoint + JSON sidecar per epoch."""
     config = model_options(model, width=width, bilinear=bilinear, encoder_weights=encoder_weights)
     cfg = TrainConfig(model, config, epochs, batch_size, lr, optimizer, scale, square, amp, val_fraction,
-                      mask_suffix, seed, device.value)  # fmt: skip
+                      mask_suffix, seed, device.value, parse_mask_values(mask_values), max_pixels)  # fmt: skip
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
@@ -68,7 +91,11 @@ def train_cmd(
             console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, val Dice {h['val_dice']:.4f}, "
                           f"lr {h['lr']:.1e}, {h['seconds']:.1f} s")  # fmt: skip
 
-        result = train(data, workdir, cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
+        def on_checked(check):
+            console.print(f"checked {check.images} image/mask pairs: {check.channels}-channel input, mask values "
+                          f"(masks holding each) {check.describe_values()}")  # fmt: skip
+
+        result = train(data, workdir, cfg, resume=resume, on_step=on_step, on_epoch=on_epoch, on_checked=on_checked)
     if result.checkpoints:
         console.print(f"mask_values {result.mask_values}; last checkpoint {result.checkpoints[-1]}")
     else:
@@ -84,12 +111,13 @@ def evaluate_cmd(
     min_dice: Annotated[float | None, typer.Option(help="Gate: exit 1 if any Dice is below this.")] = None,
     max_delta: Annotated[float | None, typer.Option(help="Gate: exit 1 if an artefact is this far below eager.")] = None,
     mask_suffix: MaskSuffix = "_mask",
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
     report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
-                      mask_suffix=mask_suffix, model=model)  # fmt: skip
+                      mask_suffix=mask_suffix, model=model, max_pixels=max_pixels)  # fmt: skip
     console.print(dice_table(report, data))
     if json_path:
         write_json(json_path, report)
@@ -105,11 +133,14 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="Images to segment.")],
     out: Annotated[Path, typer.Option(help="Folder for <stem>_mask.png (and _overlay.png).")] = Path("predictions"),
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write the mask blended over the image.")] = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     architecture: ModelOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Masks with milesial's mask_values restored, preprocessed as the model was trained."""
-    written = predict(model, images, out, overlay, device=resolve_device(device.value), model=architecture)
+    """Masks with milesial's mask_values restored, preprocessed as the model was trained. Every
+    image is checked before any mask is written; on an error none is."""
+    written = predict(model, images, out, overlay, device=resolve_device(device.value), model=architecture,
+                      max_pixels=max_pixels)  # fmt: skip
     console.print(f"wrote {len(written)} masks to {out}" + (" (with overlays)" if overlay else ""))
 
 

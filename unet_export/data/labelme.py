@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from unet_export.data.dataset import DEFAULT_MAX_PIXELS, pil_pixel_limit
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
 
 # Shapes that enclose an area, and their point counts; line, point, linestrip... have no area.
 POINTS_NEEDED = {"polygon": 3, "rectangle": 2, "circle": 2}
+# A point may lie outside the image (a circle's rim point, a polygon dragged past the edge) by at
+# most the image's longer side; beyond that, or beyond MAX_COORD, it is a corrupt file, not a shape.
+MAX_COORD = 1e6
 
 
 @dataclass
@@ -47,8 +51,21 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-def _parse_shapes(path: Path, doc: dict, index: dict[str, int]) -> list[tuple[str, list, int]]:
-    """Validate every shape: (shape_type, points, class index), in file order."""
+def _check_points(where: str, label: str, points: list[tuple[float, float]], size: tuple[int, int]) -> None:
+    """Finite, and within the image give or take its longer side (and never beyond MAX_COORD)."""
+    width, height = size
+    margin = max(width, height)
+    for x, y in points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise UserError(f"{where} ({label!r}) has a non-finite coordinate ({x}, {y})")
+        if (max(abs(x), abs(y)) > MAX_COORD or not -margin <= x <= width + margin
+                or not -margin <= y <= height + margin):  # fmt: skip
+            raise UserError(f"{where} ({label!r}) has point ({x:g}, {y:g}), more than {margin} px outside the "
+                            f"{width}x{height} image")  # fmt: skip
+
+
+def _parse_shapes(path: Path, doc: dict, index: dict[str, int], size: tuple[int, int]) -> list[tuple[str, list, int]]:
+    """Validate every shape: (shape_type, points, class index), in file order; ``size`` is the image's."""
     parsed = []
     for n, shape in enumerate(doc["shapes"]):
         shape = shape if isinstance(shape, dict) else {}
@@ -61,8 +78,9 @@ def _parse_shapes(path: Path, doc: dict, index: dict[str, int]) -> list[tuple[st
                             f"supported: {', '.join(POINTS_NEEDED)}")
         try:
             points = [(float(x), float(y)) for x, y in shape.get("points") or []]
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise UserError(f"{where} ({label!r}) has malformed points ({exc})") from exc
+        _check_points(where, label, points, size)
         need = POINTS_NEEDED[kind]
         # A rectangle or circle is exactly two points; extra ones mean the shape is not what it says.
         if len(points) < need or (kind != "polygon" and len(points) != need):
@@ -88,11 +106,14 @@ def _open_image(path: Path, doc: dict) -> Image.Image:
     else:
         raise UserError(f"{path}: image {image_path} not found and no imageData embedded")
     try:
-        with Image.open(source) as img:
+        with pil_pixel_limit(DEFAULT_MAX_PIXELS), Image.open(source) as img:
+            if img.width * img.height > DEFAULT_MAX_PIXELS:  # checked from the header, before decoding
+                limit = f"{DEFAULT_MAX_PIXELS / 1e6:g} MP"
+                raise UserError(f"{what}: {img.width}x{img.height} is over the {limit} image limit")
             # labelme shows (and so annotates) the EXIF-rotated image; this also decodes it fully.
             image = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{what}: not a readable image ({exc})") from exc
+        raise UserError(f"{what}: not a readable image ({' '.join(str(exc).split())[:160]})") from exc
     stated = (doc.get("imageWidth"), doc.get("imageHeight"))
     if any(s is not None and s != actual for s, actual in zip(stated, image.size)):
         raise UserError(f"{path}: imageWidth x imageHeight is {stated[0]}x{stated[1]} "
@@ -121,7 +142,8 @@ def _draw_mask(size: tuple[int, int], shapes: list[tuple[str, list, int]]) -> Im
 def _load(path: Path, index: dict[str, int]) -> tuple[Image.Image, list]:
     """One file's image and validated shapes; every input error is raised here."""
     doc = _read_json(path)
-    return _open_image(path, doc), _parse_shapes(path, doc, index)
+    image = _open_image(path, doc)
+    return image, _parse_shapes(path, doc, index, image.size)
 
 
 def convert_labelme(json_dir: Path, out_dir: Path, labels: list[str]) -> LabelmeSummary:

@@ -14,10 +14,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from unet_export.errors import UserError
+from unet_export.fileio import atomic_path
 
 SHAPES = ("ellipse", "rectangle", "triangle", "ring", "diamond")
 FAMILIES = ((200, 60, 60), (60, 90, 200), (60, 170, 70), (210, 170, 40), (150, 60, 180))  # one per shape class
 MASK_SUFFIX = "_mask"
+# Bounds, measured on this project's 2-core machine: one 8192x8192 pair takes 38 s, peaks at 1.0 GB
+# of memory (row blocks; 5.6 GB before) and writes 145 MB of PNG, so the largest allowed image fits
+# a laptop; 100000 images is twenty times milesial's Carvana set (5088), more than a synthetic run
+# needs, and about 5 GB of disk at the default 128x128. Beyond either bound a typo is the likely cause.
+MAX_SIDE = 8192
+MAX_IMAGES = 100_000
+BLOCK_ROWS = 512  # float work is done in row blocks: the same bytes as whole-image arrays, a fraction of the memory
 
 
 @dataclass
@@ -34,31 +42,57 @@ def mask_level(cls: int, classes: int) -> int:
 
 
 def make_synth(out_dir: Path, n: int = 64, size: tuple[int, int] = (128, 128), classes: int = 3, seed: int = 0) -> SynthSummary:
-    """Write ``n`` image/mask pairs; the same arguments always give the same bytes."""
+    """Write ``n`` image/mask pairs; the same arguments always give the same bytes. Each file is
+    written atomically (a full disk leaves no truncated PNG); an OSError is a UserError naming it."""
     if not 2 <= classes <= len(SHAPES) + 1:
         raise UserError(f"--classes {classes}: choose 2 to {len(SHAPES) + 1} (background plus shape classes)")
     if n < 1 or min(size) < 32:
         raise UserError(f"need at least one image of at least 32x32, got --n {n} --size {size[0]}x{size[1]}")
+    if max(size) > MAX_SIDE:
+        raise UserError(f"--size {size[0]}x{size[1]}: at most {MAX_SIDE} per side (one {MAX_SIDE}x{MAX_SIDE} "
+                        "pair takes 1 GB of memory and 145 MB of disk)")  # fmt: skip
+    if n > MAX_IMAGES:
+        raise UserError(f"--n {n}: at most {MAX_IMAGES} images per set")
     out_dir = Path(out_dir)
-    (out_dir / "imgs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    for sub in ("imgs", "masks"):
+        try:
+            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {out_dir / sub}: {exc.strerror or exc}") from None
     for i in range(n):
         rng = np.random.default_rng([seed, i])  # per-image stream: image i is the same whatever n is
         image, mask = _sample(rng, size, classes)
         name = f"synth_{i:04d}"
-        Image.fromarray(image).save(out_dir / "imgs" / f"{name}.png")
-        Image.fromarray(mask).save(out_dir / "masks" / f"{name}{MASK_SUFFIX}.png")
+        _write_png(image, out_dir / "imgs" / f"{name}.png")
+        _write_png(mask, out_dir / "masks" / f"{name}{MASK_SUFFIX}.png")
+        del image, mask
     return SynthSummary(out_dir, n, classes, [mask_level(c, classes) for c in range(classes)])
 
 
+def _write_png(pixels: np.ndarray, dest: Path) -> None:
+    try:
+        with atomic_path(dest) as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
+    except OSError as exc:
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
 def _background(rng, height: int, width: int) -> np.ndarray:
-    """Low-frequency colour texture plus stripes, as float RGB in [0, 255]."""
+    """Low-frequency colour texture plus stripes, as uint8 RGB (computed in row blocks, in float64
+    as one whole-image expression would, so the bytes do not depend on the block size)."""
     coarse = rng.uniform(0, 255, size=(max(2, height // 16), max(2, width // 16), 3)).astype(np.uint8)
-    texture = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
-    yy, xx = np.mgrid[0:height, 0:width]
+    texture = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
     angle, period = rng.uniform(0, np.pi), rng.uniform(6, 20)
-    stripes = 25 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
-    return np.clip(texture * 0.7 + stripes[..., None] + 40, 0, 255)
+    xx = np.arange(width)[None, :]
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, BLOCK_ROWS):
+        rows = slice(top, min(height, top + BLOCK_ROWS))
+        yy = np.arange(rows.start, rows.stop)[:, None]
+        stripes = 25 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
+        block = texture[rows].astype(np.float32) * 0.7 + stripes[..., None]
+        block += 40
+        out[rows] = np.clip(block, 0, 255, out=block)
+    return out
 
 
 def _outline(kind: str, rng, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -84,7 +118,7 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, points, fill) -> None:
 
 def _sample(rng, size: tuple[int, int], classes: int) -> tuple[np.ndarray, np.ndarray]:
     height, width = size
-    canvas = Image.fromarray(_background(rng, height, width).astype(np.uint8))
+    canvas = Image.fromarray(_background(rng, height, width))
     mask = Image.new("L", (width, height), 0)
     paint, label = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
     for _ in range(int(rng.integers(2, 6))):
@@ -96,6 +130,12 @@ def _sample(rng, size: tuple[int, int], classes: int) -> tuple[np.ndarray, np.nd
         colour = tuple(int(c) for c in np.clip(np.array(FAMILIES[cls - 1]) + rng.integers(-45, 46, size=3), 0, 255))
         _draw(paint, kind, points, colour)
         _draw(label, kind, points, mask_level(cls, classes))  # later shapes cover earlier ones, in both
-    blurred = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.6)))
-    noisy = np.asarray(blurred, dtype=np.float32) + rng.normal(0, 10, size=(height, width, 3))
-    return np.clip(noisy, 0, 255).astype(np.uint8), np.asarray(mask)
+    blurred = np.asarray(canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.6))))
+    del canvas
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, BLOCK_ROWS):  # blurred + N(0, 10), clipped: the noise drawn block by block
+        rows = slice(top, min(height, top + BLOCK_ROWS))  # is the same stream as one draw
+        noisy = rng.normal(0, 10, size=(rows.stop - rows.start, width, 3))
+        noisy += blurred[rows].astype(np.float32)
+        image[rows] = np.clip(noisy, 0, 255, out=noisy)
+    return image, np.asarray(mask)

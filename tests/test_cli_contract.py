@@ -86,3 +86,20 @@ def test_an_evaluate_gate_with_nothing_to_judge_is_an_error(tmp_path):
     failing = CliRunner().invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(DEMO_VAL), "-w", str(empty),
                                        "--min-dice", "0.9999", "--device", "cpu"])  # fmt: skip
     assert failing.exit_code == 1 and "gate failed" in failing.stdout
+
+
+def test_bench_judges_reduced_precision_on_the_recorded_validation_images(tmp_path):
+    """The documented `unet-bench --batch 8` failed the trained demo model's bf16 rows on noise;
+    without --data the held-out images its training recorded are the inputs."""
+    from unet_export.api import export_artifact
+    from unet_export.bench import NOISE_NOTE, benchmark
+    from unet_export.demo import DEMO_VAL, write_random_checkpoint
+
+    assert export_artifact(DEMO_WEIGHTS, "torchscript", tmp_path / "demo", device="cpu", height=128, width=128).passed
+    report = benchmark(tmp_path / "demo", backends=["eager", "eager-bf16"], device="cpu", batch=8, warmup=0, iters=1)
+    assert report.config["inputs"] == str(DEMO_VAL.resolve())
+    assert [r.status for r in report.rows] == ["ok", "ok"]
+    other = write_random_checkpoint(tmp_path / "random.pth", seed=1, width=8)
+    export_artifact(other, "torchscript", tmp_path / "random", device="cpu", height=64, width=64)
+    noise = benchmark(tmp_path / "random", backends=["eager"], device="cpu", batch=2, warmup=0, iters=1)
+    assert noise.config["inputs"] == NOISE_NOTE

@@ -278,6 +278,9 @@ def benchmark(
     if manifest.get("model") is None:
         raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
     ckpt = manifest_checkpoint(manifest, weights)
+    # Reduced precision judged on noise is a false alarm for a trained model: without --data, the
+    # held-out images its training sidecar recorded (the model record's "validation") are used.
+    data = data or manifest["model"].get("validation")
     height, width = _bench_size(manifest, height, width)
     get_spec(ckpt.architecture).sizes(ckpt.config).check(height, width)
     if batch < 1:
@@ -290,9 +293,12 @@ def benchmark(
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
     rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, data), on_row)
     config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
-                            "inputs": str(data) if data else "seeded noise",
+                            "inputs": str(data) if data else NOISE_NOTE,
                             "model": manifest["model"]}  # fmt: skip
     return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
+
+
+NOISE_NOTE = "seeded noise: reduced precision is judged on noise, pass --data with images like the model's"
 
 
 def _bench_size(manifest: dict, height, width) -> tuple[int, int]:

@@ -30,8 +30,8 @@ def bench(
     device: DeviceOpt = "auto",
     compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Images for the batch (default: seeded noise); use real ones "
-                                                   "to judge reduced precision on a trained model.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Images for the batch (default: the held-out images the "
+                                                   "model's training recorded, else seeded noise).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,

@@ -103,3 +103,32 @@ def test_bench_judges_reduced_precision_on_the_recorded_validation_images(tmp_pa
     export_artifact(other, "torchscript", tmp_path / "random", device="cpu", height=64, width=64)
     noise = benchmark(tmp_path / "random", backends=["eager"], device="cpu", batch=2, warmup=0, iters=1)
     assert noise.config["inputs"] == NOISE_NOTE
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2"])
+def test_predict_on_a_corrupt_artefact_exits_2(tmp_path, suffix):
+    from unet_export.demo import DEMO_VAL
+
+    model = tmp_path / f"random{suffix}"
+    model.write_bytes(bytes(range(256)) * 20)
+    image = next((DEMO_VAL / "imgs").iterdir())
+    proc = subprocess.run([*UNET_EXPORT, "predict", str(model), str(image), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and f"is not a readable {suffix} artefact" in lines[-1] and lines[-1].startswith("error:")
+    assert not (tmp_path / "m").exists()
+
+
+def test_predict_on_an_onnx_model_unet_export_did_not_write_exits_2(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from unet_export.demo import DEMO_VAL
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])])  # fmt: skip
+    onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
+    image = next((DEMO_VAL / "imgs").iterdir())
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "other.onnx"), str(image), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "carries no unet-export model record" in result.stderr

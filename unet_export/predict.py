@@ -114,18 +114,9 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
     if suffix in (".pth", ".pt"):
         ckpt = load_checkpoint(path, model)
         record, runner = ckpt.record(), EagerRunner(build_model(ckpt), device)
-    elif suffix == ".onnx":
-        from unet_export.export.onnx import read_metadata
-
-        record, runner = decode_metadata(read_metadata(path)), OnnxRuntimeRunner(path, device)
-    elif suffix == ".ts":
-        from unet_export.export.torchscript import read_metadata
-
-        record, runner = decode_metadata(read_metadata(path)), TorchScriptRunner(path, device)
-    elif suffix == ".pt2":
-        from unet_export.export.aoti import read_metadata
-
-        record, runner = decode_metadata(read_metadata(path)), AotiRunner(path, device)
+    elif suffix in ARTEFACT_READERS:
+        record = _artefact_record(path, suffix)
+        runner = ARTEFACT_READERS[suffix][1](path, device)
     elif suffix == ".engine":
         entry, record = _engine_entry(path)
         runner = TensorRTRunner(path, device, entry["precision"], record=entry)
@@ -138,6 +129,42 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
     rule = get_spec(architecture).sizes(config)
     return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule,
                      int(config.get("n_channels", 3)), TILE_HALO.get(architecture))  # fmt: skip
+
+
+def _read_onnx(path):
+    from unet_export.export.onnx import read_metadata
+
+    return read_metadata(path)
+
+
+def _read_torchscript(path):
+    from unet_export.export.torchscript import read_metadata
+
+    return read_metadata(path)
+
+
+def _read_aoti(path):
+    from unet_export.export.aoti import read_metadata
+
+    return read_metadata(path)
+
+
+# suffix -> (metadata reader, runner): what predict can run besides checkpoints and engines.
+ARTEFACT_READERS = {".onnx": (_read_onnx, OnnxRuntimeRunner), ".ts": (_read_torchscript, TorchScriptRunner),
+                    ".pt2": (_read_aoti, AotiRunner)}  # fmt: skip
+
+
+def _artefact_record(path: Path, suffix: str) -> dict:
+    """The model record an artefact carries; a damaged file or one unet-export did not write is
+    bad input (exit 2), not a crash in the runtime's parser."""
+    try:
+        record = decode_metadata(ARTEFACT_READERS[suffix][0](path))
+    except Exception as exc:  # protobuf, zip and Inductor readers raise their own types
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path} is not a readable {suffix} artefact ({type(exc).__name__}: {detail}); export it again") from None
+    if not isinstance(record.get("config"), dict) or "architecture" not in record:
+        raise UserError(f"{path} carries no unet-export model record: predict runs artefacts exported by unet-export")
+    return record
 
 
 def _check_recorded(path: Path) -> None:

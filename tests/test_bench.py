@@ -168,26 +168,29 @@ def test_latency_stats():
 
 
 def test_harness_does_not_distort_eager_timing():
-    """The eager row must agree within 15% with a bare loop over the same model."""
+    """The eager row must agree within 15% with a bare loop over the same model. The two are
+    measured in alternating short rounds and compared by the median of all their calls, so load
+    from other processes on a busy 2-core machine falls on both alike instead of on one."""
     model = random_milesial(width=16)
     x = torch.rand(2, 3, 128, 128)
-    cfg = BenchConfig(warmup=3, iters=15)
+    cfg = BenchConfig(warmup=1, iters=5)
 
-    def bare() -> float:
+    def bare() -> list[float]:
         with torch.inference_mode():
-            for _ in range(3):
-                model(x)
+            model(x)
             times = []
-            for _ in range(15):
+            for _ in range(5):
                 t0 = time.perf_counter()
                 model(x)
                 times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+        return times
 
+    harness, loops = [], []
     with EagerRunner(model, "cpu") as eager:
-        harness = [statistics.median(time_infer(eager, x, cfg)) for _ in range(2)]
-    loops = [bare() for _ in range(2)]
-    assert min(harness) == pytest.approx(min(loops), rel=0.15)
+        for _ in range(8):
+            harness += time_infer(eager, x, cfg)
+            loops += bare()
+    assert statistics.median(harness) == pytest.approx(statistics.median(loops), rel=0.15)
 
 
 def test_reduced_precision_runner_leaves_the_callers_model_alone():

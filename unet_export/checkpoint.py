@@ -68,7 +68,8 @@ def _validation_dir(path: Path, sidecar: dict) -> str | None:
     """The held-out image folder the sidecar records ({"validation": {"path": ...}}, relative to
     the checkpoint's folder or absolute), if it is there."""
     where = (sidecar.get("validation") or {}).get("path") if isinstance(sidecar.get("validation"), dict) else None
-    folder = (path.parent / where).resolve() if isinstance(where, str) else None
+    # Relative to the sidecar file itself (followed through a symlink), not to the link's folder.
+    folder = (path.with_suffix(".json").resolve().parent / where).resolve() if isinstance(where, str) else None
     return str(folder) if folder and folder.is_dir() else None
 
 

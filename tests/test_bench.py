@@ -16,6 +16,7 @@ from unet_export.cli.bench import app
 from unet_export.demo import random_milesial, write_random_checkpoint
 from unet_export.fileio import sha256_file
 from unet_export.runners import BACKENDS, EagerRunner, Runner
+from unet_export.verify import FP32
 
 runner = CliRunner()
 FAST = dict(batch=2, warmup=1, iters=2)
@@ -123,10 +124,32 @@ def test_json_schema_and_markdown(workdir, tmp_path):
     ok = data["results"][1]
     assert set(ok["latency_ms"]) == {"mean", "min", "p50", "p90", "p99", "max"}
     assert ok["latency_ms"]["min"] <= ok["latency_ms"]["p50"] <= ok["latency_ms"]["max"]
-    assert set(ok["parity"]) == {"max_abs_err", "mean_abs_err", "argmax_disagreement", "dice_vs_eager", "passed"}
+    assert set(ok["parity"]) == {"max_abs_err", "mean_abs_err", "max_err_fp64", "mean_err_fp64", "noise_floor",
+                                 "allowed", "argmax_disagreement", "tie_pixels", "dice_vs_eager", "passed"}  # fmt: skip
+    eager = data["results"][0]["parity"]
+    assert eager["max_abs_err"] == 0 and eager["max_err_fp64"] == eager["noise_floor"] > 0  # eager's own noise
+    assert ok["parity"]["max_err_fp64"] <= ok["parity"]["allowed"]
+    assert data["config"]["tolerances"]["fp32"]["rtol"] == FP32.rtol
     assert data["results"][2]["status"] == "unavailable"
     md = out_md.read_text()
     assert "| onnxruntime | fp32 | ok |" in md and "| tensorrt-fp16 | - | unavailable |" in md
+
+
+def test_tolerance_options_set_the_gate(workdir, tmp_path):
+    """--rtol 0.5 asks more than eager fp32 itself achieves: even the eager row must fail, and the
+    message names the loosest multiple that passes (1: eager is exactly at its own noise floor)."""
+    args = ["-w", str(workdir), "--backends", "eager", "--batch", "1", "--iters", "1", "--warmup", "0", "--rtol", "0.5",
+            "--atol", "0", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["config"]["tolerances"]["fp32"] == {"name": "fp32", "rtol": 0.5, "atol": 0.0,
+                                                    "max_class_change": 0.0, "min_dice": None}  # fmt: skip
+    row = data["results"][0]
+    assert row["status"] == "parity_failed" and "would pass with --rtol 1 " in row["reason"]
+    assert runner.invoke(app, args[:-6] + ["--rtol", "1", "--atol", "0"]).exit_code == 0
+    bad = runner.invoke(app, args[:-6] + ["--min-dice", "2"])
+    assert bad.exit_code == 2 and "--min-dice must be" in bad.stderr
 
 
 @pytest.mark.parametrize(
@@ -134,6 +157,8 @@ def test_json_schema_and_markdown(workdir, tmp_path):
     [
         (["--backends", "eager,warp-drive"], "unknown backend(s) warp-drive"),
         (["--batch", "0"], "--batch must be at least 1"),
+        (["--iters", "0"], "--iters must be at least 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
         (["--height", "8"], "does not fit this model"),
     ],
 )
@@ -229,5 +254,11 @@ def test_real_images_fill_the_batch(workdir, tmp_path):
     report = benchmark(workdir, backends=["onnxruntime"], device="cpu", data=tmp_path / "data", batch=4,
                        warmup=1, iters=1)  # fmt: skip
     assert report.config["inputs"] == str(tmp_path / "data") and by_backend(report)["onnxruntime"].status == "ok"
+    # Images are benched at their own size (the model's scale), not rescaled to the export's 64x64 ...
+    assert (report.config["height"], report.config["width"]) == (48, 80)
+    # ... unless the user asks for a size.
+    sized = benchmark(workdir, backends=["eager"], device="cpu", data=tmp_path / "data", batch=1, height=64,
+                      warmup=1, iters=1)  # fmt: skip
+    assert (sized.config["height"], sized.config["width"]) == (64, 80)
     result = runner.invoke(app, ["-w", str(workdir), "--data", str(tmp_path / "nothing"), "--iters", "1"])
     assert result.exit_code == 2 and "no images found" in result.stderr

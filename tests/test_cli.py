@@ -99,3 +99,84 @@ def test_internal_errors_exit_3_with_a_hint(make_checkpoint, tmp_path, monkeypat
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "unet_export", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "onnx" in proc.stdout and "torchscript" in proc.stdout
+
+
+def test_tolerances_are_options_and_recorded_with_the_verdict(make_checkpoint, tmp_path):
+    weights = make_checkpoint("v3")
+    args = ["torchscript", str(weights), "-w", str(tmp_path), "--height", "32", "--width", "32", "--device", "cpu"]
+    result = runner.invoke(app, args + ["--rtol", "12", "--atol", "2e-6"])
+    assert result.exit_code == 0, result.output
+    assert "12 x noise floor + 2e-06 x max(1, |logit|)" in result.stdout and "err vs f64" in result.stdout
+    parity = load_manifest(tmp_path)["artifacts"][0]["parity"]
+    assert parity["limits"] == {"name": "fp32", "rtol": 12.0, "atol": 2e-6, "max_class_change": 0.0, "min_dice": None}
+    assert all(c["reference"] == "float64" and c["max_err_fp64"] <= c["atol"] for c in parity["cases"])
+    failed = runner.invoke(app, args + ["--rtol", "0.5", "--atol", "0"])  # stricter than eager fp32 itself
+    assert failed.exit_code == 1 and "would pass with --rtol" in failed.stdout
+    bad = runner.invoke(app, ["onnx", str(weights), "-w", str(tmp_path / "o"), "--min-dice", "0.99"])
+    assert bad.exit_code == 2 and "add --fp16" in bad.stderr
+
+
+@pytest.fixture
+def exported(make_checkpoint, tmp_path):
+    """ONNX and TorchScript of a small model, and a folder of real images for it."""
+    from unet_export.data.synth import make_synth
+
+    out, weights = tmp_path / "exports", make_checkpoint("v3")
+    for fmt in ("onnx", "torchscript"):
+        args = [fmt, str(weights), "-w", str(out), "--height", "64", "--width", "64", "--device", "cpu"]
+        assert runner.invoke(app, args).exit_code == 0
+    make_synth(tmp_path / "data", n=3, size=(48, 80), seed=1)
+    return out, tmp_path / "data"
+
+
+def test_verify_rechecks_every_artefact_and_records_where(exported):
+    import json
+
+    out, data = exported
+    before = load_manifest(out)
+    # an engine this machine cannot run is reported, its verdict left alone, and fails nothing
+    engine = before["artifacts"][0] | {"format": "tensorrt", "precision": "fp16", "status": "verified"}
+    (out / "manifest.json").write_text(json.dumps(before | {"artifacts": before["artifacts"] + [engine]}))
+    result = runner.invoke(app, ["verify", "-w", str(out), "--data", str(data), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    # the 48x80 images run at their own size: these artefacts are dynamic and take it
+    assert "seeded + 3 images" in result.stdout and "1x3x64x64" in result.stdout and "3x3x48x80 images" in result.stdout
+    assert "unavailable" in result.stdout and "runs on CUDA only" in result.stdout
+    after = load_manifest(out)
+    assert after["artifacts"][2] == engine
+    for old, new in zip(before["artifacts"], after["artifacts"]):
+        assert new["status"] == "verified" and new["sha256"] == old["sha256"] and new["parity"] == old["parity"]
+        record = new["verified_on"]
+        assert {"host", "device", "versions", "time", "inputs", "parity"} <= set(record)
+        assert record["parity"]["passed"] and len(record["parity"]["cases"]) == 3
+        assert record["parity"]["cases"][2]["label"] == "images"
+
+
+def test_verify_fails_a_wrong_artefact_and_refuses_a_changed_one(exported, tmp_path):
+    import json
+
+    from unet_export.fileio import sha256_file
+
+    out, _ = exported
+    other = tmp_path / "other"
+    torch.save(milesial_state_dict("v3", seed=1), tmp_path / "other.pth")
+    assert runner.invoke(app, ["onnx", str(tmp_path / "other.pth"), "-w", str(other), "--height", "64", "--width", "64",
+                               "--device", "cpu"]).exit_code == 0  # fmt: skip
+    onnx_file = out / "unet_v3.onnx"
+    onnx_file.write_bytes((other / "other.onnx").read_bytes())
+    changed = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
+    assert changed.exit_code == 2 and "changed since it was verified" in changed.stderr
+    assert changed.stderr.count("\n") == 1 and "changed" in changed.stdout
+    # An exporter that recorded the wrong file's hash: only the parity check can catch that.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"][0] |= {"sha256": sha256_file(onnx_file), "bytes": onnx_file.stat().st_size}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    failed = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
+    assert failed.exit_code == 1 and "would pass with" in failed.stdout
+    statuses = {a["format"]: a["status"] for a in load_manifest(out)["artifacts"]}
+    assert statuses == {"onnx": "failed", "torchscript": "verified"}
+
+
+def test_verify_without_artefacts_exits_2(tmp_path):
+    result = runner.invoke(app, ["verify", "-w", str(tmp_path)])
+    assert result.exit_code == 2 and "run `unet-export onnx" in result.stderr

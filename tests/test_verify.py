@@ -1,66 +1,190 @@
+import pytest
 import torch
 
-from unet_export.verify import FP16, FP32, compare, seeded_inputs
+from unet_export.demo import random_milesial
+from unet_export.errors import UserError
+from unet_export.runners import EagerRunner
+from unet_export.verify import (
+    FALLBACK_REL_ATOL,
+    FP16,
+    FP32,
+    Tolerance,
+    check_parity,
+    compare,
+    loosest,
+    seeded_inputs,
+    tolerance_for,
+    tolerance_from_record,
+)
 
 
 def logits(seed=0, shape=(2, 3, 32, 48), scale=5.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def noisy(exact, size, seed=1):
+    """``exact`` plus uniform noise of at most ``size``, in float32 (as a runtime would return it)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (exact + (torch.rand(exact.shape, generator=gen, dtype=torch.float64) * 2 - 1) * size).float()
 
 
 def test_identical_outputs_pass():
-    ref = logits()
-    case = compare(ref.clone(), ref, FP32)
+    exact = logits()
+    ref = exact.float()
+    case = compare(ref.clone(), ref, FP32, exact=exact)
     assert case.passed and case.max_abs_err == 0 and case.dice_vs_eager == 1.0
+    assert case.reference == "float64" and case.max_err_fp64 == case.noise_floor
+    assert case.floor_ratio == pytest.approx(1.0)
 
 
-def test_error_above_tolerance_fails_and_names_the_tolerance_that_would_pass():
-    ref = logits()
-    out = ref + 1e-2
-    case = compare(out, ref, FP32)
-    assert not case.passed
-    assert case.atol == 1e-4 * ref.abs().max().item()
-    assert "would pass with rel_atol" in case.failures[0]
+def test_error_is_judged_against_float64_in_units_of_the_noise_floor():
+    exact = logits()
+    eager = noisy(exact, 1e-5)
+    floor = (eager.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    within = compare(noisy(exact, 3e-5, seed=2), eager, FP32, exact=exact)
+    assert within.passed and within.noise_floor == floor
+    assert within.atol == pytest.approx(FP32.rtol * floor + FP32.rel_atol * scale)
+    beyond = compare(noisy(exact, 2e-4, seed=2), eager, FP32, exact=exact)
+    assert not beyond.passed and beyond.floor_ratio > FP32.rtol
+
+
+def test_failure_names_the_loosest_tolerance_that_passes_never_the_one_in_force():
+    exact = logits()
+    eager = noisy(exact, 1e-5)
+    out = noisy(exact, 2e-4, seed=2)
+    case = compare(out, eager, FP32, exact=exact)
+    message = case.failures[0]
+    assert "would pass with --rtol" in message and "--atol" in message
+    rtol = float(message.split("--rtol ")[1].split()[0])
+    atol = float(message.split("--atol ")[1].split()[0])
+    assert rtol > FP32.rtol and atol > FP32.rel_atol
+    assert compare(out, eager, tolerance_for("fp32", rtol=rtol), exact=exact).passed
+    assert compare(out, eager, tolerance_for("fp32", atol=atol), exact=exact).passed
+    # rounded up at two significant digits: one step lower fails
+    assert not compare(out, eager, tolerance_for("fp32", rtol=rtol - 10 ** (len(str(int(rtol))) - 2)), exact=exact).passed
+
+
+@pytest.mark.parametrize(
+    "needed, expected",
+    [(1.007e-4, 1.1e-4), (1.1e-4, 1.1e-4), (10.07, 11.0), (99.2, 100.0), (3.0e-7, 3.0e-7), (0.0123456, 0.013)],
+)
+def test_loosest_rounds_up_at_two_significant_digits(needed, expected):
+    assert loosest(needed, lambda v: v >= needed) == pytest.approx(expected, rel=1e-12)
+
+
+def test_loosest_rounds_a_minimum_down():
+    assert loosest(0.998765, lambda v: v <= 0.998765, up=False, digits=4) == pytest.approx(0.9987)
 
 
 def test_changed_classes_fail_fp32_and_are_counted():
-    ref = logits()
+    exact = logits()
+    ref = exact.float()
     out = ref.clone()
     out[:, 0, :4, :4] += 100.0  # force class 0 on a 4x4 corner of each image
-    case = compare(out, ref, FP32)
-    changed = (out.argmax(1) != ref.argmax(1)).sum().item()
+    case = compare(out, ref, FP32, exact=exact)
+    changed = (out.argmax(1) != exact.argmax(1)).sum().item()
     assert changed > 0 and case.differing_pixels == changed and case.tie_pixels == 0
     assert not case.passed and any("change class" in f for f in case.failures)
     assert case.dice_vs_eager < 1.0
 
 
-def test_near_ties_within_tolerance_are_not_held_against_the_artefact():
-    ref = logits()
-    ref[0, 0, 0, 0], ref[0, 1, 0, 0], ref[0, 2, 0, 0] = 1.0, 1.0 + 1e-6, -3.0  # eager itself is undecided
+def test_near_ties_in_float64_are_not_held_against_the_artefact():
+    exact = logits()
+    exact[0, 0, 0, 0], exact[0, 1, 0, 0], exact[0, 2, 0, 0] = 1.0, 1.0 + 1e-7, -3.0  # the exact answer is undecided
+    ref = exact.float()
     out = ref.clone()
-    out[0, 0, 0, 0] += 2e-6
-    case = compare(out, ref, FP32)
+    out[0, 0, 0, 0] += 2e-7
+    case = compare(out, ref, FP32, exact=exact)
     assert case.differing_pixels == 1 and case.tie_pixels == 1
-    assert case.passed
+    assert case.passed, case.failures
 
 
-def test_fp16_tolerance_allows_a_few_changed_pixels_but_not_many():
-    ref = logits(shape=(1, 2, 100, 100))
+def test_fp16_gate_counts_class_changes_against_float64_and_excludes_its_ties():
+    exact = logits(shape=(1, 2, 100, 100))
+    ref = exact.float()
     few, many = ref.clone(), ref.clone()
     few[0, 0, 0, :5] = ref[0, 1, 0, :5] + 50  # 5 of 10,000 pixels
     many[0, 0, :10, :] = ref[0, 1, :10, :] + 50  # 1,000 of 10,000
-    assert compare(few, ref, FP16).passed
-    assert not compare(many, ref, FP16).passed
+    assert compare(few, ref, FP16, exact=exact).passed
+    case = compare(many, ref, FP16, exact=exact)
+    assert not case.passed and case.atol is None and case.max_err_fp64 > 1
+    changed = (many.argmax(1) != exact.argmax(1)).double().mean().item()
+    assert case.argmax_disagreement == changed
+    needed = float(case.failures[0].split("--max-class-change ")[1])
+    assert changed <= needed < changed * 1.1 and needed > FP16.max_disagreement
+    assert compare(many, ref, tolerance_for("fp16", max_class_change=needed, min_dice=0), exact=exact).passed
+    assert "--min-dice" in case.failures[1]
+    tie = exact.clone()
+    tie[0, 0, 5:20, :] = tie[0, 1, 5:20, :] + 1e-9  # 1,500 pixels the float64 model cannot decide
+    flipped = tie.float().clone()
+    flipped[0, 1, 5:20, :] = tie[0, 0, 5:20, :].float() + 1e-6
+    tied = compare(flipped, tie.float(), FP16, exact=tie)
+    assert tied.tie_pixels == tied.differing_pixels == 1500 and tied.argmax_disagreement == 0
+    assert tied.passed and tied.dice_vs_eager == 1.0  # ties count against neither check
+
+
+def test_without_float64_the_fixed_bound_against_eager_is_the_fallback():
+    ref = logits().float()
+    case = compare(ref + 1e-2, ref, FP32)
+    assert not case.passed and case.reference == "eager fp32" and case.max_err_fp64 is None
+    assert case.atol == FALLBACK_REL_ATOL * ref.abs().max().item()
+    assert "no float64 reference" in case.failures[0] and "would pass with" in case.failures[0]
 
 
 def test_shape_mismatch_and_nan_fail():
-    ref = logits()
+    ref = logits().float()
     assert "shape" in compare(ref[:, :, :16], ref, FP32).failures[0]
     bad = ref.clone()
     bad[0, 0, 0, 0] = float("nan")
-    assert "NaN" in compare(bad, ref, FP32).failures[0]
+    assert "NaN" in compare(bad, ref, FP32, exact=ref.double()).failures[0]
+
+
+def test_check_parity_runs_the_eager_model_in_float64_itself():
+    model = random_milesial(width=8)
+    inputs = seeded_inputs([(1, 3, 32, 32), (2, 3, 40, 24)])
+    with EagerRunner(model) as reference, EagerRunner(model, channels_last=True) as other:
+        report = check_parity(other, reference, inputs)
+    assert report.passed and report.limits == FP32.to_dict()
+    for case, x in zip(report.cases, inputs):
+        assert case.shape == list(x.shape) and case.reference == "float64"
+        assert 0 < case.noise_floor < 1e-6 and case.floor_ratio < 3
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left alone
+    with EagerRunner(model, "cpu", "fp64") as exact:
+        assert exact.infer(inputs[0]).dtype == torch.float64
+
+
+def test_user_tolerances_set_their_own_gate_and_are_checked():
+    assert tolerance_for("fp32", rtol=20, max_class_change=0.5) == Tolerance("fp32", FP32.rel_atol, 0.0, None, 20)
+    half = tolerance_for("fp16", rtol=20, min_dice=0.99)
+    assert (half.rtol, half.min_dice, half.max_disagreement) == (None, 0.99, FP16.max_disagreement)
+    for bad in (dict(rtol=-1), dict(atol=float("nan")), dict(min_dice=1.5)):
+        with pytest.raises(UserError, match="must be a finite number"):
+            tolerance_for("fp32", **bad)
+    recorded = tolerance_for("fp32", rtol=12, atol=1e-5).to_dict()
+    assert tolerance_from_record(recorded, "fp32") == Tolerance("fp32", 1e-5, 0.0, None, 12)
+    assert tolerance_from_record(None, "bf16") == FP16
 
 
 def test_seeded_inputs_are_reproducible_images():
     a, b = seeded_inputs([(1, 3, 8, 8), (2, 3, 5, 7)], seed=3), seeded_inputs([(1, 3, 8, 8), (2, 3, 5, 7)], seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert a[1].shape == (2, 3, 5, 7) and 0 <= a[0].min() and a[0].max() <= 1
+
+
+class Float32Only(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            raise TypeError("float32 kernels only")
+        return self.conv(x)
+
+
+def test_a_model_that_cannot_run_in_float64_is_an_input_error_not_a_failed_artefact():
+    model = Float32Only()
+    with EagerRunner(model) as reference, EagerRunner(model, channels_last=True) as other:
+        with pytest.raises(UserError, match="does not run in float64 .*float32 kernels only"):
+            check_parity(other, reference, seeded_inputs([(1, 3, 8, 8)]))

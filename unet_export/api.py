@@ -28,7 +28,9 @@ from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.tensorrt import gpu_identity
-from unet_export.verify import FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs
+from unet_export.verify import (  # noqa: F401  FP16, FP32, TOLERANCES: kept importable from here
+    FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,
+)
 
 # The second parity size is deliberately not a multiple of 16 (milesial pads odd sizes).
 SECOND_PARITY_SHAPE = (2, 250, 375)
@@ -79,13 +81,17 @@ def export_artifact(
     static: bool = False,
     opset: int = DEFAULT_OPSET,
     seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> ExportResult:
     """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest.
     The artefact is written and verified under a temp name, then renamed and recorded in one
-    locked step: an interrupted export never replaces a verified file."""
+    locked step: an interrupted export never replaces a verified file. ``rtol``/``atol`` replace
+    the FP32 gate's (verify.FP32) and are recorded with the verdict."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    tol = tolerance_for("fp32", rtol=rtol, atol=atol)
     ckpt = load_checkpoint(weights, model)
     rule = get_spec(ckpt.architecture).sizes(ckpt.config)
     rule.check(height, width)
@@ -105,7 +111,7 @@ def export_artifact(
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
         inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
-        parity = run_parity(entry, workdir, net, dev, inputs, FP32, path=staged)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
         with transaction(workdir) as manifest:
             _refuse_concurrent_model(manifest, ckpt, revision, workdir)
             dropped = set_model(manifest, ckpt.record())
@@ -143,10 +149,12 @@ def _refuse_concurrent_model(manifest: dict, ckpt: Checkpoint, revision: int, wo
 
 
 def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] | None = None,
-                     device: str = "auto", seed: int = 0) -> ExportResult:  # fmt: skip
+                     device: str = "auto", seed: int = 0, max_class_change: float | None = None,
+                     min_dice: float | None = None) -> ExportResult:  # fmt: skip
     """Convert the workdir's verified FP32 ONNX model to FP16 (FP32 inputs and outputs) and check
-    it against eager FP32 with the FP16 tolerances."""
+    it against the eager model with the FP16 tolerances (``max_class_change``/``min_dice`` replace them)."""
     started = time.perf_counter()
+    tol = tolerance_for("fp16", max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     source = onnx_entry(manifest, workdir)
@@ -158,7 +166,7 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
         entry = {"format": "onnx", "path": dest.name, "precision": "fp16", **io,
                  "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
         shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
-        parity = run_parity(entry, workdir, net, dev, seeded_inputs(shapes, seed), FP16, path=staged)
+        parity = run_parity(entry, workdir, net, dev, seeded_inputs(shapes, seed), tol, path=staged)
         with transaction(workdir) as current:
             _same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged)
@@ -173,7 +181,8 @@ def _same_model(current: dict, read: dict, workdir: Path) -> None:
 
 def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:
     """Parity of one manifest entry (its file at ``path`` if given, e.g. before it is published)
-    against the eager model; a runtime crash is a failed check."""
+    against the eager model, judged by the eager model in float64 (check_parity runs it on the
+    CPU); a runtime crash is a failed check."""
     runner = artifact_runner(entry, workdir, device, path=path)
     try:
         with EagerRunner(net, device) as reference, runner:
@@ -182,7 +191,8 @@ def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, 
         raise
     except Exception as exc:  # the artefact itself would not run: that is a verification failure
         message = " ".join(str(exc).split())[:300]
-        return ParityReport(runner.name, tol.name, cases=[], error=f"{type(exc).__name__}: {message}")
+        error = f"{type(exc).__name__}: {message}"
+        return ParityReport(runner.name, tol.name, cases=[], error=error, limits=tol.to_dict())
 
 
 def record_artifact(workdir: Path, manifest: dict, entry: dict, parity: ParityReport, device, staged: Path) -> None:
@@ -252,9 +262,15 @@ def build_trt(
     timing_cache: str | Path | None = None,
     fp32_layers: list[str] | None = None,
     seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_class_change: float | None = None,
+    min_dice: float | None = None,
 ) -> ExportResult:
-    """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA."""
+    """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA
+    (judged by float64); the tolerance options replace those of the engine's precision."""
     started = time.perf_counter()
+    tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     source = onnx_entry(manifest, workdir, onnx)
@@ -267,7 +283,8 @@ def build_trt(
     plan = plan_build(trt.__version__, precision, fp32_layers)
     onnx_path = workdir / source["path"]
     if plan.source == "fp16-onnx":  # TensorRT >= 11: FP16 comes from the model's types
-        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", seed=seed).path
+        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", seed=seed,
+                                     max_class_change=max_class_change, min_dice=min_dice).path  # fmt: skip
     dest = engine_path(workdir, source["path"], precision)
     cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"
     with _staged(dest, _estimated_bytes(net), "TensorRT engine") as staged:
@@ -276,7 +293,7 @@ def build_trt(
         entry = _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache)
         dev = torch.device("cuda")
         inputs = seeded_inputs(profile.parity_shapes(), seed)
-        parity = run_parity(entry, workdir, net, dev, inputs, TOLERANCES[precision], path=staged)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
         with transaction(workdir) as current:
             _same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged)

@@ -9,6 +9,7 @@ import typer
 from unet_export.bench import benchmark, exit_code
 from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console, run_app
 from unet_export.cli.render import bench_markdown, bench_table, row_line
+from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.fileio import atomic_path
 from unet_export.runners import BACKENDS
 from unet_export.runners.compiled import COMPILE_MODES
@@ -24,9 +25,11 @@ def bench(
     height: Annotated[int | None, typer.Option(help="Input height (default: the export size).")] = None,
     width: Annotated[int | None, typer.Option(help="Input width (default: the export size).")] = None,
     backends: Annotated[str | None, typer.Option(help=f"Comma-separated subset of: {', '.join(BACKENDS)}.")] = None,
-    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 3,
-    iters: Annotated[int | None, typer.Option(help="Timed calls (default: as many as --min-time allows).")] = None,
-    min_time: Annotated[float, typer.Option(help="Seconds to time each backend (at least 5 calls).")] = 5.0,
+    warmup: Annotated[int, typer.Option(envvar="UNET_BENCH_WARMUP", help="Untimed calls before timing.")] = 3,
+    iters: Annotated[int | None, typer.Option(envvar="UNET_BENCH_ITERS",
+                                              help="Timed calls (default: as many as --min-time allows).")] = None,  # fmt: skip
+    min_time: Annotated[float, typer.Option(envvar="UNET_BENCH_MIN_TIME",
+                                            help="Seconds to time each backend (at least 5 calls).")] = 5.0,  # fmt: skip
     device: DeviceOpt = "auto",
     compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
@@ -35,6 +38,10 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
 ) -> None:
     """Time every runtime against eager fp32 after checking each one's output (exit 1 on mismatch)."""
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
@@ -43,7 +50,8 @@ def bench(
     report = benchmark(
         workdir, batch=batch, height=height, width=width, backends=names, device=device.value, weights=weights,
         compile_mode=compile_mode, data=data, warmup=warmup, iters=iters, min_time=min_time,
-        on_row=lambda row: console.print(row_line(row)),
+        on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol, max_class_change=max_class_change,
+        min_dice=min_dice,
     )  # fmt: skip
     console.print(bench_table(report))
     for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2)), (markdown, lambda: bench_markdown(report))):

@@ -10,10 +10,15 @@ from unet_export.api import build_trt, export_artifact, export_fp16_onnx, resolv
 from unet_export.bench import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
-from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, run_app
-from unet_export.cli.render import bench_table, cpp_table, dice_table, doctor_table, export_report, row_line
+from unet_export.cli.serve import register as register_serving
+from unet_export.cli.deploy import register as register_deploy, shower
+from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, fail, run_app
+from unet_export.cli.render import (
+    bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
+)
+from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.cpp import cpp_check
-from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
+from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
 from unet_export.evaluate import evaluate
 from unet_export.export import FORMATS
 from unet_export.errors import UserError
@@ -59,16 +64,24 @@ def onnx_cmd(
     fp32_layers: FP32Layers = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
     if fp32_layers and not fp16:
         raise UserError("--fp32-layers applies to the FP16 model: add --fp16")
+    if (max_class_change is not None or min_dice is not None) and not fp16:
+        raise UserError("--max-class-change and --min-dice set the FP16 gate: add --fp16 "
+                        "(the FP32 gate takes --rtol/--atol)")
     result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
-                             device=device.value, model=model)  # fmt: skip
+                             device=device.value, model=model, rtol=rtol, atol=atol)  # fmt: skip
     export_report(result, workdir)
     passed = result.passed
     if fp16 and passed:
-        half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value)
+        half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value,
+                                max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         export_report(half, workdir)
         passed = half.passed
     raise typer.Exit(0 if passed else 1)
@@ -83,9 +96,12 @@ def torchscript_cmd(
     width: Width = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
-    _export("torchscript", weights, workdir, height=height, width=width, device=device.value, model=model)
+    _export("torchscript", weights, workdir, height=height, width=width, device=device.value, model=model,
+            rtol=rtol, atol=atol)  # fmt: skip
 
 
 @app.command("aoti")
@@ -98,9 +114,12 @@ def aoti_cmd(
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
-    _export("aoti", weights, workdir, height=height, width=width, static=static, device=device.value, model=model)
+    _export("aoti", weights, workdir, height=height, width=width, static=static, device=device.value, model=model,
+            rtol=rtol, atol=atol)  # fmt: skip
 
 
 @app.command("cpp-check")
@@ -145,13 +164,51 @@ def trt_cmd(
     workspace: Annotated[float, typer.Option(help="Builder workspace in GiB.")] = 4.0,
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache reused across builds (default DIR/timing.cache).")] = None,
     fp32_layers: FP32Layers = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
 ) -> None:
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
+    if fp16 and (rtol is not None or atol is not None):
+        raise UserError("--rtol and --atol set the FP32 gate: add --fp32 "
+                        "(the FP16 gate takes --max-class-change/--min-dice)")
+    if not fp16 and (max_class_change is not None or min_dice is not None):
+        raise UserError("--max-class-change and --min-dice set the FP16 gate: drop --fp32 "
+                        "(the FP32 gate takes --rtol/--atol)")
     result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                        opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
-                       timing_cache=timing_cache, fp32_layers=fp32_layers)  # fmt: skip
+                       timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
+                       max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command("verify")
+@cli_errors
+def verify_cmd(
+    workdir: Workdir = Path("exports"),
+    data: Annotated[Path | None, typer.Option(help="Real images (a folder, or a dataset with imgs/ or JPEGImages/) "
+                                                   "checked in addition to the seeded inputs.")] = None,
+    images: Annotated[int, typer.Option(help="At most this many images from --data.")] = 8,
+    device: DeviceOpt = "auto",
+    weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
+) -> None:
+    """Re-run the parity gate of every artefact in DIR's manifest on this machine and record the
+    verdicts (exit 1 if one fails, 2 if a file changed since it was verified)."""
+    from unet_export.reverify import verify_workdir
+
+    report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights, rtol=rtol,
+                            atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+    verify_report(report)
+    changed = [v for v in report.verdicts if v.status in ("changed", "missing")]
+    if changed:
+        fail("; ".join(v.reason for v in changed), 2)
+    raise typer.Exit(report.exit_code)
 
 
 @app.command("demo")
@@ -167,8 +224,12 @@ def demo_cmd(workdir: Workdir = Path("exports/demo"), device: DeviceOpt = "auto"
         result = export_artifact(DEMO_WEIGHTS, fmt, workdir, device=device.value, height=height, width=width)
         export_report(result, workdir)
         passed &= result.passed
+    # INT8 (OpenVINO IR via NNCF, ONNX via ONNX Runtime): calibrated on half of the validation set,
+    # gated (and benchmarked) on the other half, which calibration never saw.
+    passed &= all(r.passed for r in demo_int8(workdir, device=device.value, on_result=shower(workdir)))
     console.print(dice_table(evaluate(DEMO_WEIGHTS, DEMO_VAL, workdir, device=device.value), "the shipped validation set"))
-    report = benchmark(workdir, batch=8, backends=None if resolve_device(device.value).type == "cuda" else DEMO_CPU_BACKENDS,
+    cpu_rows = DEMO_CPU_BACKENDS + DEMO_INT8_BACKENDS
+    report = benchmark(workdir, batch=8, backends=None if resolve_device(device.value).type == "cuda" else cpu_rows,
                        device=device.value, data=DEMO_VAL, warmup=2, min_time=2.0,
                        on_row=lambda row: console.print(row_line(row)))  # fmt: skip
     console.print(bench_table(report))
@@ -177,6 +238,8 @@ def demo_cmd(workdir: Workdir = Path("exports/demo"), device: DeviceOpt = "auto"
 
 app.add_typer(data_app, name="data")
 register_training(app)
+register_serving(app)
+register_deploy(app)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from rich.table import Table
 
 from unet_export.api import ExportResult
 from unet_export.cli.common import console
+from unet_export.verify import ParityReport
 
 
 def _mb(n_bytes: int) -> str:
@@ -15,21 +16,46 @@ def _dims(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def parity_table(result: ExportResult) -> Table:
-    parity = result.parity
-    rule = "max abs err <= atol, no class change" if parity.tolerance == "fp32" else "class diff <= 0.1%, Dice >= 0.999"
-    table = Table(title=f"Parity vs eager fp32: {parity.runner}, {parity.tolerance} tolerance ({rule})",
-                  title_justify="left")  # fmt: skip
-    for column in ("input", "max |err|", "mean |err|", "atol", "class diff", "Dice", "result"):
+def gate_rule(limits: dict | None, name: str) -> str:
+    """The rule a parity report was judged by, in words."""
+    if limits and (limits.get("rtol") is not None or limits.get("atol") is not None):
+        return (f"{name} tolerance: max |err vs float64| <= {limits.get('rtol') or 0:g} x noise floor + "
+                f"{limits.get('atol') or 0:g} x max(1, |logit|), no class change outside float64 ties")  # fmt: skip
+    if limits:
+        dice = f", Dice >= {limits['min_dice']:g}" if limits.get("min_dice") is not None else ""
+        return f"{name} tolerance: class change vs float64 <= {limits['max_class_change']:.2%} (ties excluded){dice}"
+    return f"{name} tolerance"
+
+
+def _sci(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}e}"
+
+
+def _times(ratio) -> str:
+    """An error in units of the noise floor: 0.79, 1.00, 169, 3.6e+07."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" if ratio < 100 else f"{ratio:.0f}" if ratio < 1e5 else f"{ratio:.1e}"
+
+
+def parity_table(result: ExportResult | ParityReport) -> Table:
+    """One row per input: the artefact's error against float64 next to eager fp32's own (the
+    noise floor), their ratio, the bound in force, and the decisions."""
+    parity = result.parity if isinstance(result, ExportResult) else result
+    table = Table(title=f"Parity: {parity.runner}, {gate_rule(parity.limits, parity.tolerance)}", title_justify="left")
+    for column in ("input", "err vs f64", "noise floor", "x floor", "allowed", "vs eager fp32", "class diff", "Dice",
+                   "result"):  # fmt: skip
         table.add_column(column, justify="left" if column == "input" else "right")
     for case in parity.cases:
-        allowed = f"{case.atol:.1e}" if case.atol is not None else "-"
         differing = f"{case.argmax_disagreement:.4%}"
         if case.tie_pixels:
             differing += f" (+{case.tie_pixels} ties)"
+        ratio = case.floor_ratio
+        label = f" {case.label}" if getattr(case, "label", "") and case.label != "seeded" else ""
         table.add_row(
-            "x".join(map(str, case.shape)), f"{case.max_abs_err:.2e}", f"{case.mean_abs_err:.2e}", allowed,
-            differing, f"{case.dice_vs_eager:.6f}", "[green]pass[/]" if case.passed else "[red]FAIL[/]",
+            "x".join(map(str, case.shape)) + label, _sci(case.max_err_fp64), _sci(case.noise_floor),
+            _times(ratio), _sci(case.atol, 1), _sci(case.max_abs_err), differing,
+            f"{case.dice_vs_eager:.6f}", "[green]pass[/]" if case.passed else "[red]FAIL[/]",
         )  # fmt: skip
     return table
 
@@ -59,7 +85,7 @@ def export_report(result: ExportResult, workdir) -> None:
 
 
 BENCH_COLUMNS = ("backend", "precision", "status", "img/s", "mean ms", "p50 ms", "p99 ms", "CV", "speed-up",
-                 "peak MB", "max abs err", "class diff", "Dice vs eager")  # fmt: skip
+                 "peak MB", "max abs err", "err vs f64", "x floor", "class diff", "Dice vs eager")  # fmt: skip
 STATUS_STYLE = {"ok": "green", "parity_failed": "red", "error": "red", "unavailable": "yellow"}
 
 
@@ -68,12 +94,16 @@ def _num(value, fmt: str) -> str:
 
 
 def bench_cells(row) -> list[str]:
+    """``max abs err`` is against eager fp32, ``err vs f64`` against the float64 model, ``x floor``
+    the latter in units of eager fp32's own error against float64 (the eager row shows the floor)."""
     lat, parity = row.latency_ms or {}, row.parity or {}
+    err64, floor = parity.get("max_err_fp64"), parity.get("noise_floor")
     return [
         row.backend, row.precision, row.status, _num(row.img_per_s, ".2f"), _num(lat.get("mean"), ".1f"),
         _num(lat.get("p50"), ".1f"), _num(lat.get("p99"), ".1f"), _num(row.cv, ".1%"),
         _num(row.speedup_vs_eager, ".2f") + ("x" if row.speedup_vs_eager else ""), _num(row.peak_mem_mb, ".0f"),
-        _num(parity.get("max_abs_err"), ".1e"), _num(parity.get("argmax_disagreement"), ".3%"),
+        _num(parity.get("max_abs_err"), ".1e"), _num(err64, ".1e"),
+        _times(err64 / floor if err64 is not None and floor else None), _num(parity.get("argmax_disagreement"), ".3%"),
         _num(parity.get("dice_vs_eager"), ".5f"),
     ]  # fmt: skip
 
@@ -98,10 +128,21 @@ def bench_table(report) -> Table:
         cells = bench_cells(row)
         cells[2] = f"[{STATUS_STYLE[row.status]}]{cells[2]}[/]"
         table.add_row(*cells)
+    table.caption = _floor_caption(report)
     for row in report.rows:
         for warning in row.warnings:
             table.caption = (table.caption + "\n" if table.caption else "") + f"{row.backend}: {warning}"
     return table
+
+
+def _floor_caption(report) -> str:
+    floors = (r.parity.get("noise_floor") for r in report.rows if r.parity)
+    floor = next((f for f in floors if f is not None), None)
+    if floor is None:
+        return ""
+    limits = report.config.get("tolerances", {}).get("fp32") or {}
+    return (f"noise floor (eager fp32 vs float64 on this batch) {floor:.1e}; fp32 rows: "
+            f"{gate_rule(limits, 'fp32')}")  # fmt: skip
 
 
 def bench_markdown(report) -> str:
@@ -117,6 +158,31 @@ def bench_markdown(report) -> str:
     reasons = [f"- {row.backend}: runs on {row.runs_on}" for row in report.rows if row.runs_on]
     reasons += [f"- {row.backend}: {row.reason}" for row in report.rows if row.reason]
     return "\n".join(lines + ([""] + reasons if reasons else []))
+
+
+VERIFY_STYLE = {"verified": "green", "failed": "red", "changed": "red", "missing": "red", "unavailable": "yellow"}
+
+
+def verify_report(report) -> None:
+    """`unet-export verify`: each artefact's parity table, then one line per artefact."""
+    host = report.host
+    console.print(f"[bold]verify[/] {report.workdir} on {host['host']} ({host['device']}: {host['device_name']}), "
+                  f"inputs: {report.inputs}")  # fmt: skip
+    for v in report.verdicts:
+        if v.parity is not None and v.parity.cases:
+            console.print(parity_table(v.parity))
+    table = Table(title="Verdicts", title_justify="left")
+    for column in ("artefact", "precision", "status", "worst x floor", "detail"):
+        table.add_column(column, justify="right" if column == "worst x floor" else "left", overflow="fold")
+    for v in report.verdicts:
+        cases = v.parity.cases if v.parity is not None else []  # a report is falsy when it failed
+        ratios = [c.floor_ratio for c in cases if c.floor_ratio is not None]
+        detail = "; ".join(v.parity.failures()) if v.parity is not None and not v.parity.passed else v.reason
+        table.add_row(f"{v.format} ({v.path})", v.precision, f"[{VERIFY_STYLE[v.status]}]{v.status}[/]",
+                      _times(max(ratios)) if ratios else "-", escape(detail))  # fmt: skip
+    console.print(table)
+    if any(v.parity is not None for v in report.verdicts):
+        console.print(f"verdicts recorded in {report.workdir / 'manifest.json'}")
 
 
 def dice_table(report: dict, data) -> Table:
@@ -161,3 +227,97 @@ def doctor_table(rows) -> Table:
         # escape: install hints such as pip install "unet-export[trt]" would read as Rich markup
         table.add_row(escape(row.name), f"[{DOCTOR_STYLE.get(row.status, 'red')}]{row.status}[/]", escape(row.detail))
     return table
+
+
+def _backend_label(config) -> str:
+    return f"platform {config.platform}" if config.platform else f"backend {config.backend}"
+
+
+def triton_repository_report(result) -> None:
+    """`triton`: one row per model written, then what the Python model runs and what was left out."""
+    table = Table(title=f"Triton repository {result.repo} (written in {result.seconds:.1f} s; every config.pbtxt "
+                  f"parsed against ModelConfig and checked)", title_justify="left")  # fmt: skip
+    for column in ("model", "serves", "max batch", "instances", "notes"):
+        table.add_column(column, justify="right" if column in ("max batch", "instances") else "left")
+    for plan in result.plans:
+        artifact = plan.record.get("artifact")
+        source = f"{artifact['path']} ({artifact['format']} {artifact['precision']})" if artifact else "-"
+        instances = sum(g.count for g in plan.config.instance_group) or "-"
+        table.add_row(plan.name, f"{_backend_label(plan.config)}: {source}", str(plan.config.max_batch_size),
+                      str(instances), escape("; ".join(plan.notes)))  # fmt: skip
+    console.print(table)
+    if result.runtime:
+        timings = ", ".join(f"{k} {v:.1f} ms" for k, v in result.runtime.timings_ms.items())
+        console.print(f"Python model runtime: {result.runtime.runtime} on {result.runtime.entry['path']} (median "
+                      f"latency at {_dims(result.runtime.shape)}: {timings})")  # fmt: skip
+    for line in result.skipped:
+        console.print(f"[yellow]not published[/] {escape(line)}")
+
+
+def triton_check_report(report) -> None:
+    """`triton --check`: what was served, parity per model and protocol, pipeline masks, the
+    over-max-batch answer and the load test."""
+    server = report.server
+    console.print(f"tritonserver {report.install.version or ''} ({report.install.origin}, pid {server.get('pid')}): "
+                  f"started in {server.get('started_s', 0):.1f} s, stopped in {server.get('stopped_s') or 0:.1f} s")  # fmt: skip
+    for model, reason in report.not_served.items():
+        console.print(f"[yellow]not served here[/] {model}: {escape(reason)}")
+    for note in report.notes:
+        console.print(note)
+    if report.parity:
+        console.print(_served_parity_table(report.parity))
+    if report.masks:
+        console.print(_mask_table(report.masks))
+    over = report.overload
+    if over.get("batch"):
+        answers = "; ".join(f"{p.upper()}: {escape(a)}" for p, a in over["answers"].items())
+        verdict = "[green]pass[/]" if over["passed"] else "[red]FAIL[/]"
+        console.print(f"batch {over['batch']} to {over['model']} (max_batch_size {over['batch'] - 1}): {answers}; "
+                      f"then {'answered' if over['recovered'] else 'NOT answered'} a valid request: {verdict}")  # fmt: skip
+    if report.load:
+        console.print(load_line(report.load))
+    console.print("[green]served models match eager[/]" if report.passed else "[red]FAILED[/]: see the rows above")
+
+
+def _served_parity_table(rows) -> Table:
+    table = Table(title="Served vs eager, over Triton: each artefact's own parity gate (error judged against "
+                  "eager float64)", title_justify="left")  # fmt: skip
+    for column in ("model", "protocol", "input", "max |err|", "allowed", "class diff", "result"):
+        table.add_column(column, justify="left" if column in ("model", "protocol", "input") else "right")
+    for model, protocol, parity in rows:
+        if parity.error:
+            table.add_row(model, protocol, "-", "-", "-", "-", f"[red]FAIL[/] {escape(parity.error)}")
+        for case in parity.cases:
+            table.add_row(model, protocol, _dims(case.shape), f"{case.judged_err:.2e}",
+                          f"{case.atol:.1e}" if case.atol is not None else "-", f"{case.argmax_disagreement:.4%}",
+                          "[green]pass[/]" if case.passed else "[red]FAIL[/]")  # fmt: skip
+    return table
+
+
+def _mask_table(cases) -> Table:
+    table = Table(title="Pipeline masks vs `predict` with the eager model", title_justify="left")
+    for column in ("model", "protocol", "images", "pixels", "differing", "ties", "min Dice", "result"):
+        table.add_column(column, justify="left" if column in ("model", "protocol") else "right")
+    groups: dict[tuple, list] = {}
+    for case in cases:
+        groups.setdefault((case.model, case.protocol), []).append(case)
+    for (model, protocol), group in groups.items():
+        errors = [c.error for c in group if c.error]
+        result = "[green]pass[/]" if all(c.passed for c in group) else "[red]FAIL[/]"
+        result += f" {escape(errors[0])}" if errors else ""
+        table.add_row(model, protocol, str(len(group)), str(sum(c.pixels for c in group)),
+                      str(sum(c.differing for c in group)), str(sum(c.ties for c in group)),
+                      f"{min(c.dice for c in group):.6f}", result)  # fmt: skip
+    return table
+
+
+def load_line(load) -> str:
+    lat = load.latency_ms
+    batches = ", ".join(f"{n}: {count}" for n, count in load.batches.items()) or "none"
+    verdict = "[green]pass[/]" if load.passed else "[red]FAIL[/]"
+    errors = f"; {len(load.errors)} errors, first: {escape(load.errors[0])}" if load.errors else ""
+    timing = (f"{load.requests_per_s:.1f} requests/s, latency p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms, "
+              f"p99 {lat['p99']:.1f} ms") if lat else "no answers"  # fmt: skip
+    return (f"load test {load.model}: {load.clients} clients (half HTTP, half gRPC) x {load.requests} requests of "
+            f"{_dims(load.shape)} in {load.seconds:.1f} s: {load.answered}/{load.expected} answered, "
+            f"{load.mismatched} mismatched; {timing}; batches formed (size: executions) {batches}{errors}: {verdict}")  # fmt: skip

@@ -1,0 +1,18 @@
+"""The parity gate's tolerance options, shared by every command that verifies (one definition)."""
+
+from typing import Annotated
+
+import typer
+
+from unet_export.verify import FP16, FP32
+
+Rtol = Annotated[float | None, typer.Option(
+    "--rtol", help=f"FP32 gate: allowed error against the float64 model, as a multiple of eager fp32's own "
+                   f"error against it (the noise floor); default {FP32.rtol:g}.")]  # fmt: skip
+Atol = Annotated[float | None, typer.Option(
+    "--atol", help=f"FP32 gate: plus this x max(1, max |float64 logit|); default {FP32.rel_atol:g}.")]
+MaxClassChange = Annotated[float | None, typer.Option(
+    "--max-class-change", help=f"FP16/BF16/INT8 gate: largest fraction of pixels whose class differs from the "
+                               f"float64 model's, ties excluded; default {FP16.max_disagreement:g}.")]  # fmt: skip
+MinDice = Annotated[float | None, typer.Option(
+    "--min-dice", help=f"FP16/BF16/INT8 gate: smallest Dice(artefact mask, eager mask); default {FP16.min_dice:g}.")]

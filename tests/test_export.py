@@ -123,6 +123,7 @@ def test_artefact_that_will_not_run_is_a_failed_check(make_checkpoint, tmp_path,
     assert not result.passed and result.parity.error
 
 
+@pytest.mark.slow  # a full-size (31M) export, 20-30 s each: make test-all
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_full_size_milesial_round_trip(make_checkpoint, tmp_path, fmt):
     result = export_artifact(make_checkpoint("v3", width=64), fmt, tmp_path, device="cpu")

@@ -54,8 +54,17 @@ def test_detected_from_its_original_keys(name, tmp_path):
         torch.testing.assert_close(rebuilt(x), model.eval()(x))
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("name", list(CASES))
+def _export_cases():
+    """Every model x format. `make test` runs every architecture, the ResNet-50 and DeepLabV3
+    ones only in `make test-all` (15-60 s each, run in float64 for the gate) and the variants
+    (same architecture, another config) through TorchScript only."""
+    for name in CASES:
+        for fmt in ("onnx", "torchscript"):
+            heavy = name in HEAVY or (name in VARIANTS and fmt == "onnx")
+            yield pytest.param(name, fmt, marks=[pytest.mark.slow] if heavy else [], id=f"{name}-{fmt}")
+
+
+@pytest.mark.parametrize("name, fmt", list(_export_cases()))
 def test_export_with_parity(name, fmt, tmp_path):
     path, model = checkpoint(name, tmp_path)
     size = CASES[name][1]

@@ -17,6 +17,10 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_WEIGHTS = ASSETS / "demo_unet.pth"  # + demo_unet.json, the training sidecar
 DEMO_VAL = ASSETS / "demo_val"  # imgs/ + masks/, never seen in training
 DEMO_SIZE = (128, 128)  # the size it was trained at
+# INT8: the demo calibrates on the last half of its validation set and judges the INT8 artefacts
+# (gate, Dice vs ground truth, benchmark batch) on the first half, which calibration never saw.
+DEMO_CALIB_IMAGES = 12
+DEMO_INT8_BACKENDS = ["openvino-int8", "onnxruntime-int8"]
 DEMO_CONFIG = dict(n_channels=3, n_classes=2, bilinear=False, width=64)  # milesial v3.0's shape
 
 
@@ -42,3 +46,21 @@ def write_random_checkpoint(dest: Path, seed: int = 0, mask_values=None, **confi
     with atomic_path(dest) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return dest
+
+
+def demo_calibration() -> list[Path]:
+    """The demo's calibration images: the last DEMO_CALIB_IMAGES of DEMO_VAL (sorted by name), so
+    the first ones, which `unet-bench --data DEMO_VAL` batches, stay held out."""
+    images = sorted(p for p in (DEMO_VAL / "imgs").iterdir() if p.suffix == ".png")
+    return images[-DEMO_CALIB_IMAGES:]
+
+
+def demo_int8(workdir: Path, device: str = "auto", on_result=None) -> list:
+    """INT8 artefacts of the demo model (OpenVINO IR via NNCF, ONNX via ONNX Runtime), calibrated
+    on demo_calibration() and gated on the rest of DEMO_VAL: class change and Dice vs eager, and
+    Dice vs ground truth within 0.005 of eager (export.quantize.quantize_int8)."""
+    from unet_export.export.quantize import quantize_int8
+
+    height, width = DEMO_SIZE
+    return quantize_int8(DEMO_WEIGHTS, demo_calibration(), workdir, val=DEMO_VAL, device=device, height=height,
+                         width=width, on_result=on_result)  # fmt: skip

@@ -17,16 +17,21 @@ from unet_export.runners.base import Runner
 from unet_export.runners.compiled import TorchCompileRunner
 from unet_export.runners.eager import EagerRunner
 from unet_export.runners.onnxruntime import OnnxRuntimeRunner
-from unet_export.runners.openvino import OpenVinoRunner
+from unet_export.runners.openvino import OpenVinoRunner, ir_weights
 from unet_export.runners.tensorrt import TensorRTRunner
 from unet_export.runners.torchscript import TorchScriptRunner
 
 # format -> runner(path, device, manifest entry)
 ARTIFACT_RUNNERS: dict[str, Callable[[Path, torch.device, dict], Runner]] = {
-    "onnx": lambda path, device, entry: OnnxRuntimeRunner(path, device, entry["precision"]),
+    # INT8 QDQ models are made for ONNX Runtime's CPU provider, wherever the parity or Dice runs
+    "onnx": lambda path, device, entry: OnnxRuntimeRunner(path, "cpu" if entry["precision"] == "int8" else device,
+                                                          entry["precision"]),
     "torchscript": lambda path, device, entry: TorchScriptRunner(path, device, entry["precision"]),
     "tensorrt": lambda path, device, entry: TensorRTRunner(path, device, entry["precision"], record=entry),
     "aoti": lambda path, device, entry: AotiRunner(path, device, entry["precision"]),
+    # OpenVINO IR (fp32, fp16-compressed weights, int8): CPU only; INT8 ONNX goes through "onnx"
+    "openvino": lambda path, device, entry: OpenVinoRunner(path, "cpu", entry["precision"], weights=ir_weights(path, entry),
+                                                           hint=entry.get("inference_precision")),
 }
 
 
@@ -93,6 +98,38 @@ def _aoti(ctx: BackendContext) -> Runner:
     return AotiRunner(checked_path(ctx.workdir, entry), ctx.device)
 
 
+def _openvino(precision: str):
+    """OpenVINO at ``precision`` (its inference precision hint), reading the FP32 IR when the workdir has one,
+    else the ONNX model."""
+
+    def make(ctx: BackendContext) -> Runner:
+        try:
+            entry = ctx.entry("openvino")
+        except Unavailable:
+            return OpenVinoRunner(ctx.artifact("onnx"), "cpu", precision)
+        path = checked_path(ctx.workdir, entry)
+        return OpenVinoRunner(path, "cpu", precision, weights=ir_weights(path, entry))
+
+    return make
+
+
+def _int8(fmt: str):
+    """The workdir's INT8 artefact of ``fmt`` (openvino IR or onnx), on the CPU."""
+
+    def make(ctx: BackendContext) -> Runner:
+        if not any(a["format"] == fmt and a["precision"] == "int8" for a in ctx.manifest["artifacts"]):
+            engine = "openvino" if fmt == "openvino" else "onnxruntime"
+            raise Unavailable(f"no int8 {fmt} artefact in {ctx.workdir}/manifest.json "
+                              f"(run unet-export int8 WEIGHTS --calib DIR --engine {engine})")  # fmt: skip
+        entry = ctx.entry(fmt, "int8")
+        path = checked_path(ctx.workdir, entry)
+        if fmt == "openvino":
+            return OpenVinoRunner(path, "cpu", "int8", weights=ir_weights(path, entry))
+        return OnnxRuntimeRunner(path, "cpu", "int8")
+
+    return make
+
+
 def _tensorrt(precision: str):
     def make(ctx: BackendContext) -> Runner:
         ctx.needs_cuda("TensorRT")
@@ -115,8 +152,10 @@ BACKENDS = {
     "onnxruntime-cuda": _ort_provider("cuda"),
     "onnxruntime-cuda-fp16": _ort_provider("cuda", "fp16"),
     "onnxruntime-trt": _ort_provider("tensorrt"),
-    "openvino": lambda ctx: OpenVinoRunner(ctx.artifact("onnx"), "cpu", "fp32"),
-    "openvino-bf16": lambda ctx: OpenVinoRunner(ctx.artifact("onnx"), "cpu", "bf16"),
+    "openvino": _openvino("fp32"),
+    "openvino-bf16": _openvino("bf16"),
+    "openvino-int8": _int8("openvino"),
+    "onnxruntime-int8": _int8("onnx"),
     "tensorrt-fp16": _tensorrt("fp16"),
     "tensorrt-fp32": _tensorrt("fp32"),
 }

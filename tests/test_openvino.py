@@ -1,0 +1,151 @@
+"""`unet-export openvino`: the OpenVINO IR (.xml + .bin) from the verified ONNX model, its model
+record in rt_info, both files recorded and checked, published together even across a crash, and
+read by the runner registry, evaluate and the benchmark rows."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unet_export.bench import benchmark
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.cli.main import app
+from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
+from unet_export.errors import IntegrityError
+from unet_export.evaluate import evaluate
+from unet_export.fileio import sha256_file
+from unet_export.manifest import load_manifest, transaction
+from unet_export.runners import EagerRunner, artifact_runner
+
+pytest.importorskip("openvino")
+runner = CliRunner()
+HEIGHT, WIDTH = DEMO_SIZE
+
+
+def ir_entry(workdir, precision="fp32"):
+    return next(
+        a for a in load_manifest(workdir)["artifacts"] if a["format"] == "openvino" and a["precision"] == precision
+    )
+
+
+@pytest.fixture(scope="module")
+def ir_workdir(tmp_path_factory):
+    """The demo model's ONNX model and FP32 IR, exported once through the CLI."""
+    out = tmp_path_factory.mktemp("ov") / "exports"
+    result = runner.invoke(app, ["openvino", str(DEMO_WEIGHTS), "-w", str(out), "--height", str(HEIGHT),
+                                 "--width", str(WIDTH), "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "onnx fp32" in result.stdout and "openvino fp32" in result.stdout and "demo_unet.bin" in result.stdout
+    return out
+
+
+def decode(value: str):
+    """Metadata values are strings, as in ONNX metadata_props: JSON, or plain (the architecture)."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def copy_of(workdir, tmp_path):
+    dest = tmp_path / "exports"
+    shutil.copytree(workdir, dest)
+    return dest
+
+
+def test_ir_is_verified_and_both_files_recorded(ir_workdir):
+    entry = ir_entry(ir_workdir)
+    assert entry["status"] == "verified" and entry["path"] == "demo_unet.xml" and entry["source"] == "demo_unet.onnx"
+    assert entry["sha256"] == sha256_file(ir_workdir / "demo_unet.xml")
+    weights = entry["weights"]
+    assert weights["path"] == "demo_unet.bin" and "pending" not in weights
+    assert weights["sha256"] == sha256_file(ir_workdir / "demo_unet.bin")
+    assert weights["bytes"] == (ir_workdir / "demo_unet.bin").stat().st_size
+    assert entry["ir_shapes"]["input"].startswith("[?,3,?,?")  # dynamic batch, height and width
+    assert [c["shape"] for c in entry["parity"]["cases"]] == [[1, 3, HEIGHT, WIDTH], [2, 3, 250, 375]]
+    assert not [p for p in ir_workdir.iterdir() if ".tmp" in p.name or p.name.endswith(".pending")]
+
+
+def test_ir_carries_the_model_record(ir_workdir):
+    from unet_export.export.openvino import read_metadata
+
+    record = {k: decode(v) for k, v in read_metadata(ir_workdir / "demo_unet.xml").items()}
+    ckpt = load_checkpoint(DEMO_WEIGHTS)
+    assert record["architecture"] == "milesial" and record["config"] == ckpt.config
+    assert record["mask_values"] == ckpt.mask_values and record["checkpoint"]["sha256"] == ckpt.sha256
+    assert record["precision"] == "fp32" and record["export_size"] == [HEIGHT, WIDTH]
+
+
+def test_ir_runs_any_batch_and_size(ir_workdir):
+    x = torch.rand(3, 3, 96, 152, generator=torch.Generator().manual_seed(1))
+    net = build_model(load_checkpoint(DEMO_WEIGHTS))
+    with artifact_runner(ir_entry(ir_workdir), ir_workdir, "cpu") as ov, EagerRunner(net) as eager:
+        assert torch.allclose(ov.infer(x), eager.infer(x), atol=1e-4)
+
+
+def test_a_changed_or_missing_bin_is_refused(ir_workdir, tmp_path):
+    out = copy_of(ir_workdir, tmp_path)
+    data = bytearray((out / "demo_unet.bin").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / "demo_unet.bin").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="demo_unet.bin .*changed since it was verified"):
+        artifact_runner(ir_entry(out), out, "cpu")
+    (out / "demo_unet.bin").unlink()
+    with pytest.raises(IntegrityError, match="missing on disk"):
+        artifact_runner(ir_entry(out), out, "cpu")
+    with pytest.raises(IntegrityError, match="demo_unet.bin"):  # a benchmark row stops the run, as for any artefact
+        benchmark(out, batch=1, backends=["openvino"], device="cpu", iters=1, warmup=0)
+
+
+def test_killed_while_publishing_leaves_a_consistent_ir(ir_workdir, tmp_path):
+    """Killed after the manifest names the new IR as pending, before either file is renamed: the
+    next transaction renames the .xml, the next reader the parked .bin, and the IR is whole."""
+    out = copy_of(ir_workdir, tmp_path)
+    old = ir_entry(out)
+    proc = subprocess.run([sys.executable, "-m", "unet_export", "openvino", str(DEMO_WEIGHTS), "-w", str(out), "--fp16"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env=os.environ | {"UNET_EXPORT_KILL_AT": "before-rename"})  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    with transaction(out):  # any command's next transaction redoes the .xml rename
+        pass
+    entry = ir_entry(out, "fp16")
+    assert entry["weights"].get("pending") and not (out / "demo_unet.fp16.bin").exists()
+    x = torch.rand(1, 3, HEIGHT, WIDTH)
+    with artifact_runner(entry, out, "cpu") as ov:  # the reader finishes the .bin and checks it
+        ov.infer(x)
+    entry = ir_entry(out, "fp16")
+    assert "pending" not in entry["weights"] and entry["weights"]["sha256"] == sha256_file(out / "demo_unet.fp16.bin")
+    assert ir_entry(out)["sha256"] == old["sha256"]  # the FP32 IR is untouched
+    assert not [p for p in out.iterdir() if ".tmp" in p.name or p.name.endswith(".pending")]
+
+
+def test_fp16_ir_has_half_the_weights_and_the_fp16_gate(ir_workdir, tmp_path):
+    out = copy_of(ir_workdir, tmp_path)
+    result = runner.invoke(app, ["openvino", str(DEMO_WEIGHTS), "-w", str(out), "--fp16"])
+    assert result.exit_code == 0, result.output
+    entry = ir_entry(out, "fp16")
+    assert entry["path"] == "demo_unet.fp16.xml" and entry["weights_fp16"] and entry["parity"]["tolerance"] == "fp16"
+    assert entry["weights"]["bytes"] < 0.6 * ir_entry(out)["weights"]["bytes"]
+    assert ir_entry(out)["status"] == "verified"  # the FP32 IR stays beside it (keyed by precision)
+
+
+def test_evaluate_and_bench_read_the_ir(ir_workdir):
+    report = evaluate(DEMO_WEIGHTS, DEMO_VAL, ir_workdir, device="cpu")
+    row = next(a for a in report["artifacts"] if a["format"] == "openvino")
+    assert row["status"] == "ok" and abs(row["delta_vs_eager"]) < 1e-4
+    bench = benchmark(ir_workdir, batch=2, backends=["openvino"], device="cpu", data=DEMO_VAL, iters=1, warmup=0)
+    ov_row = bench.rows[-1]
+    assert ov_row.status == "ok" and "IR" in ov_row.runs_on, ov_row
+
+
+def test_bad_weights_exit_2_and_write_nothing(tmp_path):
+    out = tmp_path / "exports"
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["openvino", str(tmp_path / "junk.pth"), "-w", str(out)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert not out.exists()

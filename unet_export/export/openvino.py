@@ -1,0 +1,175 @@
+"""OpenVINO IR (``<stem>.xml`` + ``<stem>.bin``) from the verified ONNX artefact, converted with
+OpenVINO's own converter (``ov.convert_model``) and saved with FP32 or FP16-compressed weights.
+
+The IR keeps the ONNX model's dynamic batch, height and width, and carries the model record
+(architecture, config, mask_values, preprocessing, checkpoint) in its runtime info under
+``unet_export``, as the ONNX model carries it in metadata_props. An IR is two files: both are
+verified together under temp names and published together (``record_ir``), and the manifest
+records the .bin's sha256 beside the .xml's.
+
+    from unet_export.export.openvino import export_openvino
+    result = export_openvino("weights.pth", "exports")      # exports/weights.xml + .bin, verified
+"""
+
+import os
+import time
+from pathlib import Path
+
+from unet_export.api import (
+    ExportResult,
+    _created_dir,
+    _estimated_bytes,
+    _same_model,
+    _staged,
+    export_artifact,
+    manifest_checkpoint,  # fmt: skip
+    onnx_entry,
+    record_artifact,
+    run_parity,
+)
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.errors import ArtifactError, UserError, require
+from unet_export.fileio import fsync_file, sha256_file
+from unet_export.manifest import load_manifest, transaction
+from unet_export.runners.openvino import finish_pending_weights, parked_name
+from unet_export.verify import TOLERANCES, seeded_inputs
+
+RT_KEY = "unet_export"  # the IR's runtime-info section holding the model record
+SUFFIXES = {"fp32": ".xml", "fp16": ".fp16.xml", "int8": ".int8.xml"}
+
+
+def ir_path(workdir: Path, onnx_name: str, precision: str) -> Path:
+    """exports/<stem>.xml (FP32), <stem>.fp16.xml, <stem>.int8.xml; the .bin sits beside each."""
+    return Path(workdir) / (Path(onnx_name).stem + SUFFIXES[precision])
+
+
+def write_ir(model, dest: Path, metadata: dict[str, str], *, compress_to_fp16: bool = False) -> dict:
+    """Save the ov.Model ``model`` as ``dest`` (.xml) + ``dest.with_suffix('.bin')`` with
+    ``metadata`` in its runtime info; both files are flushed to disk. Returns the IR's record."""
+    ov = require("openvino", extra="openvino")
+    for key, value in metadata.items():
+        model.set_rt_info(value, [RT_KEY, key])
+    try:
+        ov.save_model(model, str(dest), compress_to_fp16=compress_to_fp16)
+    except RuntimeError as exc:  # OpenVINO reports a full disk or a bad path as RuntimeError
+        raise ArtifactError(f"openvino.save_model failed: {' '.join(str(exc).split())[:300]}") from exc
+    for path in (dest, dest.with_suffix(".bin")):
+        fsync_file(path)
+    return {"ir_shapes": {"input": str(model.input(0).get_partial_shape()), "output": str(model.output(0).get_partial_shape())},
+            "openvino_version": ov.__version__.split("-")[0], "weights_fp16": compress_to_fp16}  # fmt: skip
+
+
+def convert_onnx(src: Path, dest: Path, *, fp16: bool = False) -> dict:
+    """The ONNX model at ``src`` -> IR at ``dest`` with OpenVINO's converter; its metadata_props
+    become the IR's runtime info."""
+    ov = require("openvino", extra="openvino")
+    from unet_export.export.onnx import read_metadata
+
+    try:
+        model = ov.convert_model(str(src))
+    except Exception as exc:  # the frontend raises its own types (OpConversionFailure, ...)
+        raise ArtifactError(f"openvino.convert_model failed on {src.name}: {' '.join(str(exc).split())[:300]}") from exc
+    metadata = read_metadata(src) | {"precision": "fp16" if fp16 else "fp32", "source": src.name}
+    return write_ir(model, dest, metadata, compress_to_fp16=fp16)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The model record an IR carries (``predict`` reads it like ONNX metadata_props)."""
+    ov = require("openvino", extra="openvino")
+    info = ov.Core().read_model(str(path)).get_rt_info()
+    section = info[RT_KEY] if RT_KEY in info else {}  # noqa: SIM401 (an RTMap has no get)
+    return {key: value.astype(str) for key, value in section.items()}
+
+
+def record_ir(workdir: Path, manifest: dict, entry: dict, parity, device, staged: Path) -> None:
+    """Inside a manifest transaction: publish the verified IR ``staged`` (.xml) and its .bin.
+
+    The .bin is parked under a hidden name the temp sweep keeps and recorded as ``weights.pending``
+    in the same manifest save that marks the .xml pending (``record_artifact``); then both are
+    renamed and the marks cleared. A process killed anywhere leaves the old IR or a redo record:
+    the next transaction renames the .xml (manifest._recover) and the next reader or export
+    the .bin (runners.openvino.finish_pending_weights); an orphan parked .bin is deleted."""
+    staged_bin = staged.with_suffix(".bin")
+    final_bin = Path(entry["path"]).with_suffix(".bin").name
+    sha = sha256_file(staged_bin)
+    parked = Path(workdir) / parked_name(final_bin, sha)
+    os.replace(staged_bin, parked)
+    entry["weights"] = {"path": final_bin, "bytes": parked.stat().st_size, "sha256": sha, "pending": parked.name}
+    try:
+        record_artifact(workdir, manifest, entry, parity, device, staged)
+    except BaseException:
+        if manifest_holds(workdir, parked.name):
+            raise  # the redo record is on disk: the next transaction finishes the publish
+        parked.unlink(missing_ok=True)
+        raise
+    os.replace(parked, Path(workdir) / final_bin)
+    entry["weights"].pop("pending")  # the manifest holds ``entry``: the transaction saves it
+
+
+def manifest_holds(workdir: Path, parked: str) -> bool:
+    """Whether manifest.json on disk names ``parked`` as a pending .bin."""
+    try:
+        return any((a.get("weights") or {}).get("pending") == parked for a in load_manifest(workdir)["artifacts"])
+    except UserError:
+        return False
+
+
+def ensure_onnx(weights, workdir: Path, *, model=None, device="auto", height=256, width=256,
+                on_result=None) -> dict:  # fmt: skip
+    """The workdir's verified FP32 ONNX entry of ``weights``' checkpoint, exported first when the
+    workdir has none (or holds another checkpoint's artefacts). ``weights`` None: the workdir's own."""
+    manifest = load_manifest(workdir)
+    if weights is not None:
+        ckpt = load_checkpoint(weights, model)
+        recorded = ((manifest.get("model") or {}).get("checkpoint") or {}).get("sha256")
+        has_onnx = any(a["format"] == "onnx" and a["precision"] == "fp32" and a["status"] == "verified"
+                       for a in manifest["artifacts"])  # fmt: skip
+        if recorded != ckpt.sha256 or not has_onnx:
+            result = export_artifact(weights, "onnx", workdir, model=model, device=device, height=height, width=width)
+            if on_result:
+                on_result(result)
+            if not result.passed:
+                raise ArtifactError(
+                    f"{result.path.name} failed its parity check; the IR is converted only from a verified ONNX model"
+                )
+            manifest = load_manifest(workdir)
+    return onnx_entry(manifest, workdir)
+
+
+def export_openvino(weights: str | Path | None = None, workdir: str | Path = "exports", *, fp16: bool = False,
+                    model: str | None = None, device: str = "auto", height: int = 256, width: int = 256,
+                    seed: int = 0, on_result=None) -> ExportResult:  # fmt: skip
+    """Convert the verified ONNX model of ``weights`` (exported into ``workdir`` first if missing)
+    to an OpenVINO IR, check it against eager FP32 on the CPU (FP32 tolerances, or FP16 ones for
+    FP16-compressed weights) and record both files in the manifest."""
+    workdir = Path(workdir)
+    require("openvino", extra="openvino")
+    with _created_dir(workdir):
+        source = ensure_onnx(
+            weights, workdir, model=model, device=device, height=height, width=width, on_result=on_result
+        )
+    started = time.perf_counter()
+    manifest = load_manifest(workdir)
+    net = build_model(manifest_checkpoint(manifest, weights))
+    precision = "fp16" if fp16 else "fp32"
+    dest = ir_path(workdir, source["path"], precision)
+    need = 2 * _estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
+    # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name
+    with _staged(dest, need, "OpenVINO IR") as staged, _staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"):
+        ir = convert_onnx(workdir / source["path"], staged, fp16=fp16)
+        entry = ir_entry(dest, precision, source, ir)
+        shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
+        parity = run_parity(entry, workdir, net, "cpu", seeded_inputs(shapes, seed), TOLERANCES[precision], path=staged)
+        with transaction(workdir) as current:
+            finish_pending_weights(workdir, current)
+            _same_model(current, manifest, workdir)
+            record_ir(workdir, current, entry, parity, "cpu", staged)
+    return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def ir_entry(dest: Path, precision: str, source: dict, ir: dict) -> dict:
+    """The manifest entry of an IR converted from the ONNX entry ``source``."""
+    return {"format": "openvino", "path": dest.name, "precision": precision, "inference_precision": "f32",
+            "source": source["path"], **ir, "inputs": source["inputs"], "outputs": source["outputs"],
+            "dynamic_axes": source["dynamic_axes"], "export_size": source["export_size"],
+            "size_rule": source["size_rule"]}  # fmt: skip

@@ -1,0 +1,477 @@
+"""`unet-export triton|serve`: the repository writer and its checks, the pipeline's numpy steps
+against predict, the tritonserver fetch; then a real Triton server (the nvidia-pytriton wheel's
+tritonserver, fetched and sha256-checked once into the cache) that each server test starts and
+stops itself on free 127.0.0.1 ports, bounded in time and in requests."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
+from typer.testing import CliRunner
+
+from unet_export.api import export_artifact
+from unet_export.cli.main import app
+from unet_export.data.dataset import Preprocess, image_to_tensor
+from unet_export.demo import DEMO_WEIGHTS
+from unet_export.errors import UserError
+from unet_export.fileio import pid_alive, sha256_file
+from unet_export.manifest import load_manifest, transaction, upsert_artifact
+from unet_export.models.sizes import SizeRule
+from unet_export.runners.base import Runner
+from unet_export.serving import install, repository, triton_model
+from unet_export.serving.repository import RECORD_NAME, write_repository
+from unet_export.serving.validate import check_repository
+
+runner = CliRunner()
+MODELS = ["demo_unet_onnx", "demo_unet_pipeline", "demo_unet_postprocess", "demo_unet_preprocess", "demo_unet_python",
+          "demo_unet_torchscript"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory):
+    """The shipped demo model exported to ONNX and TorchScript at its training size, verified."""
+    workdir = tmp_path_factory.mktemp("triton") / "exports"
+    for fmt in ("onnx", "torchscript"):
+        assert export_artifact(DEMO_WEIGHTS, fmt, workdir, device="cpu", height=128, width=128).passed
+    return workdir
+
+
+@pytest.fixture
+def workdir(demo_workdir, tmp_path):
+    """A private copy a test may change (paths in the manifest are relative)."""
+    return Path(shutil.copytree(demo_workdir, tmp_path / "exports"))
+
+
+@pytest.fixture(scope="module")
+def written(demo_workdir, tmp_path_factory):
+    """A repository with every model kind this workdir allows, written once."""
+    repo = tmp_path_factory.mktemp("written") / "repo"
+    write_repository(demo_workdir, repo, with_pipeline=True, python_runtime="onnxruntime", max_batch=4, instances=2)
+    return repo
+
+
+def _dims(tensors) -> list:
+    return [(t.name, list(t.dims)) for t in tensors]
+
+
+def test_repository_from_the_verified_artefacts(written, demo_workdir):
+    found = check_repository(written)
+    assert sorted(found) == MODELS
+    entries = {e["format"]: e for e in load_manifest(demo_workdir)["artifacts"]}
+    onnx, ts, py = found["demo_unet_onnx"], found["demo_unet_torchscript"], found["demo_unet_python"]
+    assert onnx.platform == "onnxruntime_onnx" and onnx.max_batch_size == 4
+    assert _dims(onnx.input) == [("input", [3, -1, -1])] and _dims(onnx.output) == [("logits", [3, -1, -1])]
+    assert [(g.count, g.kind) for g in onnx.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert onnx.dynamic_batching.max_queue_delay_microseconds > 0
+    assert ts.platform == "pytorch_libtorch"
+    assert _dims(ts.input) == [("INPUT__0", [3, -1, -1])] and _dims(ts.output) == [("OUTPUT__0", [3, -1, -1])]
+    assert sha256_file(written / "demo_unet_onnx/1/model.onnx") == entries["onnx"]["sha256"]
+    assert sha256_file(written / "demo_unet_torchscript/1/model.pt") == entries["torchscript"]["sha256"]
+    assert sha256_file(written / "demo_unet_python/1/model.onnx") == entries["onnx"]["sha256"]
+    assert py.backend == "python" and _dims(py.input) == [("input", [3, -1, -1])]
+    settings = json.loads(py.parameters["unet_export"].string_value)
+    assert settings == {"role": "model", "runtime": "onnxruntime", "artifact": "model.onnx", "input": "input",
+                        "output": "logits", "threads": 0, "precision_hint": "f32"}  # fmt: skip
+    assert (written / "demo_unet_python/1/model.py").read_text() == Path(triton_model.__file__).read_text()
+    record = json.loads((written / RECORD_NAME).read_text())
+    assert record["models"]["demo_unet_onnx"]["artifact"]["sha256"] == entries["onnx"]["sha256"]
+
+
+def test_pipeline_ensemble_chains_preprocess_model_postprocess(written):
+    found = check_repository(written)
+    ensemble = found["demo_unet_pipeline"]
+    assert ensemble.platform == "ensemble" and ensemble.max_batch_size == 4
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["demo_unet_preprocess", "demo_unet_python",
+                                                                         "demo_unet_postprocess"]  # fmt: skip
+    assert _dims(ensemble.input) == [("IMAGE", [-1, -1, 3])] and _dims(ensemble.output) == [("MASK", [-1, -1])]
+    assert ensemble.input[0].data_type == ensemble.output[0].data_type == model_config_pb2.TYPE_UINT8
+    post = json.loads(found["demo_unet_postprocess"].parameters["unet_export"].string_value)
+    assert post["mask_values"] == [0, 128, 255] and post["preprocess"] == {"scale": 1.0, "square": None}
+
+
+def test_the_python_model_runs_the_faster_runtime_measured_here(workdir, tmp_path):
+    result = write_repository(workdir, tmp_path / "repo", formats="python:fp32")
+    timings = result.runtime.timings_ms
+    assert set(timings) == {"demo_unet.onnx with onnxruntime", "demo_unet.onnx with openvino"}
+    assert timings[f"demo_unet.onnx with {result.runtime.runtime}"] == min(timings.values())
+    config = check_repository(tmp_path / "repo")["demo_unet_python"]
+    assert json.loads(config.parameters["unet_export"].string_value)["runtime"] == result.runtime.runtime
+
+
+EDITS = {
+    "misspelled field": (lambda t: t.replace("max_batch_size", "max_batch_sise"), "not a valid Triton ModelConfig"),
+    "bad enum": (lambda t: t.replace("KIND_CPU", "KIND_CPUS"), "not a valid Triton ModelConfig"),
+    "name is not the folder": (lambda t: t.replace('name: "demo_unet_onnx"', 'name: "unet"'), "differs from its folder"),
+    "wrong platform": (lambda t: t.replace('"onnxruntime_onnx"', '"onnx_runtime"'), "needs platform 'onnxruntime_onnx'"),
+    "repeated batch dim": (lambda t: t.replace("  dims: 3\n", "  dims: -1\n  dims: 3\n", 1), "rank 4"),
+    "fixed size": (lambda t: t.replace("dims: -1", "dims: 128", 1), "differ from the artefact's [3, -1, -1]"),
+    "name not in the graph": (lambda t: t.replace('name: "input"', 'name: "image"'), "'image' is not in the artefact"),
+    "GPU instances": (lambda t: t.replace("KIND_CPU", "KIND_GPU"), "instance_group must be KIND_CPU"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_hand_edited_config_is_refused(written, tmp_path, edit):
+    repo = Path(shutil.copytree(written, tmp_path / "repo"))
+    config = repo / "demo_unet_onnx/config.pbtxt"
+    change, message = EDITS[edit]
+    edited = change(config.read_text())
+    assert edited != config.read_text()
+    config.write_text(edited)
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_repository(repo)
+
+
+def test_a_changed_model_file_is_refused(written, tmp_path):
+    repo = Path(shutil.copytree(written, tmp_path / "repo"))
+    with open(repo / "demo_unet_python/1/model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(UserError, match="1/model.onnx changed since it was written"):
+        check_repository(repo)
+
+
+def _add_failed_fp16(workdir: Path) -> None:
+    """A second ONNX entry recorded as failed (its file a copy, so only the verdict differs)."""
+    shutil.copy(workdir / "demo_unet.onnx", workdir / "demo_unet.fp16.onnx")
+    with transaction(workdir) as manifest:
+        fp32 = next(e for e in manifest["artifacts"] if e["format"] == "onnx")
+        upsert_artifact(manifest, fp32 | {"path": "demo_unet.fp16.onnx", "precision": "fp16", "status": "failed"})
+
+
+def test_a_failed_artefact_is_never_published(workdir, tmp_path):
+    _add_failed_fp16(workdir)
+    result = write_repository(workdir, tmp_path / "repo", python_runtime="onnxruntime")
+    assert result.skipped == ["demo_unet.fp16.onnx (onnx fp16): failed its parity check, not published"]
+    assert not (tmp_path / "repo/demo_unet_onnx_fp16").exists()
+    assert sorted(check_repository(tmp_path / "repo")) == ["demo_unet_onnx", "demo_unet_python", "demo_unet_torchscript"]
+    assert result.runtime.entry["path"] == "demo_unet.onnx"
+
+
+def _bad(args: list[str], fragment: str) -> None:
+    result = runner.invoke(app, ["triton", *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and fragment in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-batch", "0"], "--max-batch 0: give 1..1024"),
+    (["--max-batch", "5000"], "--max-batch 5000"),
+    (["--instances", "0"], "--instances 0"),
+    (["--formats", "onnx,bogus"], "unknown format 'bogus'"),
+    (["--formats", "tensorrt"], "--formats tensorrt: no such artefact"),
+    (["--formats", "onnx:fp16"], "demo_unet.fp16.onnx failed its parity check"),
+    (["--python-runtime", "tvm"], "choose auto, onnxruntime or openvino"),
+    (["--name", "my model"], "--name 'my model'"),
+])  # fmt: skip
+def test_bad_options_exit_2_and_write_nothing(workdir, tmp_path, args, fragment):
+    _add_failed_fp16(workdir)
+    repo = tmp_path / "out" / "repo"
+    _bad(["-w", str(workdir), "--repo", str(repo), *args], fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_manifest_exits_2(tmp_path):
+    _bad(["-w", str(tmp_path / "empty"), "--repo", str(tmp_path / "repo")], "no manifest with a model")
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "empty").exists()
+
+
+def test_a_repo_path_that_is_a_file_or_a_foreign_folder_is_refused(workdir, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    _bad(["-w", str(workdir), "--repo", str(tmp_path / "file")], "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs/notes.txt").write_text("keep")
+    _bad(["-w", str(workdir), "--repo", str(tmp_path / "theirs")], "that unet-export did not write")
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
+
+
+def test_rewriting_replaces_only_our_own_repository(workdir, tmp_path):
+    repo = tmp_path / "repo"
+    write_repository(workdir, repo, formats="onnx")
+    write_repository(workdir, repo, formats="torchscript")
+    assert sorted(p.name for p in repo.iterdir()) == ["demo_unet_torchscript", RECORD_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "repo"]  # no temp or old folder left
+
+
+def _engine_entry(workdir: Path) -> dict:
+    """A TensorRT entry as `unet-export trt` records it; the file is a stand-in (no GPU here):
+    the config is built from the record, never by reading the engine."""
+    engine = workdir / "demo_unet.fp16.engine"
+    engine.write_bytes(b"stand-in for a serialised engine")
+    onnx = next(e for e in load_manifest(workdir)["artifacts"] if e["format"] == "onnx")
+    entry = {k: onnx[k] for k in ("inputs", "outputs", "dynamic_axes", "export_size", "size_rule", "parity")} | {
+        "format": "tensorrt", "path": engine.name, "precision": "fp16", "status": "verified",
+        "bytes": engine.stat().st_size, "sha256": sha256_file(engine), "tensorrt_version": "10.13.0",
+        "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+        "profile": {"min": [1, 3, 128, 128], "opt": [2, 3, 128, 128], "max": [4, 3, 128, 128]}}  # fmt: skip
+    with transaction(workdir) as manifest:
+        upsert_artifact(manifest, entry)
+    return entry
+
+
+def test_tensorrt_config_stays_inside_the_engine_profile(workdir, tmp_path):
+    entry = _engine_entry(workdir)
+    result = write_repository(workdir, tmp_path / "repo", formats="tensorrt", max_batch=8)
+    config = check_repository(tmp_path / "repo")["demo_unet_tensorrt_fp16"]
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
+    assert [(g.count, g.kind) for g in config.instance_group] == [(1, model_config_pb2.ModelInstanceGroup.KIND_GPU)]
+    assert _dims(config.input) == [("input", [3, 128, 128])] and _dims(config.output) == [("logits", [3, -1, -1])]
+    assert dict(config.cc_model_filenames) == {"9.0": "model.sm90.plan"}
+    assert sha256_file(tmp_path / "repo/demo_unet_tensorrt_fp16/1/model.sm90.plan") == entry["sha256"]
+    assert any("the engine profile's max batch; --max-batch 8 asked" in n for n in result.plans[0].notes)
+    path = tmp_path / "repo/demo_unet_tensorrt_fp16/config.pbtxt"
+    path.write_text(path.read_text().replace("max_batch_size: 4", "max_batch_size: 8"))
+    with pytest.raises(UserError, match="max_batch_size 8 exceeds the engine profile's max batch 4"):
+        check_repository(tmp_path / "repo")
+
+
+def test_openvino_ir_is_served_by_the_openvino_backend_with_its_weights(workdir, tmp_path):
+    from unet_export.export.openvino import export_openvino
+
+    assert export_openvino(DEMO_WEIGHTS, workdir, device="cpu", height=128, width=128).passed
+    entry = next(e for e in load_manifest(workdir)["artifacts"] if e["format"] == "openvino")
+    write_repository(workdir, tmp_path / "repo", formats="openvino,python:fp32", python_runtime="openvino")
+    found = check_repository(tmp_path / "repo")
+    config = found["demo_unet_openvino"]
+    assert config.backend == "openvino" and not config.platform and config.max_batch_size == 8
+    assert _dims(config.input) == [("input", [3, -1, -1])] and _dims(config.output) == [("logits", [3, -1, -1])]
+    assert sha256_file(tmp_path / "repo/demo_unet_openvino/1/model.xml") == entry["sha256"]
+    assert sha256_file(tmp_path / "repo/demo_unet_openvino/1/model.bin") == entry["weights"]["sha256"]
+    config_path = tmp_path / "repo/demo_unet_openvino/config.pbtxt"
+    config_path.write_text(config_path.read_text().replace('name: "logits"', 'name: "output"'))
+    with pytest.raises(UserError, match="output 'output' is not in the artefact"):  # the IR itself was read
+        check_repository(tmp_path / "repo")
+
+
+class _Linear(Runner):
+    """A stand-in model: a fixed 1x1 convolution to 3 classes, cropped by ``shrink`` like an
+    unpadded U-Net; records what it was given."""
+
+    name = "linear"
+
+    def __init__(self, shrink: int = 0):
+        super().__init__("cpu")
+        self.shrink, self.seen = shrink, []
+        self.weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def _activate_impl(self) -> None:
+        pass
+
+    def _infer_impl(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        y, s = torch.einsum("oc,nchw->nohw", self.weight, x), self.shrink // 2
+        return y[..., s : y.shape[-2] - s, s : y.shape[-1] - s] if s else y
+
+
+@pytest.mark.parametrize("pp, rule", [
+    ({"scale": 1.0, "square": None}, {"min": 16, "multiple": 1, "offset": 0, "shrink": 0}),
+    ({"scale": 0.5, "square": None}, {"min": 16, "multiple": 16, "offset": 0, "shrink": 0}),
+    ({"scale": 1.0, "square": 96}, {"min": 16, "multiple": 32, "offset": 0, "shrink": 0}),
+    ({"scale": 1.0, "square": None}, {"min": 188, "multiple": 16, "offset": 124, "shrink": 184}),
+])  # fmt: skip
+def test_pipeline_steps_match_predict(tmp_path, pp, rule):
+    """The standalone numpy pre/postprocessing the served pipeline runs gives predict's input and mask."""
+    from unet_export.predict import Predictor, predict_classes
+
+    image = np.random.default_rng(0).integers(0, 256, (75, 130, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    model = _Linear(rule["shrink"])
+    with model:
+        expected, _ = predict_classes(Predictor(model, [0, 1, 2], Preprocess(**pp), SizeRule(**rule)), tmp_path / "image.png")
+    settings = {"preprocess": pp, "size_rule": rule}
+    x, sizes = triton_model.preprocess_batch(image[None], settings)
+    assert torch.allclose(torch.from_numpy(x), model.seen[0], atol=1e-6)
+    assert sizes.tolist() == [[75, 130, *image_to_tensor(Image.fromarray(image), Preprocess(**pp)).shape[1:]]]
+    with model:
+        logits = model.infer(torch.from_numpy(x)).numpy()
+    classes = triton_model.classes_of(logits[0], sizes[0], settings)
+    assert classes.shape == (75, 130) and (classes != expected).mean() < 1e-3
+
+
+@pytest.mark.parametrize("size, out", [((7, 9), (16, 5)), ((128, 128), (75, 130)), ((33, 20), (33, 20))])
+def test_numpy_bilinear_is_torch_interpolate(size, out):
+    x = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.interpolate(x[None], out, mode="bilinear")[0]
+    assert torch.allclose(torch.from_numpy(triton_model.resize_bilinear(x.numpy(), *out)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [SizeRule(), SizeRule(multiple=16), SizeRule(min=188, multiple=16, offset=124, shrink=184)])
+def test_numpy_size_rule_is_the_library_one(rule):
+    as_dict = rule.to_dict()
+    assert [triton_model.at_least(n, as_dict) for n in range(1, 700)] == [rule.at_least(n) for n in range(1, 700)]
+
+
+def _wheel(tmp_path: Path, members: dict[str, int]) -> Path:
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, mode in members.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            archive.writestr(info, b"#!/bin/sh\n")
+    return wheel
+
+
+def test_the_wheel_is_checked_and_only_the_server_is_extracted(tmp_path):
+    wheel = _wheel(tmp_path, {"pytriton/tritonserver/bin/tritonserver": 0o777, "pytriton/__init__.py": 0o644,
+                              "nvidia_pytriton.libs/libx.so": 0o644})  # fmt: skip
+    with pytest.raises(UserError, match="not the recorded .* refusing to run it"):
+        install.verify_wheel(wheel)
+    install.verify_wheel(wheel, sha256_file(wheel))
+    install.extract_server(wheel, tmp_path / "out")
+    files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["nvidia_pytriton.libs/libx.so", "pytriton/tritonserver/bin/tritonserver"]
+    assert stat.S_IMODE((tmp_path / "out/pytriton/tritonserver/bin/tritonserver").stat().st_mode) == 0o755
+    evil = _wheel(tmp_path, {"nvidia_pytriton.libs/../../evil": 0o644})
+    with pytest.raises(UserError, match="escapes the extraction folder"):
+        install.extract_server(evil, tmp_path / "out2")
+
+
+def test_an_unreachable_registry_is_one_line_and_exit_2(written, tmp_path, monkeypatch):
+    monkeypatch.setenv(install.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(install.BINARY_ENV, raising=False)
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for nvidia-pytriton==0.7.0")
+    monkeypatch.setattr(install.subprocess, "run", lambda *a, **k: failed)
+    result = runner.invoke(app, ["serve", "--repo", str(written)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "cannot fetch nvidia-pytriton 0.7.0" in result.stderr and "No matching distribution" in result.stderr
+    assert "--tritonserver PATH" in result.stderr
+    assert not list((tmp_path / "cache").glob("tritonserver-*"))
+
+
+def test_an_existing_triton_install_is_used_as_it_is(tmp_path, monkeypatch):
+    home = tmp_path / "tritonserver"
+    (home / "bin").mkdir(parents=True)
+    (home / "backends/python").mkdir(parents=True)
+    (home / "backends/onnxruntime").mkdir()
+    (home / "backends/python/triton_python_backend_stub").write_text("")
+    binary = home / "bin/tritonserver"
+    binary.write_text("#!/bin/sh\n")
+    with pytest.raises(UserError, match="is not an executable file"):
+        install.locate_tritonserver(binary)
+    binary.chmod(0o755)
+    monkeypatch.setenv(install.BINARY_ENV, str(binary))
+    found = install.locate_tritonserver()
+    assert found.backend_dir == home.resolve() / "backends" and found.backends == {"python", "onnxruntime"}
+
+
+# --- a real server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tritonserver():
+    """The bundled tritonserver (fetched into the cache on first use); skipped, with the reason,
+    only where the package registry cannot be reached."""
+    try:
+        return install.locate_tritonserver()
+    except UserError as exc:
+        if "cannot fetch" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+def test_triton_check_serves_the_repository_and_matches_eager(tritonserver, workdir, tmp_path):
+    repo = tmp_path / "repo"
+    args = ["triton", "-w", str(workdir), "--repo", str(repo), "--with-pipeline", "--check", "--clients", "4",
+            "--requests", "10", "--python-runtime", "onnxruntime"]  # fmt: skip
+    result = runner.invoke(app, args)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "not served here demo_unet_onnx: backend 'onnxruntime' is not in this Triton build" in out
+    passing = r"demo_unet_python │ (?:http|grpc) │ \S+ │ \S+ │ \S+ │ \S+ │ pass"
+    assert len(re.findall(passing, out)) == 6, out  # 3 inputs (2 seeded, 1 of real images) x 2 protocols
+    for protocol in ("http", "grpc"):  # 8 images of 128x128, every pixel's value as predict's
+        assert f"demo_unet_pipeline │ {protocol} │ 8 │ 131072 │ 0 │ 0 │ 1.000000 │ pass" in out, out
+    assert "batch-size must be <= 8 for 'demo_unet_python'" in out and "then answered a valid request: pass" in out, out
+    assert "40/40 answered, 0 mismatched" in out and "served models match eager" in out, out
+    pairs = re.search(r"executions\) ((?:\d+: \d+(?:, )?)+)", out).group(1).split(", ")
+    formed = dict(map(int, pair.split(": ")) for pair in pairs)
+    assert sum(size * count for size, count in formed.items()) == 40, out  # every request, in the batch it rode in
+    pid = int(re.search(r"pid (\d+)", out).group(1))
+    assert not pid_alive(pid)
+
+
+def test_a_served_model_that_differs_from_eager_fails_the_check(tritonserver, workdir, tmp_path, monkeypatch):
+    tampered = tmp_path / "model.py"
+    source = Path(triton_model.__file__).read_text()
+    tampered.write_text(source.replace("logits = self.run(batch)", "logits = self.run(batch) * 1.001"))
+    assert tampered.read_text() != source
+    monkeypatch.setattr(repository, "MODEL_SOURCE", tampered)
+    args = ["triton", "-w", str(workdir), "--repo", str(tmp_path / "repo"), "--formats", "python", "--check",
+            "--clients", "2", "--requests", "3", "--python-runtime", "onnxruntime"]  # fmt: skip
+    result = runner.invoke(app, args)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "6/6 answered, 6 mismatched" in out
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    """stdout lines until one matches (the server start is bounded by the command's own timeout)."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no {pattern!r} within {timeout} s: {''.join(seen)}")
+
+
+def test_serve_runs_until_ctrl_c(tritonserver, written):
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "unet_export", "serve", "--repo", str(written)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        out = _read_until(proc, "Ctrl-C stops it", timeout=180)
+        assert "not loaded demo_unet_onnx" in out and "not loaded demo_unet_torchscript" in out
+        url = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)/", out).group(1)
+        server_pid = int(re.search(r"pid (\d+)", out).group(1))
+        for model in ("demo_unet_python", "demo_unet_pipeline"):
+            with urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=10) as response:
+                assert response.status == 200
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = f"still running 90 s after SIGINT; it printed: {out}{proc.stdout.read()}"
+        assert code == 0, code
+        assert "stopping tritonserver" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert not pid_alive(server_pid)
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"{url}/v2/health/live", timeout=5)
+
+
+def test_the_python_model_serves_fp32_unless_asked():
+    """Regression: with an INT8 IR in the workdir (as `make demo` leaves it), the Python model
+    picked it as the fastest and `triton --check` failed it on seeded noise (3.9% of pixels).
+    The default served model is the exact one; INT8 is chosen only with `--formats python:int8`."""
+    from unet_export.serving.selection import cpu_candidates
+
+    entries = [{"format": "onnx", "precision": "fp32", "status": "verified", "path": "m.onnx"},
+               {"format": "openvino", "precision": "int8", "status": "verified", "path": "m.int8.xml"},
+               {"format": "onnx", "precision": "int8", "status": "verified", "path": "m.int8.onnx"}]  # fmt: skip
+    manifest = {"artifacts": entries}
+    assert {e["precision"] for e, _ in cpu_candidates(manifest)} == {"fp32"}
+    assert {e["path"] for e, _ in cpu_candidates(manifest, precision="int8")} >= {"m.int8.onnx"}

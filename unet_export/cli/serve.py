@@ -1,0 +1,99 @@
+"""`unet-export triton|serve`: thin commands over unet_export.serving."""
+
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unet_export.cli.common import Workdir, cli_errors, console
+from unet_export.cli.render import triton_check_report, triton_repository_report
+from unet_export.errors import UserError
+
+Repo = Annotated[Path | None, typer.Option("--repo", help="Repository folder (default DIR/triton); replaces only one "
+                                           "unet-export wrote.")]  # fmt: skip
+TritonServerOpt = Annotated[Path | None, typer.Option(
+    "--tritonserver", help="A tritonserver binary (env UNET_EXPORT_TRITONSERVER); default: the one the nvidia-pytriton "
+    "wheel bundles, fetched and sha256-checked on first use.")]  # fmt: skip
+Port = Annotated[int | None, typer.Option(min=1, max=65535, help="Port on 127.0.0.1 (default: a free one).")]
+
+
+@cli_errors
+def triton_cmd(
+    workdir: Workdir = Path("exports"),
+    repo: Repo = None,
+    name: Annotated[str | None, typer.Option(help="Model name prefix (default: the checkpoint's stem).")] = None,
+    max_batch: Annotated[int, typer.Option(help="max_batch_size (TensorRT: at most the engine profile's).")] = 8,
+    instances: Annotated[int, typer.Option(help="Instances of each model (instance_group count).")] = 1,
+    formats: Annotated[str | None, typer.Option(help="Comma list of FORMAT or FORMAT:PRECISION (onnx, tensorrt, "
+                                                "torchscript, openvino, python); default: every verified one.")] = None,  # fmt: skip
+    with_pipeline: Annotated[bool, typer.Option("--with-pipeline", help="Add an ensemble: uint8 HxWx3 image in, "
+                                                "uint8 class mask out.")] = False,  # fmt: skip
+    python_runtime: Annotated[str, typer.Option(help="The Python-backend model's runtime: auto (the fastest, "
+                                                "measured), onnxruntime or openvino.")] = "auto",  # fmt: skip
+    check: Annotated[bool, typer.Option("--check", help="Then serve it with a real Triton server on 127.0.0.1 and "
+                                        "judge the responses against eager, plus a load test (exit 1 on a mismatch).")] = False,  # fmt: skip
+    tritonserver: TritonServerOpt = None,
+    data: Annotated[Path | None, typer.Option(help="--check: real images (a dataset or image folder; default: the "
+                                              "shipped validation images for the demo model).")] = None,  # fmt: skip
+    weights: Annotated[Path | None, typer.Option(help="--check: the checkpoint, if the manifest's has moved.")] = None,
+    clients: Annotated[int, typer.Option(min=1, max=64, help="--check: concurrent load-test clients.")] = 8,
+    requests: Annotated[int, typer.Option(min=1, max=10_000, help="--check: requests per client.")] = 50,
+) -> None:
+    """The workdir's verified artefacts -> a Triton model repository (every config checked); with
+    --check, proven on a running server."""
+    from unet_export.serving.repository import write_repository
+
+    result = write_repository(workdir, repo, name=name, max_batch=max_batch, instances=instances, formats=formats,
+                              with_pipeline=with_pipeline, python_runtime=python_runtime)  # fmt: skip
+    triton_repository_report(result)
+    if check:
+        from unet_export.serving.check import check_served
+
+        report = check_served(result.repo, tritonserver=tritonserver, data=data, weights=weights, clients=clients,
+                              requests=requests, on_step=lambda line: console.print(line, markup=False))  # fmt: skip
+        triton_check_report(report)
+        raise typer.Exit(0 if report.passed else 1)
+
+
+@cli_errors
+def serve_cmd(
+    repo: Annotated[Path, typer.Option("--repo", help="A repository written by `unet-export triton`.")],
+    http_port: Port = None,
+    grpc_port: Port = None,
+    tritonserver: TritonServerOpt = None,
+) -> None:
+    """Serve a repository with a Triton server on 127.0.0.1 until Ctrl-C (the models this server
+    build can load; the others are named)."""
+    from unet_export.serving.server import repository_server
+
+    server, _, missing = repository_server(repo, tritonserver, http_port, grpc_port)
+    for model, reason in missing.items():
+        console.print(f"[yellow]not loaded[/] {model}: {reason}")
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also where a launcher left SIGINT ignored (`cmd &`)
+        signal.signal(signum, _interrupt)
+    with server:
+        try:  # from the first line on: a Ctrl-C right after "ready" still stops it cleanly
+            console.print(f"tritonserver ({server.install.origin}, pid {server.proc.pid}) ready in "
+                          f"{server.started_in:.1f} s, serving {', '.join(server.models)}")  # fmt: skip
+            console.print(f"HTTP  http://{server.http_url}/v2/models/<model>/infer")
+            console.print(f"gRPC  {server.grpc_url}")
+            console.print("Ctrl-C stops it")
+            while server.proc.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            console.print("stopping tritonserver")
+            return
+        raise UserError(f"tritonserver exited on its own (code {server.proc.returncode}): {server.first_error()} "
+                        f"(log: {server.log_path})")  # fmt: skip
+
+
+def _interrupt(*_) -> None:
+    """Ctrl-C and SIGTERM (docker stop, kill PID) both stop the server: it is never orphaned."""
+    raise KeyboardInterrupt
+
+
+def register(app: typer.Typer) -> None:
+    app.command("triton")(triton_cmd)
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,131 @@
+"""A bounded load test on a served model: N concurrent clients (half HTTP, half gRPC) each send M
+batch-1 requests back to back, and stop at a deadline. Reported: requests/s, latency p50/p90/p99,
+and the batch sizes dynamic batching formed (the server's statistics, before and after). Every
+response is then compared with eager's output for the same input (after the timed part, so the
+comparison does not compete with the server for the CPU); every request must be answered and match."""
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from unet_export.runners import EagerRunner
+from unet_export.serving.client import PROTOCOLS, TritonRunner, batch_counts
+from unet_export.verify import compare, seeded_inputs, tolerance_from_record
+
+POOL = 4  # distinct inputs cycled through, so a wrong answer for one input cannot hide
+
+
+@dataclass
+class LoadReport:
+    model: str
+    clients: int
+    requests: int  # per client
+    shape: list[int]
+    answered: int = 0
+    mismatched: int = 0
+    distinct_answers: int = 0  # (input, output bytes) pairs: batching may change the last bits
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    batches: dict[int, int] = field(default_factory=dict)  # batch size -> executions
+
+    @property
+    def expected(self) -> int:
+        return self.clients * self.requests
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.answered / self.seconds if self.seconds else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.answered == self.expected and not self.errors and self.mismatched == 0
+
+
+def load_test(server, name: str, config, model_record: dict, net, *, clients: int = 8, requests: int = 50,
+              deadline_s: float = 180.0, seed: int = 0) -> LoadReport:  # fmt: skip
+    artifact = model_record["artifact"]
+    shape = [1, *artifact["parity_shapes"][0][1:]]
+    report = LoadReport(name, clients, requests, shape)
+    inputs = seeded_inputs([tuple(shape)] * POOL, seed + 1)
+    with EagerRunner(net, "cpu") as reference, EagerRunner(net, "cpu", "fp64") as exact:
+        refs = [(reference.infer(x), exact.infer(x)) for x in inputs]  # fp32 and the float64 answer
+    before = _batch_counts(server, name, report)
+    urls = {"http": server.http_url, "grpc": server.grpc_url}
+    deadline = time.monotonic() + deadline_s
+    io = (config.input[0].name, config.output[0].name)
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(lambda k: _client(k, urls, name, io, inputs, requests, deadline), range(clients)))
+    report.seconds = time.perf_counter() - began
+    report.batches = _formed(server, name, report, before, sum(len(lat) for lat, _, _ in results))
+    _judge(report, results, refs, tolerance_from_record(artifact.get("limits"), artifact["precision"]))
+    return report
+
+
+def _client(k: int, urls: dict, name: str, io: tuple, inputs: list, requests: int, deadline: float):
+    """Client ``k`` (HTTP for even k, gRPC for odd): (latencies ms, [(input index, output)], errors)."""
+    protocol = PROTOCOLS[k % len(PROTOCOLS)]
+    runner = TritonRunner(urls[protocol], name, *io, protocol)
+    latencies, outputs, errors = [], [], []
+    try:
+        runner.activate()
+    except Exception as exc:
+        return latencies, outputs, [f"client {k} ({protocol}): {' '.join(str(exc).split())[:160]}"]
+    try:
+        for i in range(requests):
+            if time.monotonic() > deadline:
+                errors.append(f"client {k}: {requests - i} requests not sent before the deadline")
+                break
+            j = (k + i) % POOL
+            began = time.perf_counter()
+            try:
+                outputs.append((j, runner.infer(inputs[j])))
+            except Exception as exc:  # Triton's error or a timeout: counted, never a crash
+                errors.append(f"client {k} ({protocol}): {' '.join(str(exc).split())[:160]}")
+                continue
+            latencies.append((time.perf_counter() - began) * 1e3)
+    finally:
+        runner.deactivate()  # an open HTTP client would hold the server's shutdown for 30 s
+    return latencies, outputs, errors
+
+
+def _formed(server, name: str, report: LoadReport, before: dict[int, int], answered: int) -> dict[int, int]:
+    """Executions per batch size during the test. Triton may record an execution's statistics
+    after its responses went out, so the endpoint is read until it accounts for every answered
+    request (batch-1 requests: sum of size x executions), for at most 5 s."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        after = _batch_counts(server, name, report)
+        formed = {n: after[n] - before.get(n, 0) for n in sorted(after) if after[n] > before.get(n, 0)}
+        if sum(n * count for n, count in formed.items()) >= answered or time.monotonic() > deadline or not after:
+            return formed
+        time.sleep(0.1)
+
+
+def _batch_counts(server, name: str, report: LoadReport) -> dict[int, int]:
+    try:
+        return batch_counts(server.http_url, name)
+    except Exception as exc:  # a server that died under load: reported, the load test still ends
+        report.errors.append(f"statistics endpoint: {' '.join(str(exc).split())[:160]}")
+        return {}
+
+
+def _judge(report: LoadReport, results, refs, tol) -> None:
+    latencies = [ms for lat, _, _ in results for ms in lat]
+    report.answered = len(latencies)
+    report.errors += [e for _, _, errors in results for e in errors]
+    verdicts = {}  # identical answers (most are) are judged once: comparing costs more than serving
+    for _, outputs, _ in results:
+        for j, out in outputs:
+            key = (j, hashlib.sha256(out.numpy().tobytes()).hexdigest())
+            if key not in verdicts:
+                verdicts[key] = compare(out, refs[j][0], tol, exact=refs[j][1]).passed
+            report.mismatched += not verdicts[key]
+    report.distinct_answers = len(verdicts)
+    if latencies:
+        p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+        report.latency_ms = {"mean": float(np.mean(latencies)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}

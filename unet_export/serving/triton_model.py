@@ -1,0 +1,261 @@
+"""A Triton Python-backend model written by `unet-export triton` (copied as <model>/1/model.py).
+
+Standalone on purpose: it needs numpy, onnxruntime or openvino (role "model") and Pillow (role
+"preprocess", only when the training preprocessing resizes), never unet_export, so the repository
+runs in Triton's own container too. The role and its settings are the config's parameter
+"unet_export" (JSON), written from the workdir's manifest:
+
+- model: float32 NCHW batch -> logits, running the verified ONNX/OpenVINO artefact in this folder;
+  requests of one shape that dynamic batching delivered together run as one batch.
+- preprocess: uint8 (N, H, W, C) images -> the model's input exactly as training prepared it
+  (unet_export.data.dataset: bicubic resize or pad-to-square, /255 when any value is above 1), then
+  mirror-padded to a size the model takes (unet_export.predict.fit_and_run), plus each image's sizes.
+- postprocess: logits -> cropped back, resized to the image (bilinear, as predict does), argmax
+  (logit > 0 for one class), milesial's mask_values.
+
+Tensors cross the stub by DLPack. With numpy 2, the 2.51 stub's ``as_numpy()`` returned the first
+element repeated and ``Tensor(name, ndarray)`` built tensors Triton rejected ("output tensor shape
+does not match size"); ``np.from_dlpack`` / ``Tensor.from_dlpack`` are exact (measured).
+"""
+
+from __future__ import annotations  # Triton containers may run an older Python
+
+import json
+import os
+
+import numpy as np
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        settings = json.loads(config["parameters"]["unet_export"]["string_value"])
+        settings["instances"] = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        self.step = ROLES[settings["role"]](settings, folder)
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        return self.step.execute(requests, pb_utils)
+
+    def finalize(self):
+        self.step = None
+
+
+class Model:
+    def __init__(self, settings: dict, folder: str):
+        self.input, self.output = settings["input"], settings["output"]
+        path = os.path.join(folder, settings["artifact"])
+        threads = int(settings.get("threads") or 0) or max(1, usable_cores() // settings.get("instances", 1))
+        if settings["runtime"] == "onnxruntime":
+            self.run = onnxruntime_session(path, threads)
+        else:
+            self.run = OpenVinoModel(path, settings.get("precision_hint", "f32"), threads)
+
+    def execute(self, requests, pb):
+        xs = [np.from_dlpack(pb.get_input_tensor_by_name(r, self.input)) for r in requests]
+        responses = [None] * len(xs)
+        for indices in group_by_shape(xs):
+            try:
+                batch = np.ascontiguousarray(np.concatenate([xs[i] for i in indices]), dtype=np.float32)
+                logits = self.run(batch)
+            except Exception as exc:  # a runtime error answers these requests; the server keeps going
+                for i in indices:
+                    responses[i] = pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}"))
+                continue
+            start = 0
+            for i in indices:
+                part = np.ascontiguousarray(logits[start : start + xs[i].shape[0]])
+                responses[i] = pb.InferenceResponse([pb.Tensor.from_dlpack(self.output, part)])
+                start += xs[i].shape[0]
+        return responses
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def group_by_shape(arrays: list) -> list[list[int]]:
+    """Indices of requests whose per-item shapes agree (only those can share one batch)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(a.shape[1:]), []).append(i)
+    return list(groups.values())
+
+
+def onnxruntime_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
+    return lambda x: session.run([output], {name: x})[0]
+
+
+class OpenVinoModel:
+    """One static compilation per input shape (faster kernels than a dynamic one), at most 8 kept."""
+
+    def __init__(self, path: str, precision_hint: str, threads: int):
+        import openvino as ov
+
+        self.core, self.model = ov.Core(), ov.Core().read_model(path)
+        self.config = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled: dict[tuple, object] = {}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape not in self.compiled:
+            if len(self.compiled) >= 8:
+                self.compiled.pop(next(iter(self.compiled)))
+            model = self.model.clone()
+            model.reshape({model.input(0).get_any_name(): list(x.shape)})
+            self.compiled[x.shape] = self.core.compile_model(model, "CPU", self.config)
+        compiled = self.compiled[x.shape]
+        return compiled.create_infer_request().infer({0: x})[compiled.output(0)].copy()
+
+
+class Preprocess:
+    def __init__(self, settings: dict, folder: str):
+        self.settings = settings
+
+    def execute(self, requests, pb):
+        responses = []
+        for request in requests:
+            images = np.from_dlpack(pb.get_input_tensor_by_name(request, "IMAGE"))
+            try:
+                x, sizes = preprocess_batch(images, self.settings)
+            except Exception as exc:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
+                continue
+            tensors = [pb.Tensor.from_dlpack("INPUT", x), pb.Tensor.from_dlpack("SIZE", sizes)]
+            responses.append(pb.InferenceResponse(tensors))
+        return responses
+
+
+def preprocess_batch(images: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, C) uint8 -> (N, C, H', W') float32 model input, (N, 4) int32 [H, W, h, w]: the
+    image's size and its size after the training resize (before padding)."""
+    inputs, sizes = [], []
+    for image in images:
+        x = prepare_image(image, settings["preprocess"])
+        sizes.append([image.shape[0], image.shape[1], x.shape[1], x.shape[2]])
+        inputs.append(pad_to_fit(x, settings["size_rule"]))
+    return np.ascontiguousarray(np.stack(inputs)), np.asarray(sizes, dtype=np.int32)
+
+
+def prepare_image(image: np.ndarray, preprocess: dict) -> np.ndarray:
+    """HxWxC -> CxHxW float32, as unet_export.data.dataset.image_to_tensor does it."""
+    square, scale = preprocess.get("square"), float(preprocess.get("scale") or 1.0)
+    if square or scale != 1.0:
+        image = resize_image(image, square, scale)
+    arr = image.astype(np.float32)
+    if arr.size and arr.max() > 1:  # milesial divides only images holding values above 1
+        arr /= 255.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def resize_image(image: np.ndarray, square: int | None, scale: float) -> np.ndarray:
+    """Preprocess.resize: pad-to-square at (0, 0) on black then square x square, or scale; bicubic."""
+    from PIL import Image
+
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if square:
+        side = max(img.size)
+        canvas = Image.new(img.mode, (side, side), 0)
+        canvas.paste(img, (0, 0))
+        img, size = canvas, (square, square)
+    else:
+        size = (int(scale * img.size[0]), int(scale * img.size[1]))
+    if size != img.size:
+        img = img.resize(size, Image.BICUBIC)
+    arr = np.asarray(img)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def at_least(size: int, rule: dict) -> int:
+    """SizeRule.at_least: the smallest size >= ``size`` the model takes."""
+    k = -(-(rule["min"] - rule["offset"]) // rule["multiple"])
+    first = rule["offset"] + rule["multiple"] * max(k, 0)
+    return max(first, size + (-(size - rule["offset"])) % rule["multiple"])
+
+
+def padding(height: int, width: int, rule: dict) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), as fit_and_run: half the shrink on the top/left."""
+    margin = rule["shrink"] // 2
+    target_h, target_w = at_least(height + rule["shrink"], rule), at_least(width + rule["shrink"], rule)
+    return margin, target_h - height - margin, margin, target_w - width - margin
+
+
+def pad_to_fit(x: np.ndarray, rule: dict) -> np.ndarray:
+    top, bottom, left, right = padding(x.shape[1], x.shape[2], rule)
+    if not any((top, bottom, left, right)):
+        return x
+    mode = "reflect" if max(top, bottom, left, right) < min(x.shape[1:]) else "edge"  # reflect needs pad < size
+    return np.pad(x, ((0, 0), (top, bottom), (left, right)), mode=mode)
+
+
+class Postprocess:
+    def __init__(self, settings: dict, folder: str):
+        self.settings = settings
+        values = np.asarray(settings["mask_values"])
+        self.values = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
+
+    def execute(self, requests, pb):
+        responses = []
+        for request in requests:
+            logits = np.from_dlpack(pb.get_input_tensor_by_name(request, "LOGITS"))
+            sizes = np.from_dlpack(pb.get_input_tensor_by_name(request, "SIZE"))
+            try:
+                classes = [classes_of(one, size, self.settings) for one, size in zip(logits, sizes)]
+                masks = np.stack([self.values[c] for c in classes])
+            except Exception as exc:
+                responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
+                continue
+            responses.append(pb.InferenceResponse([pb.Tensor.from_dlpack("MASK", np.ascontiguousarray(masks))]))
+        return responses
+
+
+def classes_of(logits: np.ndarray, size: np.ndarray, settings: dict) -> np.ndarray:
+    """(C, H', W') logits of one padded image -> (H, W) class indices at the image's size."""
+    image_h, image_w, height, width = (int(v) for v in size)
+    rule = settings["size_rule"]
+    top, bottom, left, right = padding(height, width, rule)
+    # the output is centred in the padded input (unpadded convs shrink it), as in fit_and_run
+    off_y = max(0, top - (height + top + bottom - logits.shape[-2]) // 2)
+    off_x = max(0, left - (width + left + right - logits.shape[-1]) // 2)
+    logits = logits[:, off_y : off_y + height, off_x : off_x + width]
+    if logits.shape[-2:] != (height, width):
+        logits = resize_bilinear(logits, height, width)
+    if settings["preprocess"].get("square"):  # undo pad-to-square: the square canvas, then crop
+        side = max(image_h, image_w)
+        logits = resize_bilinear(logits, side, side)[:, :image_h, :image_w]
+    elif logits.shape[-2:] != (image_h, image_w):
+        logits = resize_bilinear(logits, image_h, image_w)
+    return (logits[0] > 0).astype(np.int64) if logits.shape[0] == 1 else logits.argmax(0)
+
+
+def resize_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) of (C, H, W)."""
+    y0, y1, wy = _source_pixels(x.shape[1], out_h)
+    x0, x1, wx = _source_pixels(x.shape[2], out_w)
+    rows = x[:, y0] * (1 - wy)[None, :, None] + x[:, y1] * wy[None, :, None]
+    return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
+
+
+def _source_pixels(n_in: int, n_out: int):
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+ROLES = {"model": Model, "preprocess": Preprocess, "postprocess": Postprocess}

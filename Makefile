@@ -13,7 +13,7 @@ demo: venv
 	$(VENV)/bin/unet-export demo
 
 test: venv
-	$(VENV)/bin/python -m pytest -q -p no:logging
+	$(VENV)/bin/python -m pytest -q -p no:logging --durations=25
 
 test-all: venv
 	$(VENV)/bin/python -m pytest -q -p no:logging -m "not gpu and not tensorrt"

@@ -116,17 +116,32 @@ def test_tolerances_are_options_and_recorded_with_the_verdict(make_checkpoint, t
     assert bad.exit_code == 2 and "add --fp16" in bad.stderr
 
 
-@pytest.fixture
-def exported(make_checkpoint, tmp_path):
-    """ONNX and TorchScript of a small model, and a folder of real images for it."""
+@pytest.fixture(scope="module")
+def exported_once(tmp_path_factory):
+    """ONNX and TorchScript of a small model, and a folder of real images for it (made once)."""
+    import torch
+
+    from tests.conftest import milesial_state_dict
     from unet_export.data.synth import make_synth
 
-    out, weights = tmp_path / "exports", make_checkpoint("v3")
+    root = tmp_path_factory.mktemp("verify")
+    out, weights = root / "exports", root / "unet_v3.pth"
+    torch.save(milesial_state_dict("v3"), weights)
     for fmt in ("onnx", "torchscript"):
         args = [fmt, str(weights), "-w", str(out), "--height", "64", "--width", "64", "--device", "cpu"]
         assert runner.invoke(app, args).exit_code == 0
-    make_synth(tmp_path / "data", n=3, size=(48, 80), seed=1)
-    return out, tmp_path / "data"
+    make_synth(root / "data", n=3, size=(48, 80), seed=1)
+    return out, root / "data"
+
+
+@pytest.fixture
+def exported(exported_once, tmp_path):
+    """A copy each test may change."""
+    import shutil
+
+    out, data = exported_once
+    shutil.copytree(out, tmp_path / "exports")
+    return tmp_path / "exports", data
 
 
 def test_verify_rechecks_every_artefact_and_records_where(exported):

@@ -65,10 +65,10 @@ def test_static_onnx_has_fixed_shape_and_one_parity_case(make_checkpoint, tmp_pa
 
 
 def test_manifest_records_model_and_replaces_own_entry(make_checkpoint, tmp_path):
-    weights = make_checkpoint("v4")
-    export_artifact(weights, "onnx", tmp_path, device="cpu")
-    export_artifact(weights, "torchscript", tmp_path, device="cpu")
-    export_artifact(weights, "onnx", tmp_path, device="cpu")  # re-run replaces, not appends
+    weights, small = make_checkpoint("v4"), dict(device="cpu", height=64, width=64)
+    export_artifact(weights, "onnx", tmp_path, **small)
+    export_artifact(weights, "torchscript", tmp_path, **small)
+    export_artifact(weights, "onnx", tmp_path, **small)  # re-run replaces, not appends
     manifest = load_manifest(tmp_path)
     assert manifest["model"]["architecture"] == "milesial"
     assert manifest["model"]["mask_values"] == [0, 127, 255]

@@ -25,6 +25,7 @@ def workflow_steps() -> tuple[dict, list[dict]]:
     return job["env"], [s for s in job["steps"] if "run" in s]
 
 
+@pytest.mark.slow  # ~80 s, the same exports and unet-bench run as README block 0 (make test runs that): make test-all
 def test_release_workflow_runs_green_on_cpu(tmp_path):
     env, steps = workflow_steps()
     checkout = tmp_path / "repo"

@@ -192,6 +192,9 @@ def test_latency_stats():
     assert stats["cv"] == pytest.approx(statistics.pstdev([10, 20, 30, 40]) / 25)
 
 
+# A timed assertion: on a shared 2-core machine it failed twice in full-suite runs while other
+# work ran (CI once, a clean-clone run once). Timing belongs to quiet runs: make test-all.
+@pytest.mark.slow
 def test_harness_does_not_distort_eager_timing():
     """The eager row must agree within 15% with a bare loop over the same model. The two are
     measured in alternating short rounds and compared by the median of all their calls, so load

@@ -297,8 +297,9 @@ def benchmark(
     # Reduced precision judged on noise is a false alarm for a trained model: without --data, the
     # held-out images its training sidecar recorded (the model record's "validation") are used.
     data = data or manifest["model"].get("validation")
-    height, width = _bench_size(manifest, height, width, data, get_spec(ckpt.architecture).sizes(ckpt.config))
-    get_spec(ckpt.architecture).sizes(ckpt.config).check(height, width)
+    sizes = get_spec(ckpt.architecture).sizes(ckpt.config)
+    height, width = _bench_size(manifest, height, width, data, sizes)
+    sizes.check(height, width)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
     for option, least in (("iters", 1), ("warmup", 0), ("min_time", 0)):

@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: venv demo test test-all lock clean
+.PHONY: venv demo test test-all mutation lock clean
 
 venv:
 	@PYTHON=$(PYTHON) bash scripts/venv.sh
@@ -18,9 +18,13 @@ test: venv
 test-all: venv
 	$(VENV)/bin/python -m pytest -q -p no:logging -m "not gpu and not tensorrt"
 
+# mutmut over the verdict and storage modules (pyproject [tool.mutmut]); ends with the score line.
+mutation: venv
+	$(VENV)/bin/python scripts/mutation.py
+
 # Re-resolve requirements/lock.in (the torch pair + pyproject's [dev] set) into requirements/lock.txt.
 lock:
 	PYTHON=$(PYTHON) bash scripts/lock.sh
 
 clean:
-	rm -rf $(VENV) exports build *.egg-info
+	rm -rf $(VENV) exports build mutants *.egg-info

@@ -9,15 +9,25 @@ the device; host-to-device and device-to-host copies are timed on their own (as 
 import functools
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from unet_export.api import manifest_checkpoint, resolve_device
+from unet_export.bench_stats import (  # noqa: F401 (CV_WARNING, exit_code, latency_stats: the bench API)
+    CV_WARNING,
+    BenchConfig,
+    Row,
+    exit_code,
+    latency_stats,
+    more_iterations,
+    parity_record,
+    record_timing,
+    set_speedups,
+)
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
 from unet_export.errors import IntegrityError, UserError
@@ -27,53 +37,6 @@ from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, U
 from unet_export.runners.onnxruntime import physical_cores
 from unet_export.verify import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
 
-CV_WARNING = 0.05  # trtexec warns when GPU time varies by more than a few percent
-
-
-@dataclass
-class BenchConfig:
-    batch: int = 8
-    height: int = 256
-    width: int = 256
-    warmup: int = 3
-    iters: int | None = None  # exact count; None: time for min_time seconds (min_iters..max_iters)
-    min_time: float = 5.0
-    min_iters: int = 5
-    max_iters: int = 1000
-    seed: int = 0
-
-
-@dataclass
-class Row:
-    backend: str
-    precision: str
-    status: str  # ok | parity_failed | unavailable | error
-    reason: str = ""
-    runs_on: str = ""
-    img_per_s: float | None = None
-    latency_ms: dict | None = None
-    cv: float | None = None
-    speedup_vs_eager: float | None = None
-    peak_mem_mb: float | None = None
-    h2d_ms: float | None = None
-    d2h_ms: float | None = None
-    iters: int = 0
-    parity: dict | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def latency_stats(latencies_ms: list[float], batch: int) -> dict:
-    """mean/min/percentiles/max in ms per batch, coefficient of variation and images/s."""
-    lat = np.asarray(latencies_ms, dtype=np.float64)
-    p50, p90, p99 = np.percentile(lat, [50, 90, 99])
-    mean = float(lat.mean())
-    latency = {"mean": mean, "min": float(lat.min()), "p50": float(p50), "p90": float(p90),
-               "p99": float(p99), "max": float(lat.max())}  # fmt: skip
-    return {"latency_ms": latency, "cv": float(lat.std() / mean) if mean else 0.0, "img_per_s": batch * 1000.0 / mean}
-
 
 def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]:
     """Per-iteration latencies in ms, after ``cfg.warmup`` untimed calls."""
@@ -82,7 +45,7 @@ def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]
     runner.synchronize()
     cuda = runner.device.type == "cuda"
     latencies, started = [], time.perf_counter()
-    while _more(len(latencies), time.perf_counter() - started, cfg):
+    while more_iterations(len(latencies), time.perf_counter() - started, cfg):
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -96,12 +59,6 @@ def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]
             runner.synchronize()
             latencies.append((time.perf_counter() - t0) * 1000.0)
     return latencies
-
-
-def _more(done: int, elapsed: float, cfg: BenchConfig) -> bool:
-    if cfg.iters is not None:
-        return done < cfg.iters
-    return done < cfg.min_iters or (elapsed < cfg.min_time and done < cfg.max_iters)
 
 
 def copy_times_ms(x: torch.Tensor, out: torch.Tensor, device: torch.device) -> tuple[float, float]:
@@ -169,7 +126,7 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
             x_dev = x.to(runner.device)
             out = runner.infer(x_dev)
             case = compare(out, reference, (tolerances or TOLERANCES)[runner.precision], exact=exact)
-            row.parity = _parity_record(case)
+            row.parity = parity_record(case)
             if not case.passed:
                 row.status, row.reason = "parity_failed", "; ".join(case.failures)
             _time_into(row, runner, x_dev, out, cfg)
@@ -182,21 +139,9 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
 
 
 def _time_into(row: Row, runner: Runner, x: torch.Tensor, out: torch.Tensor, cfg: BenchConfig) -> None:
-    latencies = time_infer(runner, x, cfg)
-    stats = latency_stats(latencies, x.shape[0])
-    row.img_per_s, row.latency_ms, row.cv, row.iters = stats["img_per_s"], stats["latency_ms"], stats["cv"], len(latencies)
-    if row.cv > CV_WARNING:
-        row.warnings.append(f"latency varies by {row.cv:.1%} (CV > {CV_WARNING:.0%}): the machine may be busy")
+    record_timing(row, time_infer(runner, x, cfg), x.shape[0])
     if runner.device.type == "cuda":
         row.h2d_ms, row.d2h_ms = copy_times_ms(x, out, runner.device)
-
-
-def _parity_record(case) -> dict:
-    """Errors against eager fp32 and against float64, next to eager fp32's own (the noise floor)."""
-    return {"max_abs_err": case.max_abs_err, "mean_abs_err": case.mean_abs_err,
-            "max_err_fp64": case.max_err_fp64, "mean_err_fp64": case.mean_err_fp64, "noise_floor": case.noise_floor,
-            "allowed": case.atol, "argmax_disagreement": case.argmax_disagreement, "tie_pixels": case.tie_pixels,
-            "dice_vs_eager": case.dice_vs_eager, "passed": case.passed}  # fmt: skip
 
 
 def bench_batch(cfg: BenchConfig, channels: int, data: str | Path | None = None) -> torch.Tensor:
@@ -239,22 +184,8 @@ def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Run
         rows.append(bench_row(name, make, x, reference, cfg, exact=exact, tolerances=tolerances))
         if on_row:
             on_row(rows[-1])
-    _speedups(rows)
+    set_speedups(rows)
     return rows
-
-
-def _speedups(rows: list[Row]) -> None:
-    base = next((r for r in rows if r.backend == "eager" and r.status == "ok"), None)
-    for row in rows:
-        if base and row.img_per_s:
-            row.speedup_vs_eager = row.img_per_s / base.img_per_s
-
-
-def exit_code(rows: list[Row], gate: bool = True) -> int:
-    """1 if any row errored, or (with the gate on) failed parity; else 0."""
-    if any(r.status == "error" for r in rows):
-        return 1
-    return 1 if gate and any(r.status == "parity_failed" for r in rows) else 0
 
 
 @dataclass

@@ -1,0 +1,176 @@
+"""Atomic writes, hashing, free space and stale temp files (unet_export/fileio.py), in-process."""
+
+import errno
+import hashlib
+import json
+import os
+from collections import namedtuple
+
+import pytest
+
+from unet_export import fileio
+from unet_export.errors import UserError
+
+
+def test_temp_path_keeps_the_suffix_last_and_names_the_pid(tmp_path):
+    assert fileio.temp_path(tmp_path / "weights.onnx") == tmp_path / f".weights.{os.getpid()}.tmp.onnx"
+    assert fileio.temp_path(tmp_path / "model.pt2").name.endswith(".tmp.pt2")
+    assert fileio._TEMP.match(fileio.temp_path(tmp_path / "a.b.json").name).group(1) == str(os.getpid())
+
+
+def test_atomic_path_renames_into_place_only_on_success(tmp_path):
+    dest = tmp_path / "reports" / "new" / "bench.json"  # folders created, as for a new reports/
+    with fileio.atomic_path(dest) as tmp:
+        assert tmp == fileio.temp_path(dest) and tmp.parent == dest.parent
+        tmp.write_text("new")
+        assert not dest.exists()
+    assert dest.read_text() == "new" and os.listdir(dest.parent) == ["bench.json"]
+    with pytest.raises(RuntimeError):
+        with fileio.atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert dest.read_text() == "new" and os.listdir(dest.parent) == ["bench.json"]
+
+
+def test_atomic_path_flushes_before_the_rename(tmp_path, monkeypatch):
+    order = []
+    monkeypatch.setattr(fileio, "fsync_file", lambda p: order.append(("fsync", p.name)))
+    real_replace = os.replace
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: (order.append(("rename", a.name)), real_replace(a, b)))
+    with fileio.atomic_path(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert order == [("fsync", tmp.name), ("rename", tmp.name)]
+
+
+def test_atomic_path_errors_name_the_destination_not_the_temp_file(tmp_path):
+    dest = tmp_path / "out.json"
+    with pytest.raises(OSError) as err:
+        with fileio.atomic_path(dest) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert err.value.filename == str(dest)
+    other = tmp_path / "elsewhere"
+    with pytest.raises(OSError) as err:
+        with fileio.atomic_path(dest):
+            raise OSError(errno.ENOENT, "missing", str(other))
+    assert err.value.filename == str(other)  # an error about another file keeps its name
+
+
+def test_a_failed_cleanup_never_masks_the_real_error(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as err:  # the folder is a file: mkdir fails, so does the unlink
+        with fileio.atomic_path(tmp_path / "file" / "out.json"):
+            pass
+    assert err.value.errno in (errno.EEXIST, errno.ENOTDIR)
+
+
+def test_fsync_file_syncs_files_and_skips_the_rest(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: synced.append(fd))
+    (tmp_path / "f").write_text("x")
+    fileio.fsync_file(tmp_path / "f")
+    fileio.fsync_file(tmp_path)  # AOTInductor writes a folder: nothing to flush, no error
+    fileio.fsync_file(tmp_path / "missing")
+    assert len(synced) == 1
+
+
+def test_write_json_is_indented_with_a_final_newline(tmp_path):
+    fileio.write_json(tmp_path / "a.json", {"b": [1, 2]})
+    assert (tmp_path / "a.json").read_text() == json.dumps({"b": [1, 2]}, indent=2) + "\n"
+
+
+def test_write_bytes_checked(tmp_path):
+    fileio.write_bytes_checked(tmp_path / "b", b"\x00\x01")
+    fileio.write_bytes_checked(tmp_path / "b", b"\x02")  # replaces, never appends
+    assert (tmp_path / "b").read_bytes() == b"\x02"
+
+
+@pytest.mark.parametrize("size, chunk", [(0, 4), (10, 3), (10, 5), (3000, 1 << 20)])
+def test_sha256_file_in_chunks(tmp_path, size, chunk):
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    (tmp_path / "f").write_bytes(data)
+    assert fileio.sha256_file(tmp_path / "f", chunk=chunk) == hashlib.sha256(data).hexdigest()
+
+
+def test_pid_alive(monkeypatch):
+    assert fileio.pid_alive(os.getpid()) is True
+    assert fileio.pid_alive(2**22 + 12345) is False  # above Linux's pid_max
+
+    def denied(pid, sig):
+        raise PermissionError(errno.EPERM, "not yours")
+
+    monkeypatch.setattr(fileio.os, "kill", denied)
+    assert fileio.pid_alive(1) is True  # alive, owned by someone else
+
+
+def test_sweep_removes_only_dead_writers_temp_files(tmp_path):
+    dead, live = tmp_path / ".weights.4206969.tmp.onnx", tmp_path / f".weights.{os.getpid()}.tmp.onnx"
+    plain, folder = tmp_path / "weights.onnx", tmp_path / ".model.4206969.tmp.pt2"
+    for path in (dead, live, plain):
+        path.write_bytes(b"x")
+    folder.mkdir()
+    assert fileio.sweep_stale_temps(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and plain.exists() and folder.exists()
+    assert fileio.sweep_stale_temps(tmp_path / "absent") == []
+    assert fileio.sweep_stale_temps(plain) == []
+
+
+def test_stale_temp_pattern():
+    assert fileio._TEMP.match(".a.12.tmp").group(1) == "12"
+    assert fileio._TEMP.match(".a.b.12.tmp.json").group(1) == "12"
+    for name in ("a.12.tmp.json", ".a.12.tmpx", ".a.x.tmp.json", "..12.tmp", ".a.12.tmp..json"):
+        assert fileio._TEMP.match(name) is None, name
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_ensure_free_space_probes_the_nearest_existing_folder(tmp_path, monkeypatch):
+    probed = []
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: (probed.append(p), Usage(0, 0, 5_000_000))[1])
+    fileio.ensure_free_space(tmp_path / "not" / "yet", 5_000_000, "the export")  # exactly enough
+    assert probed == [tmp_path]
+    with pytest.raises(UserError) as err:
+        fileio.ensure_free_space(tmp_path / "not" / "yet", 5_000_001, "the export")
+    assert str(err.value) == (f"not enough free space in {tmp_path / 'not' / 'yet'} for the export: about 5 MB needed, "
+                              "5 MB free")  # fmt: skip
+
+
+def test_environment_error_finds_the_os_error_behind_wrappers():
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError("inductor failed") from inner
+    except RuntimeError as outer:
+        assert fileio.environment_error(outer) is full
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system")
+        except OSError:
+            raise ValueError("while handling")  # implicit chaining: __context__
+    except ValueError as outer:
+        assert fileio.environment_error(outer).errno == errno.EROFS
+    assert fileio.environment_error(OSError(errno.EIO, "I/O error")) is None  # not the environment's
+    assert fileio.environment_error(ValueError("x")) is None
+    assert fileio.environment_error(None) is None
+
+
+def test_environment_error_survives_a_cycle():
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert fileio.environment_error(a) is None
+
+
+def test_environment_errnos():
+    assert fileio.ENVIRONMENT_ERRNOS == {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                                         errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOENT,
+                                         errno.ENAMETOOLONG}  # fmt: skip
+
+
+def test_os_error_message():
+    assert fileio.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/x/w.onnx")) == (
+        "cannot write or read /x/w.onnx: No space left on device")
+    assert fileio.os_error_message(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")) == (
+        "cannot write or read /a -> /b: Invalid cross-device link")
+    assert fileio.os_error_message(OSError("bare")) == "cannot write or read a file: bare"

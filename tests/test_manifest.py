@@ -1,0 +1,253 @@
+"""The manifest store (unet_export/manifest.py) in-process: validation messages, the transaction's
+save/recover/sweep steps, publish, the model record and the artefact checks. The crash and
+concurrency cases with real processes are in test_store.py."""
+
+import json
+import os
+from datetime import datetime
+
+import pytest
+
+from unet_export import manifest as m
+from unet_export.errors import IntegrityError, UserError
+from unet_export.fileio import sha256_file
+
+
+def _model(sha="a" * 64):
+    return {"architecture": "milesial", "config": {}, "checkpoint": {"sha256": sha, "path": "w.pth"}}
+
+
+def _entry(fmt="onnx", precision="fp32", path="weights.onnx", **extra):
+    return {"format": fmt, "path": path, "precision": precision, "status": "verified", "inputs": [], "outputs": []} | extra
+
+
+def _write(workdir, data):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / m.MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def test_empty_manifest_and_names():
+    assert m.empty_manifest() == {"schema": 1, "model": None, "artifacts": []}
+    assert (m.MANIFEST_NAME, m.LOCK_NAME, m.SCHEMA_VERSION) == ("manifest.json", ".manifest.lock", 1)
+
+
+def test_load_of_a_missing_manifest_is_empty(tmp_path):
+    assert m.load_manifest(tmp_path) == m.empty_manifest()
+
+
+def test_save_then_load_round_trips(tmp_path):
+    data = m.empty_manifest() | {"model": _model(), "artifacts": [_entry()]}
+    m.save_manifest(tmp_path, data)
+    assert m.load_manifest(tmp_path) == data
+    assert (tmp_path / "manifest.json").read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize("text", ["{not json", "\xff\xfe"])
+def test_unreadable_manifest_is_a_user_error_naming_the_file(tmp_path, text):
+    (tmp_path / "manifest.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"manifest.json is not valid JSON \(.+\); delete it and export again"):
+        m.load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([], "is not an unet-export manifest (no 'artifacts' list); delete it and export again"),
+        ({"artifacts": {}}, "is not an unet-export manifest (no 'artifacts' list)"),
+        ({"artifacts": [], "model": 3}, ": 'model' is a int, not an object; delete it and export again"),
+        ({"artifacts": [], "model": {"config": {}, "checkpoint": {}}},
+         ": 'model'.architecture is missing, expected a str; delete it and export again"),
+        ({"artifacts": [], "model": {"architecture": 1, "config": {}, "checkpoint": {}}},
+         ": 'model'.architecture is a int, expected a str"),
+        ({"artifacts": [], "model": {"architecture": "x", "config": [], "checkpoint": {}}},
+         ": 'model'.config is a list, expected a dict"),
+        ({"artifacts": [], "model": {"architecture": "x", "config": {}, "checkpoint": {}}},
+         ": 'model.checkpoint.sha256' is missing or not a string; delete it and export again"),
+        ({"artifacts": [], "model": {"architecture": "x", "config": {}, "checkpoint": {"sha256": 5}}},
+         ": 'model.checkpoint.sha256' is missing or not a string"),
+        ({"artifacts": ["x"]}, ": artifacts[0] is a str, not an object"),
+        ({"artifacts": [_entry(), {k: v for k, v in _entry().items() if k != "status"}]},
+         ": artifacts[1].status is missing, expected a str"),
+        ({"artifacts": [_entry(inputs="x")]}, ": artifacts[0].inputs is a str, expected a list"),
+        ({"artifacts": [_entry(outputs=None)]}, ": artifacts[0].outputs is a NoneType, expected a list"),
+    ],
+)
+def test_validation_names_the_first_bad_field(tmp_path, data, message):
+    _write(tmp_path, data)
+    with pytest.raises(UserError) as err:
+        m.load_manifest(tmp_path)
+    assert str(err.value).startswith(str(tmp_path / "manifest.json")) and message in str(err.value)
+
+
+def test_a_valid_manifest_with_a_model_and_entries_loads(tmp_path):
+    data = {"schema": 1, "model": _model(), "artifacts": [_entry(), _entry("torchscript", path="w.ts")]}
+    _write(tmp_path, data)
+    assert m.load_manifest(tmp_path) == data
+
+
+def test_transaction_saves_on_success_and_counts_revisions(tmp_path):
+    workdir = tmp_path / "new" / "dir"
+    with m.transaction(workdir) as manifest:
+        m.upsert_artifact(manifest, _entry())
+    assert (workdir / ".manifest.lock").exists()
+    saved = m.load_manifest(workdir)
+    assert saved["revision"] == 1 and saved["artifacts"] == [_entry()]
+    with m.transaction(workdir):
+        pass
+    assert m.load_manifest(workdir)["revision"] == 2
+
+
+def test_transaction_saves_nothing_when_the_block_fails(tmp_path):
+    with m.transaction(tmp_path) as manifest:
+        m.upsert_artifact(manifest, _entry())
+    with pytest.raises(RuntimeError):
+        with m.transaction(tmp_path) as manifest:
+            m.upsert_artifact(manifest, _entry("torchscript"))
+            raise RuntimeError("boom")
+    saved = m.load_manifest(tmp_path)
+    assert saved["revision"] == 1 and [a["format"] for a in saved["artifacts"]] == ["onnx"]
+
+
+def _pending_workdir(tmp_path, staged_bytes, recorded_bytes):
+    staged = tmp_path / ".weights.999.tmp.onnx"
+    staged.write_bytes(staged_bytes)
+    (tmp_path / "scratch").write_bytes(recorded_bytes)
+    sha = sha256_file(tmp_path / "scratch")
+    (tmp_path / "scratch").unlink()
+    data = m.empty_manifest() | {"artifacts": [_entry(sha256=sha, pending=staged.name), _entry("torchscript")]}
+    _write(tmp_path, data)
+    return staged
+
+
+def test_transaction_finishes_a_publish_a_killed_process_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(m, "sweep_stale_temps", lambda d: [])  # isolate recovery from the sweep
+    staged = _pending_workdir(tmp_path, b"verified", b"verified")
+    saves = []
+    real_save = m.save_manifest
+    monkeypatch.setattr(m, "save_manifest", lambda w, man: (saves.append(json.loads(json.dumps(man))), real_save(w, man)))
+    with m.transaction(tmp_path) as manifest:
+        assert all("pending" not in a for a in manifest["artifacts"])
+        assert len(saves) == 1 and "revision" not in saves[0]  # the recovery was saved before the block ran
+    assert (tmp_path / "weights.onnx").read_bytes() == b"verified" and not staged.exists()
+    assert all("pending" not in a for a in m.load_manifest(tmp_path)["artifacts"])
+
+
+def test_recovery_never_renames_a_staged_file_that_is_not_the_verified_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(m, "sweep_stale_temps", lambda d: [])
+    staged = _pending_workdir(tmp_path, b"torn write", b"verified")
+    with m.transaction(tmp_path) as manifest:
+        assert all("pending" not in a for a in manifest["artifacts"])
+    assert not (tmp_path / "weights.onnx").exists() and staged.read_bytes() == b"torn write"
+
+
+def test_recover_reports_whether_anything_changed(tmp_path):
+    clean = m.empty_manifest() | {"artifacts": [_entry()]}
+    assert m._recover(tmp_path, clean) is False
+    gone = m.empty_manifest() | {"artifacts": [_entry(pending=".weights.1.tmp.onnx", sha256="0")]}
+    assert m._recover(tmp_path, gone) is True and "pending" not in gone["artifacts"][0]
+    assert not (tmp_path / "weights.onnx").exists()
+
+
+def test_transaction_sweeps_dead_processes_temp_files(tmp_path):
+    dead = tmp_path / ".weights.999999999.tmp.onnx"
+    dead.write_bytes(b"x")
+    with m.transaction(tmp_path):
+        assert not dead.exists()
+
+
+def test_publish_records_the_entry_moves_the_file_and_leaves_no_redo_record(tmp_path, monkeypatch):
+    staged = tmp_path / ".weights.1.tmp.onnx"
+    staged.write_bytes(b"model")
+    manifest = m.empty_manifest()
+    seen = []
+    real_replace = os.replace
+    # At the rename, the manifest on disk already names the staged file (the redo record).
+    def replace(src, dst):
+        if src == staged:
+            seen.append(m.load_manifest(tmp_path))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(m.os, "replace", replace)
+    m.publish(tmp_path, manifest, _entry(sha256="s"), staged)
+    assert len(seen) == 1 and seen[0]["artifacts"][0]["pending"] == staged.name
+    assert (tmp_path / "weights.onnx").read_bytes() == b"model" and not staged.exists()
+    assert manifest["artifacts"] == [_entry(sha256="s")]
+
+
+@pytest.mark.parametrize("point", ["before-publish", "before-rename"])
+def test_fault_points_kill_only_when_named(monkeypatch, point):
+    killed = []
+    monkeypatch.setattr(m.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setenv("UNET_EXPORT_KILL_AT", "elsewhere")
+    m._fault_point(point)
+    assert killed == []
+    monkeypatch.setenv("UNET_EXPORT_KILL_AT", point)
+    m._fault_point(point)
+    assert killed == [(os.getpid(), m.signal.SIGKILL)]
+
+
+def test_set_model_keeps_artefacts_of_the_same_checkpoint_content():
+    manifest = m.empty_manifest() | {"model": _model("a" * 64), "artifacts": [_entry()]}
+    moved = _model("a" * 64) | {"checkpoint": {"sha256": "a" * 64, "path": "elsewhere/w.pth"}}
+    assert m.set_model(manifest, moved) == 0
+    assert manifest["artifacts"] == [_entry()] and manifest["model"] is moved
+
+
+def test_set_model_drops_artefacts_of_other_content_even_at_the_same_path():
+    manifest = m.empty_manifest() | {"model": _model("a" * 64), "artifacts": [_entry(), _entry("torchscript")]}
+    assert m.set_model(manifest, _model("b" * 64)) == 2
+    assert manifest["artifacts"] == [] and manifest["model"]["checkpoint"]["sha256"] == "b" * 64
+
+
+def test_set_model_on_an_empty_manifest():
+    manifest = m.empty_manifest()
+    assert m.set_model(manifest, _model()) == 0 and manifest["model"] == _model()
+
+
+def test_upsert_replaces_only_the_same_format_and_precision():
+    manifest = m.empty_manifest()
+    for entry in (_entry(), _entry(precision="fp16"), _entry("torchscript"), _entry(path="new.onnx")):
+        m.upsert_artifact(manifest, entry)
+    assert [(a["format"], a["precision"], a["path"]) for a in manifest["artifacts"]] == [
+        ("onnx", "fp16", "weights.onnx"), ("torchscript", "fp32", "weights.onnx"), ("onnx", "fp32", "new.onnx")]
+    assert m.find_artifacts(manifest, "onnx") == [manifest["artifacts"][0], manifest["artifacts"][2]]
+    assert m.find_artifacts(manifest) == manifest["artifacts"]
+    assert m.find_artifacts(manifest, "openvino") == []
+
+
+def test_checked_path_accepts_only_the_verified_file(tmp_path):
+    (tmp_path / "weights.onnx").write_bytes(b"model")
+    entry = _entry(sha256=sha256_file(tmp_path / "weights.onnx"), bytes=5)
+    assert m.checked_path(tmp_path, entry) == tmp_path / "weights.onnx"
+    assert m.checked_path(tmp_path, {"path": "weights.onnx"}) == tmp_path / "weights.onnx"  # an old manifest
+    with pytest.raises(IntegrityError, match="changed since it was verified"):
+        m.checked_path(tmp_path, entry | {"bytes": 6})  # the size alone differs
+    (tmp_path / "weights.onnx").write_bytes(b"MODEL")  # same size, other content
+    with pytest.raises(IntegrityError, match=r"weights.onnx changed since it was verified \(its sha256 is not the one in "
+                                             r"manifest.json\); export it again"):  # fmt: skip
+        m.checked_path(tmp_path, entry)
+    (tmp_path / "weights.onnx").unlink()
+    with pytest.raises(IntegrityError, match="weights.onnx is in manifest.json but missing on disk; export it again"):
+        m.checked_path(tmp_path, entry)
+    (tmp_path / "weights.onnx").mkdir()  # a folder is not the file
+    with pytest.raises(IntegrityError, match="missing on disk"):
+        m.checked_path(tmp_path, entry)
+
+
+def test_tool_versions():
+    found = m.tool_versions("torch", "onnx", "no-such-package-xyz")
+    import onnx
+    import torch
+
+    assert found == {"torch": torch.__version__, "cuda": torch.version.cuda, "onnx": onnx.__version__,
+                     "no-such-package-xyz": None}  # fmt: skip
+    defaults = m.tool_versions()
+    assert set(defaults) == {"unet-export", "torch", "cuda", "onnx", "onnxruntime", "onnxscript"}
+    assert defaults["onnxruntime"] is not None
+    assert m.tool_versions("onnx") == {"onnx": onnx.__version__}
+
+
+def test_utc_now_is_an_iso_timestamp_in_utc_to_the_second():
+    stamp = m.utc_now()
+    parsed = datetime.fromisoformat(stamp)
+    assert stamp.endswith("+00:00") and parsed.microsecond == 0 and parsed.utcoffset().total_seconds() == 0

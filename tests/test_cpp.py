@@ -50,3 +50,15 @@ def test_cpp_example_matches_python(workdir, tmp_path):
         assert row["mean_ms"] > 0 and row["min_ms"] <= row["mean_ms"]
     pgm = (tmp_path / "build" / "runs" / "demo_unet.pt2.mask.pgm").read_bytes()
     assert pgm.startswith(b"P5\n128 128\n255\n") and len(pgm) == len(b"P5\n128 128\n255\n") + 128 * 128
+
+
+def test_predict_from_a_package_prints_no_toolchain_noise(workdir, tmp_path):
+    import subprocess
+    import sys
+
+    image = DEMO_VAL / "imgs" / "synth_0003.png"
+    result = subprocess.run([sys.executable, "-m", "unet_export", "predict", str(workdir / "demo_unet.pt2"), str(image),
+                             "--out", str(tmp_path / "m"), "--device", "cpu"], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.strip() == f"wrote 1 mask to {tmp_path / 'm'}"

@@ -11,6 +11,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -83,11 +84,13 @@ def export_artifact(
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
+    check_staged: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest.
     The artefact is written and verified under a temp name, then renamed and recorded in one
     locked step: an interrupted export never replaces a verified file. ``rtol``/``atol`` replace
-    the FP32 gate's (verify.FP32) and are recorded with the verdict."""
+    the FP32 gate's (verify.FP32) and are recorded with the verdict. ``check_staged`` may refuse
+    the written file before anything is published (a later step's options that it cannot take)."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -108,6 +111,8 @@ def export_artifact(
             net, staged, torch.rand(1, channels, height, width), metadata,
             opset=opset, dynamic=not static, sizes=rule, device=dev,
         )  # fmt: skip
+        if check_staged is not None:
+            check_staged(staged)
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
         inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)

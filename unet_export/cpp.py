@@ -116,10 +116,11 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
 
     workdir, dev = Path(workdir), resolve_device(device)
     manifest = load_manifest(workdir)
-    net = build_model(manifest_checkpoint(manifest))
     entries = [a for a in manifest["artifacts"] if a["format"] in ("torchscript", "aoti")]
-    if not entries:
-        raise UserError(f"no TorchScript or AOTInductor artefact in {workdir}: run `unet-export torchscript` or `unet-export aoti`")
+    if not entries or not manifest.get("model"):  # C++ runs these two formats only: say so, not "export ONNX"
+        raise UserError(f"no TorchScript or AOTInductor artefact in {workdir}: run `unet-export torchscript WEIGHTS "
+                        f"--workdir {workdir}` or `unet-export aoti WEIGHTS --workdir {workdir}` first")  # fmt: skip
+    net = build_model(manifest_checkpoint(manifest))
     binary = build_example(Path(build_dir))
     height, width = entries[0]["export_size"]
     (batch,) = seeded_inputs([(2, int(entries[0]["inputs"][0]["shape"][1]), height, width)], seed)

@@ -56,6 +56,7 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
     for entry in manifest["artifacts"]:
         row = {"format": entry["format"], "precision": entry["precision"], "path": entry["path"]}
         try:
+            _check_static(entry, dataset, batch_size)
             with artifact_runner(entry, workdir, dev) as runner:
                 dice = mean_dice(runner, dataset, n_classes, batch_size, halo)
             row |= {"status": "ok", "dice": dice, "delta_vs_eager": dice - eager_dice}
@@ -65,6 +66,18 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
             row |= {"status": "unavailable", "reason": str(exc), "dice": None, "delta_vs_eager": None}
         report["artifacts"].append(row)
     return report
+
+
+def _check_static(entry: dict, dataset, batch_size: int) -> None:
+    """A static artefact takes its export shape only; other images are not its failure to judge."""
+    if not entry.get("size_rule", {}).get("static"):
+        return
+    shape = list(entry["inputs"][0]["shape"])
+    sizes = {tuple(dataset[i]["image"].shape[-2:]) for i in range(len(dataset))}
+    if shape[0] != batch_size or sizes != {tuple(shape[2:])}:
+        found = ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
+        raise UserError(f"static artefact takes {'x'.join(map(str, shape))}, the images are {found} "
+                        f"(batch {batch_size}): export without --static to evaluate other sizes")  # fmt: skip
 
 
 def gate(report: dict, min_dice: float | None = None, max_delta: float | None = None) -> list[str]:

@@ -16,7 +16,7 @@ from PIL import Image
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
 from unet_export.data.dataset import (Preprocess, check_channels, image_channels, image_to_tensor, load_image,
                                       open_image)  # fmt: skip
-from unet_export.errors import UserError
+from unet_export.errors import UserError, require
 from unet_export.fileio import atomic_path
 from unet_export.export.onnx import decode_metadata
 from unet_export.manifest import checked_path, load_manifest
@@ -50,16 +50,23 @@ class Predictor:
     sizes: SizeRule
     n_channels: int = 3
     halo: int | None = None  # tile with this overlap; None: run whole images
+    fixed: tuple[int, int] | None = None  # a static artefact's one input size (H, W)
 
 
 def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | None = None,
-                tile: int | None = None) -> torch.Tensor:
+                tile: int | None = None, fixed: tuple[int, int] | None = None) -> torch.Tensor:
     """Pad the image to a size the model takes (mirror padding, as the 2015 paper's overlap-tile:
     half the shrink on the top/left so output pixel i is image pixel i), run, crop to the image.
-    With ``halo``, an image larger than ``tile`` runs in overlapping tiles (see TILE_HALO)."""
+    With ``halo``, an image larger than ``tile`` runs in overlapping tiles (see TILE_HALO). A
+    static artefact (``fixed``) takes one size: the image is padded to it, if it fits."""
     height, width = x.shape[-2:]
     margin = rule.shrink // 2
     target_h, target_w = rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
+    if fixed is not None:
+        if height + rule.shrink > fixed[0] or width + rule.shrink > fixed[1]:
+            raise UserError(f"the model is static at {fixed[0]}x{fixed[1]} and the image is {height}x{width} after "
+                            "preprocessing: export it without --static to predict other sizes")  # fmt: skip
+        target_h, target_w, halo = fixed[0], fixed[1], None
     pads = [margin, target_w - width - margin, margin, target_h - height - margin]
     mode = "reflect" if max(pads) < min(height, width) else "replicate"  # reflect needs pad < size
     padded = F.pad(x, pads, mode=mode) if any(pads) else x
@@ -128,7 +135,17 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
     architecture = record.get("architecture", "milesial")
     rule = get_spec(architecture).sizes(config)
     return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule,
-                     int(config.get("n_channels", 3)), TILE_HALO.get(architecture))  # fmt: skip
+                     int(config.get("n_channels", 3)), TILE_HALO.get(architecture),
+                     _static_size(path) if suffix == ".onnx" else None)  # fmt: skip
+
+
+def _static_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of an ONNX model exported with --static (every input dim a number), else None."""
+    onnx = require("onnx")
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if len(dims) == 4 and all(d.HasField("dim_value") for d in dims):
+        return dims[2].dim_value, dims[3].dim_value
+    return None
 
 
 def _read_onnx(path):
@@ -207,7 +224,7 @@ def predict_classes(predictor: Predictor, image_path: Path, max_pixels: int | No
     """(class index per pixel at the image's size as an array, the image as the model read it)."""
     img = load_image(image_path, predictor.n_channels, max_pixels)
     x = image_to_tensor(img, predictor.preprocess, predictor.n_channels)[None]
-    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo).float().cpu()
+    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed).float().cpu()
     del x
     width, height = img.size
     if predictor.preprocess.square:  # undo pad-to-square: back to the square canvas, then crop

@@ -29,8 +29,15 @@ class Device(str, Enum):
 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Directory for artefacts and manifest.json.")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where parity runs: CUDA when there is a GPU, else CPU.")]
+RunDeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs: CUDA when there is a GPU, else CPU.")]
 Weights = Annotated[Path, typer.Argument(help="Checkpoint (.pth) from milesial/Pytorch-UNet or unet-export train.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Architecture, when the keys cannot tell it.")]
+
+
+def working(what: str):
+    """A spinner on a terminal while a long step runs (compiling, calibrating, building): without
+    it `aoti` sat silent for minutes. Transient, and nothing at all in a CI log."""
+    return console.status(f"{what}...", spinner="dots")
 
 
 MAX_MESSAGE = 600  # characters: a CI log line, not a dump

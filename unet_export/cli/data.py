@@ -1,5 +1,6 @@
 """`unet-export data synth|labelme`: make a dataset to train on."""
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -8,15 +9,17 @@ import typer
 from unet_export.cli.common import cli_errors, console
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import MAX_IMAGES, MAX_SIDE, make_synth
-from unet_export.export.tensorrt_plan import parse_shape
+from unet_export.errors import UserError
 
 app = typer.Typer(help="Make datasets: synthetic shapes, or labelme annotations.", no_args_is_help=True)
 
 
 def parse_size(text: str) -> tuple[int, int]:
     """'128x160' -> (128, 160) as height x width."""
-    _, _, height, width = parse_shape(f"1x1x{text}", "--size")
-    return height, width
+    match = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text.lower())
+    if not match:
+        raise UserError(f"--size {text!r} is not HxW, e.g. 128x128 (height x width)")
+    return int(match.group(1)), int(match.group(2))
 
 
 @app.command("synth")
@@ -27,10 +30,11 @@ def synth_cmd(
     size: Annotated[str, typer.Option(help=f"Image size HxW, each side 32 to {MAX_SIDE}.")] = "128x128",
     classes: Annotated[int, typer.Option(help="Classes, background included.")] = 3,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already in OUT_DIR.")] = False,
 ) -> None:
     """A deterministic synthetic set in milesial's layout: shapes over textured, noisy backgrounds.
     Each file is written atomically; a write error (a full disk) exits 2 naming the file."""
-    summary = make_synth(out_dir, n=n, size=parse_size(size), classes=classes, seed=seed)
+    summary = make_synth(out_dir, n=n, size=parse_size(size), classes=classes, seed=seed, overwrite=overwrite)
     console.print(f"wrote {summary.images} images and masks to {out_dir} (imgs/, masks/ *_mask.png); "
                   f"{classes} classes, mask values {summary.mask_values}")  # fmt: skip
 
@@ -42,7 +46,8 @@ def labelme_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write JPEGImages/ and SegmentationClass/ into.")],
     labels: Annotated[str, typer.Option(help="Comma-separated classes, background first: background,cat,dog.")],
 ) -> None:
-    """labelme polygons -> class-index PNG masks plus the images, in the VOC layout. Every file is
+    """labelme shapes (polygon, rectangle, circle) -> class-index PNG masks plus the images, in the VOC
+    layout. The first label is class 0, the background: pixels no shape covers. Every file is
     checked first (labels, shape types, finite coordinates near the image) and nothing is written
     if one is wrong."""
     summary = convert_labelme(json_dir, out_dir, [name.strip() for name in labels.split(",")])

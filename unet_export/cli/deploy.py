@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from unet_export.api import ExportResult
-from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console
+from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, working
 from unet_export.cli.render import export_report
 from unet_export.cli.tolerances import MaxClassChange, MinDice
 from unet_export.export.openvino import export_openvino
@@ -36,8 +36,9 @@ def openvino_cmd(
     model: ModelOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on the CPU."""
-    result = export_openvino(weights, workdir, fp16=fp16, model=model, device=device.value, height=height, width=width,
-                             on_result=lambda r: export_report(r, workdir))  # fmt: skip
+    with working("converting to OpenVINO IR and checking parity"):
+        result = export_openvino(weights, workdir, fp16=fp16, model=model, device=device.value, height=height,
+                                 width=width, on_result=lambda r: export_report(r, workdir))  # fmt: skip
     export_report(result, workdir)
     weights_line(result)
     raise typer.Exit(0 if result.passed else 1)
@@ -104,10 +105,11 @@ def int8_cmd(
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
 
-    results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset, max_dice_drop=max_dice_drop,
-                            max_class_change=max_class_change, min_dice=min_dice, fallback=fallback,
-                            mask_suffix=mask_suffix, model=model, device=device.value, height=height, width=width,
-                            on_result=shower(workdir))  # fmt: skip
+    with working("calibrating and quantizing to INT8"):
+        results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset,
+                                max_dice_drop=max_dice_drop, max_class_change=max_class_change, min_dice=min_dice,
+                                fallback=fallback, mask_suffix=mask_suffix, model=model, device=device.value,
+                                height=height, width=width, on_result=shower(workdir))  # fmt: skip
     raise typer.Exit(0 if all(r.passed for r in results) else 1)
 
 

@@ -1,5 +1,6 @@
 """`unet-export`: thin commands that parse options, call unet_export.api, and render."""
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,8 @@ from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
 from unet_export.cli.serve import register as register_serving
 from unet_export.cli.deploy import register as register_deploy, shower
-from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, fail, run_app
+from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, fail,
+                                     run_app, working)
 from unet_export.cli.render import (
     bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
 )
@@ -22,6 +24,7 @@ from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGH
 from unet_export.evaluate import evaluate
 from unet_export.export import FORMATS
 from unet_export.errors import UserError
+from unet_export.export.fp16 import check_fp32_layers
 from unet_export.export.onnx import DEFAULT_OPSET
 
 app = typer.Typer(
@@ -45,8 +48,12 @@ FP32Layers = Annotated[
 ]  # fmt: skip
 
 
+STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti": "compiling the AOTInductor package"}
+
+
 def _export(fmt: str, weights: Path, workdir: Path, **options) -> None:
-    result = export_artifact(weights, fmt, workdir, **options)
+    with working(f"{STEP[fmt]} and checking parity"):
+        result = export_artifact(weights, fmt, workdir, **options)
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
 
@@ -75,13 +82,18 @@ def onnx_cmd(
     if (max_class_change is not None or min_dice is not None) and not fp16:
         raise UserError("--max-class-change and --min-dice set the FP16 gate: add --fp16 "
                         "(the FP32 gate takes --rtol/--atol)")
-    result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
-                             device=device.value, model=model, rtol=rtol, atol=atol)  # fmt: skip
+    # Patterns that match no node are refused before the FP32 model is published, not after.
+    check = functools.partial(check_fp32_layers, fp32_layers=fp32_layers, name=f"{Path(weights).stem}.onnx") \
+        if fp32_layers else None
+    with working(f"{STEP['onnx']} and checking parity"):
+        result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
+                                 device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check)  # fmt: skip
     export_report(result, workdir)
     passed = result.passed
     if fp16 and passed:
-        half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value,
-                                max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+        with working("converting to FP16 and checking parity"):
+            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value,
+                                    max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         export_report(half, workdir)
         passed = half.passed
     raise typer.Exit(0 if passed else 1)
@@ -127,7 +139,7 @@ def aoti_cmd(
 def cpp_check_cmd(
     workdir: Workdir = Path("exports"),
     build_dir: Annotated[Path, typer.Option(help="CMake build folder for examples/cpp.")] = Path("build/cpp"),
-    device: DeviceOpt = "cpu",
+    device: Annotated[Device, typer.Option(help="Where the C++ and Python models run (CUDA needs a CUDA libtorch).")] = Device.cpu,
 ) -> None:
     """Build examples/cpp against the installed libtorch, run DIR's TorchScript and .pt2 artefacts
     from C++, and compare with Python (exit 1 on a mismatch)."""
@@ -176,10 +188,11 @@ def trt_cmd(
     if not fp16 and (max_class_change is not None or min_dice is not None):
         raise UserError("--max-class-change and --min-dice set the FP16 gate: drop --fp32 "
                         "(the FP32 gate takes --rtol/--atol)")
-    result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
-                       opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
-                       timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
-                       max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+    with working("building the TensorRT engine and checking parity"):
+        result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
+                           opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
+                           timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
+                           max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
 

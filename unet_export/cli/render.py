@@ -43,21 +43,27 @@ def parity_table(result: ExportResult | ParityReport) -> Table:
     noise floor), their ratio, the bound in force, and the decisions."""
     parity = result.parity if isinstance(result, ExportResult) else result
     table = Table(title=f"Parity: {parity.runner}, {gate_rule(parity.limits, parity.tolerance)}", title_justify="left")
-    for column in ("input", "err vs f64", "noise floor", "x floor", "allowed", "vs eager fp32", "class diff", "Dice",
-                   "result"):  # fmt: skip
-        table.add_column(column, justify="left" if column == "input" else "right")
+    # The input column never shrinks (at 80 columns it was cut to "2x3x2…"): the headers wrap instead.
+    widest = max((len(_input_label(case)) for case in parity.cases), default=5)
+    table.add_column("input", justify="left", no_wrap=True, min_width=widest)
+    for column in ("err vs f64", "noise floor", "x floor", "allowed", "vs eager fp32", "class diff", "Dice", "result"):
+        table.add_column(column, justify="right")
     for case in parity.cases:
         differing = f"{case.argmax_disagreement:.4%}"
         if case.tie_pixels:
             differing += f" (+{case.tie_pixels} ties)"
         ratio = case.floor_ratio
-        label = f" {case.label}" if getattr(case, "label", "") and case.label != "seeded" else ""
         table.add_row(
-            "x".join(map(str, case.shape)) + label, _sci(case.max_err_fp64), _sci(case.noise_floor),
+            _input_label(case), _sci(case.max_err_fp64), _sci(case.noise_floor),
             _times(ratio), _sci(case.atol, 1), _sci(case.max_abs_err), differing,
             f"{case.dice_vs_eager:.6f}", "[green]pass[/]" if case.passed else "[red]FAIL[/]",
         )  # fmt: skip
     return table
+
+
+def _input_label(case) -> str:
+    label = f" {case.label}" if getattr(case, "label", "") and case.label != "seeded" else ""
+    return "x".join(map(str, case.shape)) + label
 
 
 def export_report(result: ExportResult, workdir) -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unet_export.api import resolve_device
-from unet_export.cli.common import DeviceOpt, ModelOpt, Workdir, cli_errors, console
+from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, console
 from unet_export.cli.render import dice_table
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.evaluate import evaluate, gate
@@ -66,26 +66,30 @@ def train_cmd(
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (CUDA only).")] = False,
     val_fraction: Annotated[float, typer.Option(help="Share of images held out for validation.")] = 0.1,
     mask_suffix: MaskSuffix = "_mask",
-    workdir: Workdir = Path("runs"),
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Directory for the checkpoints and their JSON "
+                                          "sidecars (one per epoch) and the .state.pt to resume from.")] = Path("runs"),
     resume: Annotated[Path | None, typer.Option(help="Checkpoint to continue from (its .state.pt too).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for init, split and shuffling.")] = 0,
     mask_values: Annotated[str | None, typer.Option(help="The classes' mask values, background first "
                            "(0,128,255; r:g:b for RGB masks): any other value in a mask is an error. "
                            "Default: every value the masks hold, listed before training.")] = None,  # fmt: skip
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    device: DeviceOpt = "auto",
+    device: RunDeviceOpt = "auto",
 ) -> None:
     """Train on a segmentation dataset; a milesial-format checkpoint + JSON sidecar per epoch."""
     config = model_options(model, width=width, bilinear=bilinear, encoder_weights=encoder_weights)
     cfg = TrainConfig(model, config, epochs, batch_size, lr, optimizer, scale, square, amp, val_fraction,
                       mask_suffix, seed, device.value, parse_mask_values(mask_values), max_pixels)  # fmt: skip
+    if amp and resolve_device(device.value).type != "cuda":
+        console.print("[yellow]note[/] --amp: mixed precision runs on CUDA only; training in FP32 on the CPU")
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("train", total=None, epoch=0, loss=float("nan"))
+        # Hidden until the first step: before it there is no step count and no loss to show.
+        task = progress.add_task("train", total=None, epoch=0, loss=0.0, visible=False)
 
         def on_step(epoch, step, total, loss):
-            progress.update(task, completed=step, total=total, epoch=epoch, loss=loss)
+            progress.update(task, completed=step, total=total, epoch=epoch, loss=loss, visible=True)
 
         def on_epoch(h):
             console.print(f"epoch {h['epoch']}: loss {h['train_loss']:.4f}, val Dice {h['val_dice']:.4f}, "
@@ -113,7 +117,7 @@ def evaluate_cmd(
     mask_suffix: MaskSuffix = "_mask",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     model: ModelOpt = None,
-    device: DeviceOpt = "auto",
+    device: RunDeviceOpt = "auto",
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
     report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
@@ -135,13 +139,14 @@ def predict_cmd(
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write the mask blended over the image.")] = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     architecture: ModelOpt = None,
-    device: DeviceOpt = "auto",
+    device: RunDeviceOpt = "auto",
 ) -> None:
     """Masks with milesial's mask_values restored, preprocessed as the model was trained. Every
     image is checked before any mask is written; on an error none is."""
     written = predict(model, images, out, overlay, device=resolve_device(device.value), model=architecture,
                       max_pixels=max_pixels)  # fmt: skip
-    console.print(f"wrote {len(written)} masks to {out}" + (" (with overlays)" if overlay else ""))
+    noun = "mask" if len(written) == 1 else "masks"
+    console.print(f"wrote {len(written)} {noun} to {out}" + (" (with overlays)" if overlay else ""))
 
 
 def register(app: typer.Typer) -> None:

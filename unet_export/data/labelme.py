@@ -22,6 +22,9 @@ from unet_export.fileio import atomic_path
 
 # Shapes that enclose an area, and their point counts; line, point, linestrip... have no area.
 POINTS_NEEDED = {"polygon": 3, "rectangle": 2, "circle": 2}
+# Names a shape may carry to paint class 0 on purpose (a hole cut in another shape), as in
+# labelme's own labelme2voc.py; any other first label drawn as a shape is a mistake in --labels.
+BACKGROUND_NAMES = {"background", "_background_", "__background__", "bg"}
 # A point may lie outside the image (a circle's rim point, a polygon dragged past the edge) by at
 # most the image's longer side; beyond that, or beyond MAX_COORD, it is a corrupt file, not a shape.
 MAX_COORD = 1e6
@@ -72,6 +75,10 @@ def _parse_shapes(path: Path, doc: dict, index: dict[str, int], size: tuple[int,
         label, where = shape.get("label"), f"{path}: shape {n}"
         if not isinstance(label, str) or label not in index:
             raise UserError(f"{where} has unknown label {label!r}; known labels: {list(index)}")
+        if index[label] == 0 and label.lower() not in BACKGROUND_NAMES:
+            rest = ",".join(name for name in index if name != label)
+            raise UserError(f"{where} is labelled {label!r}, the first of --labels, which is class 0, the background; "
+                            f"list the background first, e.g. --labels background,{label},{rest}".rstrip(","))
         kind = shape.get("shape_type") or "polygon"  # labelme's default when absent or null
         if kind not in POINTS_NEEDED:
             raise UserError(f"{where} ({label!r}) has unsupported shape_type {kind!r}; "

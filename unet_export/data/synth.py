@@ -7,6 +7,7 @@ multi-coloured texture, stripes and noise, so no single cue (a colour threshold)
 class indices, so training goes through milesial's mask_values mapping as real data would.
 """
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def mask_level(cls: int, classes: int) -> int:
     return round(cls * 255 / (classes - 1))
 
 
-def make_synth(out_dir: Path, n: int = 64, size: tuple[int, int] = (128, 128), classes: int = 3, seed: int = 0) -> SynthSummary:
+def make_synth(out_dir: Path, n: int = 64, size: tuple[int, int] = (128, 128), classes: int = 3, seed: int = 0,
+               overwrite: bool = False) -> SynthSummary:  # fmt: skip
     """Write ``n`` image/mask pairs; the same arguments always give the same bytes. Each file is
     written atomically (a full disk leaves no truncated PNG); an OSError is a UserError naming it."""
     if not 2 <= classes <= len(SHAPES) + 1:
@@ -54,6 +56,7 @@ def make_synth(out_dir: Path, n: int = 64, size: tuple[int, int] = (128, 128), c
     if n > MAX_IMAGES:
         raise UserError(f"--n {n}: at most {MAX_IMAGES} images per set")
     out_dir = Path(out_dir)
+    _clear_existing(out_dir, overwrite)
     for sub in ("imgs", "masks"):
         try:
             (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -67,6 +70,22 @@ def make_synth(out_dir: Path, n: int = 64, size: tuple[int, int] = (128, 128), c
         _write_png(mask, out_dir / "masks" / f"{name}{MASK_SUFFIX}.png")
         del image, mask
     return SynthSummary(out_dir, n, classes, [mask_level(c, classes) for c in range(classes)])
+
+
+def _clear_existing(out_dir: Path, overwrite: bool) -> None:
+    """A set written over another would mix the two (4 new images among 24 old ones): refuse,
+    or with ``overwrite`` remove the old files first."""
+    existing = [p for sub in ("imgs", "masks") if (out_dir / sub).is_dir() for p in (out_dir / sub).iterdir()]
+    if not existing:
+        return
+    if not overwrite:
+        raise UserError(f"{out_dir} already holds a dataset ({len(existing)} files in imgs/ and masks/); "
+                        "choose an empty folder or pass --overwrite to replace it")  # fmt: skip
+    for path in existing:
+        try:
+            path.unlink() if not path.is_dir() else shutil.rmtree(path)
+        except OSError as exc:
+            raise UserError(f"cannot remove {path}: {exc.strerror or exc}") from None
 
 
 def _write_png(pixels: np.ndarray, dest: Path) -> None:

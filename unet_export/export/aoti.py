@@ -4,7 +4,6 @@ torch::inductor::AOTIModelPackageLoader (TorchScript's successor for libtorch de
 
 import contextlib
 import io
-import logging
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.nn as nn
 from unet_export.errors import ArtifactError
 from unet_export.fileio import atomic_path, environment_error, write_bytes_checked
 from unet_export.models.sizes import SizeRule
+from unet_export.runners.aoti import quiet_cpp_extension
 
 
 def export_aoti(model: nn.Module, dest: Path, sample: torch.Tensor, metadata: dict[str, str], *, dynamic: bool = True,
@@ -26,8 +26,7 @@ def export_aoti(model: nn.Module, dest: Path, sample: torch.Tensor, metadata: di
     sample = sample.expand(2, *sample.shape[1:]).contiguous().to(device) if dynamic else sample.to(device)
     auto = torch.export.Dim.AUTO
     shapes = ({0: auto, 2: auto, 3: auto},) if dynamic else None
-    # Inductor logs a warning about CUDA_HOME on CPU-only machines: noise for a CPU package.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_cpp_extension()
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings():

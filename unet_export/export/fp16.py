@@ -12,17 +12,29 @@ from unet_export.fileio import atomic_path
 FP16_MAX = 65504.0  # clamp weights to FP16's finite range, not the 1e4 some converters default to
 
 
+def fp32_nodes(model, fp32_layers: list[str] | None, name: str) -> list[str]:
+    """The nodes ``fp32_layers`` keep in FP32; a pattern list that matches none is a user error
+    (a typo would otherwise give a plain FP16 model)."""
+    blocked = select_nodes(model.graph, fp32_layers) if fp32_layers else []
+    if fp32_layers and not blocked:
+        raise UserError(
+            f"--fp32-layers {' '.join(fp32_layers)} matches no node of {name}; patterns match a node's "
+            f"name, op type or module path, e.g. {describe_nodes(model.graph)}"
+        )
+    return blocked
+
+
+def check_fp32_layers(onnx_path: Path, fp32_layers: list[str], name: str) -> None:
+    """Refuse ``fp32_layers`` that match no node of the (FP32) ONNX file at ``onnx_path``."""
+    fp32_nodes(require("onnx").load(str(onnx_path), load_external_data=False), fp32_layers, name)
+
+
 def convert_onnx_fp16(src: Path, dest: Path, fp32_layers: list[str] | None = None) -> dict:
     """Write ``src`` converted to FP16 at ``dest``; nodes matching ``fp32_layers`` stay FP32."""
     onnx = require("onnx")
     float16 = require("onnxruntime.transformers.float16", "onnxruntime")
     model = onnx.load(str(src))
-    blocked = select_nodes(model.graph, fp32_layers) if fp32_layers else []
-    if fp32_layers and not blocked:
-        raise UserError(
-            f"--fp32-layers {' '.join(fp32_layers)} matches no node of {src.name}; patterns match a node's "
-            f"name, op type or module path, e.g. {describe_nodes(model.graph)}"
-        )
+    blocked = fp32_nodes(model, fp32_layers, src.name)
     converted = float16.convert_float_to_float16(
         model, keep_io_types=True, node_block_list=blocked or None, max_finite_val=FP16_MAX
     )

@@ -1,0 +1,172 @@
+"""Rough edges a new user hit (issue 15), each reproduced before it was fixed."""
+
+from typer.testing import CliRunner
+
+from unet_export.cli.main import app
+
+runner = CliRunner()
+
+
+def test_fp32_layers_that_match_nothing_write_nothing(make_checkpoint, tmp_path):
+    weights, out = make_checkpoint("v3"), tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--fp32-layers", "nomatch*",
+                                 "--height", "64", "--width", "64", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--fp32-layers nomatch* matches no node of unet_v3.onnx" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() or sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+
+
+def test_synth_refuses_a_folder_that_holds_a_dataset_unless_told_to_overwrite(tmp_path):
+    out = tmp_path / "s"
+    first = runner.invoke(app, ["data", "synth", str(out), "--n", "3", "--size", "32x32"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["data", "synth", str(out), "--n", "2", "--size", "32x32"])
+    assert again.exit_code == 2 and "already holds a dataset (6 files in imgs/ and masks/)" in again.stderr
+    assert len(list((out / "imgs").iterdir())) == 3  # untouched
+    replaced = runner.invoke(app, ["data", "synth", str(out), "--n", "2", "--size", "32x32", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in (out / "imgs").iterdir()) == ["synth_0000.png", "synth_0001.png"]
+    assert len(list((out / "masks").iterdir())) == 2
+
+
+def test_synth_size_errors_speak_of_height_x_width(tmp_path):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--size", "128"])
+    assert result.exit_code == 2 and "--size '128' is not HxW, e.g. 128x128" in result.stderr
+    assert "NxCxHxW" not in result.stderr
+
+
+def test_labelme_refuses_a_shape_drawn_with_the_background_label(tmp_path):
+    from tests.test_labelme import SHAPES, png_bytes, write_labelme
+
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    write_labelme(tmp_path, "a", SHAPES, image_path="a.png")
+    result = runner.invoke(app, ["data", "labelme", str(tmp_path), str(tmp_path / "voc"), "--labels", "cat,dog,bird"])
+    assert result.exit_code == 2
+    assert "labelled 'cat', the first of --labels, which is class 0, the background" in result.stderr
+    assert "--labels background,cat,dog,bird" in result.stderr and not (tmp_path / "voc").exists()
+    named = runner.invoke(app, ["data", "labelme", str(tmp_path), str(tmp_path / "ok"),
+                                "--labels", "sky,cat,dog,bird"])  # fmt: skip
+    assert named.exit_code == 0, named.output  # any background name no shape uses is fine
+
+
+def test_train_says_amp_does_nothing_on_the_cpu(tmp_path):
+    from unet_export.data.synth import make_synth
+
+    make_synth(tmp_path / "data", n=4, size=(32, 32), classes=2, seed=0)
+    args = ["train", str(tmp_path / "data"), "--width", "8", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
+            "-w", str(tmp_path / "runs"), "--val-fraction", "0.25"]  # fmt: skip
+    result = runner.invoke(app, args + ["--amp"])
+    assert result.exit_code == 0, result.output
+    assert "--amp: mixed precision runs on CUDA only; training in FP32 on the CPU" in result.stdout
+    assert "nan" not in result.stdout
+
+
+def test_predict_counts_one_mask_in_the_singular(tmp_path):
+    from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+
+    image = sorted((DEMO_VAL / "imgs").iterdir())[0]
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(image), "--out", str(tmp_path / "m"),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote 1 mask to {tmp_path / 'm'}" in " ".join(result.stdout.split())
+
+
+def _help(*command):
+    result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.replace("│", " ").split())
+
+
+def test_help_texts_say_what_each_option_does_for_its_command():
+    for command in ("train", "evaluate", "predict"):
+        assert "Where parity runs" not in _help(command) and "Where the model runs" in _help(command), command
+    assert "Where parity runs" in _help("onnx")
+    cpp = _help("cpp-check")
+    assert "[default: cpu]" in cpp and "CUDA when there is a GPU" not in cpp
+    train = _help("train")
+    assert "manifest.json" not in train and "Directory for the checkpoints" in train
+    assert "polygon, rectangle, circle" in _help("data", "labelme")
+
+
+def test_cpp_check_without_artefacts_names_the_formats_it_runs(tmp_path):
+    result = runner.invoke(app, ["cpp-check", "-w", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "unet-export torchscript WEIGHTS" in result.stderr
+    assert "unet-export onnx" not in result.stderr
+
+
+def test_a_static_onnx_model_pads_to_its_size_or_says_it_cannot(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.predict import load_predictor, predict_classes
+    from unet_export.data.synth import make_synth
+
+    out = tmp_path / "exports"
+    exported = runner.invoke(app, ["onnx", str(DEMO_WEIGHTS), "-w", str(out), "--static", "--height", "128",
+                                   "--width", "128", "--device", "cpu"])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    onnx_path = out / f"{DEMO_WEIGHTS.stem}.onnx"
+    small = tmp_path / "small.png"
+    Image.new("RGB", (120, 100), (90, 40, 200)).save(small)  # 100x120: fits in 128x128
+    pad = runner.invoke(app, ["predict", str(onnx_path), str(small), "--out", str(tmp_path / "m"), "--device", "cpu"])
+    assert pad.exit_code == 0, pad.output
+    with Image.open(tmp_path / "m" / "small_mask.png") as mask:
+        assert mask.size == (120, 100)
+    # the same padding through the eager model gives the same classes
+    static, eager = load_predictor(onnx_path, torch.device("cpu")), load_predictor(DEMO_WEIGHTS, torch.device("cpu"))
+    assert static.fixed == (128, 128) and eager.fixed is None
+    eager.fixed = static.fixed
+    with static.runner, eager.runner:
+        assert np.array_equal(predict_classes(static, small)[0], predict_classes(eager, small)[0])
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 150), (90, 40, 200)).save(big)
+    refused = runner.invoke(app, ["predict", str(onnx_path), str(big), "--out", str(tmp_path / "n"), "--device", "cpu"])
+    assert refused.exit_code == 2 and "static at 128x128 and the image is 150x200" in refused.stderr
+    make_synth(tmp_path / "data", n=2, size=(96, 96), classes=3, seed=0)
+    evaluated = runner.invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(tmp_path / "data"), "-w", str(out),
+                                    "--device", "cpu"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "static artefact takes 1x3x128x128, the images are 96x96" in " ".join(evaluated.stdout.split())
+
+
+def test_parity_table_keeps_the_input_column_whole_at_80_columns():
+    from rich.console import Console
+
+    from unet_export.cli.render import parity_table
+    from unet_export.verify import FP32, ParityReport, compare
+    import torch
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    cases = [compare(x.float(), x.float(), FP32, exact=x) for _ in range(2)]
+    cases[0].shape, cases[1].shape = [1, 3, 256, 256], [2, 3, 250, 375]
+    report = ParityReport("onnxruntime (cpu)", "fp32", cases, limits=FP32.to_dict())
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(parity_table(report))
+    text = console.export_text()
+    assert "1x3x256x256" in text and "2x3x250x375" in text
+
+
+def test_long_steps_show_a_status_on_a_terminal(monkeypatch, tmp_path):
+    from unet_export.cli import common, main
+    from unet_export.errors import UserError
+
+    shown = []
+    monkeypatch.setattr(common.console, "status", lambda what, **kw: (shown.append(what), _Null())[1])
+
+    def stop(*args, **kwargs):
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(main, "export_artifact", stop)
+    result = runner.invoke(app, ["aoti", str(tmp_path / "w.pth"), "-w", str(tmp_path / "x")])
+    assert result.exit_code == 2 and shown == ["compiling the AOTInductor package and checking parity..."]
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -18,23 +18,45 @@ def test_every_release_format_is_detected_and_loads(make_checkpoint, variant):
     assert ckpt.config == dict(n_channels=3, width=8, **expected["config"])
     assert ckpt.mask_values == expected["mask_values"]
     assert ckpt.sha256 == sha256_file(path)
-    model = build_model(ckpt)
-    reference = milesial_state_dict(variant)
-    assert torch.equal(model.state_dict()["outc.conv.weight"], reference["outc.conv.weight"])
+    assert_loads_exactly(path, milesial_state_dict(variant))
 
 
-@pytest.mark.parametrize("wrap", ["state_dict", "model"])
+def assert_loads_exactly(path, state: dict) -> None:
+    """``path`` loads, and the model built from it holds every tensor of ``state`` (keys without
+    DataParallel's ``module.``), bit for bit: not merely "no error"."""
+    model = build_model(load_checkpoint(path))
+    loaded = model.state_dict()
+    expected = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert loaded.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor), key
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model", "model_state_dict", "net"])
 def test_wrapped_state_dicts_load(make_checkpoint, wrap):
-    ckpt = load_checkpoint(make_checkpoint("v4", wrap=wrap))
+    path = make_checkpoint("v4", wrap=wrap)
+    ckpt = load_checkpoint(path)
     assert ckpt.mask_values == [0, 127, 255]
-    build_model(ckpt)
+    assert (ckpt.architecture, ckpt.config["n_classes"]) == ("milesial", 3)
+    assert_loads_exactly(path, milesial_state_dict("v4"))
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "net"])
+def test_dataparallel_prefix_loads_plain_or_wrapped(tmp_path, wrap):
+    state = {f"module.{k}": v for k, v in milesial_state_dict("v3", seed=3).items()}
+    path = tmp_path / "dp.pth"
+    # a training loop's dict: the weights under the wrapper key, mask_values beside them
+    torch.save({wrap: state, "epoch": 7, "mask_values": [0, 255]} if wrap else state, path)
+    if wrap:
+        assert load_checkpoint(path).mask_values == [0, 255]
+    assert_loads_exactly(path, state)
 
 
 def test_dataparallel_prefix_and_legacy_serialisation(tmp_path):
     state = {f"module.{k}": v for k, v in milesial_state_dict("v3").items()}
     path = tmp_path / "legacy.pth"
     torch.save(state, path, _use_new_zipfile_serialization=False)
-    build_model(load_checkpoint(path))
+    assert_loads_exactly(path, state)
 
 
 def test_model_flag_forces_the_family(make_checkpoint):

@@ -1,10 +1,10 @@
 """Optional heavy dependencies never load at import time, and a missing one is a one-line
 UserError with the install command."""
 
-import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,15 +15,25 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(unet_export.__path__, "un
 
 
 def test_every_module_imports_without_onnx_onnxruntime_or_tensorrt():
+    """Each module imports with these packages unavailable, and none of them even tries to import
+    one at import time (a top-level ``try: import onnx`` would pass the first check, not this one)."""
     blocked = ["onnx", "onnxruntime", "onnxscript", "tensorrt", "torchvision"]
     code = (
-        "import sys\n"
-        f"for name in {blocked!r}: sys.modules[name] = None  # makes 'import name' raise ImportError\n"
-        f"import importlib\nfor m in {MODULES!r}: importlib.import_module(m)\n"
-        f"assert not any(sys.modules.get(n) for n in {blocked!r})\n"
+        "import importlib, importlib.abc, sys\n"
+        f"BLOCKED, tried = {blocked!r}, []\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            tried.append(name)\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"for m in {MODULES!r}: importlib.import_module(m)\n"
+        "assert not tried, f'imported at import time: {sorted(set(tried))}'\n"
+        "print(len(sys.modules))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) > len(MODULES)  # the loop ran: every module is in sys.modules
 
 
 def test_missing_runtime_names_the_install_line(monkeypatch):
@@ -42,5 +52,12 @@ def test_onnx_export_without_onnx_is_a_user_error(make_checkpoint, tmp_path, mon
 
 
 def test_all_modules_found():
+    """MODULES (what the import test walks) is every .py file of the package: a folder that lost
+    its __init__.py, or a walk that stops early, would leave modules out of the test unseen."""
+    root = Path(unet_export.__path__[0])
+    on_disk = {
+        ".".join(("unet_export", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+    } - {"unet_export.__main__", "unet_export"}
+    assert set(MODULES) == on_disk
     assert "unet_export.runners.onnxruntime" in MODULES and "unet_export.cli.main" in MODULES
-    assert all(importlib.util.find_spec(m) for m in MODULES)

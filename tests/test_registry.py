@@ -24,12 +24,26 @@ CASES = {
     "resnet50": ({}, 64),
     "deeplabv3": ({"n_classes": 3}, 64),
 }
+# The input sizes each model takes, as README's model table states them (not read back from the
+# code that writes the manifest): min, multiple, offset (H = offset + multiple * k), shrink.
+SIZE_RULES = {
+    "milesial": dict(min=16, multiple=1, offset=0, shrink=0),  # any, >= 16
+    "plain": dict(min=16, multiple=16, offset=0, shrink=0),  # multiples of 16
+    "reflect": dict(min=32, multiple=16, offset=0, shrink=0),
+    "reflect-sigmoid": dict(min=32, multiple=16, offset=0, shrink=0),
+    "valid": dict(min=188, multiple=16, offset=124, shrink=184),  # 16k + 124 (188, 204, ...), output 184 smaller
+    "valid-pad": dict(min=188, multiple=1, offset=0, shrink=8),  # any, >= 188
+    "valid-same": dict(min=16, multiple=16, offset=0, shrink=0),
+    "resnet50": dict(min=32, multiple=32, offset=0, shrink=0),  # multiples of 32
+    "deeplabv3": dict(min=32, multiple=1, offset=0, shrink=0),  # any, >= 32
+}
 HEAVY = {"resnet50", "deeplabv3"}  # 148M / 40M parameters, fixed widths: exported at full size (~70 s)
 VARIANTS = {"reflect-sigmoid": "reflect", "valid-pad": "valid", "valid-same": "valid"}
 
 
 def test_every_registered_model_has_export_and_parity_coverage():
     assert set(CASES) == set(MODELS), "add the new model to CASES so it is exported and parity-checked"
+    assert set(SIZE_RULES) == set(MODELS), "add the new model's input sizes to SIZE_RULES"
 
 
 def checkpoint(name, tmp_path):
@@ -73,8 +87,7 @@ def test_export_with_parity(name, fmt, tmp_path):
     assert len(result.parity.cases) == 2
     manifest = load_manifest(tmp_path / "out")
     assert manifest["model"]["architecture"] == name
-    rule = manifest["artifacts"][0]["size_rule"]
-    assert MODELS[name].sizes(manifest["model"]["config"]).to_dict() == {k: v for k, v in rule.items() if k != "static"}
+    assert manifest["artifacts"][0]["size_rule"] == SIZE_RULES[name] | {"static": False}
 
 
 def test_valid_crop_gives_the_papers_sizes_and_refuses_others():
@@ -89,7 +102,7 @@ def test_valid_crop_gives_the_papers_sizes_and_refuses_others():
         MODELS["resnet50"].sizes({}).check(100, 64)
 
 
-def test_deeplabv3_loads_a_torchvision_state_dict(tmp_path):
+def test_deeplabv3_loads_a_torchvision_state_dict_with_or_without_aux_classifier(tmp_path):
     from torchvision.models.segmentation import deeplabv3_resnet50
 
     torch.manual_seed(0)
@@ -100,6 +113,16 @@ def test_deeplabv3_loads_a_torchvision_state_dict(tmp_path):
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(build_model(ckpt)(x), original(x)["out"])
+    # without aux_classifier (saved from aux_loss=False, or stripped): it loads, every weight as saved
+    without_aux = {k: v for k, v in original.state_dict().items() if not k.startswith("aux_classifier.")}
+    torch.save(without_aux, tmp_path / "no_aux.pth")
+    ckpt = load_checkpoint(tmp_path / "no_aux.pth")
+    assert (ckpt.architecture, ckpt.config) == ("deeplabv3", {"n_classes": 4, "aux_loss": False})
+    model = build_model(ckpt)
+    loaded = model.state_dict()
+    assert loaded.keys() == without_aux.keys() and all(torch.equal(loaded[k], v) for k, v in without_aux.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x)["out"])
 
 
 def test_resnet50_encoder_starts_from_local_torchvision_weights(tmp_path):

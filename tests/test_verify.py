@@ -100,21 +100,57 @@ def test_near_ties_in_float64_are_not_held_against_the_artefact():
     assert case.passed, case.failures
 
 
-def test_fp16_gate_counts_class_changes_against_float64_and_excludes_its_ties():
-    exact = logits(shape=(1, 2, 100, 100))
-    ref = exact.float()
-    few, many = ref.clone(), ref.clone()
-    few[0, 0, 0, :5] = ref[0, 1, 0, :5] + 50  # 5 of 10,000 pixels
-    many[0, 0, :10, :] = ref[0, 1, :10, :] + 50  # 1,000 of 10,000
-    assert compare(few, ref, FP16, exact=exact).passed
-    case = compare(many, ref, FP16, exact=exact)
-    assert not case.passed and case.atol is None and case.max_err_fp64 > 1
+def _two_class(foreground_rows: int, size: int = 100) -> torch.Tensor:
+    """float64 logits of a 1 x size x size image: class 1 (margin 2) on the top rows, class 0 below."""
+    exact = torch.full((1, 2, size, size), -1.0, dtype=torch.float64)
+    exact[0, 1, :foreground_rows] = exact[0, 0, foreground_rows:] = 1.0
+    return exact
+
+
+def _flip_to_class_0(exact: torch.Tensor, n: int) -> torch.Tensor:
+    out = exact.float().clone()
+    out[0, 0].view(-1)[:n] = 5.0  # the first n pixels of row 0 (class 1 in float64) become class 0
+    return out
+
+
+def test_fp16_gate_passes_a_few_class_changes_on_a_large_class():
+    exact = _two_class(90)
+    case = compare(_flip_to_class_0(exact, 5), exact.float(), FP16, exact=exact)
+    assert case.passed, case.failures
+    assert case.argmax_disagreement == 5 / 10_000 and case.dice_vs_eager >= FP16.min_dice
+
+
+def test_fp16_gate_fails_on_class_changes_alone():
+    """0.15% of pixels change class (allowed 0.1%) while Dice stays above 0.999: only that rule fails."""
+    exact = _two_class(90)
+    many = _flip_to_class_0(exact, 15)
+    case = compare(many, exact.float(), FP16, exact=exact)
+    assert case.atol is None and case.max_err_fp64 > 1
     changed = (many.argmax(1) != exact.argmax(1)).double().mean().item()
-    assert case.argmax_disagreement == changed
+    assert case.argmax_disagreement == changed == 15 / 10_000
+    assert case.dice_vs_eager >= FP16.min_dice
+    assert len(case.failures) == 1 and "change class" in case.failures[0]
     needed = float(case.failures[0].split("--max-class-change ")[1])
     assert changed <= needed < changed * 1.1 and needed > FP16.max_disagreement
-    assert compare(many, ref, tolerance_for("fp16", max_class_change=needed, min_dice=0), exact=exact).passed
-    assert "--min-dice" in case.failures[1]
+    assert compare(many, exact.float(), tolerance_for("fp16", max_class_change=needed), exact=exact).passed
+
+
+def test_fp16_gate_fails_on_dice_alone():
+    """5 of 10,000 pixels change class (0.05%, allowed 0.1%), all of a 100-pixel class: Dice
+    190/195 < 0.999 fails on its own."""
+    exact = _two_class(1)
+    few = _flip_to_class_0(exact, 5)
+    case = compare(few, exact.float(), FP16, exact=exact)
+    assert case.argmax_disagreement == 5 / 10_000 <= FP16.max_disagreement
+    assert case.dice_vs_eager == pytest.approx(190 / 195, abs=1e-6)
+    assert len(case.failures) == 1 and "Dice vs eager" in case.failures[0]
+    needed = float(case.failures[0].split("--min-dice ")[1])
+    assert case.dice_vs_eager - 1e-4 <= needed <= case.dice_vs_eager
+    assert compare(few, exact.float(), tolerance_for("fp16", min_dice=needed), exact=exact).passed
+
+
+def test_fp16_gate_excludes_float64_ties():
+    exact = logits(shape=(1, 2, 100, 100))
     tie = exact.clone()
     tie[0, 0, 5:20, :] = tie[0, 1, 5:20, :] + 1e-9  # 1,500 pixels the float64 model cannot decide
     flipped = tie.float().clone()
@@ -167,9 +203,16 @@ def test_user_tolerances_set_their_own_gate_and_are_checked():
 
 
 def test_seeded_inputs_are_reproducible_images():
-    a, b = seeded_inputs([(1, 3, 8, 8), (2, 3, 5, 7)], seed=3), seeded_inputs([(1, 3, 8, 8), (2, 3, 5, 7)], seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert a[1].shape == (2, 3, 5, 7) and 0 <= a[0].min() and a[0].max() <= 1
+    shapes = [(1, 3, 32, 32), (2, 3, 25, 37)]
+    a, b, other = seeded_inputs(shapes, seed=3), seeded_inputs(shapes, seed=3), seeded_inputs(shapes, seed=4)
+    assert [tuple(x.shape) for x in a] == shapes and all(x.dtype == torch.float32 for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same seed, the same images
+    assert not any(torch.equal(x, y) for x, y in zip(a, other))  # another seed, other images
+    for x in a:  # images in [0, 1], spread over it (uniform: mean 0.5, std 0.29), not a constant
+        assert 0 <= x.min() and x.max() <= 1
+        assert x.min() < 0.05 and x.max() > 0.95 and 0.4 < x.mean() < 0.6 and x.std() > 0.2
+        assert x.unique().numel() > x.numel() // 2
+    assert not torch.equal(a[0][0, :, :25, :32], a[1][0, :, :25, :32])  # each shape its own image
 
 
 class Float32Only(torch.nn.Module):

@@ -31,6 +31,9 @@ def _variant(family: ModelSpec, description: str, **fixed) -> ModelSpec:
 
 
 MULTIPLE_OF_16 = SizeRule(min=16, multiple=16)
+# Reflect padding needs a pad smaller than the side: the 1x1 bottleneck of a 16 px input cannot be
+# reflect-padded, so the bilibili U-Net's smallest size is 32.
+REFLECT_SIZES = SizeRule(min=32, multiple=16)
 
 # Detection tries these in order; variants that the keys cannot tell apart come after their
 # family, so auto-detection picks the family's default and --model picks the variant.
@@ -40,7 +43,7 @@ MODELS: dict[str, ModelSpec] = {
     "plain": ModelSpec(plain.PlainUNet, plain.config_from_state_dict,
                        "seed 001's plain U-Net (no BatchNorm, 1 channel, 1 class)", lambda c: MULTIPLE_OF_16),
     "reflect": ModelSpec(reflect.ReflectUNet, reflect.config_from_state_dict,
-                         "seed 003's bilibili U-Net (reflect padding, logits for CE)", lambda c: MULTIPLE_OF_16),
+                         "seed 003's bilibili U-Net (reflect padding, logits for CE)", lambda c: REFLECT_SIZES),
 
     "valid": ModelSpec(valid.ValidUNet, valid.config_from_state_dict,
                        "seed 004's 2015 U-Net, unpadded, center-cropped skips (572 -> 388)", valid.sizes),

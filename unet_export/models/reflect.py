@@ -79,7 +79,7 @@ class ReflectUNet(nn.Module):
 
     def forward(self, x):
         if not torch.jit.is_scripting():
-            check_input(x, self.n_channels, min_size=16, multiple=16)
+            check_input(x, self.n_channels, min_size=32, multiple=16)
         r1 = self.c1(x)
         r2 = self.c2(self.d1(r1))
         r3 = self.c3(self.d2(r2))

@@ -8,7 +8,7 @@ change no input can observe, each listed with its reason). Every other mutant is
 test is missing. The modules and the tests run against them are pyproject's [tool.mutmut].
 
 Torch in forked workers: one intra-op thread (a fork inherits no thread pool, and mutmut's
-CPU-time limit then measures one test's own time), mutmut's forkserver isolation.
+CPU-time limit then measures one test's own time), mutmut forks each worker from a process that ran no torch op.
 """
 
 import json

@@ -174,3 +174,27 @@ def test_os_error_message():
     assert fileio.os_error_message(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")) == (
         "cannot write or read /a -> /b: Invalid cross-device link")
     assert fileio.os_error_message(OSError("bare")) == "cannot write or read a file: bare"
+
+
+def test_free_space_message_rounds_megabytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: Usage(0, 0, 1_499_999_600_000))
+    with pytest.raises(UserError) as err:
+        fileio.ensure_free_space(tmp_path, 1_500_000_400_000, "it")
+    assert str(err.value).endswith("for it: about 1500000 MB needed, 1500000 MB free")
+
+
+def test_sha256_reads_in_bounded_chunks(tmp_path, monkeypatch):
+    (tmp_path / "f").write_bytes(b"x" * 10)
+    sizes = []
+    real_open = open
+
+    def recording_open(path, mode="r"):
+        fh = real_open(path, mode)
+        read = fh.read
+        fh_read = lambda n=-1: (sizes.append(n), read(n))[1]  # noqa: E731
+        return type("F", (), {"read": staticmethod(fh_read), "__enter__": lambda s: s,
+                              "__exit__": lambda s, *e: fh.close()})()  # fmt: skip
+
+    monkeypatch.setattr(fileio, "open", recording_open, raising=False)
+    assert fileio.sha256_file(tmp_path / "f", chunk=4) == hashlib.sha256(b"x" * 10).hexdigest()
+    assert sizes == [4, 4, 4, 4]  # memory stays one chunk whatever the file's size

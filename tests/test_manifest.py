@@ -251,3 +251,41 @@ def test_utc_now_is_an_iso_timestamp_in_utc_to_the_second():
     stamp = m.utc_now()
     parsed = datetime.fromisoformat(stamp)
     assert stamp.endswith("+00:00") and parsed.microsecond == 0 and parsed.utcoffset().total_seconds() == 0
+
+
+def test_an_entry_error_says_how_to_fix_it(tmp_path):
+    _write(tmp_path, {"artifacts": [_entry(format=3)]})
+    with pytest.raises(UserError) as err:
+        m.load_manifest(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'manifest.json'}: artifacts[0].format is a int, expected a str; "
+                              "delete it and export again")  # fmt: skip
+
+
+def test_recovery_looks_past_entries_without_a_redo_record(tmp_path):
+    staged = tmp_path / ".w.1.tmp.ts"
+    staged.write_bytes(b"ts")
+    manifest = m.empty_manifest() | {"artifacts": [_entry(), _entry("torchscript", path="w.ts", pending=staged.name,
+                                                                    sha256=sha256_file(staged))]}  # fmt: skip
+    assert m._recover(tmp_path, manifest) is True
+    assert (tmp_path / "w.ts").read_bytes() == b"ts" and "pending" not in manifest["artifacts"][1]
+
+
+@pytest.mark.parametrize("point, published", [("before-publish", False), ("before-rename", True)])
+def test_publish_passes_its_two_kill_points(tmp_path, monkeypatch, point, published):
+    staged = tmp_path / ".weights.1.tmp.onnx"
+    staged.write_bytes(b"model")
+    monkeypatch.setenv("UNET_EXPORT_KILL_AT", point)
+
+    class Killed(Exception):
+        pass
+
+    def kill(pid, sig):
+        raise Killed  # where SIGKILL would stop the process
+
+    monkeypatch.setattr(m.os, "kill", kill)
+    with pytest.raises(Killed):
+        m.publish(tmp_path, m.empty_manifest(), _entry(sha256="s"), staged)
+    # killed before the redo record was saved: nothing on disk names the file; after: the record does
+    on_disk = m.load_manifest(tmp_path)["artifacts"]
+    assert [a.get("pending") for a in on_disk] == ([staged.name] if published else [])
+    assert staged.exists() and not (tmp_path / "weights.onnx").exists()

@@ -187,3 +187,165 @@ def test_a_model_that_cannot_run_in_float64_is_an_input_error_not_a_failure():
         _exact_logits(broken, torch.zeros(1, 3, 4, 4))
     assert str(err.value) == ("the eager model does not run in float64 (RuntimeError: expected scalar type Double but "
                               "found Float), so no artefact of it can be judged against the exact answer")  # fmt: skip
+
+
+# --- the option value a failure suggests: the smallest 2-significant-digit value that passes -----
+
+from unet_export.verify import _error_failure, check_parity, loosest, seeded_inputs  # noqa: E402
+
+
+def _suggested(message: str, option: str) -> float:
+    return float(message.split(f"{option} ")[1].split()[0])
+
+
+def _is_loosest(value: float, passes) -> bool:
+    """``value`` passes, and one step down in its second significant digit does not (0: passes)."""
+    if value == 0:
+        return passes(0.0)
+    exact = Decimal(repr(value))
+    below = float(exact - Decimal(1).scaleb(exact.adjusted() - 1))  # in decimal: no float noise in the step
+    return passes(value) and not passes(below)
+
+
+import math  # noqa: E402
+from decimal import Decimal  # noqa: E402
+
+
+def _failing_case(err: float, scale: float) -> CaseResult:
+    return CaseResult(shape=[1, 2, 4, 4], max_abs_err=err, max_err_fp64=err, max_abs_ref=scale, atol=0.0)
+
+
+@pytest.mark.parametrize("err, scale", [(4e-4, 2.0), (0.015000000000000001, 1.5), (7e-3, 3.3)])
+def test_without_float64_the_suggested_bound_is_the_loosest(err, scale):
+    # (4e-4, 2): err is exactly 2e-4 x 2, which passes; (0.015.., 1.5): one ulp over 0.01 x 1.5,
+    # so the first rounding fails and the value steps up
+    message = _error_failure(_failing_case(err, scale), FP32, None)
+    value = _suggested(message, "bound of")
+    assert _is_loosest(value, lambda v: err <= v * scale), message
+
+
+@pytest.mark.parametrize(
+    "err, scale, floor",
+    [
+        (6.95, 1.5, 0.1),  # one ulp over 5 x 0.1 + 4.3 x 1.5: the --atol value steps up once
+        (0.00010015000000000002, 1.5, 0.1),  # one ulp over 0.001 x 0.1 + 1e-7 x 1.5: --rtol steps
+        (3.0, 4.0, 0.5),  # exactly 4 x 0.5 + 0.25 x 4 with rtol 1, atol 0.25 below
+        (0.37, 2.5, 0.03),
+    ],
+)
+def test_the_suggested_rtol_and_atol_are_the_loosest(err, scale, floor):
+    tol = FP32 if err != 3.0 else Tolerance("fp32", rel_atol=0.25, max_disagreement=0.0, min_dice=None, rtol=1.0)
+    rtol, atol = tol.rtol, tol.rel_atol
+    message = _error_failure(_failing_case(err, scale), tol, floor)
+    assert _is_loosest(_suggested(message, "--rtol"), lambda v: err <= v * floor + atol * scale), message
+    assert _is_loosest(_suggested(message, "--atol"), lambda v: err <= rtol * floor + v * scale), message
+
+
+def test_an_error_bound_without_rtol_says_zero_times_the_floor():
+    tol = Tolerance("fp32", rel_atol=1e-3, max_disagreement=0.0, min_dice=None, rtol=None)
+    message = _error_failure(_failing_case(0.5, 2.0), tol, 0.25)
+    assert "= 0 x noise floor 0.25 + 0.001 x 2: would pass with --rtol " in message
+
+
+@pytest.mark.parametrize("needed", [-1e-3, -5.0, 0.0])
+def test_loosest_of_nothing_needed_is_zero(needed):
+    assert loosest(needed, lambda v: v > 0) == 0.0  # returned as is, never stepped up
+
+
+def test_loosest_of_an_infinite_need_is_infinite():
+    assert loosest(math.inf, lambda v: True) == math.inf
+
+
+def test_loosest_rounds_away_from_the_failing_side_even_when_nearer_would_pass():
+    assert loosest(1.007e-4, lambda v: True) == 1.1e-4  # up: ceiling, not nearest
+    assert loosest(1.03e-4, lambda v: True) == 1.1e-4
+    assert loosest(0.998765, lambda v: True, up=False, digits=4) == 0.9987  # down: floor
+    assert loosest(0.99871, lambda v: True, up=False, digits=4) == 0.9987
+
+
+def test_loosest_steps_one_unit_at_a_time_until_it_passes():
+    assert loosest(0.3, lambda v: v >= 0.3299) == pytest.approx(0.33, abs=1e-12)
+    assert loosest(0.3, lambda v: v <= 0.2701, up=False) == pytest.approx(0.27, abs=1e-12)
+    assert loosest(25.0, lambda v: v >= 27.5) == 28.0
+
+
+def test_seeded_inputs_default_to_seed_0():
+    shapes = [(1, 3, 4, 4)]
+    assert torch.equal(seeded_inputs(shapes)[0], seeded_inputs(shapes, 0)[0])
+    assert not torch.equal(seeded_inputs(shapes)[0], seeded_inputs(shapes, 1)[0])
+
+
+class _Echo(Runner):
+    """Returns its input as two-class logits: a runner with no float64 twin."""
+
+    name = "echo"
+
+    def _activate_impl(self):
+        pass
+
+    def _infer_impl(self, x):
+        return torch.cat([x[:, :1], 1 - x[:, :1]], dim=1)
+
+    def describe(self):
+        return "identity"
+
+
+def test_check_parity_against_a_reference_without_a_float64_twin():
+    inputs = seeded_inputs([(1, 3, 8, 8)])
+    with _Echo() as runner, _Echo() as reference:
+        report = check_parity(runner, reference, inputs)
+    assert report.passed and report.runner == "echo (identity)" and report.tolerance == "fp32"
+    assert report.cases[0].reference == "eager fp32" and report.cases[0].shape == [1, 3, 8, 8]
+
+
+def test_check_parity_leaves_an_active_float64_runner_active():
+    model = random_milesial(width=8)
+    inputs = seeded_inputs([(1, 3, 32, 32)])
+    with EagerRunner(model) as reference, EagerRunner(model, "cpu", "fp64") as exact:
+        report = check_parity(reference, reference, inputs, exact=exact)
+        assert exact.is_active and report.cases[0].reference == "float64"
+        assert report.tolerance == "fp32" and report.runner.startswith("eager (")
+
+
+def test_a_float64_failure_message_is_cut_at_200_characters():
+    class Loud(_Broken):
+        def _infer_impl(self, x):
+            raise RuntimeError("x" * 300)
+
+    with Loud() as loud, pytest.raises(UserError) as err:
+        _exact_logits(loud, torch.zeros(1, 3, 4, 4))
+    assert "(RuntimeError: " + "x" * 200 + ")" in str(err.value)
+
+
+def test_nan_output_is_named():
+    ref = torch.zeros(1, 2, 2, 2)
+    bad = ref.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    assert compare(bad, ref, FP32).failures == ["output has NaN or Inf values"]
+
+
+def test_a_tie_is_within_twice_the_allowed_error_not_more():
+    # float32-exact logits (noise floor 0): the allowed error is 1e-7 x max(1, 1) = 1e-7
+    exact = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    exact[0, 1] = 1.0  # three clear pixels of class 1
+    exact[0, :, 0, 0] = torch.tensor([0.5, 0.5 + 2.0**-22], dtype=torch.float64)  # margin 2.4e-7: 2.4 x bound
+    out = exact.float().clone()
+    out[0, :, 0, 0] = torch.tensor([0.5 + 2.0**-22, 0.5])  # the artefact decides it the other way
+    case = compare(out, exact.float(), FP32, exact=exact)
+    assert case.noise_floor == 0.0 and case.atol == 1e-7
+    assert case.differing_pixels == 1 and case.tie_pixels == 0 and case.argmax_disagreement == 0.25
+
+
+def _dice_failure(dice: float) -> str:
+    case = CaseResult(shape=[1, 2, 4, 4], dice_vs_eager=dice)
+    from unet_export.verify import _judge
+
+    _judge(case, FP16, None)
+    (failure,) = case.failures
+    return failure
+
+
+def test_the_suggested_min_dice_is_floored_at_four_digits():
+    assert _dice_failure(0.99875).endswith("would pass with --min-dice 0.9987")
+    assert _dice_failure(0.5).endswith("would pass with --min-dice 0.5")  # exactly representable: itself
+    assert _dice_failure(0.5) == "Dice vs eager 0.50000 < 0.999: would pass with --min-dice 0.5"

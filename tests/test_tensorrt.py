@@ -2,6 +2,7 @@
 and its parity, manifest records, error messages); the real-engine tests carry the `tensorrt`
 marker and run only where `import tensorrt` and CUDA work."""
 
+import shutil
 import sys
 import types
 
@@ -319,6 +320,36 @@ def test_timing_cache_is_reused_when_it_matches(workdir, tmp_path, fake_trt, rec
     _build(workdir, tmp_path, TRT11)
     assert trt._built["config"]._cache_calls == [("create", b"cache:H100"), ("set", "H100")]
     assert not [w for w in recwarn if "timing cache" in str(w.message)]
+
+
+def test_cli_build_leaves_a_timing_cache_the_next_build_reads_and_sets_the_workspace(workdir, tmp_path, fake_trt,
+                                                                                      monkeypatch):  # fmt: skip
+    """`unet-export trt` twice on one workdir: the first build has no cache file, starts a fresh cache
+    and leaves it in DIR/timing.cache; the second build reads that file back. --workspace GiB is the
+    builder's workspace pool limit. (The fake builds nothing a GPU could verify: each run stops
+    right after the build, which is where the cache is saved.)"""
+    import unet_export.api as api
+
+    exports = tmp_path / "exports"
+    shutil.copytree(workdir, exports)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after the build")
+
+    monkeypatch.setattr(api, "_engine_entry", stop)
+    configs = []
+    for workspace in ("2.5", "1"):
+        trt = fake_trt(version=TRT10)
+        result = runner.invoke(app, ["trt", "-w", str(exports), "--workspace", workspace])
+        assert result.exit_code == 3 and "stopped after the build" in result.stderr, result.output
+        configs.append(trt._built["config"])
+    first, second = configs
+    assert first._cache_calls == [("create", b""), ("set", "H100")]  # no file yet: a fresh cache
+    assert second._cache_calls == [("create", b"cache:H100"), ("set", "H100")]  # the first build's file
+    assert (exports / "timing.cache").read_bytes() == b"cache:H100"
+    assert first._pool == (trt.MemoryPoolType.WORKSPACE, int(2.5 * 2**30))
+    assert second._pool == (trt.MemoryPoolType.WORKSPACE, 2**30)
 
 
 @pytest.mark.parametrize("version", [TRT10, TRT11])

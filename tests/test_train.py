@@ -1,19 +1,28 @@
 """Train, evaluate, predict and the data commands, end to end on tiny synthetic sets."""
 
+import copy
 import json
+import math
+import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from unet_export import train as train_module
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
 from unet_export.data.dataset import Preprocess, SegmentationDataset, find_samples, unique_mask_values
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import make_synth
 from unet_export.evaluate import evaluate, mean_dice
+from unet_export.export.onnx import read_metadata as onnx_metadata
+from unet_export.export.torchscript import read_metadata as torchscript_metadata
+from unet_export.fileio import sha256_file
+from unet_export.manifest import load_manifest
 from unet_export.models import create_model
 from unet_export.predict import predict
 from unet_export.runners import EagerRunner
@@ -34,6 +43,30 @@ def synth(tmp_path_factory):
 def trained(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     return train(synth, out, TINY), out
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The last checkpoint exported to ONNX and TorchScript, once for the module (exporting is the
+    slow part), at 48x64: not the images' 64x64, so the recorded export size is the one asked for."""
+    weights = trained[0].checkpoints[-1]
+    workdir = tmp_path_factory.mktemp("exports")
+    for fmt in ("onnx", "torchscript"):
+        result = runner.invoke(app, [fmt, str(weights), "-w", str(workdir), "--height", "48", "--width", "64"])
+        assert result.exit_code == 0, result.output
+    return weights, workdir
+
+
+@pytest.fixture(scope="module")
+def few(synth, tmp_path_factory):
+    """Four of the labelled images: enough for the gates, a quarter of the inference."""
+    root = tmp_path_factory.mktemp("few")
+    for sub in ("imgs", "masks"):
+        (root / sub).mkdir()
+    for i in range(4):
+        shutil.copy(synth / "imgs" / f"synth_{i:04d}.png", root / "imgs")
+        shutil.copy(synth / "masks" / f"synth_{i:04d}_mask.png", root / "masks")
+    return root
 
 
 def test_synth_is_deterministic_and_uses_spread_mask_values(tmp_path):
@@ -70,10 +103,46 @@ def test_checkpoints_are_milesial_format_with_sidecar(trained, synth):
     assert sidecar["preprocess"] == {"scale": 1.0, "square": None}
 
 
-def test_resume_continues_the_epochs(trained, synth, tmp_path):
+def test_resume_restores_weights_optimiser_and_scheduler(trained, synth, tmp_path, monkeypatch):
+    """The first resumed epoch starts from the checkpoint's weights and its .state.pt: Adam's
+    moments and step counts, the learning rate, and ReduceLROnPlateau's epoch count and best Dice
+    (a fresh start has none of them); then it continues the epoch numbering."""
     result, out = trained
-    resumed = train(synth, tmp_path, TrainConfig(**{**TINY.__dict__, "epochs": 3}), resume=result.checkpoints[-1])
+    last = result.checkpoints[-1]
+    saved_weights = torch.load(last, weights_only=True)
+    saved = torch.load(last.with_suffix(".state.pt"), weights_only=True)
+    schedulers, at_start = [], {}
+
+    class Scheduler(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            schedulers.append(self)
+
+    def first_epoch(model, train_set, optimizer, *args):
+        if not at_start:  # what the resumed run starts its first step from
+            at_start.update(weights=copy.deepcopy(model.state_dict()), optimizer=copy.deepcopy(optimizer.state_dict()),
+                            scheduler=copy.deepcopy(schedulers[-1].state_dict()))  # fmt: skip
+        return real_epoch(model, train_set, optimizer, *args)
+
+    real_epoch = train_module._train_epoch
+    monkeypatch.setattr(train_module, "_train_epoch", first_epoch)
+    monkeypatch.setattr(torch.optim.lr_scheduler, "ReduceLROnPlateau", Scheduler)
+    resumed = train(synth, tmp_path, TrainConfig(**{**TINY.__dict__, "epochs": 3}), resume=last)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.checkpoints[0].name == "checkpoint_epoch3.pth"
+
+    for name, tensor in at_start["weights"].items():
+        assert torch.equal(tensor, saved_weights[name]), name
+    optimizer = at_start["optimizer"]
+    assert optimizer["param_groups"][0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"] == TINY.lr
+    assert len(optimizer["state"]) == len(saved["optimizer"]["state"]) > 0
+    for index, state in saved["optimizer"]["state"].items():
+        assert state["step"].item() == 2 * 12  # two epochs of 12 steps (24 training images, batches of 2)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer["state"][index][key], state[key]), (index, key)
+    scheduler = at_start["scheduler"]
+    assert scheduler["last_epoch"] == saved["scheduler"]["last_epoch"] == 2
+    assert scheduler["best"] == saved["scheduler"]["best"] > 0  # a fresh scheduler's best is -inf
+    assert scheduler["num_bad_epochs"] == saved["scheduler"]["num_bad_epochs"]
 
 
 def test_voc_layout_from_labelme_with_square_preprocessing(tmp_path):
@@ -94,38 +163,96 @@ def test_voc_layout_from_labelme_with_square_preprocessing(tmp_path):
     assert Image.open(masks[0]).size == (80, 60)  # back to the original size after pad-to-square
 
 
-def test_evaluate_eager_and_artefacts_with_gate(trained, synth, tmp_path):
-    result, _ = trained
-    weights = result.checkpoints[-1]
-    exported = runner.invoke(app, ["onnx", str(weights), "-w", str(tmp_path), "--height", "64", "--width", "64"])
-    assert exported.exit_code == 0, exported.output
-    report = evaluate(weights, synth, tmp_path, device="cpu")
+def test_evaluate_eager_and_artefacts_with_gate(exported, synth, few, tmp_path):
+    weights, workdir = exported
+    report = evaluate(weights, synth, workdir, device="cpu")
     assert 0.3 < report["eager"]["dice"] < 1 and report["images"] == 32
-    (onnx_row,) = report["artifacts"]
-    assert onnx_row["format"] == "onnx" and onnx_row["delta_vs_eager"] == pytest.approx(0, abs=1e-6)
+    rows = {row["format"]: row for row in report["artifacts"]}
+    assert set(rows) == {"onnx", "torchscript"}
+    for row in rows.values():
+        assert row["delta_vs_eager"] == pytest.approx(0, abs=1e-6)
     out_json = tmp_path / "eval.json"
-    ok = runner.invoke(app, ["evaluate", str(weights), str(synth), "-w", str(tmp_path), "--json", str(out_json),
+    ok = runner.invoke(app, ["evaluate", str(weights), str(few), "-w", str(workdir), "--json", str(out_json),
                              "--max-delta", "0.001"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
     data = json.loads(out_json.read_text())
     assert set(data) >= {"eager", "artifacts"} and {"format", "precision", "dice", "delta_vs_eager"} <= set(data["artifacts"][0])
-    failed = runner.invoke(app, ["evaluate", str(weights), str(synth), "-w", str(tmp_path), "--min-dice", "0.999"])
+    failed = runner.invoke(app, ["evaluate", str(weights), str(few), "-w", str(workdir), "--min-dice", "0.999"])
     assert failed.exit_code == 1 and "gate failed" in failed.stdout
 
 
-def test_predict_from_checkpoint_and_onnx_agree(trained, synth, tmp_path):
-    result, _ = trained
-    weights = result.checkpoints[-1]
-    runner.invoke(app, ["onnx", str(weights), "-w", str(tmp_path / "exp"), "--height", "64", "--width", "64"])
+def test_evaluate_scores_only_the_artefacts_of_the_same_checkpoint(exported, trained, few, tmp_path):
+    """The workdir holds epoch 2's artefacts: evaluating epoch 1 scores none of them; the same
+    checkpoint copied elsewhere (same sha256, another path) scores both."""
+    weights, workdir = exported
+    epoch1 = trained[0].checkpoints[0]
+    assert sha256_file(epoch1) != sha256_file(weights)
+    report = evaluate(epoch1, few, workdir, device="cpu")
+    assert report["artifacts"] == [] and report["images"] == 4
+    copied = tmp_path / "renamed.pth"
+    shutil.copy(weights, copied)
+    scored = evaluate(copied, few, workdir, device="cpu")["artifacts"]
+    assert {row["format"] for row in scored} == {"onnx", "torchscript"}
+
+
+def _background_everywhere(path):
+    """Edit the ONNX model's last bias so that it predicts background everywhere (its metadata stays)."""
+    model = onnx.load(str(path))
+    bias = next(t for t in model.graph.initializer if t.name.startswith("outc") and t.name.endswith("bias"))
+    values = np.full(onnx.numpy_helper.to_array(bias).shape, -50.0, np.float32)
+    values[0] = 50.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(path))
+
+
+def test_max_delta_fails_an_artefact_further_below_eager_and_passes_at_the_delta(exported, few, tmp_path):
+    """An artefact whose file was swapped after its hash was recorded (only Dice can catch that):
+    --max-delta Y fails it (exit 1, naming it) when its Dice is more than Y below eager's, and
+    passes it when it is exactly Y below; the good TorchScript artefact is never named."""
+    weights, source = exported
+    workdir = tmp_path / "exports"
+    shutil.copytree(source, workdir)
+    onnx_path = workdir / f"{weights.stem}.onnx"
+    _background_everywhere(onnx_path)
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
+    entry |= {"sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size}
+    (workdir / "manifest.json").write_text(json.dumps(manifest))
+    args = ["evaluate", str(weights), str(few), "-w", str(workdir)]
+    plain = runner.invoke(app, args + ["--json", str(tmp_path / "dice.json")])
+    assert plain.exit_code == 0, plain.output
+    rows = {row["format"]: row for row in json.loads((tmp_path / "dice.json").read_text())["artifacts"]}
+    below = -rows["onnx"]["delta_vs_eager"]
+    assert below > 0.1 and rows["torchscript"]["delta_vs_eager"] == pytest.approx(0, abs=1e-9)
+    at = runner.invoke(app, args + ["--max-delta", repr(below)])
+    assert at.exit_code == 0, at.output
+    over = runner.invoke(app, args + ["--max-delta", repr(math.nextafter(below, 0))])
+    assert over.exit_code == 1, over.output
+    failures = [line for line in over.stdout.splitlines() if "gate failed" in line]
+    assert len(failures) == 1 and "onnx fp32" in failures[0] and "--max-delta" in failures[0]
+
+
+def test_predict_from_checkpoint_onnx_and_torchscript_agree(exported, synth, tmp_path):
+    weights, workdir = exported
     image = synth / "imgs" / "synth_0000.png"
     cli = runner.invoke(app, ["predict", str(weights), str(image), "--out", str(tmp_path / "a"), "--overlay"])
     assert cli.exit_code == 0, cli.output
-    predict(tmp_path / "exp" / f"{weights.stem}.onnx", [image], tmp_path / "b")
-    a = np.asarray(Image.open(tmp_path / "a" / "synth_0000_mask.png"))
-    b = np.asarray(Image.open(tmp_path / "b" / "synth_0000_mask.png"))
-    assert a.shape == (64, 64) and set(np.unique(a)) <= {0, 128, 255}
-    assert np.array_equal(a, b)
+    predict(workdir / f"{weights.stem}.onnx", [image], tmp_path / "b")
+    ts = workdir / f"{weights.stem}.ts"
+    from_ts = runner.invoke(app, ["predict", str(ts), str(image), "--out", str(tmp_path / "c")])
+    assert from_ts.exit_code == 0, from_ts.output
+    a, b, c = (np.asarray(Image.open(tmp_path / d / "synth_0000_mask.png")) for d in "abc")
+    assert a.shape == (64, 64) and set(np.unique(a)) <= {0, 128, 255} and len(np.unique(a)) >= 2
+    assert np.array_equal(a, b) and np.array_equal(a, c)
     assert (tmp_path / "a" / "synth_0000_overlay.png").is_file()
+
+
+def test_export_size_is_recorded_in_the_manifest_and_the_artefacts(exported):
+    weights, workdir = exported
+    assert {a["format"]: a["export_size"] for a in load_manifest(workdir)["artifacts"]} == {
+        "onnx": [48, 64], "torchscript": [48, 64]}  # fmt: skip
+    assert json.loads(onnx_metadata(workdir / f"{weights.stem}.onnx")["export_size"]) == [48, 64]
+    assert torchscript_metadata(workdir / f"{weights.stem}.ts")["export_size"] == [48, 64]
 
 
 def _bad_dataset(tmp_path, case):

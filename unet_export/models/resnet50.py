@@ -96,7 +96,11 @@ def _load_encoder(resnet: nn.Module, path: str) -> None:
     except Exception as exc:  # missing file, not a checkpoint, pickled code
         raise UserError(f"--encoder-weights {path}: cannot load ({type(exc).__name__}: {str(exc)[:100]})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    missing, _ = resnet.load_state_dict(state, strict=False)
+    try:
+        missing, _ = resnet.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError) as exc:  # strict=False still refuses a shape mismatch or a non-dict
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"--encoder-weights {path} is not a torchvision ResNet-50 state_dict ({detail})") from None
     if [k for k in missing if not k.startswith("fc.")]:
         raise UserError(f"--encoder-weights {path} is not a torchvision ResNet-50 state_dict ({len(missing)} keys missing)")
 

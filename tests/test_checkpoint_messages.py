@@ -217,3 +217,255 @@ def test_data_descriptor_forms():
     assert ck._descriptor_matches(zip64 + b"PK\x03\x04", info)  # the next header follows: 24 bytes read
     assert not ck._descriptor_matches(struct.pack("<IQQ", info.CRC, info.compress_size, 1), info)
     assert not ck._descriptor_matches(struct.pack("<IQ", info.CRC, info.compress_size) + b"\0" * 4, _info(csize=9))
+
+
+def test_detail_keeps_a_short_message_whole():
+    assert ck._detail(ValueError("ends in X")) == "ValueError: ends in X"
+
+
+# --- the zip container, byte by byte (load_checkpoint's corruption tests are in test_checkpoint_corrupt)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.arange(6.0)}, path)
+    return path
+
+
+def _plain_zip(src: Path, dst: Path, first=None) -> Path:
+    """The same members written by zipfile (no data descriptors), optionally after ``first``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        if first:
+            zout.writestr(first, b"x")
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    return dst
+
+
+def _local_offset(path: Path, member_index: int = 0) -> int:
+    with zipfile.ZipFile(path) as zf:
+        return zf.infolist()[member_index].header_offset
+
+
+def _patch(path: Path, at: int, fmt: str, value) -> None:
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, at, value)
+    path.write_bytes(bytes(data))
+
+
+def test_both_zip_layouts_pass_the_container_check(saved, tmp_path):
+    assert ck._check_zip(saved) == "w"  # torch's: data descriptors after each member
+    assert ck._check_zip(_plain_zip(saved, tmp_path / "plain.pth")) == "w"  # sizes in the local headers
+
+
+def test_a_zip_cut_before_its_directory(saved):
+    saved.write_bytes(saved.read_bytes()[:100])
+    with pytest.raises(UserError) as err:
+        ck._check_zip(saved)
+    assert str(err.value) == (f"{saved} is corrupt: the zip archive is truncated or its directory is damaged "
+                              "(no end-of-archive record); re-download or re-save it")  # fmt: skip
+
+
+def test_a_member_outside_the_archive_folder(saved, tmp_path):
+    stray = _plain_zip(saved, tmp_path / "stray.pth", first="other/readme.txt")
+    with pytest.raises(UserError) as err:
+        ck._check_zip(stray)
+    assert str(err.value) == f"{stray} is corrupt: member w/data.pkl lies outside the archive folder other/; " \
+                             "re-download or re-save it"
+
+
+def test_a_member_written_twice(saved, tmp_path):
+    twice = tmp_path / "twice.pth"
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(twice, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+        with pytest.warns(UserWarning):
+            zout.writestr("w/version", b"3\n")
+    with pytest.raises(UserError) as err:
+        ck._check_zip(twice)
+    assert str(err.value) == f"{twice} is corrupt: member w/version appears twice; re-download or re-save it"
+
+
+def test_a_damaged_local_header_magic(saved):
+    _patch(saved, _local_offset(saved, 1), "<4s", b"PK\x09\x09")
+    with pytest.raises(UserError) as err:
+        ck._check_zip(saved)
+    assert str(err.value) == (f"{saved} is corrupt: member w/.format_version is damaged (Bad magic number for file "
+                              "header); re-download or re-save it")  # fmt: skip
+
+
+@pytest.mark.parametrize("field, fmt, flip", [("flags", "<H", 0x01), ("flags", "<H", 0x08), ("method", "<H", 8)])
+def test_a_local_header_that_disagrees_with_the_directory(saved, tmp_path, field, fmt, flip):
+    plain = _plain_zip(saved, tmp_path / "plain.pth")
+    at = _local_offset(plain, 0) + (6 if field == "flags" else 8)
+    (value,) = struct.unpack_from(fmt, plain.read_bytes(), at)
+    _patch(plain, at, fmt, value ^ flip)
+    with pytest.raises(UserError) as err:
+        ck._check_zip(plain)
+    assert str(err.value) == (f"{plain} is corrupt: the local header of member w/data.pkl disagrees with the zip "
+                              "directory; re-download or re-save it")  # fmt: skip
+
+
+@pytest.mark.parametrize("offset", [14, 18, 22])  # CRC, compressed size, size
+def test_a_local_crc_or_size_that_disagrees(saved, tmp_path, offset):
+    plain = _plain_zip(saved, tmp_path / "plain.pth")
+    at = _local_offset(plain, 0) + offset
+    (value,) = struct.unpack_from("<I", plain.read_bytes(), at)
+    _patch(plain, at, "<I", value ^ 0x1)
+    with pytest.raises(UserError) as err:
+        ck._check_zip(plain)
+    assert str(err.value) == (f"{plain} is corrupt: the CRC or size in the local header of member w/data.pkl "
+                              "disagrees with the zip directory; re-download or re-save it")  # fmt: skip
+
+
+def test_a_deflated_zip_passes_the_container_check(saved, tmp_path):
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info) + b"\0" * 64 if info.filename.endswith("/data/0") else
+                          zin.read(info))  # fmt: skip
+    with zipfile.ZipFile(deflated) as zf:  # compressed and stored sizes now differ
+        assert any(i.compress_size != i.file_size for i in zf.infolist())
+    with pytest.raises(UserError, match="storage w/data/0 holds 88 bytes but w/data.pkl declares 24"):
+        ck._check_zip(deflated)  # the headers pass; the storage size check is what fails
+
+
+def test_a_data_descriptor_whose_signature_is_damaged(saved):
+    data = bytearray(saved.read_bytes())
+    with zipfile.ZipFile(saved) as zf:
+        info = zf.getinfo("w/data.pkl")
+        name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
+        at = info.header_offset + 30 + name_len + extra_len + info.compress_size
+    assert data[at : at + 4] == b"PK\x07\x08" and info.flag_bits & 0x08
+    data[at : at + 4] = b"JUNK"  # the CRC and sizes after it are intact
+    saved.write_bytes(bytes(data))
+    with pytest.raises(UserError) as err:
+        ck._check_zip(saved)
+    assert str(err.value) == (f"{saved} is corrupt: the data descriptor of member w/data.pkl disagrees with the zip "
+                              "directory (CRC or size); re-download or re-save it")  # fmt: skip
+
+
+def test_container_kinds(saved, tmp_path):
+    assert ck._container(saved, saved.read_bytes()[:64]) == "zip"
+    assert ck._container(saved, b"PK") == "zip"  # a zip cut inside its first header
+    legacy = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+    assert ck._container(saved, legacy[:3]) == "legacy"  # the shortest head that tells
+    assert ck._container(tmp_path / "none", legacy[:2]) is None
+    damaged = bytearray(saved.read_bytes())
+    damaged[:4] = b"XXXX"  # the first bytes are gone, the directory at the end is intact
+    (tmp_path / "d.pth").write_bytes(bytes(damaged))
+    assert ck._container(tmp_path / "d.pth", bytes(damaged[:64])) == "zip"
+    (tmp_path / "t.txt").write_text("hello there, not a checkpoint")
+    assert ck._container(tmp_path / "t.txt", b"hello there") is None
+
+
+def test_the_storage_scan_reads_data_pkl_up_to_its_limit(saved, monkeypatch):
+    with zipfile.ZipFile(saved) as zf:
+        size = zf.getinfo("w/data.pkl").file_size
+        monkeypatch.setattr(ck, "_SCAN_LIMIT", size)
+        assert ck._declared_storages(zf, "w/data.pkl") == {"0": ("FloatStorage", 6)}
+        monkeypatch.setattr(ck, "_SCAN_LIMIT", size - 1)
+        assert ck._declared_storages(zf, "w/data.pkl") is None
+
+
+# --- load_checkpoint: which architecture, and what it says when none fits -------------------------
+
+from unet_export.models import MODELS  # noqa: E402
+from tests.conftest import milesial_state_dict  # noqa: E402
+
+
+def test_a_checkpoint_of_no_known_architecture_names_its_first_keys(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({f"k{i}": torch.zeros(1) for i in range(5)}, path)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == (f"{path} is not a checkpoint of a known architecture ({', '.join(MODELS)}): its keys "
+                              "begin k0, k1, k2")  # fmt: skip
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path, "plain")
+    assert str(err.value) == f"{path} is not a checkpoint of a 'plain' model: its keys begin k0, k1, k2"
+
+
+def test_the_sidecars_architecture_is_named_when_the_keys_do_not_fit_it(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(milesial_state_dict("v3"), path)
+    (tmp_path / "w.json").write_text(json.dumps({"model": "plain"}))
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value).startswith(f"{path} is not a checkpoint of a 'plain' model (as its sidecar w.json says): "
+                                     "its keys begin inc.double_conv.0.weight")  # fmt: skip
+    assert ck.load_checkpoint(path, "milesial").architecture == "milesial"  # --model wins over the sidecar
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path, "reflect")
+    assert str(err.value) == (f"{path} is not a checkpoint of a 'reflect' model: its keys begin "
+                              "inc.double_conv.0.weight, inc.double_conv.1.weight, inc.double_conv.1.bias")
+
+
+def test_sidecar_fields_of_the_wrong_type_are_ignored(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(milesial_state_dict("v3"), path)
+    (tmp_path / "w.json").write_text(json.dumps({"model": 5, "preprocess": "half"}))
+    ckpt = ck.load_checkpoint(path)
+    assert ckpt.architecture == "milesial" and ckpt.preprocess is None
+
+
+def test_a_file_that_holds_no_state_dict_is_named(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == f"{path} holds a list, not a state_dict"
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path):
+    # torch.save on a GPU records the storage location "cuda:0"; written here by editing data.pkl
+    cpu = tmp_path / "cpu.pth"
+    torch.save({"w": torch.arange(4.0)}, cpu)
+    gpu = tmp_path / "gpu.pth"
+    with zipfile.ZipFile(cpu) as zin, zipfile.ZipFile(gpu, "w") as zout:
+        for info in zin.infolist():
+            body = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in body
+                body = body.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            zout.writestr(info.filename, body)
+    with pytest.raises(RuntimeError):  # what torch.load does without a map_location, on a CPU machine
+        torch.load(gpu, weights_only=True)
+    assert torch.equal(ck._torch_load(gpu)["w"], torch.arange(4.0))
+
+
+def test_weights_only_is_asked_for_not_left_to_the_default(tmp_path, monkeypatch):
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "x": Exploit()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # flips torch.load's default, not an explicit True
+    with pytest.raises(UserError, match="could run code"):
+        ck._torch_load(path)
+
+
+def test_a_file_that_cannot_be_opened(tmp_path, monkeypatch):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"x")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(UserError) as err:
+        ck._torch_load(path)
+    assert str(err.value) == f"cannot read {path}: Permission denied"
+
+
+def test_damaged_pickle_names_the_archive_folder(saved, tmp_path):
+    bad = tmp_path / "bad.pth"
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            body = zin.read(info)
+            zout.writestr(info.filename, body[:-3] if info.filename.endswith("/data.pkl") else body)
+    with pytest.raises(UserError) as err:
+        ck._torch_load(bad)
+    assert str(err.value).startswith(f"{bad} is corrupt: its pickled data (w/data.pkl) is damaged: ")

@@ -469,3 +469,50 @@ def test_damaged_pickle_names_the_archive_folder(saved, tmp_path):
     with pytest.raises(UserError) as err:
         ck._torch_load(bad)
     assert str(err.value).startswith(f"{bad} is corrupt: its pickled data (w/data.pkl) is damaged: ")
+
+
+def _deflated(saved: Path, dst: Path) -> Path:
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    return dst
+
+
+def test_a_deflated_member_that_does_not_inflate(saved, tmp_path):
+    path = _deflated(saved, tmp_path / "d.pth")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("w/data.pkl")
+    start = info.header_offset + 30 + len(info.filename)
+    data[start : start + 4] = b"\xff\xff\xff\xff"  # an invalid deflate block header
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError) as err:
+        ck._check_zip(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is corrupt: member w/data.pkl cannot be read (")
+    assert message.endswith("); re-download or re-save it") and "CRC" not in message
+
+
+def _with_members(saved: Path, dst: Path, drop=(), add=()) -> Path:
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename not in drop:
+                zout.writestr(info.filename, zin.read(info))
+        for name in add:
+            zout.writestr(name, b"")
+    return dst
+
+
+def test_a_torchscript_archive_is_named(saved, tmp_path):
+    code_only = _with_members(saved, tmp_path / "ts.pth", add=["w/code/__torch__.py"])
+    with pytest.raises(UserError) as err:
+        ck._check_zip(code_only)
+    assert str(err.value) == (f"{code_only} is a TorchScript archive (torch.jit.save), not a checkpoint: pass the "
+                              "state_dict (.pth) it was made from")  # fmt: skip
+
+
+def test_an_archive_without_its_version_record(saved, tmp_path):
+    path = _with_members(saved, tmp_path / "nov.pth", drop=["w/version", "w/.data/version"])
+    with pytest.raises(UserError) as err:
+        ck._check_zip(path)
+    assert str(err.value) == f"{path} is corrupt: w/version is missing; re-download or re-save it"

@@ -54,3 +54,43 @@ def test_readme_block_runs(index, tmp_path):
         assert proc.returncode == expected, f"{line}\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
         if expected:
             assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- outputs: written by scripts/readme_outputs.py, never pasted ---------------------------------
+
+sys.path.insert(0, str(README.parent / "scripts"))
+import readme_outputs  # noqa: E402
+
+
+def fences(text: str) -> list[tuple[int, str]]:
+    """(line number, info string) of every opening fence."""
+    opened, found = False, []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            if not opened:
+                found.append((n, line[3:].strip()))
+            opened = not opened
+    return found
+
+
+def test_fences_are_paired_and_named():
+    assert fences("```bash\nx\n```\ntext\n```\ny\n```\n") == [(1, "bash"), (5, "")]
+
+
+def test_every_output_block_in_the_readme_is_owned_by_a_command():
+    text = README.read_text()
+    bare = [n for n, info in fences(text) if info == ""]
+    assert bare == [], f"fenced blocks without a language at lines {bare}: mark output (<!-- output: CMD -->) or name it"
+    commands = readme_outputs.markers(text)
+    assert "unet-export demo" in commands and len(commands) >= 5
+    for match in readme_outputs.BLOCK.finditer(text):
+        assert match.group("body").startswith(f"$ {match.group('cmd')}\n"), match.group("cmd")
+
+
+def test_the_output_writer_replaces_only_its_block():
+    text = "a\n<!-- output: echo 1 -->\n```text\nold\n```\nb\n<!-- output: echo 2 -->\n```text\nold 2\n```\n"
+    assert readme_outputs.markers(text) == ["echo 1", "echo 2"]
+    out = readme_outputs.replace_output(text, 1, "new\n\n")
+    assert out == "a\n<!-- output: echo 1 -->\n```text\nold\n```\nb\n<!-- output: echo 2 -->\n```text\n$ echo 2\nnew\n```\n"
+    assert readme_outputs.run("echo hi; echo err >&2; exit 3") == "hi\nerr\n(exit 3)\n"
+    assert readme_outputs.run("printf '\\033[1mbold\\033[0m'") == "bold"

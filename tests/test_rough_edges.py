@@ -170,3 +170,21 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from unet_export.bench_stats import Row
+    from unet_export.cli.render import bench_table
+
+    rows = [Row(name, "fp32", "ok", img_per_s=10.0, latency_ms={"mean": 1.0, "p50": 1.0, "p99": 1.0}, cv=0.01,
+                speedup_vs_eager=1.0, peak_mem_mb=1000.0) for name in ("eager-channels-last", "onnxruntime-int8")]
+    report = SimpleNamespace(rows=rows, config={"batch": 8, "height": 128, "width": 128, "inputs": "seeded"},
+                             device={"name": "cpu", "type": "cpu"})  # fmt: skip
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    console.print(bench_table(report))
+    text = console.export_text()
+    assert "eager-channels-last" in text and "onnxruntime-int8" in text

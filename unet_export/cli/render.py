@@ -128,8 +128,11 @@ def bench_table(report) -> Table:
     title = (f"unet-bench: {dev['name']} ({dev['type']}), batch {cfg['batch']} x {cfg['height']}x{cfg['width']} "
              f"({cfg['inputs']}), speed-up vs eager fp32 in the same run")  # fmt: skip
     table = Table(title=title, title_justify="left")
+    # The backend names never shrink (at CI's 160 columns they were cut to "eager-ch…"): headers wrap.
+    widest = max((len(row.backend) for row in report.rows), default=7)
     for column in BENCH_COLUMNS:
-        table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right")
+        whole = {"no_wrap": True, "min_width": widest} if column == "backend" else {}
+        table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right", **whole)
     for row in report.rows:
         cells = bench_cells(row)
         cells[2] = f"[{STATUS_STYLE[row.status]}]{cells[2]}[/]"

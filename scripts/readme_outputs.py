@@ -2,7 +2,7 @@
 
     <!-- output: COMMAND -->
 
-is replaced by `$ COMMAND` and what the command prints (stdout, then stderr), run with bash from
+is replaced by `$ COMMAND` and what the command prints (stdout and stderr as they came), run with bash from
 the repository root with the venv first on PATH, in README order (a later command may use what
 an earlier one wrote, as a reader following the README would). Nothing is pasted by hand, so the
 README cannot show output from an older version or another machine.
@@ -40,8 +40,9 @@ def replace_output(text: str, index: int, output: str) -> str:
 
 def run(command: str, timeout: int = 1800) -> str:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    output = ANSI.sub("", proc.stdout + proc.stderr)
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)  # fmt: skip
+    output = ANSI.sub("", proc.stdout)
     return output + (f"(exit {proc.returncode})\n" if proc.returncode else "")
 
 

@@ -2,8 +2,8 @@
 
     mutation score: K/T killed (P%) in <modules>
 
-K counts mutants a test caught (failed, or hung past mutmut's limit, which a test run would
-also fail on) plus the mutants reviewed as equivalent in tests/mutation_equivalent.txt (a
+K counts mutants a test caught (failed, hung past mutmut's limit, or died, as a test run would)
+plus the mutants reviewed as equivalent in tests/mutation_equivalent.txt (a
 change no input can observe, each listed with its reason). Every other mutant is printed: a
 test is missing. The modules and the tests run against them are pyproject's [tool.mutmut].
 
@@ -21,7 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
-CAUGHT = {"killed", "timeout"}  # mutmut's statuses for a mutant a test run detects
+# mutmut's statuses for a mutant a test run detects: a failure, a hang, or the test process dying
+# (a mutant that makes the crash-test hook SIGKILL its own process shows as "segfault").
+CAUGHT = {"killed", "timeout", "segfault"}
 
 
 def main() -> int:

@@ -198,3 +198,20 @@ def test_sha256_reads_in_bounded_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "open", recording_open, raising=False)
     assert fileio.sha256_file(tmp_path / "f", chunk=4) == hashlib.sha256(b"x" * 10).hexdigest()
     assert sizes == [4, 4, 4, 4]  # memory stays one chunk whatever the file's size
+
+
+def test_pid_alive_only_asks_it_never_signals(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    # a child that dies on SIGHUP (the default), whatever this process ignores
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, "
+                              "signal.SIG_DFL); time.sleep(30)"])  # fmt: skip
+    try:
+        assert fileio.pid_alive(child.pid) is True
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)  # still running: pid_alive sent signal 0, not a real one
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=10)

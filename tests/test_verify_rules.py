@@ -349,3 +349,12 @@ def test_the_suggested_min_dice_is_floored_at_four_digits():
     assert _dice_failure(0.99875).endswith("would pass with --min-dice 0.9987")
     assert _dice_failure(0.5).endswith("would pass with --min-dice 0.5")  # exactly representable: itself
     assert _dice_failure(0.5) == "Dice vs eager 0.50000 < 0.999: would pass with --min-dice 0.5"
+
+
+def test_the_suggested_max_class_change_is_the_value_itself_when_it_is_short():
+    case = CaseResult(shape=[1, 2, 4, 4], argmax_disagreement=0.25, dice_vs_eager=1.0)
+    from unet_export.verify import _judge
+
+    _judge(case, FP16, None)
+    assert case.failures == ["25.0000% of pixels change class, ties excluded (allowed 0.1000%): would pass with "
+                             "--max-class-change 0.25"]  # fmt: skip

@@ -533,3 +533,19 @@ def test_a_zip_whose_central_directory_is_damaged(saved):
     assert str(err.value) == (f"{saved} is corrupt: the zip archive is truncated or its directory is damaged "
                               f"({ck._detail(raw.value)}); re-download or re-save it")  # fmt: skip
     assert "no end-of-archive record" not in str(err.value)
+
+
+def test_a_member_that_runs_past_the_end_of_the_file_is_truncated(saved, tmp_path):
+    plain = _plain_zip(saved, tmp_path / "plain.pth")
+    data = bytearray(plain.read_bytes())
+    with zipfile.ZipFile(plain) as zf:
+        info = zf.getinfo("w/data.pkl")
+    central = next(i for i in range(len(data)) if data[i : i + 4] == b"PK\x01\x02"
+                   and data[i + 46 : i + 46 + len(info.filename)] == info.filename.encode())  # fmt: skip
+    for header, csize_at, usize_at in ((info.header_offset, 18, 22), (central, 20, 24)):
+        struct.pack_into("<I", data, header + csize_at, 10**8)  # both headers agree on a size the file lacks
+        struct.pack_into("<I", data, header + usize_at, 10**8)
+    plain.write_bytes(bytes(data))
+    with pytest.raises(UserError) as err:
+        ck._check_zip(plain)
+    assert str(err.value) == f"{plain} is corrupt: member w/data.pkl is truncated; re-download or re-save it"

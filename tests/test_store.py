@@ -55,6 +55,8 @@ def no_temp_files(workdir: Path) -> bool:
     return not [p for p in workdir.iterdir() if ".tmp" in p.name]
 
 
+# Three full exports in parallel (65 s): make test-all; two at once stay in make test (below).
+@pytest.mark.slow
 def test_three_commands_at_once_all_land(make_checkpoint, tmp_path):
     weights, out = make_checkpoint("v3"), tmp_path / "exports"
     procs = [subprocess.Popen([*CLI, fmt, str(weights), "-w", str(out), "--height", "64", "--width", "64",

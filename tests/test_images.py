@@ -3,6 +3,7 @@ pixel limit checked from the header, inputs checked before any output, tiled inf
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,14 @@ def one_line_error(result, *fragments):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
+
+
+def skipped_image(result, *fragments):
+    """predict streams (issue 18): an image it cannot take is reported and skipped, exit 1."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "failed:" in result.stdout and "Traceback" not in result.output, result.output
+    for fragment in fragments:
+        assert fragment in result.stdout, result.stdout
 
 
 def demo_mask(tmp_path, image, name="out"):
@@ -107,7 +116,7 @@ def test_grey_palette_is_grey_for_a_1_channel_model(tmp_path):
 def test_colour_image_for_a_1_channel_model_is_refused(tmp_path):
     weights = write_random_checkpoint(tmp_path / "grey.pth", n_channels=1, width=8)
     result = runner.invoke(app, ["predict", str(weights), str(DEMO_IMAGE), "--out", str(tmp_path / "p"), "--device", "cpu"])
-    one_line_error(result, "synth_0000.png is a colour image (RGB)", "1 channel")
+    skipped_image(result, "synth_0000.png is a colour image (RGB)", "1 channel")
     assert not (tmp_path / "p").exists()
 
 
@@ -125,17 +134,17 @@ def test_unsupported_modes_are_refused(tmp_path, mode):
 def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     bomb = png_header_only(tmp_path / "bomb.png", 13400, 13400)  # 180 MP: PIL itself raised (exit 3)
     result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(bomb), "--out", str(tmp_path / "p"), "--device", "cpu"])
-    one_line_error(result, "bomb.png", "179.6 MP", "--max-pixels")
+    skipped_image(result, "bomb.png", "179.6 MP", "--max-pixels")
     big = png_header_only(tmp_path / "big.png", 8000, 8000)  # 64 MP: above the 50 MP default, below PIL's error
     result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(big), "--out", str(tmp_path / "p"), "--device", "cpu"])
-    one_line_error(result, "big.png (8000x8000) has 64 MP", "over the 50 MP limit")
+    skipped_image(result, "big.png (8000x8000) has 64 MP", "over the 50 MP limit")
     assert not (tmp_path / "p").exists()
 
 
 def test_max_pixels_option(tmp_path):
     result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(DEMO_IMAGE), "--out", str(tmp_path / "p"),
                                  "--max-pixels", "10000", "--device", "cpu"])  # fmt: skip
-    one_line_error(result, "synth_0000.png (128x128)", "over the 0.01 MP limit")
+    skipped_image(result, "synth_0000.png (128x128)", "over the 0.01 MP limit")
     result = runner.invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(DEMO_VAL), "--max-pixels", "10000", "--device", "cpu"])
     one_line_error(result, "(128x128) has 0.0164 MP", "over the 0.01 MP limit")
     # a limit above PIL's own (89 MP warning, 179 MP error) is honoured: only ours decides
@@ -143,11 +152,11 @@ def test_max_pixels_option(tmp_path):
     assert load_image(bomb, 3, max_pixels=200_000_000).size == (13400, 13400)
 
 
-# --- predict checks every input before writing ------------------------------------------------------
+# --- predict: a bad input is that input's failure (issue 18: streaming predict) ----------------------
 
 
-@pytest.mark.parametrize("bad", ["zero", "missing", "text", "truncated"])
-def test_predict_checks_every_input_before_writing_any(tmp_path, bad):
+@pytest.mark.parametrize("bad", ["zero", "text", "truncated"])
+def test_predict_skips_an_unreadable_image_and_exits_1(tmp_path, bad):
     good = tmp_path / "good.png"
     Image.open(DEMO_IMAGE).save(good)
     path = tmp_path / "bad.png"
@@ -155,27 +164,24 @@ def test_predict_checks_every_input_before_writing_any(tmp_path, bad):
         path.write_bytes(b"")
     elif bad == "text":
         path.write_text("not an image")
-    elif bad == "truncated":  # a valid header: only decoding finds it, after good.png ran
+    elif bad == "truncated":  # a valid header: only decoding finds it
         data = DEMO_IMAGE.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
     result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(good), str(path), "--out", str(out), "--overlay",
                                  "--device", "cpu"])  # fmt: skip
-    one_line_error(result, "bad.png")
-    assert not out.exists()  # good_mask.png was written before
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(good), str(path), "--out", str(out), "--device", "cpu"])
-    assert result.exit_code == 2 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert result.exit_code == 1, result.output
+    assert "1 failed:" in result.stdout and f"{path}: cannot read image" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["good_mask.png", "good_overlay.png"]
 
 
-def test_predict_refuses_two_images_writing_one_mask(tmp_path):
-    (tmp_path / "a").mkdir()
-    Image.open(DEMO_IMAGE).save(tmp_path / "x.png")
-    Image.open(DEMO_IMAGE).save(tmp_path / "a" / "x.png")
-    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(tmp_path / "x.png"), str(tmp_path / "a" / "x.png"),
-                                 "--out", str(tmp_path / "p"), "--device", "cpu"])  # fmt: skip
-    one_line_error(result, "would both write x_mask.png")
+def test_predict_on_a_missing_input_writes_nothing(tmp_path):
+    good = tmp_path / "good.png"
+    Image.open(DEMO_IMAGE).save(good)
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(good), str(tmp_path / "gone.png"), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu"])  # fmt: skip
+    one_line_error(result, "input not found")
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_writes_all_masks_and_no_temporary_files(tmp_path):
@@ -187,11 +193,13 @@ def test_predict_writes_all_masks_and_no_temporary_files(tmp_path):
 
 
 def test_write_error_is_a_one_line_user_error(tmp_path, monkeypatch):
-    def full_disk(self, fp, *args, **kwargs):
-        open(fp, "wb").write(b"\x89PNG partial")
-        raise OSError(28, "No space left on device")
+    real = Path.write_bytes
 
-    monkeypatch.setattr(Image.Image, "save", full_disk)
+    def full_disk(self, data):
+        real(self, data[:10])  # a partial temp file, then the disk is full
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     with pytest.raises(UserError, match="No space left on device") as err:
         predict(DEMO_WEIGHTS, [DEMO_IMAGE], tmp_path / "out")
     assert "synth_0000_mask.png" in str(err.value) and not (tmp_path / "out").exists()

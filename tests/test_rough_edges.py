@@ -123,8 +123,11 @@ def test_a_static_onnx_model_pads_to_its_size_or_says_it_cannot(tmp_path):
         assert np.array_equal(predict_classes(static, small)[0], predict_classes(eager, small)[0])
     big = tmp_path / "big.png"
     Image.new("RGB", (200, 150), (90, 40, 200)).save(big)
-    refused = runner.invoke(app, ["predict", str(onnx_path), str(big), "--out", str(tmp_path / "n"), "--device", "cpu"])
-    assert refused.exit_code == 2 and "static at 128x128 and the image is 150x200" in refused.stderr
+    # streaming predict (issue 18): the image it cannot take is that image's failure, the rest run
+    refused = runner.invoke(app, ["predict", str(onnx_path), str(small), str(big), "--out", str(tmp_path / "n"),
+                                  "--batch-size", "4", "--device", "cpu"])  # fmt: skip
+    assert refused.exit_code == 1 and "wrote 1 mask " in refused.stdout and "batch 1," in refused.stdout
+    assert "big.png: the model is static at 128x128 and the image is 150x200" in refused.stdout
     make_synth(tmp_path / "data", n=2, size=(96, 96), classes=3, seed=0)
     evaluated = runner.invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(tmp_path / "data"), "-w", str(out),
                                     "--device", "cpu"])  # fmt: skip

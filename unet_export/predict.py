@@ -4,7 +4,6 @@ the preprocessing the model was trained with and milesial's mask_values restored
 Large images are run in overlapping tiles (the fully convolutional U-Nets only), so memory is
 bounded by the tile, not the image: see TILE and TILE_HALO."""
 
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,16 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import (Preprocess, check_channels, image_channels, image_to_tensor, load_image,
-                                      open_image)  # fmt: skip
+from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
 from unet_export.errors import UserError, require
-from unet_export.fileio import atomic_path
 from unet_export.export.onnx import decode_metadata
 from unet_export.manifest import checked_path, load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
-from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchScriptRunner
+from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, OpenVinoRunner, Runner, TorchScriptRunner
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])
 
@@ -51,6 +48,11 @@ class Predictor:
     n_channels: int = 3
     halo: int | None = None  # tile with this overlap; None: run whole images
     fixed: tuple[int, int] | None = None  # a static artefact's one input size (H, W)
+    fixed_batch: int | None = None  # ... and its one batch size
+    label: str = "eager"  # the runtime, as `predict --runtime` and the report name it
+
+    def max_batch(self, requested: int) -> int:
+        return self.fixed_batch or requested
 
 
 def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | None = None,
@@ -111,40 +113,67 @@ def run_tiled(runner: Runner, x: torch.Tensor, tile: int, halo: int) -> torch.Te
 
 
 def load_predictor(model_path: str | Path, device, model: str | None = None) -> Predictor:
-    """A runner for MODEL by its suffix, and the model record its metadata carries."""
+    """A runner for MODEL by its suffix, and the model record its metadata carries. An artefact
+    its folder's manifest records runs as that entry (checked against its sha256, must have passed)."""
     path = Path(model_path)
     if not path.is_file():
         raise UserError(f"model not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in (".pth", ".pt"):
-        _check_recorded(path)
     if suffix in (".pth", ".pt"):
         ckpt = load_checkpoint(path, model)
-        record, runner = ckpt.record(), EagerRunner(build_model(ckpt), device)
-    elif suffix in ARTEFACT_READERS:
-        record = _artefact_record(path, suffix)
-        runner = ARTEFACT_READERS[suffix][1](path, device)
-    elif suffix == ".engine":
-        entry, record = _engine_entry(path)
-        runner = TensorRTRunner(path, device, entry["precision"], record=entry)
-    else:
-        raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth) or an artefact (.onnx, .ts, .pt2, .engine)")
+        return make_predictor(ckpt.record(), EagerRunner(build_model(ckpt), device), "eager")
+    if suffix not in (*ARTEFACT_READERS, ".engine"):
+        raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth), an artefact (.onnx, .ts, .pt2, .xml, "
+                        ".engine) or a workdir with a manifest.json")  # fmt: skip
+    recorded = _recorded_entry(path)
+    if recorded is not None:
+        manifest, entry = recorded
+        return entry_predictor(manifest, entry, path.parent, device)
+    if suffix == ".engine":
+        raise UserError(f"{path.name} is not in {path.parent}/manifest.json: engines are run with their manifest record")
+    record = _artefact_record(path, suffix)
+    fixed = _static_shape(path) if suffix == ".onnx" else None
+    return make_predictor(record, ARTEFACT_READERS[suffix][1](path, device), runtime_label(_FORMATS[suffix], "fp32"),
+                          fixed)  # fmt: skip
+
+
+def make_predictor(record: dict, runner: Runner, label: str, fixed: tuple[int, ...] | None = None) -> Predictor:
+    """A predictor from a model record (checkpoint, artefact metadata or manifest) and a runner;
+    ``fixed``: a static artefact's (N, C, H, W)."""
     config = record.get("config", {})
-    n_classes = config.get("n_classes", 2)
-    mask_values = class_mask_values(record.get("mask_values"), n_classes)
     architecture = record.get("architecture", "milesial")
-    rule = get_spec(architecture).sizes(config)
-    return Predictor(runner, mask_values, Preprocess.from_dict(record.get("preprocess")), rule,
+    return Predictor(runner, class_mask_values(record.get("mask_values"), config.get("n_classes", 2)),
+                     Preprocess.from_dict(record.get("preprocess")), get_spec(architecture).sizes(config),
                      int(config.get("n_channels", 3)), TILE_HALO.get(architecture),
-                     _static_size(path) if suffix == ".onnx" else None)  # fmt: skip
+                     tuple(fixed[2:]) if fixed else None, fixed[0] if fixed else None, label)  # fmt: skip
 
 
-def _static_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) of an ONNX model exported with --static (every input dim a number), else None."""
+def entry_predictor(manifest: dict, entry: dict, workdir: Path, device) -> Predictor:
+    """The predictor for one verified manifest entry, with the runner that verified it."""
+    from unet_export.runners import artifact_runner
+
+    if entry["status"] != "verified":
+        raise UserError(f"{workdir / entry['path']} failed its parity check ({workdir}/manifest.json); fix and re-export it")
+    fixed = entry["inputs"][0]["shape"] if entry.get("size_rule", {}).get("static") else None
+    return make_predictor(manifest["model"], artifact_runner(entry, workdir, device),
+                          runtime_label(entry["format"], entry["precision"]), fixed)  # fmt: skip
+
+
+# artefact format -> the runtime that runs it, as `--runtime` names it (with -PRECISION unless fp32)
+RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino", "torchscript": "torchscript", "aoti": "aoti",
+              "tensorrt": "tensorrt"}  # fmt: skip
+
+
+def runtime_label(fmt: str, precision: str) -> str:
+    return RUNTIME_OF.get(fmt, fmt) + ("" if precision == "fp32" else f"-{precision}")
+
+
+def _static_shape(path: Path) -> tuple[int, ...] | None:
+    """(N, C, H, W) of an ONNX model exported with --static (every input dim a number), else None."""
     onnx = require("onnx")
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
     if len(dims) == 4 and all(d.HasField("dim_value") for d in dims):
-        return dims[2].dim_value, dims[3].dim_value
+        return tuple(d.dim_value for d in dims)
     return None
 
 
@@ -166,9 +195,16 @@ def _read_aoti(path):
     return read_metadata(path)
 
 
-# suffix -> (metadata reader, runner): what predict can run besides checkpoints and engines.
+def _read_openvino(path):
+    from unet_export.export.openvino import read_metadata
+
+    return read_metadata(path)
+
+
+# suffix -> (metadata reader, runner): what predict runs without a manifest record.
 ARTEFACT_READERS = {".onnx": (_read_onnx, OnnxRuntimeRunner), ".ts": (_read_torchscript, TorchScriptRunner),
-                    ".pt2": (_read_aoti, AotiRunner)}  # fmt: skip
+                    ".pt2": (_read_aoti, AotiRunner), ".xml": (_read_openvino, lambda path, device: OpenVinoRunner(path, "cpu"))}  # fmt: skip
+_FORMATS = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "aoti", ".xml": "openvino"}
 
 
 def _artefact_record(path: Path, suffix: str) -> dict:
@@ -184,40 +220,17 @@ def _artefact_record(path: Path, suffix: str) -> dict:
     return record
 
 
-def _check_recorded(path: Path) -> None:
-    """An artefact that its folder's manifest records must be the file that was verified, and
-    must have passed; one copied without a manifest runs on its own metadata."""
+def _recorded_entry(path: Path) -> tuple[dict, dict] | None:
+    """(manifest, entry) when the artefact's folder has a manifest that records it; one copied
+    without a manifest runs on its own metadata."""
     if not (path.parent / "manifest.json").is_file():
-        return
-    for entry in load_manifest(path.parent)["artifacts"]:
-        if entry["path"] == path.name:
-            checked_path(path.parent, entry)
-            if entry["status"] != "verified":
-                raise UserError(f"{path} failed its parity check ({path.parent}/manifest.json); fix and re-export it")
-
-
-def _engine_entry(path: Path) -> tuple[dict, dict]:
+        return None
     manifest = load_manifest(path.parent)
     for entry in manifest["artifacts"]:
-        if entry["format"] == "tensorrt" and entry["path"] == path.name:
-            return entry, manifest["model"]
-    raise UserError(f"{path.name} is not in {path.parent}/manifest.json: engines are run with their manifest record")
-
-
-def check_inputs(images: list[Path], n_channels: int, max_pixels: int | None = None) -> None:
-    """Everything about the inputs that can be known without running the model, for all of them
-    before any output is written: each exists, its header decodes, it is under the pixel limit,
-    the model can take its channels, and no two write the same mask."""
-    seen: dict[str, Path] = {}
-    for path in images:
-        img = open_image(path, max_pixels)
-        try:
-            check_channels(image_channels(img, path), n_channels, path, img.mode)
-        finally:
-            img.close()
-        if path.stem in seen:
-            raise UserError(f"{seen[path.stem]} and {path} would both write {path.stem}_mask.png: rename one")
-        seen[path.stem] = path
+        if entry["path"] == path.name:
+            checked_path(path.parent, entry)
+            return manifest, entry
+    return None
 
 
 def predict_classes(predictor: Predictor, image_path: Path, max_pixels: int | None = None):
@@ -226,20 +239,18 @@ def predict_classes(predictor: Predictor, image_path: Path, max_pixels: int | No
     x = image_to_tensor(img, predictor.preprocess, predictor.n_channels)[None]
     logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed).float().cpu()
     del x
-    width, height = img.size
-    if predictor.preprocess.square:  # undo pad-to-square: back to the square canvas, then crop
+    return to_classes(logits, img.size, predictor.preprocess), img
+
+
+def to_classes(logits: torch.Tensor, size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
+    """(1, classes, h, w) logits at the model's scale -> HxW class indices at the image's (width, height)."""
+    width, height = size
+    if preprocess.square:  # undo pad-to-square: back to the square canvas, then crop
         side = max(width, height)
         logits = F.interpolate(logits, (side, side), mode="bilinear")[..., :height, :width]
     elif logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits, (height, width), mode="bilinear")
-    classes = logits_to_mask(logits)[0].numpy()
-    return classes, img
-
-
-def predict_image(predictor: Predictor, image_path: Path, max_pixels: int | None = None):
-    """(mask as milesial's predict.py writes it, the original image)."""
-    classes, img = predict_classes(predictor, image_path, max_pixels)
-    return mask_to_image_array(classes, predictor.mask_values), img
+    return logits_to_mask(logits)[0].numpy()
 
 
 def mask_to_image_array(classes: np.ndarray, mask_values: list) -> np.ndarray:
@@ -256,49 +267,13 @@ def overlay(img: Image.Image, classes: np.ndarray, alpha: float = 0.5) -> Image.
 
 
 def predict(model_path, images: list[Path], out_dir: Path, overlay_images: bool = False, device="cpu",
-            model: str | None = None, max_pixels: int | None = None) -> list[Path]:  # fmt: skip
-    """Write <stem>_mask.png (and <stem>_overlay.png) per image into ``out_dir``: all of them or,
-    on any error, none (every input is checked first; outputs are renamed into place at the end)."""
-    out_dir, images = Path(out_dir), [Path(p) for p in images]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a folder")
-    predictor = load_predictor(model_path, torch.device(device), model)
-    check_inputs(images, predictor.n_channels, max_pixels)
-    created = not out_dir.exists()
-    try:
-        return _write_all(predictor, images, out_dir, overlay_images, max_pixels)
-    except BaseException:
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # nothing was written: leave nothing behind, not even the folder
-        raise
+            model: str | None = None, max_pixels: int | None = None, **options) -> list[Path]:  # fmt: skip
+    """The masks written for ``images`` (files or folders, see unet_export.pipeline), in input
+    order; an image that could not be read raises after every other mask is written."""
+    from unet_export.pipeline import PredictOptions, run_predict
 
-
-def _write_all(predictor: Predictor, images: list[Path], out_dir: Path, overlay_images: bool, max_pixels) -> list[Path]:
-    written = []
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with predictor.runner, ExitStack() as stack:  # every temporary file is renamed only if all succeed
-            for image_path in images:
-                classes, img = predict_classes(predictor, image_path, max_pixels)
-                dest = out_dir / f"{image_path.stem}_mask.png"
-                with _writing(dest):
-                    Image.fromarray(mask_to_image_array(classes, predictor.mask_values)).save(
-                        stack.enter_context(atomic_path(dest)), format="PNG")
-                written.append(dest)
-                if overlay_images:
-                    dest = out_dir / f"{image_path.stem}_overlay.png"
-                    with _writing(dest):
-                        overlay(img, classes).save(stack.enter_context(atomic_path(dest)), format="PNG")
-                del classes, img
-    except OSError as exc:  # creating the folder, or renaming the finished files into place
-        raise UserError(f"cannot write the masks to {out_dir}: {exc.strerror or exc}") from None
-    return written
-
-
-@contextmanager
-def _writing(dest: Path):
-    """OSError while writing ``dest`` (a full disk, permissions) -> a one-line UserError naming it."""
-    try:
-        yield
-    except OSError as exc:
-        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    report = run_predict(model_path, images, out_dir, PredictOptions(overlay=overlay_images, max_pixels=max_pixels, **options),
+                         device=device, architecture=model)  # fmt: skip
+    if report.failed:
+        raise UserError("; ".join(o.reason for o in report.failed))
+    return [o.mask for o in sorted(report.written, key=report.order)]

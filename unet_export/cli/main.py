@@ -11,6 +11,7 @@ from unet_export.api import build_trt, export_artifact, export_fp16_onnx, resolv
 from unet_export.bench import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
+from unet_export.cli.predict import register as register_predict
 from unet_export.cli.serve import register as register_serving
 from unet_export.cli.deploy import register as register_deploy, shower
 from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, fail,
@@ -251,6 +252,7 @@ def demo_cmd(workdir: Workdir = Path("exports/demo"), device: DeviceOpt = "auto"
 
 app.add_typer(data_app, name="data")
 register_training(app)
+register_predict(app)
 register_serving(app)
 register_deploy(app)
 

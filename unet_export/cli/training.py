@@ -1,4 +1,4 @@
-"""`unet-export train|evaluate|predict`: thin commands over unet_export.train, .evaluate, .predict."""
+"""`unet-export train|evaluate`: thin commands over unet_export.train and .evaluate."""
 
 import inspect
 from pathlib import Path
@@ -15,7 +15,6 @@ from unet_export.evaluate import evaluate, gate
 from unet_export.errors import UserError
 from unet_export.fileio import write_json
 from unet_export.models import get_spec
-from unet_export.predict import predict
 from unet_export.train import TrainConfig, train
 
 def model_options(model: str, **options) -> dict:
@@ -131,25 +130,6 @@ def evaluate_cmd(
     raise typer.Exit(1 if failures else 0)
 
 
-@cli_errors
-def predict_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint (.pth) or artefact (.onnx, .ts, .engine).")],
-    images: Annotated[list[Path], typer.Argument(help="Images to segment.")],
-    out: Annotated[Path, typer.Option(help="Folder for <stem>_mask.png (and _overlay.png).")] = Path("predictions"),
-    overlay: Annotated[bool, typer.Option("--overlay", help="Also write the mask blended over the image.")] = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    architecture: ModelOpt = None,
-    device: RunDeviceOpt = "auto",
-) -> None:
-    """Masks with milesial's mask_values restored, preprocessed as the model was trained. Every
-    image is checked before any mask is written; on an error none is."""
-    written = predict(model, images, out, overlay, device=resolve_device(device.value), model=architecture,
-                      max_pixels=max_pixels)  # fmt: skip
-    noun = "mask" if len(written) == 1 else "masks"
-    console.print(f"wrote {len(written)} {noun} to {out}" + (" (with overlays)" if overlay else ""))
-
-
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("evaluate")(evaluate_cmd)
-    app.command("predict")(predict_cmd)

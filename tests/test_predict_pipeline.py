@@ -1,0 +1,282 @@
+"""Streaming predict (issue 18): inputs and output paths, batching, the stages' results against
+the one-image-at-a-time path, failures that skip one image, --resume, interruption, reports and
+the runtime choice."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from unet_export.cli.main import app
+from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.errors import UserError
+from unet_export.pipeline import PredictOptions, prepare, run, run_predict
+from unet_export.pipeline.inputs import collect_jobs
+from unet_export.pipeline.local import Batcher, prefetch
+from unet_export.pipeline.stages import Loaded
+from unet_export.predict import load_predictor, mask_to_image_array, predict_classes
+
+runner = CliRunner()
+VAL_IMAGES = sorted((DEMO_VAL / "imgs").iterdir())
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The demo model's verified ONNX model and OpenVINO IR."""
+    out = tmp_path_factory.mktemp("pipe") / "exports"
+    result = cli("openvino", DEMO_WEIGHTS, "-w", out, "--height", 128, "--width", 128, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """Images in nested folders, two of them named alike, and one of another size."""
+    root = tmp_path / "in"
+    for i, rel in enumerate(["a/x.png", "b/x.png", "b/deep/y.png", "z.png"]):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(VAL_IMAGES[i], root / rel)
+    Image.open(VAL_IMAGES[4]).resize((96, 80)).save(root / "b" / "small.png")
+    return root
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def test_folders_are_searched_recursively_and_mirrored_under_out(tree, tmp_path):
+    jobs = collect_jobs([tree])
+    assert [j.rel for j in jobs] == ["a/x", "b/deep/y", "b/small", "b/x", "z"]
+    assert jobs[0].mask(tmp_path / "o") == tmp_path / "o" / "a" / "x_mask.png"
+
+
+def test_two_images_of_one_name_in_two_folders_write_two_masks(tree, tmp_path):
+    """The issue's defect: a/x.png and b/x.png overwrote each other's mask ('wrote 2 masks', one file)."""
+    out = tmp_path / "o"
+    result = cli("predict", DEMO_WEIGHTS, tree / "a" / "x.png", tree / "b" / "x.png", "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 masks" in result.stdout
+    masks = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert masks == ["a/x_mask.png", "b/x_mask.png"]
+
+
+def test_a_list_file_names_the_inputs(tree, tmp_path, monkeypatch):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two images\n{tree / 'z.png'}\n\nin/a/x.png\n")
+    monkeypatch.chdir(tmp_path)  # relative paths in a list are from the current folder
+    jobs = collect_jobs([listing])
+    assert [j.src for j in jobs] == [tree / "z.png", Path("in/a/x.png")] and [j.rel for j in jobs] == ["z", "a/x"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "input not found"), ("empty", "no images in"), ("clash", "would both write x_mask.png"),
+])  # fmt: skip
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, case, message):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if case == "clash":
+        shutil.copy(VAL_IMAGES[0], folder / "x.png")
+        Image.open(VAL_IMAGES[1]).save(folder / "x.jpg")
+    inputs = [tmp_path / "nope.png"] if case == "missing" else [folder]
+    result = cli("predict", DEMO_WEIGHTS, *inputs, "--out", tmp_path / "o", "--device", "cpu")
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["checkpoint", "onnx"])
+def test_batched_streaming_masks_equal_one_image_at_a_time(model, workdir, tree, tmp_path):
+    """Batches of 3 with 2 threads per stage, images of two sizes: each mask is the one the
+    single-image path gives."""
+    path = DEMO_WEIGHTS if model == "checkpoint" else workdir / "demo_unet.onnx"
+    report = run_predict(path, [tree], tmp_path / "o", PredictOptions(batch_size=3, workers=2, overlay=True), device="cpu")
+    assert len(report.written) == 5 and not report.failed
+    single = load_predictor(path, torch.device("cpu"))
+    with single.runner:
+        for outcome in report.written:
+            classes, _ = predict_classes(single, outcome.job.src)
+            assert np.array_equal(np.asarray(Image.open(outcome.mask)), mask_to_image_array(classes, single.mask_values))
+            assert outcome.sha256 == sha(outcome.mask)
+            assert outcome.job.overlay(tmp_path / "o").is_file()
+    assert not [p for p in (tmp_path / "o").rglob(".*")]  # no temp file left
+
+
+def test_an_unreadable_image_is_reported_and_skipped(tree, tmp_path):
+    (tree / "b" / "broken.png").write_bytes(VAL_IMAGES[0].read_bytes()[:300])  # a header, no pixels
+    (tree / "text.png").write_text("not an image")
+    report_path = tmp_path / "r" / "report.json"
+    result = cli("predict", DEMO_WEIGHTS, tree, "--out", tmp_path / "o", "--report", report_path, "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert "wrote 5 masks" in result.stdout and "2 failed:" in result.stdout
+    assert "broken.png: cannot read image" in result.stdout and "text.png: cannot read image" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert (report["inputs"], report["written"], report["failed"], report["skipped"]) == (7, 5, 2, 0)
+    assert sorted(Path(f["input"]).name for f in report["failures"]) == ["broken.png", "text.png"]
+    for entry in report["masks"]:
+        assert sha(tmp_path / "o" / entry["mask"]) == entry["sha256"]
+
+
+def test_resume_skips_complete_masks_and_redoes_damaged_ones(tree, tmp_path):
+    out = tmp_path / "o"
+    first = run_predict(DEMO_WEIGHTS, [tree], out, PredictOptions(batch_size=2), device="cpu")
+    before = {o.mask: sha(o.mask) for o in first.written}
+    (out / "z_mask.png").unlink()
+    damaged = out / "b" / "x_mask.png"
+    damaged.write_bytes(damaged.read_bytes()[:-20])  # cut short by something other than us
+    again = run_predict(DEMO_WEIGHTS, [tree], out, PredictOptions(batch_size=2, resume=True), device="cpu")
+    assert sorted(o.job.rel for o in again.written) == ["b/x", "z"]
+    assert len(again.skipped) == 3
+    assert {o.mask: sha(o.mask) for o in first.written} == before
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_whole_files(tree, tmp_path, monkeypatch):
+    import unet_export.pipeline.stages as stages
+
+    real, calls = stages.save_atomic, []
+
+    def fill_up(dest, data):
+        calls.append(dest)
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device", str(dest))
+        real(dest, data)
+
+    monkeypatch.setattr(stages, "save_atomic", fill_up)
+    result = cli("predict", DEMO_WEIGHTS, tree, "--out", tmp_path / "o", "--batch-size", 1, "--workers", 1, "--device", "cpu")
+    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    written = sorted((tmp_path / "o").rglob("*.png"))
+    assert len(written) == 2 and all(Image.open(p).verify() is None for p in written)
+
+
+# --- stages -------------------------------------------------------------------------------------------
+
+
+def test_the_batcher_groups_by_size_and_bounds_what_waits():
+    def item(h, w):
+        return Loaded(None, np.zeros((3, h, w), np.float32), (w, h))
+
+    batcher = Batcher(size=2, limit=3, alone=200)
+    assert batcher.add(item(64, 64)) == [] and batcher.add(item(32, 32)) == []
+    (full,) = batcher.add(item(64, 64))
+    assert [i.x.shape for i in full] == [(3, 64, 64)] * 2
+    assert batcher.add(item(16, 16)) == [] and batcher.add(item(48, 48)) == []
+    (forced,) = batcher.add(item(80, 80))  # four waiting in part-filled groups, over the limit of 3
+    assert len(forced) == 1
+    assert [len(b) for b in batcher.add(item(300, 64))] == [1]  # tiled: alone
+    assert sum(len(b) for b in batcher.flush()) == 3 and batcher.flush() == []
+
+
+def test_prefetch_keeps_order_and_at_most_depth_in_flight():
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, done = [], []
+
+    def work(i):
+        started.append(i)
+        time.sleep(0.001 * (i % 3))
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        for i in prefetch(pool, work, range(50), depth=5):
+            done.append(i)
+            assert len(started) <= len(done) + 5
+    assert done == list(range(50))
+
+
+# --- the runtime ----------------------------------------------------------------------------------
+
+
+def test_runtime_auto_times_the_verified_artefacts_and_says_which(workdir, tree, tmp_path):
+    result = cli("predict", workdir, tree, "--out", tmp_path / "o", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("runtime auto: ") and "ms/image at batch 1" in first
+    assert "onnxruntime" in first and "openvino" in first
+    chosen = first.split()[2]
+    assert f", {chosen}, batch 8, local)" in result.stdout
+
+
+def test_a_named_runtime_runs_that_artefact(workdir, tree, tmp_path):
+    ov = cli("predict", workdir, tree, "--out", tmp_path / "ov", "--runtime", "openvino", "--report", tmp_path / "r.json")
+    assert ov.exit_code == 0, ov.output
+    assert json.loads((tmp_path / "r.json").read_text())["runtime"] == "openvino"
+    missing = cli("predict", workdir, tree, "--out", tmp_path / "x", "--runtime", "tensorrt-fp16")
+    assert missing.exit_code == 2 and "--runtime tensorrt-fp16: no verified artefact" in missing.stderr
+    assert "onnxruntime, openvino" in missing.stderr
+    one_file = cli("predict", workdir / "demo_unet.onnx", tree, "--out", tmp_path / "y", "--runtime", "openvino")
+    assert one_file.exit_code == 2 and "demo_unet.onnx runs with onnxruntime" in one_file.stderr
+
+
+def test_a_failed_artefact_is_never_chosen(workdir, tree, tmp_path):
+    from unet_export.manifest import transaction
+
+    copy = tmp_path / "exports"
+    shutil.copytree(workdir, copy)
+    with transaction(copy) as manifest:
+        for entry in manifest["artifacts"]:
+            if entry["format"] == "onnx":
+                entry["status"] = "failed"
+    result = cli("predict", copy, tree, "--out", tmp_path / "o", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "runtime auto: openvino, the only verified artefact for cpu" in result.stdout
+    refused = cli("predict", copy / "demo_unet.onnx", tree, "--out", tmp_path / "p")
+    assert refused.exit_code == 2 and "failed its parity check" in refused.stderr
+
+
+# --- interruption -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
+    """Ctrl-C stops cleanly (exit 130, the report written); a kill -9 leaves at most hidden temp
+    files; either way every *_mask.png is whole and --resume writes exactly the rest."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(80):
+        shutil.copy(VAL_IMAGES[i % len(VAL_IMAGES)], folder / f"im{i:03d}.png")
+    out, report = tmp_path / "o", tmp_path / "report.json"
+    command = [sys.executable, "-m", "unet_export", "predict", str(DEMO_WEIGHTS), str(folder), "--out", str(out),
+               "--batch-size", "2", "--workers", "1", "--device", "cpu", "--report", str(report)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("*_mask.png"))) < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    masks = sorted(out.glob("*_mask.png"))
+    assert 4 <= len(masks) < 80
+    for mask in masks:
+        with Image.open(mask) as img:
+            img.verify()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in err
+        data = json.loads(report.read_text())
+        assert data["interrupted"] and data["written"] == len(masks) and not list(out.glob(".*"))
+    resumed = run_predict(DEMO_WEIGHTS, [folder], out, PredictOptions(resume=True), device="cpu")
+    assert len(resumed.skipped) == len(masks) and len(resumed.written) == 80 - len(masks)
+    assert not list(out.glob(".*"))  # a killed writer's temp files are swept
+    reference = run_predict(DEMO_WEIGHTS, [folder], tmp_path / "ref", PredictOptions(), device="cpu")
+    assert {o.job.rel: o.sha256 for o in reference.written} == {p.name[: -len("_mask.png")]: sha(p) for p in out.glob("*_mask.png")}

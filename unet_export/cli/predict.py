@@ -1,0 +1,94 @@
+"""`unet-export predict`: thin command over unet_export.pipeline (local threads, or Ray Data)."""
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from unet_export.api import resolve_device
+from unet_export.cli.common import ModelOpt, RunDeviceOpt, cli_errors, console
+from unet_export.data.dataset import DEFAULT_MAX_PIXELS
+from unet_export.fileio import write_json
+from unet_export.pipeline import PredictOptions, prepare, run
+from unet_export.pipeline.report import Report
+
+SHOWN_FAILURES = 20  # on the terminal; the report lists them all
+
+
+@cli_errors
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="Checkpoint (.pth), artefact (.onnx, .ts, .pt2, .xml, .engine) or a "
+                                          "workdir: then --runtime picks among its verified artefacts.")],  # fmt: skip
+    inputs: Annotated[list[Path], typer.Argument(help="Images, folders (searched recursively) or .txt files listing "
+                                                 "image paths, one per line.")],  # fmt: skip
+    out: Annotated[Path, typer.Option(help="Folder for the masks: <path under the inputs' common folder>_mask.png.")] = Path("predictions"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images of one preprocessed size per runtime call.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="Threads decoding images, and threads writing masks.")] = 2,
+    runtime: Annotated[str, typer.Option(help="With a workdir: auto (the fastest verified artefact, timed here) or "
+                                         "one of onnxruntime, openvino, openvino-int8, onnxruntime-int8, torchscript, "
+                                         "aoti, tensorrt-fp16, ...")] = "auto",  # fmt: skip
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write the mask blended over the image.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip inputs whose mask (and overlay) is already complete.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write a JSON report: counts, images/s, runtime, every mask's "
+                                                "sha256, every failure.")] = None,  # fmt: skip
+    ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data: the cluster at --ray-address or $RAY_ADDRESS, "
+                                      "else a local Ray instance (extra unet-export[ray]).")] = False,  # fmt: skip
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (host:port); implies --ray.")] = None,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels than this (checked from the "
+                                            "header, before decoding).")] = DEFAULT_MAX_PIXELS,  # fmt: skip
+    architecture: ModelOpt = None,
+    device: RunDeviceOpt = "auto",
+) -> None:
+    """Masks for many images, streamed: decoding and writing run in threads around the runtime,
+    same-size images are batched. An image that cannot be read is reported and skipped (exit 1 at
+    the end); every mask is written whole (temp + rename), so --resume can pick up a killed run."""
+    use_ray = ray or ray_address is not None
+    options = PredictOptions(batch_size, workers, overlay, resume, max_pixels)
+    prepared = prepare(model, inputs, out, options, device=resolve_device("cpu" if use_ray else device.value),
+                       runtime=runtime, architecture=architecture)  # fmt: skip
+    if prepared.note:
+        console.print(prepared.note)
+    try:
+        with _progress(len(prepared.jobs)) as bar:
+            task = bar.add_task("predict", total=len(prepared.jobs), rate="")
+            result = run(prepared, lambda outcome: _advance(bar, task, prepared.report), ray_address or os.environ.get("RAY_ADDRESS"), use_ray)
+    finally:
+        if report is not None:
+            write_json(report, prepared.report.to_dict())
+    _summary(result, report)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _progress(total: int) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)  # fmt: skip
+
+
+def _advance(bar: Progress, task, report: Report) -> None:
+    elapsed = time.perf_counter() - report.started
+    bar.update(task, advance=1, rate=f"{len(report.outcomes) / max(elapsed, 1e-9):.1f} img/s")
+
+
+def _summary(result: Report, report_path: Path | None) -> None:
+    noun = "mask" if len(result.written) == 1 else "masks"
+    line = (f"wrote {len(result.written)} {noun} to {result.out} in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s, "
+            f"{result.runtime}, batch {result.batch_size}, {result.engine})")  # fmt: skip
+    if result.skipped:
+        line += f"; {len(result.skipped)} already done (--resume)"
+    console.print(line)
+    if report_path is not None:
+        console.print(f"report: {report_path}")
+    if result.failed:
+        console.print(f"{len(result.failed)} failed:")
+        for outcome in result.failed[:SHOWN_FAILURES]:
+            console.print(f"  {outcome.job.src}: {outcome.reason}")
+        if len(result.failed) > SHOWN_FAILURES:
+            console.print(f"  ... and {len(result.failed) - SHOWN_FAILURES} more (all in the report)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict_cmd)

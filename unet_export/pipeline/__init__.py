@@ -1,0 +1,68 @@
+"""Batch prediction over many images: `unet-export predict MODEL INPUTS...`.
+
+prepare() resolves inputs and the runtime; run() streams them through the local pipeline
+(pipeline.local) or Ray Data (pipeline.ray_data), both built of the same stages (pipeline.stages),
+so they write the same masks; the Report says what happened to every input."""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from unet_export.errors import UserError
+from unet_export.fileio import sweep_stale_temps
+from unet_export.pipeline.choose import open_model
+from unet_export.pipeline.inputs import Job, collect_jobs
+from unet_export.pipeline.local import PredictOptions, run_local
+from unet_export.pipeline.report import Report
+
+
+@dataclass
+class Prepared:
+    predictor: object
+    jobs: list[Job]
+    out: Path
+    options: PredictOptions
+    report: Report
+    note: str  # how the runtime was chosen (runtime auto), or ''
+    model: str
+    created_out: bool
+
+
+def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, device="cpu", runtime: str = "auto",
+            architecture: str | None = None) -> Prepared:  # fmt: skip
+    """Everything that can be refused before a mask is written (exit 2): the options, the
+    output folder, the inputs and their output paths, the model and its runtime."""
+    if options.batch_size < 1 or options.workers < 1:
+        raise UserError("--batch-size and --workers must be at least 1")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    jobs = collect_jobs(inputs)
+    for folder, _, _ in os.walk(out):  # temp files of a killed run (its writer is dead)
+        sweep_stale_temps(Path(folder))
+    predictor, note = open_model(model, device, runtime, architecture)
+    report = Report(str(model), predictor.label, str(out), predictor.max_batch(options.batch_size), options.workers,
+                    inputs=len(jobs), positions={job.rel: i for i, job in enumerate(jobs)})  # fmt: skip
+    return Prepared(predictor, jobs, out, options, report, note, str(model), not out.exists())
+
+
+def run(prepared: Prepared, tick=lambda outcome: None, ray_address: str | None = None, use_ray: bool = False) -> Report:
+    """Run every job; the report is complete even when a fatal error or Ctrl-C ends the run."""
+    try:
+        if use_ray:
+            from unet_export.pipeline.ray_data import run_ray
+
+            return run_ray(prepared, ray_address, tick)
+        return run_local(prepared.predictor, prepared.jobs, prepared.out, prepared.options, prepared.report, tick)
+    finally:
+        prepared.report.finish()
+        if prepared.created_out and prepared.out.is_dir() and not any(files for _, _, files in os.walk(prepared.out)):
+            shutil.rmtree(prepared.out, ignore_errors=True)  # nothing written: leave nothing behind
+
+
+def run_predict(model, inputs, out, options: PredictOptions, **kwargs) -> Report:
+    return run(prepare(model, inputs, out, options, **kwargs))
+
+
+__all__ = ["PredictOptions", "Prepared", "Report", "prepare", "run", "run_predict"]

@@ -1,0 +1,139 @@
+"""Streaming predict on one machine: reader threads decode and preprocess, the calling thread
+batches images of one preprocessed size and runs the runtime, writer threads encode and write.
+Queues are bounded (``depth`` images in flight per stage), so memory does not grow with the
+number of inputs, and the runtime has the next batch ready when it finishes one.
+
+Threads, not processes: PIL decodes and encodes PNG, and the runtimes run, with the GIL released;
+measured on this 2-core machine the stages overlap (see benchmarks/predict.py)."""
+
+import itertools
+from collections import deque
+from contextlib import closing
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from unet_export.errors import UserError
+from unet_export.fileio import environment_error, os_error_message
+from unet_export.pipeline.inputs import Job
+from unet_export.pipeline.report import Report
+from unet_export.predict import TILE
+from unet_export.pipeline.stages import Loaded, Outcome, Stages, infer, load, write
+
+
+@dataclass
+class PredictOptions:
+    batch_size: int = 8
+    workers: int = 2
+    overlay: bool = False
+    resume: bool = False
+    max_pixels: int | None = None
+
+
+def stages_of(predictor, options: PredictOptions) -> Stages:
+    return Stages(predictor.preprocess, predictor.n_channels, tuple(map(_plain, predictor.mask_values)),
+                  options.max_pixels, options.overlay)  # fmt: skip
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, report: Report,
+              tick: Callable[[Outcome], None] = lambda outcome: None) -> Report:  # fmt: skip
+    """Every job's outcome into ``report``. An unreadable image is that image's failure; a write
+    error (full disk) or Ctrl-C ends the run with every finished mask whole and no temp file."""
+    stages, depth = stages_of(predictor, options), 2 * options.batch_size + options.workers
+    batcher = Batcher(predictor.max_batch(options.batch_size), limit=2 * options.batch_size, alone=TILE)
+    with ThreadPoolExecutor(options.workers, "load") as readers, ThreadPoolExecutor(options.workers, "write") as writers:
+        writes: deque[Future] = deque()
+
+        def finish(outcome: Outcome) -> None:
+            report.add(outcome)
+            tick(outcome)
+
+        def run(batch: list[Loaded]) -> None:
+            try:
+                classes = infer(predictor, batch)
+            except UserError as exc:  # this batch's size is one the model cannot take (a static model)
+                for item in batch:
+                    finish(Outcome(item.job, reason=str(exc)))
+                return
+            for item, mask in zip(batch, classes):
+                writes.append(writers.submit(write, item, mask, stages, Path(out)))
+            while len(writes) > depth or (writes and writes[0].done()):
+                finish(_written(writes.popleft()))
+
+        try:
+            loading = prefetch(readers, partial(load, stages=stages, out=Path(out), resume=options.resume), jobs, depth)
+            with predictor.runner, closing(loading):
+                for item in loading:
+                    if isinstance(item, Outcome):
+                        finish(item)
+                        continue
+                    for batch in batcher.add(item):
+                        run(batch)
+                for batch in batcher.flush():
+                    run(batch)
+            while writes:
+                finish(_written(writes.popleft()))
+        except BaseException:  # Ctrl-C or a fatal write error: let started writes finish whole
+            report.interrupted = True
+            for future in writes:
+                if not future.cancel() and not future.exception():
+                    finish(future.result())
+            raise
+    return report
+
+
+def _written(future: Future) -> Outcome:
+    try:
+        return future.result()
+    except OSError as exc:  # a full disk or read-only --out: every later write would fail too
+        if environment_error(exc) is None:
+            raise
+        raise UserError(os_error_message(exc)) from None
+
+
+def prefetch(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
+    """fn(item) for every item, run in ``pool``, yielded in order, at most ``depth`` ahead."""
+    items, pending = iter(items), deque()
+    try:
+        pending.extend(pool.submit(fn, item) for item in itertools.islice(items, depth))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+class Batcher:
+    """Groups images by preprocessed shape into batches of ``size``. When more than ``limit``
+    images wait in part-filled groups (many sizes), the fullest group runs as it is, so memory
+    stays bounded; flush() runs what is left at the end. An image larger than ``alone`` on a side
+    runs by itself: it is tiled, and a batch of them would hold several in memory at once."""
+
+    def __init__(self, size: int, limit: int, alone: int | None = None):
+        self.size, self.limit, self.alone = size, max(limit, size), alone
+        self.groups: dict[tuple, list[Loaded]] = {}
+
+    def add(self, item: Loaded) -> list[list[Loaded]]:
+        if self.alone and max(item.x.shape[-2:]) > self.alone:
+            return [[item]]
+        group = self.groups.setdefault(item.x.shape, [])
+        group.append(item)
+        ready = []
+        if len(group) >= self.size:
+            ready.append(self.groups.pop(item.x.shape))
+        if sum(map(len, self.groups.values())) > self.limit:
+            fullest = max(self.groups, key=lambda shape: len(self.groups[shape]))
+            ready.append(self.groups.pop(fullest))
+        return ready
+
+    def flush(self) -> list[list[Loaded]]:
+        ready, self.groups = list(self.groups.values()), {}
+        return ready

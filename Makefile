@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: venv demo test test-all mutation lock clean
+.PHONY: venv demo test test-ray test-all mutation lock clean
 
 venv:
 	@PYTHON=$(PYTHON) bash scripts/venv.sh
@@ -14,6 +14,11 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest -q -p no:logging --durations=25
+
+# The Ray tests start a two-node cluster on 127.0.0.1 (about 90 s): kept out of `make test`'s
+# 20 minutes, run by .ci/run after it.
+test-ray: venv
+	$(VENV)/bin/python -m pytest -q -p no:logging -m ray
 
 test-all: venv
 	$(VENV)/bin/python -m pytest -q -p no:logging -m "not gpu and not tensorrt"

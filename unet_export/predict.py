@@ -250,7 +250,12 @@ def to_classes(logits: torch.Tensor, size: tuple[int, int], preprocess: Preproce
         logits = F.interpolate(logits, (side, side), mode="bilinear")[..., :height, :width]
     elif logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits, (height, width), mode="bilinear")
-    return logits_to_mask(logits)[0].numpy()
+    if logits.shape[1] == 1:
+        return logits_to_mask(logits)[0].numpy()
+    # numpy's argmax over the class axis: logits_to_mask's torch.argmax(dim=1) answers the same
+    # (the first maximum, NaN counted as the maximum) but took 167 ms for one 640x960 image
+    # here against 16 ms, more than the encode and decode stages together.
+    return logits[0].detach().cpu().numpy().argmax(axis=0)
 
 
 def mask_to_image_array(classes: np.ndarray, mask_values: list) -> np.ndarray:

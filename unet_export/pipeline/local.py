@@ -7,8 +7,10 @@ Threads, not processes: PIL decodes and encodes PNG, and the runtimes run, with 
 measured on this 2-core machine the stages overlap (see benchmarks/predict.py)."""
 
 import itertools
+import os
+import threading
 from collections import deque
-from contextlib import closing
+from contextlib import closing, suppress
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -46,8 +48,10 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
     """Every job's outcome into ``report``. An unreadable image is that image's failure; a write
     error (full disk) or Ctrl-C ends the run with every finished mask whole and no temp file."""
     stages, depth = stages_of(predictor, options), 2 * options.batch_size + options.workers
+    predictor.runner.shares_cpu = True
     batcher = Batcher(predictor.max_batch(options.batch_size), limit=2 * options.batch_size, alone=TILE)
-    with ThreadPoolExecutor(options.workers, "load") as readers, ThreadPoolExecutor(options.workers, "write") as writers:
+    with ThreadPoolExecutor(options.workers, "load", _background) as readers, \
+            ThreadPoolExecutor(options.workers, "write", _background) as writers:
         writes: deque[Future] = deque()
 
         def finish(outcome: Outcome) -> None:
@@ -86,6 +90,15 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
                     finish(future.result())
             raise
     return report
+
+
+def _background() -> None:
+    """Reader and writer threads run at the lowest priority (nice 19, per thread on Linux): the
+    runtime splits each call evenly over its threads, so one of them preempted by a decode stalls
+    the whole call; niced, the stages fill the runtime's idle moments instead (measured here).
+    Where per-thread priority is not available the threads run as they are."""
+    with suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _written(future: Future) -> Outcome:

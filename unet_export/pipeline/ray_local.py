@@ -15,9 +15,11 @@ is stopped by PID."""
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,11 +62,14 @@ def loopback_cluster(tmp: Path, nodes: int = 2, cpus: int = 2) -> Iterator[tuple
 
     env = ray_env(tmp / "home")
     before = {p.pid for p in psutil.process_iter()}
+    # Ray's session dir holds Unix sockets, whose paths must stay under ~107 characters: a short one
+    sessions = Path(tempfile.mkdtemp(prefix="unet-ray-"))
+    log = open(tmp / "keeper.log", "w")
     keeper = subprocess.Popen([sys.executable, "-m", "unet_export.pipeline.ray_local", "--nodes", str(nodes), "--cpus",
-                               str(cpus), "--temp-dir", str(tmp / "r")], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+                               str(cpus), "--temp-dir", str(sessions)], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
     try:
-        address = _address(keeper)
+        address = _address(keeper, tmp / "keeper.log")
         yield address, env
     finally:
         keeper.stdin.close()  # the keeper's cue to shut the cluster down
@@ -73,16 +78,19 @@ def loopback_cluster(tmp: Path, nodes: int = 2, cpus: int = 2) -> Iterator[tuple
         except subprocess.TimeoutExpired:
             keeper.kill()
         _stop([p for p in psutil.process_iter() if p.pid not in before and _ours(p, env)])
+        log.close()
+        shutil.rmtree(sessions, ignore_errors=True)
 
 
-def _address(keeper: subprocess.Popen) -> str:
+def _address(keeper: subprocess.Popen, log: Path) -> str:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         line = keeper.stdout.readline()
         if line.startswith("address "):
             return line.split()[1]
         if not line and keeper.poll() is not None:
-            raise RuntimeError(f"the Ray cluster keeper exited {keeper.returncode} before the cluster was up")
+            tail = " ".join(log.read_text().split()[-60:])
+            raise RuntimeError(f"the Ray cluster keeper exited {keeper.returncode} before the cluster was up: {tail}")
     raise RuntimeError(f"the Ray cluster was not up after {START_TIMEOUT} s")
 
 

@@ -15,6 +15,9 @@ class Runner:
         self.device = torch.device(device)
         self.precision = precision
         self.is_active = False
+        # Set before activate() when other threads need the CPU alongside (predict's decode and
+        # write stages): a runtime that would spin-wait between calls yields instead.
+        self.shares_cpu = False
 
     def activate(self) -> "Runner":
         if not self.is_active:

@@ -53,6 +53,8 @@ class OnnxRuntimeRunner(Runner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.threads or physical_cores()
+        if self.shares_cpu:  # idle intra-op threads spin by default, taking the cores decode needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def _providers(self, ort) -> list:

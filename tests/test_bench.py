@@ -247,6 +247,7 @@ def test_reduced_precision_runner_leaves_the_callers_model_alone():
     assert next(model.parameters()).is_contiguous()
 
 
+@pytest.mark.slow  # 33 s of Inductor compilation: make test-all
 def test_torch_compile_row(workdir):
     rows = by_backend(benchmark(workdir, backends=["torch.compile"], device="cpu", compile_mode="default", **FAST))
     row = rows["torch.compile"]

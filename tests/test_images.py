@@ -208,7 +208,7 @@ def test_write_error_is_a_one_line_user_error(tmp_path, monkeypatch):
 # --- tiling -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(400, 368), (333, 290)])
+@pytest.mark.parametrize("size", [pytest.param((400, 368), marks=pytest.mark.slow), (333, 290)])  # 19 s each
 def test_tiled_logits_equal_untiled(size):
     """Windows of 320 (core 64, halo 128) on images that need up to 7x6 of them: the halo covers
     the demo model's receptive field (107 px), so every pixel, edges included, matches."""

@@ -4,7 +4,6 @@ the runtime choice."""
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,8 +19,7 @@ from typer.testing import CliRunner
 
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.errors import UserError
-from unet_export.pipeline import PredictOptions, prepare, run, run_predict
+from unet_export.pipeline import PredictOptions, run_predict
 from unet_export.pipeline.inputs import collect_jobs
 from unet_export.pipeline.local import Batcher, prefetch
 from unet_export.pipeline.stages import Loaded

@@ -9,7 +9,6 @@ Loopback: a local instance and a cluster at 127.0.0.1 keep to it (pipeline.ray_l
 and why); otherwise Ray advertises the machine's other address."""
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -171,12 +170,3 @@ def _outcome(row: dict, out: Path) -> Outcome:
     if row["skipped"]:
         return Outcome(job, job.mask(out), skipped=True)
     return Outcome(job, reason=row["reason"] or "not written")
-
-
-def wait_for_nodes(ray, count: int, timeout: float = 60.0) -> None:
-    """Block until ``count`` nodes are alive (a worker node joins a few seconds after `ray start`)."""
-    deadline = time.monotonic() + timeout
-    while sum(n["Alive"] for n in ray.nodes()) < count:
-        if time.monotonic() > deadline:
-            raise UserError(f"fewer than {count} Ray nodes alive after {timeout:.0f} s")
-        time.sleep(0.5)

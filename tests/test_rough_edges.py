@@ -89,6 +89,19 @@ def test_help_texts_say_what_each_option_does_for_its_command():
     assert "polygon, rectangle, circle" in _help("data", "labelme")
 
 
+def test_help_shows_flags_without_a_type_and_arguments_as_click_does():
+    """Typer 0.29 printed `<bool>` beside every flag and `{weights}` in usage lines."""
+    from unet_export.cli.bench import app as bench_app
+
+    predict = _help("predict")
+    assert "predict [OPTIONS] MODEL INPUTS..." in predict
+    assert "onnx [OPTIONS] WEIGHTS" in _help("onnx")
+    assert "--overlay Also write the mask" in predict and "--batch-size <int range>" in predict
+    bench = runner.invoke(bench_app, ["--help"], terminal_width=200).stdout
+    for text in (predict, _help("onnx"), _help("train"), _help("data", "synth"), bench):
+        assert "<bool>" not in text and "{" not in text.split("Options")[0]
+
+
 def test_cpp_check_without_artefacts_names_the_formats_it_runs(tmp_path):
     result = runner.invoke(app, ["cpp-check", "-w", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "unet-export torchscript WEIGHTS" in result.stderr

@@ -21,6 +21,31 @@ DEBUG_ENV = "UNET_EXPORT_DEBUG"
 INTERNAL_ERROR = 3  # a bug, not the user's input: never mistaken for a parity failure (1)
 
 
+def _click_style_usage() -> None:
+    """Typer 0.29 prints `<bool>` beside every flag (a flag takes no value) and required
+    arguments as `{weights}` in usage lines; both puzzled users. Help here shows flags bare and
+    arguments as Click does (WEIGHTS, [OPTIONAL], INPUTS...). Private Typer methods: if a Typer
+    upgrade renames them, help falls back to Typer's own style (tests/test_cli.py notices)."""
+    from typer import core
+    option, argument = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
+    if not (hasattr(option, "display_type_rich") and hasattr(argument, "_usage_display_name")):
+        return
+    typed = option.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and not self.count else typed(self, ctx)
+
+    def usage_name(self) -> str:
+        name = self.metavar or self.name.upper()
+        name = name if self.required else f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    option.display_type_rich, argument._usage_display_name = display_type_rich, usage_name
+
+
+_click_style_usage()
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"

@@ -1,6 +1,7 @@
 """`predict --ray` on a two-node Ray cluster on this machine (issue 18): a head and a worker
-started with `ray start` on 127.0.0.1, token auth on, bounded in time, and everything they
-started stopped by PID afterwards. 200 images: the masks are byte-identical to the local
+node at 127.0.0.1 (ray.cluster_utils.Cluster in a keeper process: `ray start` leaves loopback,
+see pipeline/ray_local.py), token auth on, bounded in time, and everything they started
+stopped by PID afterwards. 200 images: the masks are byte-identical to the local
 pipeline's, none missing or duplicated, and both nodes did work."""
 
 import json

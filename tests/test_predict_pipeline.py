@@ -201,6 +201,19 @@ def test_prefetch_keeps_order_and_at_most_depth_in_flight():
     assert done == list(range(50))
 
 
+def test_the_reported_peak_rss_is_the_run_s_own_not_its_parent_s():
+    """benchmarks/predict.py, holding 7 GB after its unet-bench row, started predict, whose report
+    said 7.0 GB peak over 1,000 images (4.7 GB when started from a shell): ru_maxrss carries the
+    parent's RSS across fork and exec on Linux."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("VmHWM is Linux's")
+    ballast = np.ones(1536 * 2**20, dtype=np.uint8)  # 1.5 GB, every page touched
+    code = "from unet_export.pipeline.report import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ballast.sum() == ballast.size
+    assert float(child.stdout) < 1024, child.stdout
+
+
 def test_pixel_memory_does_not_grow_with_the_number_of_images(tmp_path):
     """The queues bound what a run holds: four times the images, the same peak of Python-side
     memory (numpy arrays are traced by tracemalloc). Holding every decoded image would add about

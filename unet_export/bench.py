@@ -27,6 +27,7 @@ from unet_export.bench_stats import (  # noqa: F401 (CV_WARNING, exit_code, late
     parity_record,
     record_timing,
     set_speedups,
+    vm_hwm_mb,
 )
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
@@ -95,18 +96,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        self.mb = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else _vm_hwm_mb()
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+        self.mb = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else vm_hwm_mb()
 
 
 def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference: torch.Tensor, cfg: BenchConfig, *,

@@ -93,3 +93,17 @@ def exit_code(rows: list[Row], gate: bool = True) -> int:
     if any(r.status == "error" for r in rows):
         return 1
     return 1 if gate and any(r.status == "parity_failed" for r in rows) else 0
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's resident-memory high-water mark (Linux VmHWM), None where /proc has none.
+    Unlike ru_maxrss it is this program's own: Linux carries ru_maxrss across fork and exec, so
+    a child started by a 7 GB process reports at least 7 GB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

@@ -7,11 +7,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unet_export.bench_stats import vm_hwm_mb
 from unet_export.pipeline.stages import Outcome
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory: VmHWM on Linux (ru_maxrss there starts from the
+    parent's RSS: benchmarks/predict.py's 7 GB showed as predict's peak), else ru_maxrss
+    (macOS reports bytes, the others KiB)."""
+    own = vm_hwm_mb()
+    if own is not None:
+        return round(own, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 

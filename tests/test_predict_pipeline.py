@@ -287,10 +287,11 @@ def test_a_failed_artefact_is_never_chosen(workdir, tree, tmp_path):
 def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
     """Ctrl-C stops cleanly (exit 130, the report written); a kill -9 leaves at most hidden temp
     files; either way every *_mask.png is whole and --resume writes exactly the rest."""
-    folder = tmp_path / "in"
+    folder, n = tmp_path / "in", 200  # many small images: the run must still be going when the signal comes
     folder.mkdir()
-    for i in range(80):
-        shutil.copy(VAL_IMAGES[i % len(VAL_IMAGES)], folder / f"im{i:03d}.png")
+    small = [Image.open(path).convert("RGB").resize((64, 64)) for path in VAL_IMAGES]
+    for i in range(n):
+        small[i % len(small)].save(folder / f"im{i:03d}.png")
     out, report = tmp_path / "o", tmp_path / "report.json"
     command = [sys.executable, "-m", "unet_export", "predict", str(DEMO_WEIGHTS), str(folder), "--out", str(out),
                "--batch-size", "2", "--workers", "1", "--device", "cpu", "--report", str(report)]  # fmt: skip
@@ -304,7 +305,7 @@ def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
     finally:
         proc.kill()
     masks = sorted(out.glob("*_mask.png"))
-    assert 4 <= len(masks) < 80
+    assert 4 <= len(masks) < n, len(masks)
     for mask in masks:
         with Image.open(mask) as img:
             img.verify()
@@ -313,7 +314,7 @@ def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
         data = json.loads(report.read_text())
         assert data["interrupted"] and data["written"] == len(masks) and not list(out.glob(".*"))
     resumed = run_predict(DEMO_WEIGHTS, [folder], out, PredictOptions(resume=True), device="cpu")
-    assert len(resumed.skipped) == len(masks) and len(resumed.written) == 80 - len(masks)
+    assert len(resumed.skipped) == len(masks) and len(resumed.written) == n - len(masks)
     assert not list(out.glob(".*"))  # a killed writer's temp files are swept
     reference = run_predict(DEMO_WEIGHTS, [folder], tmp_path / "ref", PredictOptions(), device="cpu")
     assert {o.job.rel: o.sha256 for o in reference.written} == {p.name[: -len("_mask.png")]: sha(p) for p in out.glob("*_mask.png")}

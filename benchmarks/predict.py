@@ -1,12 +1,13 @@
 """Measure the batch-prediction targets (issue: batch prediction at scale) in one run, on this machine.
 
-    python benchmarks/predict.py                 # 1,000 images at 960x640, batch 8, + Ray
+    python benchmarks/predict.py                 # 1,000 images at 960x640, batch 8, + Ray on them
     python benchmarks/predict.py --n 200 --no-ray
 
 Model: the shipped demo model's ONNX artefact (dynamic sizes), run by ONNX Runtime everywhere.
 1. unet-bench's timing harness on the onnxruntime row, at the images' size and --batch, on them.
 2. `unet-export predict` (streaming, its own process) over all N images: images/s from its report
-   (the run, not process start-up) and wall time, peak RSS.
+   (the run, not process start-up) and wall time, peak RSS, and RSS sampled each second
+   (at 25, 50, 75, 95% of the run: flat if memory is bounded).
 3. Before: predict as it was before streaming (decode, infer, torch.argmax, encode, one image at
    a time), on the first --baseline-n images.
 4. Ray: the same predict on a two-node loopback cluster (pipeline.ray_local, stopped afterwards)
@@ -16,6 +17,7 @@ Results: benchmarks/results/<date>-predict-<cpu>.json and .md.
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -52,6 +54,23 @@ def run(*args, env=None) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_sampled(*args, env=None) -> list[tuple[float, float]]:
+    """run(), with the process's resident memory (VmRSS) read each second: [(seconds, MB)], to
+    show whether memory grows over a long run (the report has only the peak)."""
+    samples, began = [], time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                samples.append((time.perf_counter() - began, int(status.split("VmRSS:")[1].split()[0]) / 1024))
+            time.sleep(1)
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"unet-export {' '.join(map(str, args[:2]))} exited {proc.returncode}: {err.read().strip()[-400:]}")
+    return samples
+
+
 def prepare(work: Path, n: int, height: int, width: int) -> tuple[Path, Path]:
     images, exports = work / f"synth_{n}_{height}x{width}", work / "exports"
     if not (images / "imgs").is_dir():
@@ -65,11 +84,12 @@ def predict_run(model: Path, images: Path, out: Path, batch: int, workers: int, 
     report = out.with_suffix(".json")
     extra = ["--ray-address", ray_address] if ray_address else []
     began = time.perf_counter()
-    run("predict", model, images, "--out", out, "--batch-size", batch, "--workers", workers, "--report", report,
-        "--device", "cpu", *extra, env=env)  # fmt: skip
+    rss = run_sampled("predict", model, images, "--out", out, "--batch-size", batch, "--workers", workers,
+                      "--report", report, "--device", "cpu", *extra, env=env)  # fmt: skip
     data = json.loads(report.read_text())
+    quarters = [rss[int((len(rss) - 1) * f)][1] for f in (0.25, 0.5, 0.75, 0.95)] if rss else []
     return {"images": data["written"], "img_per_s": data["images_per_s"], "run_s": data["seconds"],
-            "wall_s": time.perf_counter() - began, "peak_rss_mb": data["peak_rss_mb"],
+            "wall_s": time.perf_counter() - began, "peak_rss_mb": data["peak_rss_mb"], "rss_quarters_mb": quarters,
             "sha256": {m["mask"]: m["sha256"] for m in data["masks"]}} | ({"ray": data["ray"]} if "ray" in data else {})  # fmt: skip
 
 
@@ -114,7 +134,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=20.0)
     parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--ray-n", type=int, default=200, help="images for the Ray run (and a local run on the same)")
+    parser.add_argument("--ray-n", type=int, default=1000, help="images for the Ray run (and a local run on the same)")
     args = parser.parse_args()
     height, width = map(int, args.size.split("x"))
     work = HERE / "work" / "predict"
@@ -130,7 +150,8 @@ def main() -> None:
         tmp = Path(tmp)
         print(f"predict (streaming) over {args.n} images", flush=True)
         local = predict_run(model, images, tmp / "local", args.batch, args.workers)
-        print(f"  {local['img_per_s']:.2f} img/s, {local['wall_s']:.1f} s wall, peak RSS {local['peak_rss_mb']} MB", flush=True)
+        print(f"  {local['img_per_s']:.2f} img/s, {local['wall_s']:.1f} s wall, peak RSS {local['peak_rss_mb']} MB, "
+              f"RSS at 25/50/75/95% {local['rss_quarters_mb']}", flush=True)
         subset = sorted(images.iterdir())[: args.baseline_n]
         print(f"before: the sequential loop over {len(subset)} images", flush=True)
         result["before"] = before(model, subset, tmp / "before")
@@ -141,7 +162,9 @@ def main() -> None:
             few = tmp / "ray_inputs.txt"
             few.write_text("".join(f"{p}\n" for p in sorted(images.iterdir())[: args.ray_n]))
             print(f"Ray: two nodes on 127.0.0.1, {args.ray_n} images, against the local pipeline on them", flush=True)
-            local_few = predict_run(model, few, tmp / "local_few", args.batch, args.workers)
+            # Over all the images, the streaming run above is the local run on the same images.
+            local_few = local if args.ray_n >= args.n else predict_run(model, few, tmp / "local_few", args.batch,
+                                                                       args.workers)  # fmt: skip
             with loopback_cluster(tmp / "ray", nodes=2) as (address, env):
                 on_ray = predict_run(model, few, tmp / "ray", args.batch, args.workers, env, address)
             on_ray["identical_to_local"] = on_ray.pop("sha256") == local_few["sha256"]
@@ -174,7 +197,8 @@ def write(result: dict) -> None:
              "| run | img/s | note |", "| --- | ---: | --- |",
              f"| unet-bench onnxruntime | {result['bench']['onnxruntime']['img_per_s']:.2f} | the runtime alone, batch {c['batch']} |",
              f"| predict (streaming) | {result['predict']['img_per_s']:.2f} | {result['predict']['images']} images, "
-             f"peak RSS {result['predict']['peak_rss_mb']} MB |",
+             f"peak RSS {result['predict']['peak_rss_mb']} MB; RSS at 25, 50, 75, 95% of the run: "
+             f"{', '.join(f'{mb:.0f}' for mb in result['predict']['rss_quarters_mb'])} MB |",
              f"| before (sequential loop) | {result['before']['img_per_s']:.2f} | first {result['before']['images']} images |"]  # fmt: skip
     if "ray" in result:
         ray = result["ray"]

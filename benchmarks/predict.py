@@ -47,21 +47,15 @@ HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "unet_export"]
 
 
-def run(*args, env=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"unet-export {' '.join(map(str, args[:2]))} exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
-    return proc
-
-
-def run_sampled(*args, env=None) -> list[tuple[float, float]]:
-    """run(), with the process's resident memory (VmRSS) read each second: [(seconds, MB)], to
-    show whether memory grows over a long run (the report has only the peak)."""
+def run(*args, env=None) -> list[tuple[float, float]]:
+    """Run unet-export (exit with its error if it fails), reading the process's resident memory
+    (VmRSS) each second: [(seconds, MB)], to show whether memory grows over a long predict run
+    (its report has only the peak)."""
     samples, began = [], time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
         while proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, IndexError):  # gone, or a zombie without VmRSS
                 status = Path(f"/proc/{proc.pid}/status").read_text()
                 samples.append((time.perf_counter() - began, int(status.split("VmRSS:")[1].split()[0]) / 1024))
             time.sleep(1)
@@ -84,8 +78,8 @@ def predict_run(model: Path, images: Path, out: Path, batch: int, workers: int, 
     report = out.with_suffix(".json")
     extra = ["--ray-address", ray_address] if ray_address else []
     began = time.perf_counter()
-    rss = run_sampled("predict", model, images, "--out", out, "--batch-size", batch, "--workers", workers,
-                      "--report", report, "--device", "cpu", *extra, env=env)  # fmt: skip
+    rss = run("predict", model, images, "--out", out, "--batch-size", batch, "--workers", workers,
+              "--report", report, "--device", "cpu", *extra, env=env)  # fmt: skip
     data = json.loads(report.read_text())
     quarters = [rss[int((len(rss) - 1) * f)][1] for f in (0.25, 0.5, 0.75, 0.95)] if rss else []
     return {"images": data["written"], "img_per_s": data["images_per_s"], "run_s": data["seconds"],

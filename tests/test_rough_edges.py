@@ -97,7 +97,9 @@ def test_help_shows_flags_without_a_type_and_arguments_as_click_does():
     assert "predict [OPTIONS] MODEL INPUTS..." in predict
     assert "onnx [OPTIONS] WEIGHTS" in _help("onnx")
     assert "--overlay Also write the mask" in predict and "--batch-size <int range>" in predict
-    bench = runner.invoke(bench_app, ["--help"], terminal_width=200).stdout
+    bench = runner.invoke(bench_app, ["--help"], terminal_width=200)
+    assert bench.exit_code == 0 and "Usage:" in bench.stdout, bench.output
+    bench = bench.stdout
     for text in (predict, _help("onnx"), _help("train"), _help("data", "synth"), bench):
         assert "<bool>" not in text and "{" not in text.split("Options")[0]
 

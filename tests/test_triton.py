@@ -435,9 +435,11 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
 
 
 def test_serve_runs_until_ctrl_c(tritonserver, written):
+    """Started as `cmd &` in a script starts it (SIGINT ignored), Ctrl-C still stops it."""
     env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "unet_export", "serve", "--repo", str(written)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     try:
         out = _read_until(proc, "Ctrl-C stops it", timeout=180)
         assert "not loaded demo_unet_onnx" in out and "not loaded demo_unet_torchscript" in out

@@ -3,8 +3,10 @@ option types, defined once as Annotated aliases."""
 
 import functools
 import os
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -121,6 +123,37 @@ def run_app(app: typer.Typer) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, or Ctrl-C, arriving as KeyboardInterrupt so the command's cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals():
+    """Inside the block Ctrl-C and SIGTERM (kill PID, docker stop, a CI job cancelled) stop a long
+    run the way Ctrl-C does: started writes finish, the report is written, exit 128 + signal.
+    Installed explicitly: a launcher that starts us with SIGINT ignored (`cmd &` in a script)
+    leaves Python no Ctrl-C handler, and predict then ran to the end (tests/test_predict_pipeline.py)."""
+
+    def stop(signum, _frame):
+        raise Stopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stopped(exc: KeyboardInterrupt) -> None:
+    signum = getattr(exc, "signum", signal.SIGINT)
+    fail("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})", 128 + signum)
+
+
 def cli_errors(fn):
     """Turn expected errors into one line and their exit code; bugs into exit 3."""
 
@@ -133,8 +166,8 @@ def cli_errors(fn):
         except UnetExportError as exc:
             _traceback_if_debug()
             fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+        except KeyboardInterrupt as exc:
+            _stopped(exc)
         except Exception as exc:
             _traceback_if_debug()
             if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, not a dir

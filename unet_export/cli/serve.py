@@ -1,13 +1,12 @@
 """`unet-export triton|serve`: thin commands over unet_export.serving."""
 
-import signal
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from unet_export.cli.common import Workdir, cli_errors, console
+from unet_export.cli.common import Workdir, cli_errors, console, stop_on_signals
 from unet_export.cli.render import triton_check_report, triton_repository_report
 from unet_export.errors import UserError
 
@@ -71,9 +70,7 @@ def serve_cmd(
     server, _, missing = repository_server(repo, tritonserver, http_port, grpc_port)
     for model, reason in missing.items():
         console.print(f"[yellow]not loaded[/] {model}: {reason}")
-    for signum in (signal.SIGINT, signal.SIGTERM):  # also where a launcher left SIGINT ignored (`cmd &`)
-        signal.signal(signum, _interrupt)
-    with server:
+    with stop_on_signals(), server:  # SIGTERM too (docker stop, kill PID): the server is never orphaned
         try:  # from the first line on: a Ctrl-C right after "ready" still stops it cleanly
             console.print(f"tritonserver ({server.install.origin}, pid {server.proc.pid}) ready in "
                           f"{server.started_in:.1f} s, serving {', '.join(server.models)}")  # fmt: skip
@@ -87,11 +84,6 @@ def serve_cmd(
             return
         raise UserError(f"tritonserver exited on its own (code {server.proc.returncode}): {server.first_error()} "
                         f"(log: {server.log_path})")  # fmt: skip
-
-
-def _interrupt(*_) -> None:
-    """Ctrl-C and SIGTERM (docker stop, kill PID) both stop the server: it is never orphaned."""
-    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,9 @@ Loopback: a local instance and a cluster at 127.0.0.1 keep to it (pipeline.ray_l
 and why); otherwise Ray advertises the machine's other address."""
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,9 @@ def run_ray(prepared, address: str | None, tick) -> Report:
             tick(outcome)
         report.extra["ray"]["images_per_node"] = per_node
         return report
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI): the report says the run stopped short
+        report.interrupted = True
+        raise
     except Exception as exc:
         if type(exc).__module__.startswith("ray"):  # a task's error arrives wrapped: say what it was
             raise UserError(f"the Ray job failed: {' '.join(str(exc).split())[:300]}") from None
@@ -80,12 +86,26 @@ def _connect(ray, address: str | None) -> bool:
     if address:
         _check_listening(address)
         try:
-            ray.init(address=address, **quiet)
+            with _keeping_sigterm():
+                ray.init(address=address, **quiet)
         except Exception as exc:  # ConnectionError, a timeout, an auth error: the cluster, not a bug
             raise UserError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:200]}") from None
         return True
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    with _keeping_sigterm():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
     return True
+
+
+@contextmanager
+def _keeping_sigterm():
+    """ray.init replaces the SIGTERM handler with sys.exit(15); the caller's (the CLI stops a run
+    cleanly, exit 143) stays."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _check_listening(address: str, timeout: float = 5.0) -> None:

@@ -4,6 +4,8 @@ A reduced width (8 instead of 64) keeps the suite fast; the keys are the same an
 full-size model has its own tests.
 """
 
+import signal
+
 import pytest
 import torch
 
@@ -37,3 +39,9 @@ def make_checkpoint(tmp_path):
         return path
 
     return make
+
+
+def ignoring_sigint() -> None:
+    """Popen's preexec_fn for a child started as a launcher starts a background command (`cmd &`
+    in a script, some CI runners): SIGINT ignored, so Python installs no Ctrl-C handler of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.conftest import ignoring_sigint
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.pipeline import PredictOptions, run_predict
@@ -282,12 +283,6 @@ def test_a_failed_artefact_is_never_chosen(workdir, tree, tmp_path):
 # --- interruption -------------------------------------------------------------------------------------
 
 
-def _ignoring_sigint() -> None:
-    """What a launcher does to a command it starts in the background (`cmd &` in a script, some CI
-    runners): Python then installs no Ctrl-C handler of its own."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # SIGKILL (14 s) in make test-all: SIGINT and SIGTERM cover the same whole-mask and resume promise in make test
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
                          ids=lambda sig: sig.name)
@@ -304,7 +299,7 @@ def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
     out, report = tmp_path / "o", tmp_path / "report.json"
     command = [sys.executable, "-m", "unet_export", "predict", str(DEMO_WEIGHTS), str(folder), "--out", str(out),
                "--batch-size", "2", "--workers", "1", "--device", "cpu", "--report", str(report)]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignoring_sigint)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignoring_sigint)
     try:
         deadline = time.monotonic() + 120
         while len(list(out.glob("*_mask.png"))) < 4 and time.monotonic() < deadline and proc.poll() is None:

@@ -24,6 +24,7 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
+from tests.conftest import ignoring_sigint
 from unet_export.api import export_artifact
 from unet_export.cli.main import app
 from unet_export.data.dataset import Preprocess, image_to_tensor
@@ -439,7 +440,7 @@ def test_serve_runs_until_ctrl_c(tritonserver, written):
     env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "unet_export", "serve", "--repo", str(written)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+                            preexec_fn=ignoring_sigint)  # fmt: skip
     try:
         out = _read_until(proc, "Ctrl-C stops it", timeout=180)
         assert "not loaded demo_unet_onnx" in out and "not loaded demo_unet_torchscript" in out

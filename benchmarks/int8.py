@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from unet_export.api import manifest_checkpoint
-from unet_export.bench import BenchConfig, BenchReport, bench_batch, benchmark, device_info, run_benchmark
+from unet_export.bench import BenchConfig, BenchReport, bench_batch, benchmark, device_info, image_paths, run_benchmark
 from unet_export.checkpoint import build_model
 from unet_export.cli.render import bench_markdown
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS, demo_calibration, write_random_checkpoint
@@ -118,7 +118,7 @@ def bench_vs_openvino(workdir: Path, height: int, width: int, data: Path, args, 
     cfg = BenchConfig(batch=args.batch, height=height, width=width, **timing)
     reference = BACKENDS["openvino"](ctx)
     rows = run_benchmark({n: functools.partial(BACKENDS[n], ctx) for n in names}, reference, cfg,
-                         bench_batch(cfg, 3, data), on_row)  # fmt: skip
+                         bench_batch(cfg, 3, image_paths(data)), on_row)  # fmt: skip
     config = {"batch": args.batch, "height": height, "width": width, "inputs": str(data),
               "reference": "openvino fp32 (IR); no eager row, no float64"} | timing  # fmt: skip
     return BenchReport(

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from unet_export.api import manifest_checkpoint
-from unet_export.bench import BenchConfig, bench_batch, device_info, run_benchmark
+from unet_export.bench import BenchConfig, bench_batch, device_info, image_paths, run_benchmark
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import image_to_tensor, load_image
 from unet_export.demo import DEMO_WEIGHTS
@@ -115,7 +115,7 @@ def bench_row(model: Path, images: Path, batch: int, height: int, width: int, mi
     ctx = BackendContext(build_model(ckpt), workdir, manifest, torch.device("cpu"), (batch, 3, height, width))
     cfg = BenchConfig(batch=batch, height=height, width=width, min_time=min_time)
     (row,) = run_benchmark({"onnxruntime": functools.partial(BACKENDS["onnxruntime"], ctx)}, OnnxRuntimeRunner(model, "cpu"),
-                           cfg, bench_batch(cfg, 3, images))  # fmt: skip
+                           cfg, bench_batch(cfg, 3, image_paths(images)))  # fmt: skip
     return {"status": row.status, "img_per_s": row.img_per_s, "device": device_info(torch.device("cpu"))}
 
 

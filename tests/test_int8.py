@@ -6,6 +6,7 @@ written."""
 
 import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -204,3 +205,45 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and fragment in result.stderr
     assert not (tmp_path / "exports").exists()
+
+
+def test_verify_judges_int8_on_the_recorded_images_and_keeps_it_verified(int8_run, tmp_path):
+    """Issue 24: verify judged INT8 on seeded noise under an "fp16 tolerance" (3.9% and 2.2% of
+    pixels), rewrote both entries as failed and exited 1. It now judges them on the images their
+    gate ran on, recorded by path and sha256, under their own rule."""
+    out = Path(shutil.copytree(int8_run[0], tmp_path / "exports"))
+    entry = int8_entry(out, "openvino")
+    recorded = entry["real_images"]["images"]
+    assert len(recorded) == 12 and all(Path(i["path"]).parent == DEMO_VAL / "imgs" for i in recorded)
+    result = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "int8 tolerance" in text and "fp16 tolerance" not in text
+    for fmt in ("openvino", "onnx"):
+        entry = int8_entry(out, fmt)
+        assert entry["status"] == "verified"
+        cases = entry["verified_on"]["parity"]["cases"]
+        assert [c["label"] for c in cases] == ["images", "images"] and [c["shape"][0] for c in cases] == [8, 4]
+
+
+def test_without_real_images_int8_is_not_judged_and_keeps_its_verdict(int8_run, tmp_path):
+    """A workdir copied to a host without its images: INT8 is 'not judged here' (exit 0, verdict
+    kept, never rewritten as failed), FP32 is still judged on seeded inputs; --data judges it."""
+    out = Path(shutil.copytree(int8_run[0], tmp_path / "exports"))
+    manifest_path = out / "manifest.json"
+    text = manifest_path.read_text().replace(str(DEMO_VAL.resolve()), str(tmp_path / "elsewhere"))
+    manifest_path.write_text(text)
+    before = {(a["format"], a["precision"]): a["status"] for a in load_manifest(out)["artifacts"]}
+    result = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.count("not_judged") == 2 and "int8 is judged on real images only" in text and "--data DIR" in text
+    after = {(a["format"], a["precision"]): a for a in load_manifest(out)["artifacts"]}
+    assert {k: a["status"] for k, a in after.items()} == before
+    assert "verified_on" in after[("onnx", "fp32")] and "verified_on" not in after[("onnx", "int8")]
+    predicted = runner.invoke(app, ["predict", str(out), str(DEMO_VAL / "imgs"), "--out", str(tmp_path / "masks"),
+                                    "--runtime", "openvino-int8", "--device", "cpu"])  # fmt: skip
+    assert predicted.exit_code == 0, predicted.output
+    judged = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu", "--data", str(DEMO_VAL)])
+    assert judged.exit_code == 0 and "not_judged" not in judged.output, judged.output
+    assert int8_entry(out, "openvino")["verified_on"]["inputs"].startswith("seeded (fp32 only) + real images: --data")

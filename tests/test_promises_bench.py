@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
 import unet_export.bench as bench
-from unet_export.bench import BenchConfig, bench_batch, benchmark, exit_code, run_benchmark
+from unet_export.bench import BenchConfig, bench_batch, benchmark, exit_code, image_paths, run_benchmark
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
@@ -107,9 +107,9 @@ def test_bench_batch_is_the_data_folders_images_cycled(model_workdir, tmp_path, 
     for batch in seen:
         assert batch.shape == (5, 3, 16, 24)
         torch.testing.assert_close(batch, expected, atol=1e-6, rtol=0)
-    assert report.config["inputs"] == str(tmp_path)
+    assert report.config["inputs"] == f"--data {tmp_path}"
     # the function that builds it: the same batch when asked for at the images' size
-    torch.testing.assert_close(bench_batch(BenchConfig(batch=5, height=16, width=24), 3, tmp_path), expected,
+    torch.testing.assert_close(bench_batch(BenchConfig(batch=5, height=16, width=24), 3, image_paths(tmp_path)), expected,
                                atol=1e-6, rtol=0)  # fmt: skip
 
 
@@ -228,10 +228,11 @@ def test_onnxruntime_row_uses_one_thread_per_physical_core(tmp_path, monkeypatch
 # --- openvino-bf16: a bench row with the reduced-precision gate ---------------------------------
 
 
-def test_openvino_bf16_row_is_judged_by_the_fp16_gate(tmp_path):
-    """README: the trained demo model's bf16 rows fail the FP16 gate on seeded noise (logits near
-    ties; 0.29-0.53% of pixels change class) while OpenVINO fp32 passes; the row is timed,
-    flagged parity_failed, fails the run, and passes once --max-class-change/--min-dice allow it."""
+def test_openvino_bf16_row_is_timed_not_judged_on_noise_and_gated_on_real_inputs(tmp_path):
+    """Issue 24: the trained demo model's bf16 rows "failed" on seeded noise (logits near ties;
+    0.29-0.53% of pixels change class) and turned unet-bench's exit code to 1. On noise a bf16 row
+    is now timed and not judged; on a batch the caller declares real it is gated by its own (bf16)
+    rule: flagged parity_failed, failing the run, passing once --max-class-change/--min-dice allow."""
     model = build_model(load_checkpoint(DEMO_WEIGHTS))
     onnx_path = tmp_path / "demo.onnx"
     dynamic = {0: "batch", 2: "height", 3: "width"}
@@ -244,12 +245,17 @@ def test_openvino_bf16_row_is_judged_by_the_fp16_gate(tmp_path):
     cfg = BenchConfig(batch=2, height=128, width=128, warmup=0, iters=1)
     x = bench_batch(cfg, 3)  # seeded noise
 
-    def rows(names=("eager", "openvino", "openvino-bf16"), **limits):
+    def rows(names=("eager", "openvino", "openvino-bf16"), no_images="", **limits):
         tolerances = {precision: tolerance_for(precision, **limits) for precision in TOLERANCES}  # as benchmark() does
         makers = {name: (lambda name=name: BACKENDS[name](ctx)) for name in names}
-        return {r.backend: r for r in run_benchmark(makers, EagerRunner(model), cfg, x, tolerances=tolerances)}
+        return {r.backend: r for r in run_benchmark(makers, EagerRunner(model), cfg, x, tolerances=tolerances,
+                                                    no_images=no_images)}  # fmt: skip
 
-    default = rows()
+    on_noise = rows(no_images="seeded noise")
+    assert on_noise["openvino"].status == "ok" and on_noise["openvino"].parity["passed"]
+    assert on_noise["openvino-bf16"].status == "not_judged" and on_noise["openvino-bf16"].img_per_s > 0
+    assert exit_code(list(on_noise.values())) == 0
+    default = rows()  # the same batch, declared real: the gate's own mechanics
     fp32, bf16 = default["openvino"], default["openvino-bf16"]
     assert fp32.status == "ok" and fp32.precision == "fp32", fp32.reason
     assert bf16.precision == "bf16" and "bf16 inference precision" in bf16.runs_on

@@ -1,6 +1,8 @@
 """verify.py's records and messages, pinned value by value (the gate's arithmetic is in
 test_verify.py and test_promises_core.py; `make mutation` runs these against mutants)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ def test_the_default_gates():
     assert (FP32.name, FP32.rtol, FP32.rel_atol, FP32.max_disagreement, FP32.min_dice) == ("fp32", 5.0, 1e-7, 0.0, None)
     assert (FP16.name, FP16.rtol, FP16.rel_atol, FP16.max_disagreement, FP16.min_dice) == ("fp16", None, None, 1e-3,
                                                                                            0.999)  # fmt: skip
-    assert TOLERANCES == {"fp32": FP32, "fp16": FP16, "bf16": FP16, "int8": FP16}
+    # one reduced-precision gate, named after each precision (a rule printed as "fp16" over INT8 misled)
+    assert TOLERANCES == {"fp32": FP32, "fp16": FP16, "bf16": replace(FP16, name="bf16"), "int8": replace(FP16, name="int8")}
 
 
 def test_tolerance_arithmetic_and_record():
@@ -46,10 +49,10 @@ def test_tolerance_from_record_reads_every_limit():
     tol = tolerance_from_record(record, "fp32")
     assert tol == Tolerance("fp32", rel_atol=2e-6, max_disagreement=0.5, min_dice=0.9, rtol=7.0)
     half = tolerance_from_record({"max_class_change": 0.01, "min_dice": 0.99}, "int8")
-    assert half == Tolerance("fp16", rel_atol=None, max_disagreement=0.01, min_dice=0.99, rtol=None)
+    assert half == Tolerance("int8", rel_atol=None, max_disagreement=0.01, min_dice=0.99, rtol=None)
     assert tolerance_from_record({"rtol": 1.0}, "fp32").max_disagreement == FP32.max_disagreement
-    assert tolerance_from_record(None, "fp32") is FP32 and tolerance_from_record({}, "bf16") is FP16
-    assert tolerance_from_record(None, "unknown") is FP16
+    assert tolerance_from_record(None, "fp32") is FP32 and tolerance_from_record({}, "bf16") is TOLERANCES["bf16"]
+    assert tolerance_from_record(None, "unknown") == replace(FP16, name="unknown")
     assert tolerance_from_record(FP32.to_dict(), "fp32") == FP32  # a recorded default reads back as itself
 
 
@@ -79,8 +82,8 @@ def test_tolerance_for_sets_only_its_precisions_options():
     assert tolerance_for("fp32", rtol=9.0) == Tolerance("fp32", 1e-7, 0.0, None, 9.0)
     assert tolerance_for("fp32", atol=3e-7) == Tolerance("fp32", 3e-7, 0.0, None, 5.0)
     assert tolerance_for("fp32", max_class_change=0.5, min_dice=0.5) == FP32  # the FP32 gate takes no such option
-    assert tolerance_for("bf16", max_class_change=0.5) == Tolerance("fp16", None, 0.5, 0.999)
-    assert tolerance_for("int8", min_dice=0.9, rtol=3.0) == Tolerance("fp16", None, 1e-3, 0.9)
+    assert tolerance_for("bf16", max_class_change=0.5) == Tolerance("bf16", None, 0.5, 0.999)
+    assert tolerance_for("int8", min_dice=0.9, rtol=3.0) == Tolerance("int8", None, 1e-3, 0.9)
     base = Tolerance("mine", 1.0, 0.2, 0.3, 4.0)
     assert tolerance_for("fp16", base=base) == base and tolerance_for("fp32", rtol=1.0, base=base).rtol == 1.0
 

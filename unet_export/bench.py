@@ -30,11 +30,12 @@ from unet_export.bench_stats import (  # noqa: F401 (CV_WARNING, exit_code, late
     vm_hwm_mb,
 )
 from unet_export.checkpoint import build_model
-from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
 from unet_export.errors import IntegrityError, UserError
-from unet_export.manifest import load_manifest, tool_versions
+from unet_export.manifest import checked_path, load_manifest, tool_versions
 from unet_export.models import get_spec
 from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, Unavailable
+from unet_export.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
 from unet_export.runners.onnxruntime import physical_cores
 from unet_export.verify import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
 
@@ -100,9 +101,11 @@ class PeakMemory:
 
 
 def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference: torch.Tensor, cfg: BenchConfig, *,
-              exact: torch.Tensor | None = None, tolerances: dict[str, Tolerance] | None = None) -> Row:  # fmt: skip
+              exact: torch.Tensor | None = None, tolerances: dict[str, Tolerance] | None = None,
+              no_images: str = "") -> Row:  # fmt: skip
     """Build, parity-check and time one runtime; every outcome is a row, nothing raises. ``exact``:
-    the eager model's float64 logits on ``x``; ``tolerances``: the gate per precision."""
+    the eager model's float64 logits on ``x``; ``tolerances``: the gate per precision; ``no_images``:
+    why ``x`` is not real images ("" when it is): FP16/BF16/INT8 rows are then timed, not judged."""
     try:
         runner = make()
     except IntegrityError:
@@ -115,10 +118,7 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
             row.runs_on = runner.describe()
             x_dev = x.to(runner.device)
             out = runner.infer(x_dev)
-            case = compare(out, reference, (tolerances or TOLERANCES)[runner.precision], exact=exact)
-            row.parity = parity_record(case)
-            if not case.passed:
-                row.status, row.reason = "parity_failed", "; ".join(case.failures)
+            _judge_row(row, out, reference, (tolerances or TOLERANCES)[runner.precision], exact, no_images)
             _time_into(row, runner, x_dev, out, cfg)
         row.peak_mem_mb = memory.mb
     except (Unavailable, UserError) as exc:
@@ -128,41 +128,43 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
     return row
 
 
+def _judge_row(row: Row, out: torch.Tensor, reference: torch.Tensor, tol: Tolerance, exact, no_images: str) -> None:
+    """The parity verdict of a row. On noise a reduced-precision row is not judged (class changes
+    there say nothing), but a wrong shape or NaN/Inf says something on any input."""
+    if no_images and judged_on_images_only(row.precision):
+        if out.shape == reference.shape and bool(torch.isfinite(out.float()).all()):
+            row.status, row.reason = "not_judged", not_judged(row.precision, no_images)
+            return
+    case = compare(out, reference, tol, exact=exact)
+    row.parity = parity_record(case)
+    if not case.passed:
+        row.status, row.reason = "parity_failed", "; ".join(case.failures)
+
+
 def _time_into(row: Row, runner: Runner, x: torch.Tensor, out: torch.Tensor, cfg: BenchConfig) -> None:
     record_timing(row, time_infer(runner, x, cfg), x.shape[0])
     if runner.device.type == "cuda":
         row.h2d_ms, row.d2h_ms = copy_times_ms(x, out, runner.device)
 
 
-def bench_batch(cfg: BenchConfig, channels: int, data: str | Path | None = None) -> torch.Tensor:
-    """Real images from ``data`` (cycled to fill the batch, resized to the bench size), else
-    seeded noise. A trained model's logits on noise sit near ties, so reduced-precision parity
-    is only meaningful on images like the ones it was trained for."""
-    if data is None:
+def bench_batch(cfg: BenchConfig, channels: int, images: list[Path] | None = None) -> torch.Tensor:
+    """The real ``images`` (cycled to fill the batch, resized to the bench size), else seeded
+    noise, on which only FP32 rows are judged."""
+    if not images:
         gen = torch.Generator().manual_seed(cfg.seed)
         return torch.rand(cfg.batch, channels, cfg.height, cfg.width, generator=gen)
-    paths = image_paths(data)
-    images = [image_to_tensor(load_image(paths[i % len(paths)]), Preprocess()) for i in range(cfg.batch)]
-    if any(img.shape[0] != channels for img in images):
-        raise UserError(f"images in {data} do not have the model's {channels} channel(s)")
-    return torch.stack([F.interpolate(img[None], (cfg.height, cfg.width), mode="bilinear")[0] for img in images])
-
-
-def image_paths(data: str | Path) -> list[Path]:
-    """The images of a dataset folder (either layout) or of a plain folder of images."""
-    data = Path(data)
-    folder = next((data / d for d in ("imgs", "JPEGImages") if (data / d).is_dir()), data)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
-    if not paths:
-        raise UserError(f"--data {data}: no images found (a folder of images, or a dataset with imgs/ or JPEGImages/)")
-    return paths
+    tensors = [image_to_tensor(load_image(images[i % len(images)]), Preprocess()) for i in range(cfg.batch)]
+    if any(img.shape[0] != channels for img in tensors):
+        raise UserError(f"images in {images[0].parent} do not have the model's {channels} channel(s)")
+    return torch.stack([F.interpolate(img[None], (cfg.height, cfg.width), mode="bilinear")[0] for img in tensors])
 
 
 def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Runner, cfg: BenchConfig,
                   x: torch.Tensor, on_row: Callable[[Row], None] | None = None, *,
-                  tolerances: dict[str, Tolerance] | None = None) -> list[Row]:  # fmt: skip
+                  tolerances: dict[str, Tolerance] | None = None, no_images: str = "") -> list[Row]:  # fmt: skip
     """Bench every runner in ``makers`` (the first, "eager", is the baseline) on the batch ``x``,
-    each gated against the reference's output and its float64 run (when it is an eager model)."""
+    each gated against the reference's output and its float64 run (when it is an eager model);
+    ``no_images``: why ``x`` is not real images, "" when it is (see bench_row)."""
     with reference_runner:
         reference = reference_runner.infer(x.to(reference_runner.device)).cpu()
     exact = None
@@ -171,7 +173,7 @@ def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Run
             exact = twin.infer(x)
     rows = []
     for name, make in makers.items():
-        rows.append(bench_row(name, make, x, reference, cfg, exact=exact, tolerances=tolerances))
+        rows.append(bench_row(name, make, x, reference, cfg, exact=exact, tolerances=tolerances, no_images=no_images))
         if on_row:
             on_row(rows[-1])
     set_speedups(rows)
@@ -214,12 +216,14 @@ def benchmark(
     manifest = load_manifest(workdir)
     if manifest.get("model") is None:
         raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
+    for entry in manifest["artifacts"]:  # every file's bytes before minutes of timing: a changed one stops here
+        checked_path(workdir, entry)
     ckpt = manifest_checkpoint(manifest, weights)
-    # Reduced precision judged on noise is a false alarm for a trained model: without --data, the
-    # held-out images its training sidecar recorded (the model record's "validation") are used.
-    data = data or manifest["model"].get("validation")
+    # Reduced precision is judged on real images only: --data, else the held-out images the
+    # manifest records; on seeded noise its rows are timed but not judged.
+    images, source, why = real_images_for(manifest, None, data, IMAGES_PER_RUN)
     sizes = get_spec(ckpt.architecture).sizes(ckpt.config)
-    height, width = _bench_size(manifest, height, width, data, sizes)
+    height, width = _bench_size(manifest, height, width, images, sizes)
     sizes.check(height, width)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
@@ -234,23 +238,24 @@ def benchmark(
     channels = ckpt.config.get("n_channels", 3)
     ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
-    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, data), on_row,
-                         tolerances=tolerances)  # fmt: skip
+    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images), on_row,
+                         tolerances=tolerances, no_images=why)  # fmt: skip
     config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
-                            "inputs": str(data) if data else NOISE_NOTE, "model": manifest["model"],
+                            "inputs": source if images else f"{NOISE_NOTE} ({why})", "model": manifest["model"],
                             "tolerances": {p: t.to_dict() for p, t in tolerances.items()}}  # fmt: skip
     return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
 
 
-NOISE_NOTE = "seeded noise: reduced precision is judged on noise, pass --data with images like the model's"
+NOISE_NOTE = "seeded noise: FP32 rows judged, FP16/BF16/INT8 rows timed but not judged (pass --data DIR)"
+IMAGES_PER_RUN = 64  # images cycled into the benchmark batch: more than any batch needs to differ
 
 
-def _bench_size(manifest: dict, height, width, data=None, sizes=None) -> tuple[int, int]:
+def _bench_size(manifest: dict, height, width, images=None, sizes=None) -> tuple[int, int]:
     """--height/--width; else, with images, their own size (when the model takes it); else the
     export's. Images rescaled away from their own scale are not the images the model was trained
     on: the demo model's OpenVINO bf16 run changes 0.100% of pixels on its 128x128 validation
     images upscaled to 256x256 and 0.002% at 128x128, where it was trained."""
-    native = _image_size(data) if data is not None else None
+    native = _image_size(images[0]) if images else None
     if native and sizes is not None:
         try:
             sizes.check(height or native[0], width or native[1])
@@ -261,9 +266,9 @@ def _bench_size(manifest: dict, height, width, data=None, sizes=None) -> tuple[i
     return height or default[0], width or default[1]
 
 
-def _image_size(data: str | Path) -> tuple[int, int]:
-    """(height, width) of the first image of ``data``."""
-    width, height = load_image(image_paths(data)[0]).size
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image."""
+    width, height = load_image(path).size
     return height, width
 
 

@@ -2,9 +2,11 @@
 
 After copying the exports to a deployment host, or upgrading a runtime, the verdicts recorded at
 export time say nothing about this machine. This re-runs each entry's gate (the tolerances it
-was recorded with, unless overridden) on the seeded inputs at its recorded parity shapes, plus
-batches of real images when given, and writes the new verdicts into the manifest under its lock.
-A file whose sha256 is not the recorded one is reported as changed, never re-verified.
+was recorded with, unless overridden) and writes the new verdicts into the manifest under its
+lock. FP32 is judged on the seeded inputs at its recorded parity shapes plus real images;
+FP16/BF16/INT8 on real images only (realimages.py): --data, else the images recorded in the
+manifest. Without any, a reduced-precision artefact is "not judged here" and keeps its verdict.
+Every file's sha256 is checked before any parity runs: a changed one stops the run (exit 2).
 """
 
 import socket
@@ -12,23 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from unet_export.api import manifest_checkpoint, resolve_device, run_parity
 from unet_export.checkpoint import build_model
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import Preprocess
 from unet_export.errors import IntegrityError, UserError
-from unet_export.models.sizes import SizeRule
 from unet_export.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
+from unet_export.realimages import (
+    IMAGES,
+    fitted,
+    image_batches,
+    judged_on_images_only,
+    not_judged,
+    real_images_for,
+)
 from unet_export.verify import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
-
-IMAGES_PER_BATCH = 4
 
 
 @dataclass
 class Verdict:
     """One manifest entry: verified | failed (re-checked here), changed | missing (file is not the
-    recorded one), unavailable (cannot run on this machine; its verdict is left as it was)."""
+    recorded one), unavailable (cannot run on this machine) or not_judged (reduced precision
+    without real images); those last two leave the recorded verdict as it was."""
 
     format: str
     precision: str
@@ -60,14 +67,16 @@ def verify_workdir(
     data: str | Path | None = None,
     device: str = "auto",
     weights: str | Path | None = None,
-    images: int = 8,
+    images: int = IMAGES,
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
     max_class_change: float | None = None,
     min_dice: float | None = None,
 ) -> VerifyReport:
-    """Re-run the parity gate of every artefact in ``workdir``'s manifest and record the verdicts."""
+    """Re-run the parity gate of every artefact in ``workdir``'s manifest and record the verdicts.
+    FP32 is judged on the seeded inputs and the real images; FP16/BF16/INT8 on the real images
+    only (``data``, else those recorded in the manifest), and without any it is not judged here."""
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     if manifest.get("model") is None or not manifest["artifacts"]:
@@ -78,41 +87,57 @@ def verify_workdir(
     limits = dict(rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     for precision in {entry["precision"] for entry in manifest["artifacts"]}:
         tolerance_for(precision, **limits)  # a bad value is refused before anything runs
-    net = build_model(manifest_checkpoint(manifest, weights))
     dev = resolve_device(device)
-    model = manifest["model"]
-    channels = int(model["config"].get("n_channels", 3))
-    real = image_batches(data, channels, Preprocess.from_dict(model.get("preprocess")), images) if data else []
-    inputs = f"seeded + {sum(len(b) for b in real)} images from {data}" if data else "seeded"
-    report = VerifyReport(workdir, host_record(dev), inputs)
+    report = VerifyReport(workdir, host_record(dev), "")
+    # Every file's bytes first: a changed artefact stops the run before minutes of parity checks.
+    report.verdicts = [v for v in map(lambda e: _integrity(e, workdir), manifest["artifacts"]) if v is not None]
+    if report.verdicts:
+        return report
+    net = build_model(manifest_checkpoint(manifest, weights))
+    sources = set()
     for entry in manifest["artifacts"]:
-        report.verdicts.append(_verify_entry(entry, workdir, net, dev, real, seed, limits))
+        paths, source, why = real_images_for(manifest, entry, data, images)
+        sources.add(source or "no real images")
+        report.verdicts.append(_verify_entry(entry, workdir, net, dev, (paths, why), seed, limits, manifest))
+    report.inputs = "seeded (fp32 only) + real images: " + "; ".join(sorted(sources))
     _record(workdir, report)
     return report
 
 
-def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: list[torch.Tensor], seed: int,
-                  limits: dict) -> Verdict:  # fmt: skip
-    verdict = Verdict(entry["format"], entry["precision"], entry["path"], "unavailable", sha256=entry.get("sha256"))
+def _integrity(entry: dict, workdir: Path) -> Verdict | None:
+    """A verdict for an entry whose file is missing or not the one verified, else None."""
     try:
         checked_path(workdir, entry)
+        return None
     except IntegrityError as exc:
-        verdict.status = "missing" if "missing" in str(exc) else "changed"
-        verdict.reason = str(exc)
-        return verdict
+        status = "missing" if "missing" in str(exc) else "changed"
+        return Verdict(entry["format"], entry["precision"], entry["path"], status, str(exc), sha256=entry.get("sha256"))
+
+
+def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tuple[list[Path], str], seed: int,
+                  limits: dict, manifest: dict) -> Verdict:  # fmt: skip
+    verdict = Verdict(entry["format"], entry["precision"], entry["path"], "unavailable", sha256=entry.get("sha256"))
     if reason := _cannot_run_here(entry, dev):
         verdict.reason = reason
+        return verdict
+    paths, why = real
+    reduced = judged_on_images_only(entry["precision"])
+    if reduced and not paths:
+        verdict.status, verdict.reason = "not_judged", not_judged(entry["precision"], why)
         return verdict
     recorded = entry.get("parity") or {}
     tol = tolerance_for(entry["precision"], base=tolerance_from_record(recorded.get("limits"), entry["precision"]),
                         **limits)  # fmt: skip
-    shapes = [tuple(case["shape"]) for case in recorded.get("cases", [])]
+    shapes = [tuple(case["shape"]) for case in recorded.get("cases", []) if case.get("label") != "images"]
     if not shapes:  # its export-time check crashed before comparing anything: the export size, batch 1
         shapes = [(1, int(getattr(net, "n_channels", 3)), *entry["export_size"])]
-    inputs = seeded_inputs(shapes, seed) + _fitted(real, entry)
-    labels = ["seeded"] * len(shapes) + ["images"] * (len(inputs) - len(shapes))
+    model = manifest["model"]
+    channels = int(model["config"].get("n_channels", 3))
+    real_inputs = fitted(image_batches(paths, channels, Preprocess.from_dict(model.get("preprocess"))), entry)
+    seeded = [] if reduced else seeded_inputs(shapes, seed)
+    labels = ["seeded"] * len(seeded) + ["images"] * len(real_inputs)
     try:
-        verdict.parity = run_parity(entry, workdir, net, dev, inputs, tol)
+        verdict.parity = run_parity(entry, workdir, net, dev, seeded + real_inputs, tol)
     except IntegrityError as exc:  # replaced while this ran
         verdict.status, verdict.reason = "changed", str(exc)
         return verdict
@@ -131,58 +156,6 @@ def _cannot_run_here(entry: dict, dev: torch.device) -> str:
     if entry["format"] == "aoti" and entry.get("device", "cpu") != dev.type:
         return f"compiled for {entry.get('device')}, this check runs on {dev.type} (--device)"
     return ""
-
-
-def _fitted(batches: list[torch.Tensor], entry: dict) -> list[torch.Tensor]:
-    """Real-image batches at their own size when the artefact takes it, else at its export size,
-    split to the batch sizes it accepts."""
-    if not batches:
-        return []
-    height, width = entry["export_size"]
-    most = IMAGES_PER_BATCH
-    if entry.get("size_rule", {}).get("static"):
-        most = 1  # a static artefact takes exactly its 1xCxHxW export shape
-    elif "profile" in entry:  # a TensorRT engine: inside its optimisation profile
-        most = min(most, entry["profile"]["max"][0])
-    out = []
-    for batch in batches:
-        if batch.shape[-2:] != (height, width) and not _takes_size(entry, *batch.shape[-2:]):
-            batch = F.interpolate(batch, (height, width), mode="bilinear", align_corners=False)
-        out += list(batch.split(most))
-    return out
-
-
-def _takes_size(entry: dict, height: int, width: int) -> bool:
-    """Whether a dynamic artefact runs images at their own size: judged at the scale the model
-    was trained on, not rescaled to the export size (reduced precision on rescaled images is a
-    false alarm; see bench._bench_size)."""
-    rule = {k: v for k, v in entry.get("size_rule", {}).items() if k in ("min", "multiple", "offset", "shrink")}
-    if entry.get("size_rule", {}).get("static") or not rule:
-        return False
-    if "profile" in entry:  # a TensorRT engine: inside its optimisation profile
-        low, high = entry["profile"]["min"], entry["profile"]["max"]
-        if not (low[2] <= height <= high[2] and low[3] <= width <= high[3]):
-            return False
-    sizes = SizeRule(**rule)
-    return sizes.accepts(height) and sizes.accepts(width)
-
-
-def image_batches(data: str | Path, channels: int, pp: Preprocess, limit: int) -> list[torch.Tensor]:
-    """Up to ``limit`` images of ``data``, preprocessed as the model was trained (scale or
-    pad-to-square, /255), in batches of IMAGES_PER_BATCH at the first image's size."""
-    from unet_export.bench import image_paths
-
-    tensors = []
-    for path in image_paths(data)[:limit]:
-        tensor = image_to_tensor(load_image(path), pp)
-        if tensor.shape[0] == 1 and channels == 3:
-            tensor = tensor.expand(3, -1, -1)  # grey image, colour model: as training reads it
-        if tensor.shape[0] != channels:
-            raise UserError(f"{path} has {tensor.shape[0]} channel(s); the model takes {channels}")
-        tensors.append(tensor)
-    size = tensors[0].shape[-2:]
-    tensors = [t if t.shape[-2:] == size else F.interpolate(t[None], size, mode="bilinear")[0] for t in tensors]
-    return list(torch.stack(tensors).split(IMAGES_PER_BATCH))
 
 
 def host_record(dev: torch.device) -> dict:

@@ -65,7 +65,9 @@ class Tolerance:
 # small enough not to hide damage in models whose logits are tiny.
 FP32 = Tolerance("fp32", rel_atol=1e-7, max_disagreement=0.0, min_dice=None, rtol=5.0)
 FP16 = Tolerance("fp16", rel_atol=None, max_disagreement=1e-3, min_dice=0.999)
-TOLERANCES = {"fp32": FP32, "fp16": FP16, "bf16": FP16, "int8": FP16}
+# One gate for every reduced precision, each under its own name: a rule printed as "fp16
+# tolerance" over an INT8 verdict told the user the wrong thing.
+TOLERANCES = {"fp32": FP32, "fp16": FP16, "bf16": replace(FP16, name="bf16"), "int8": replace(FP16, name="int8")}
 # Only for callers without a float64 reference (compare(out, ref, tol) with no ``exact``): the
 # fixed bound against eager fp32 that the float64 rule replaced. The export, verify and bench
 # gates always have one.
@@ -90,7 +92,7 @@ def tolerance_for(precision: str, *, rtol: float | None = None, atol: float | No
 
 def tolerance_from_record(record: dict | None, precision: str) -> Tolerance:
     """The gate a manifest entry was judged by (its ``parity.limits``), or the default one."""
-    base = TOLERANCES.get(precision, FP16)
+    base = TOLERANCES.get(precision, replace(FP16, name=precision))
     if not record:
         return base
     return Tolerance(base.name, record.get("atol"), record.get("max_class_change", base.max_disagreement),

@@ -34,7 +34,8 @@ def bench(
     compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
     data: Annotated[Path | None, typer.Option(help="Images for the batch (default: the held-out images the "
-                                                   "model's training recorded, else seeded noise).")] = None,
+                                                   "manifest records, else seeded noise, on which FP16/BF16/INT8 "
+                                                   "rows are timed but not judged).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,

@@ -92,7 +92,7 @@ def export_report(result: ExportResult, workdir) -> None:
 
 BENCH_COLUMNS = ("backend", "precision", "status", "img/s", "mean ms", "p50 ms", "p99 ms", "CV", "speed-up",
                  "peak MB", "max abs err", "err vs f64", "x floor", "class diff", "Dice vs eager")  # fmt: skip
-STATUS_STYLE = {"ok": "green", "parity_failed": "red", "error": "red", "unavailable": "yellow"}
+STATUS_STYLE = {"ok": "green", "parity_failed": "red", "error": "red", "unavailable": "yellow", "not_judged": "yellow"}
 
 
 def _num(value, fmt: str) -> str:
@@ -169,7 +169,8 @@ def bench_markdown(report) -> str:
     return "\n".join(lines + ([""] + reasons if reasons else []))
 
 
-VERIFY_STYLE = {"verified": "green", "failed": "red", "changed": "red", "missing": "red", "unavailable": "yellow"}
+VERIFY_STYLE = {"verified": "green", "failed": "red", "changed": "red", "missing": "red", "unavailable": "yellow",
+                "not_judged": "yellow"}
 
 
 def verify_report(report) -> None:
@@ -285,7 +286,12 @@ def triton_check_report(report) -> None:
                       f"then {'answered' if over['recovered'] else 'NOT answered'} a valid request: {verdict}")  # fmt: skip
     if report.load:
         console.print(load_line(report.load))
-    console.print("[green]served models match eager[/]" if report.passed else "[red]FAILED[/]: see the rows above")
+    from unet_export.serving.check import summary  # serving's modules stay out of every other command
+
+    for model, reason in report.not_checked.items():
+        console.print(f"[yellow]not checked here[/] {model}: {escape(reason)}")
+    verdict = "[green]served models match eager[/]" if report.passed else "[red]FAILED[/]: see the rows above"
+    console.print(f"{verdict}: {escape(summary(report))}")
 
 
 def _served_parity_table(rows) -> Table:

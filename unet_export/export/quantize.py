@@ -20,7 +20,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,13 +45,14 @@ from unet_export.fileio import sha256_file, temp_path
 from unet_export.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
+from unet_export.realimages import IMAGES_PER_BATCH, image_record
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.openvino import finish_pending_weights, ir_weights
 from unet_export.verify import ParityReport, Tolerance, compare, tolerance_for
 
 ENGINES = {"openvino": "openvino", "onnxruntime": "onnx"}  # --engine -> the artefact's format
 MAX_SUBSET = 300  # NNCF's default subset_size: more calibration images rarely move the ranges
-GATE_BATCH = 8
+GATE_BATCH = IMAGES_PER_BATCH  # verify re-judges the recorded gate images in the same batches
 GATE_CALIB_IMAGES = 8  # without --val the gate runs on the first calibration images: one batch
 WEIGHT_INT8 = {"i8", "u8", "i4", "u4"}
 
@@ -117,6 +118,7 @@ class GateSet:
     source: str
     n_classes: int
     eager_dice: float | None = None
+    paths: list[Path] | None = None  # the image files, recorded with the entry for verify and bench
 
     @property
     def images(self) -> int:
@@ -180,8 +182,10 @@ def gate_set(net, ckpt, calib: Images, samples: list | None) -> GateSet:
     if samples:
         dataset = SegmentationDataset(samples, class_mask_values(ckpt.mask_values, n_classes), calib.pp, calib.channels)
         items, source = [(d["image"], d["mask"]) for d in dataset], f"{len(samples)} held-out --val images"
+        paths = [s.image for s in samples]
     else:
-        items = [(calib.tensor(p), None) for p in calib.paths[:GATE_CALIB_IMAGES]]
+        paths = calib.paths[:GATE_CALIB_IMAGES]
+        items = [(calib.tensor(p), None) for p in paths]
         source = f"{len(items)} calibration images (no --val: Dice vs ground truth not checked)"
     batches, total = [], 0.0
     with EagerRunner(net, "cpu") as eager, EagerRunner(net, "cpu", "fp64") as exact:
@@ -192,7 +196,7 @@ def gate_set(net, ckpt, calib: Images, samples: list | None) -> GateSet:
             if masks is not None:
                 total += _dice(ref, masks, n_classes) * len(x)
             batches.append((x, ref, exact.infer(x).cpu(), masks))
-    gates = GateSet(batches, source, n_classes)
+    gates = GateSet(batches, source, n_classes, paths=list(paths))
     gates.eager_dice = total / gates.images if samples else None
     return gates
 
@@ -421,7 +425,7 @@ def quantize_int8(weights: str | Path, calib: str | Path | list, workdir: str | 
         require("onnxruntime.quantization", "onnxruntime")
     if not math.isfinite(max_dice_drop) or max_dice_drop < 0:
         raise UserError(f"--max-dice-drop must be a finite number >= 0, got {max_dice_drop}")
-    tol = replace(tolerance_for("int8", max_class_change=max_class_change, min_dice=min_dice), name="int8")
+    tol = tolerance_for("int8", max_class_change=max_class_change, min_dice=min_dice)
     ckpt = load_checkpoint(weights, model)
     images = calibration_images(calib, ckpt, subset)
     samples = validation_samples(val, ckpt, images, mask_suffix) if val is not None else None
@@ -515,6 +519,8 @@ def _entry(dest: Path, quantizer, onnx: dict, info: dict, images: Images, gates:
                     "preset": attempt.preset, "ignored_scope": info["ignored_scope"], "bias_correction": _bias(attempt),
                     "accuracy_control": info["accuracy_control"], "int8_layers": info["layers"] - len(info["fp32_nodes"]),
                     "layers": info["layers"], "gate_images": gates.source}  # fmt: skip
+    # Every gate image by path and sha256: verify and bench judge the artefact on these again.
+    extra |= {"real_images": image_record(gates.paths, limit=len(gates.paths))}
     if quantizer.engine == "openvino":
         extra |= {"inference_precision": "f32"}
     return {"format": quantizer.fmt, "path": dest.name, "precision": "int8", "source": quantizer.source.name, **extra,

@@ -1,0 +1,169 @@
+"""Real images: what reduced precision (FP16, BF16, INT8) is judged on, and the only thing.
+
+A trained model's logits on seeded noise sit near ties, so on noise a correct INT8 or BF16
+artefact "changes" the class of a few percent of pixels (the demo's INT8: 3.9%) and a damaged one
+can pass. FP32 is judged on seeded inputs and real images alike; reduced precision on real images
+only, and where there are none it is *not judged here*: its recorded verdict stands, and it never
+turns a command's exit code to 1.
+
+The images a workdir is judged on are recorded in its manifest by absolute path and sha256: the
+held-out images of the training sidecar (``model.heldout``) and the images an artefact's own gate
+ran on (``entry.real_images``). A recorded file that is gone or changed is not used (a workdir
+copied to another host takes ``--data`` instead); it is only read, and only as a regular file.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
+from unet_export.errors import UserError
+from unet_export.fileio import sha256_file
+from unet_export.models.sizes import SizeRule
+
+REDUCED = frozenset({"fp16", "bf16", "int8"})
+HOW = "pass --data DIR with images like the model's (a folder of images, or a dataset with imgs/ or JPEGImages/)"
+MAX_RECORDED = 32  # held-out images recorded per model: more than any gate batch, cheap to hash
+IMAGES = 8  # real images a gate takes from --data or the held-out set (verify --images)
+IMAGES_PER_BATCH = 8  # the INT8 gate's batch too: verify re-judges its images in its batches
+
+
+def judged_on_images_only(precision: str) -> bool:
+    return precision in REDUCED
+
+
+def not_judged(precision: str, why: str = "no real images are recorded or given") -> str:
+    """The one line a reduced-precision artefact or row gets where there are no real images."""
+    return f"not judged here: {precision} is judged on real images only and {why}; {HOW}"
+
+
+def image_paths(data: str | Path) -> list[Path]:
+    """The images of a dataset folder (either layout) or of a plain folder of images, sorted."""
+    data = Path(data)
+    folder = next((data / d for d in ("imgs", "JPEGImages") if (data / d).is_dir()), data)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()) if folder.is_dir() else []
+    if not paths:
+        raise UserError(f"--data {data}: no images found (a folder of images, or a dataset with imgs/ or JPEGImages/)")
+    return paths
+
+
+def image_record(paths: list[Path], limit: int = MAX_RECORDED) -> dict:
+    """How a manifest records images: each by absolute path and sha256, the first ``limit``."""
+    return {"images": [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)} for p in list(paths)[:limit]]}
+
+
+def folder_record(folder: str | Path | None) -> dict | None:
+    """The record of a held-out folder's images, or None where there is no such folder."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    try:
+        return image_record(image_paths(folder))
+    except UserError:  # a folder without images holds nothing to judge on
+        return None
+
+
+def recorded_images(record, where: str) -> tuple[list[Path], str]:
+    """(the recorded images present here unchanged, why none are) of a manifest record; a record
+    that is not what unet-export writes is bad input, named by ``where``."""
+    if record is None:
+        return [], "none are recorded"
+    items = record.get("images") if isinstance(record, dict) else None
+    if not isinstance(items, list) or not all(
+        isinstance(i, dict) and isinstance(i.get("path"), str) and isinstance(i.get("sha256"), str) for i in items
+    ):  # fmt: skip
+        raise UserError(f"{where} is not a list of {{path, sha256}} image records; delete it and export again")
+    found = []
+    for item in items:
+        path = Path(item["path"])
+        # A regular file only (never a device or a FIFO a hostile manifest names), and the very
+        # bytes that were recorded.
+        if path.is_absolute() and path.is_file() and sha256_file(path) == item["sha256"]:
+            found.append(path)
+    if not found:
+        return [], f"the {len(items)} recorded images are not on this host (or changed)"
+    return found, ""
+
+
+def real_images_for(manifest: dict, entry: dict | None, data: str | Path | None, limit: int) -> tuple[list[Path], str, str]:
+    """(images, where they come from, why there are none) for judging ``entry`` (or the whole
+    workdir): ``data`` first, then the images the entry's own gate ran on, then the model's
+    held-out images."""
+    if data is not None:
+        return image_paths(data)[:limit], f"--data {data}", ""
+    whys = []
+    records = [("real_images", (entry or {}).get("real_images")), ("heldout", (manifest.get("model") or {}).get("heldout"))]
+    for name, record in records:
+        if record is None:
+            continue
+        where = f"manifest.json: {'artifacts' if name == 'real_images' else 'model'}.{name}"
+        found, why = recorded_images(record, where)
+        if found:
+            # An artefact's own gate images are all used (the same batches its export judged);
+            # the model's held-out set up to ``limit``.
+            found = found if name == "real_images" else found[:limit]
+            return found, f"{len(found)} recorded images", ""
+        whys.append(why)
+    return [], "", (whys[0] if whys else "none are recorded or given")
+
+
+def image_batches(paths: list[Path], channels: int, pp: Preprocess) -> list[torch.Tensor]:
+    """The images preprocessed as the model was trained (scale or pad-to-square, /255), in
+    batches of IMAGES_PER_BATCH at the first image's size."""
+    tensors = []
+    for path in paths:
+        tensor = image_to_tensor(load_image(path), pp)
+        if tensor.shape[0] == 1 and channels == 3:
+            tensor = tensor.expand(3, -1, -1)  # grey image, colour model: as training reads it
+        if tensor.shape[0] != channels:
+            raise UserError(f"{path} has {tensor.shape[0]} channel(s); the model takes {channels}")
+        tensors.append(tensor)
+    if not tensors:
+        return []
+    size = tensors[0].shape[-2:]
+    tensors = [t if t.shape[-2:] == size else F.interpolate(t[None], size, mode="bilinear")[0] for t in tensors]
+    return list(torch.stack(tensors).split(IMAGES_PER_BATCH))
+
+
+def fitted(batches: list[torch.Tensor], entry: dict) -> list[torch.Tensor]:
+    """Real-image batches at their own size when the artefact takes it, else at its export size,
+    split to the batch sizes it accepts."""
+    height, width = entry["export_size"]
+    most = IMAGES_PER_BATCH
+    if entry.get("size_rule", {}).get("static"):
+        most = 1  # a static artefact takes exactly its 1xCxHxW export shape
+    elif "profile" in entry:  # a TensorRT engine: inside its optimisation profile
+        most = min(most, entry["profile"]["max"][0])
+    out = []
+    for batch in batches:
+        if batch.shape[-2:] != (height, width) and not takes_size(entry, *batch.shape[-2:]):
+            batch = F.interpolate(batch, (height, width), mode="bilinear", align_corners=False)
+        out += list(batch.split(most))
+    return out
+
+
+def takes_size(entry: dict, height: int, width: int) -> bool:
+    """Whether a dynamic artefact runs images at their own size: judged at the scale the model
+    was trained on, not rescaled to the export size (reduced precision on rescaled images is a
+    false alarm; see bench._bench_size)."""
+    rule = {k: v for k, v in entry.get("size_rule", {}).items() if k in ("min", "multiple", "offset", "shrink")}
+    if entry.get("size_rule", {}).get("static") or not rule:
+        return False
+    if "profile" in entry:  # a TensorRT engine: inside its optimisation profile
+        low, high = entry["profile"]["min"], entry["profile"]["max"]
+        if not (low[2] <= height <= high[2] and low[3] <= width <= high[3]):
+            return False
+    sizes = SizeRule(**rule)
+    return sizes.accepts(height) and sizes.accepts(width)
+
+
+def gate_images(manifest: dict, entry: dict, data: str | Path | None) -> tuple[list[torch.Tensor], dict]:
+    """The real-image batches a reduced-precision export is gated on, and their record for the
+    entry; none is bad input (exit 2, nothing written): such an artefact cannot be proven."""
+    paths, _, why = real_images_for(manifest, None, data, IMAGES)
+    if not paths:
+        raise UserError(f"the {entry['precision']} artefact is judged on real images only and {why}; {HOW}")
+    model = manifest["model"]
+    channels = int(model["config"].get("n_channels", 3))
+    batches = image_batches(paths, channels, Preprocess.from_dict(model.get("preprocess")))
+    return fitted(batches, entry), image_record(paths)

@@ -3,6 +3,7 @@
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
+from unet_export.demo import DEMO_VAL
 
 runner = CliRunner()
 
@@ -10,7 +11,7 @@ runner = CliRunner()
 def test_fp32_layers_that_match_nothing_write_nothing(make_checkpoint, tmp_path):
     weights, out = make_checkpoint("v3"), tmp_path / "exports"
     result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--fp32-layers", "nomatch*",
-                                 "--height", "64", "--width", "64", "--device", "cpu"])  # fmt: skip
+                                 "--height", "64", "--width", "64", "--device", "cpu", "--data", str(DEMO_VAL)])  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "--fp32-layers nomatch* matches no node of unet_v3.onnx" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

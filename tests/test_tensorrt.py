@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from unet_export.api import build_trt, export_artifact, export_fp16_onnx
 from unet_export.cli.main import app
-from unet_export.demo import write_random_checkpoint
+from unet_export.demo import DEMO_VAL, write_random_checkpoint
 from unet_export.errors import UserError
 from unet_export.export.tensorrt_plan import (
     Profile,
@@ -143,7 +143,7 @@ def test_parser_rejection_names_the_node_and_explains_reflect_padding():
 
 
 def test_fp16_onnx_is_verified_with_fp16_tolerances(workdir):
-    result = export_fp16_onnx(workdir, device="cpu")
+    result = export_fp16_onnx(workdir, device="cpu", data=DEMO_VAL)
     assert result.path.name == "unet.fp16.onnx"
     model = onnx.load(str(result.path))
     elem = onnx.TensorProto
@@ -151,6 +151,8 @@ def test_fp16_onnx_is_verified_with_fp16_tolerances(workdir):
     assert model.graph.output[0].type.tensor_type.elem_type == elem.FLOAT
     assert any(init.data_type == elem.FLOAT16 for init in model.graph.initializer)
     assert result.parity.tolerance == "fp16" and result.passed, result.parity.failures()
+    assert [c.shape for c in result.parity.cases] == [[8, 3, 128, 128]]  # real images only, at their own size
+    assert len(result.entry["real_images"]["images"]) == 8
     for case in result.parity.cases:
         assert case.argmax_disagreement <= 1e-3 and case.dice_vs_eager >= 0.999
         assert case.max_abs_err > 0  # really converted: FP16 rounding shows
@@ -159,7 +161,7 @@ def test_fp16_onnx_is_verified_with_fp16_tolerances(workdir):
 
 
 def test_fp32_layers_stay_fp32_in_the_fp16_model(workdir):
-    result = export_fp16_onnx(workdir, fp32_layers=["outc*", "ConvTranspose"], device="cpu")
+    result = export_fp16_onnx(workdir, fp32_layers=["outc*", "ConvTranspose"], device="cpu", data=DEMO_VAL)
     model = onnx.load(str(result.path))
     kept = set(result.entry["fp32_nodes"])
     assert kept and all(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node if n.name in kept)
@@ -171,18 +173,35 @@ def test_fp32_layers_stay_fp32_in_the_fp16_model(workdir):
     converted = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in kept][0]
     assert not all(x in fp32_weights or x in casts_to_fp32 for x in converted.input if x)
     with pytest.raises(UserError, match="matches no node"):
-        export_fp16_onnx(workdir, fp32_layers=["no-such-layer*"], device="cpu")
+        export_fp16_onnx(workdir, fp32_layers=["no-such-layer*"], device="cpu", data=DEMO_VAL)
 
 
 def test_onnx_fp16_cli_writes_both_artefacts(tmp_path):
     weights = confident_checkpoint(tmp_path / "w.pth")
     out = tmp_path / "exports"
-    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--height", "64", "--width", "64"])
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--height", "64", "--width", "64",
+                                 "--data", str(DEMO_VAL)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "onnx fp16" in result.stdout and "fp16 tolerance" in result.stdout
     assert sorted(p.name for p in out.glob("*.onnx")) == ["w.fp16.onnx", "w.onnx"]
     bad = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp32-layers", "outc*"])
     assert bad.exit_code == 2 and "add --fp16" in bad.stderr
+
+
+def test_fp16_without_real_images_is_refused_before_anything_is_written(tmp_path, workdir):
+    """Issue 24: FP16 was judged on seeded noise. A checkpoint with no held-out images and no
+    --data cannot have its FP16 model proven: exit 2, one line, not even the FP32 model written."""
+    weights = confident_checkpoint(tmp_path / "w.pth")
+    out = tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--height", "64", "--width", "64"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the fp16 artefact is judged on real images only" in lines[0] and "--data DIR" in lines[0]
+    assert not out.exists()
+    before = sorted(p.name for p in workdir.iterdir())
+    with pytest.raises(UserError, match="judged on real images only and none are recorded or given"):
+        export_fp16_onnx(workdir, device="cpu")
+    assert sorted(p.name for p in workdir.iterdir()) == before
 
 
 # --- `unet-export trt` without TensorRT or without a GPU ----------------------------------------
@@ -341,7 +360,7 @@ def test_cli_build_leaves_a_timing_cache_the_next_build_reads_and_sets_the_works
     configs = []
     for workspace in ("2.5", "1"):
         trt = fake_trt(version=TRT10)
-        result = runner.invoke(app, ["trt", "-w", str(exports), "--workspace", workspace])
+        result = runner.invoke(app, ["trt", "-w", str(exports), "--workspace", workspace, "--data", str(DEMO_VAL)])
         assert result.exit_code == 3 and "stopped after the build" in result.stderr, result.output
         configs.append(trt._built["config"])
     first, second = configs
@@ -350,6 +369,22 @@ def test_cli_build_leaves_a_timing_cache_the_next_build_reads_and_sets_the_works
     assert (exports / "timing.cache").read_bytes() == b"cache:H100"
     assert first._pool == (trt.MemoryPoolType.WORKSPACE, int(2.5 * 2**30))
     assert second._pool == (trt.MemoryPoolType.WORKSPACE, 2**30)
+
+
+@pytest.mark.parametrize("version", [TRT10, TRT11])
+def test_an_fp16_engine_without_real_images_is_refused_before_the_build(workdir, tmp_path, fake_trt, monkeypatch, version):
+    """Issue 24: the FP16 engine was judged on seeded noise. With no held-out images recorded and no
+    --data it cannot be proven: exit 2 before TensorRT builds anything; --fp32 still builds."""
+    exports = tmp_path / "exports"
+    shutil.copytree(workdir, exports)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    trt = fake_trt(version=version)
+    before = sorted(p.name for p in exports.iterdir())
+    result = runner.invoke(app, ["trt", "--fp16", "-w", str(exports)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: the fp16 artefact is judged on real images only and none are recorded")
+    assert len(result.stderr.strip().splitlines()) == 1 and "--data DIR" in result.stderr
+    assert trt._built == {} and sorted(p.name for p in exports.iterdir()) == before
 
 
 @pytest.mark.parametrize("version", [TRT10, TRT11])

@@ -27,6 +27,7 @@ from unet_export.fileio import ensure_free_space, sha256_file, sweep_stale_temps
 from unet_export.manifest import checked_path, load_manifest, publish, set_model, tool_versions, transaction, utc_now
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
+from unet_export.realimages import HOW, folder_record, gate_images
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.tensorrt import gpu_identity
 from unet_export.verify import (  # noqa: F401  FP16, FP32, TOLERANCES: kept importable from here
@@ -119,9 +120,25 @@ def export_artifact(
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
         with transaction(workdir) as manifest:
             _refuse_concurrent_model(manifest, ckpt, revision, workdir)
-            dropped = set_model(manifest, ckpt.record())
+            dropped = set_model(manifest, model_record(ckpt))
             record_artifact(workdir, manifest, entry, parity, dev, staged)
     return ExportResult(dest, entry, parity, time.perf_counter() - started, dropped)
+
+
+def model_record(ckpt: Checkpoint) -> dict:
+    """The manifest's model record: the checkpoint's, with its training sidecar's held-out images
+    by path and sha256 (what reduced precision is judged on by verify and bench)."""
+    record = ckpt.record()
+    heldout = folder_record(record.get("validation"))
+    return record | ({"heldout": heldout} if heldout else {})
+
+
+def require_real_images(precision: str, weights: str | Path, model: str | None, data: str | Path | None) -> None:
+    """Refuse, before anything is exported, a reduced-precision export of ``weights`` that would
+    have no real images to be judged on (no ``data``, no held-out images in its sidecar)."""
+    if data is None and folder_record(load_checkpoint(weights, model).validation) is None:
+        raise UserError(f"the {precision} artefact is judged on real images only and {Path(weights).name} has no "
+                        f"held-out images recorded (a training sidecar's validation set); {HOW}")  # fmt: skip
 
 
 def _estimated_bytes(net: torch.nn.Module) -> int:
@@ -154,10 +171,11 @@ def _refuse_concurrent_model(manifest: dict, ckpt: Checkpoint, revision: int, wo
 
 
 def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] | None = None,
-                     device: str = "auto", seed: int = 0, max_class_change: float | None = None,
-                     min_dice: float | None = None) -> ExportResult:  # fmt: skip
+                     device: str = "auto", max_class_change: float | None = None, min_dice: float | None = None,
+                     data: str | Path | None = None) -> ExportResult:  # fmt: skip
     """Convert the workdir's verified FP32 ONNX model to FP16 (FP32 inputs and outputs) and check
-    it against the eager model with the FP16 tolerances (``max_class_change``/``min_dice`` replace them)."""
+    it against the eager model with the FP16 tolerances (``max_class_change``/``min_dice`` replace them)
+    on real images: ``data``, else the held-out images the manifest records (none: exit 2)."""
     started = time.perf_counter()
     tol = tolerance_for("fp16", max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
@@ -166,12 +184,12 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
     net = build_model(manifest_checkpoint(manifest))
     dev = resolve_device(device)
     dest = workdir / Path(source["path"]).with_suffix(".fp16.onnx").name
+    entry = {"format": "onnx", "path": dest.name, "precision": "fp16", "export_size": source["export_size"],
+             "size_rule": source["size_rule"]}  # fmt: skip
+    inputs, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
     with _staged(dest, _estimated_bytes(net), "FP16 ONNX") as staged:
-        io = convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
-        entry = {"format": "onnx", "path": dest.name, "precision": "fp16", **io,
-                 "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip
-        shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
-        parity = run_parity(entry, workdir, net, dev, seeded_inputs(shapes, seed), tol, path=staged)
+        entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
         with transaction(workdir) as current:
             _same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged)
@@ -271,9 +289,11 @@ def build_trt(
     atol: float | None = None,
     max_class_change: float | None = None,
     min_dice: float | None = None,
+    data: str | Path | None = None,
 ) -> ExportResult:
     """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA
-    (judged by float64); the tolerance options replace those of the engine's precision."""
+    (judged by float64); the tolerance options replace those of the engine's precision. FP32 is
+    judged on seeded inputs; FP16 on real images (``data``, else the manifest's held-out images)."""
     started = time.perf_counter()
     tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
@@ -285,10 +305,15 @@ def build_trt(
     if not torch.cuda.is_available():
         raise UserError("TensorRT needs an NVIDIA GPU and torch sees no CUDA device here; "
                         "build the engine on the GPU machine that will run it")  # fmt: skip
+    real, record = [], None
+    if precision != "fp32":  # before the build: an FP16 engine with no real images to judge it is refused
+        gate = {"precision": precision, "export_size": source["export_size"], "size_rule": source["size_rule"],
+                "profile": profile.to_dict()}  # fmt: skip
+        real, record = gate_images(manifest, gate, data)
     plan = plan_build(trt.__version__, precision, fp32_layers)
     onnx_path = workdir / source["path"]
     if plan.source == "fp16-onnx":  # TensorRT >= 11: FP16 comes from the model's types
-        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", seed=seed,
+        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", data=data,
                                      max_class_change=max_class_change, min_dice=min_dice).path  # fmt: skip
     dest = engine_path(workdir, source["path"], precision)
     cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"
@@ -297,7 +322,9 @@ def build_trt(
                             fp32_layers=fp32_layers)  # fmt: skip
         entry = _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache)
         dev = torch.device("cuda")
-        inputs = seeded_inputs(profile.parity_shapes(), seed)
+        inputs = real or seeded_inputs(profile.parity_shapes(), seed)
+        if record:
+            entry["real_images"] = record
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
         with transaction(workdir) as current:
             _same_model(current, manifest, workdir)

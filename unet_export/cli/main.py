@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from unet_export.api import build_trt, export_artifact, export_fp16_onnx, resolve_device
+from unet_export.api import build_trt, export_artifact, export_fp16_onnx, require_real_images, resolve_device
 from unet_export.bench import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
@@ -19,7 +19,7 @@ from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, Weights, Workdi
 from unet_export.cli.render import (
     bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
 )
-from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
+from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol
 from unet_export.cpp import cpp_check
 from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
 from unet_export.evaluate import evaluate
@@ -76,8 +76,11 @@ def onnx_cmd(
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
+    data: RealData = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
+    if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
+        require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
         raise UserError("--fp32-layers applies to the FP16 model: add --fp16")
     if (max_class_change is not None or min_dice is not None) and not fp16:
@@ -93,7 +96,7 @@ def onnx_cmd(
     passed = result.passed
     if fp16 and passed:
         with working("converting to FP16 and checking parity"):
-            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value,
+            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data,
                                     max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         export_report(half, workdir)
         passed = half.passed
@@ -181,6 +184,7 @@ def trt_cmd(
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
+    data: RealData = None,
 ) -> None:
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
     if fp16 and (rtol is not None or atol is not None):
@@ -193,7 +197,7 @@ def trt_cmd(
         result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                            opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
                            timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
-                           max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+                           max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
 
@@ -202,9 +206,8 @@ def trt_cmd(
 @cli_errors
 def verify_cmd(
     workdir: Workdir = Path("exports"),
-    data: Annotated[Path | None, typer.Option(help="Real images (a folder, or a dataset with imgs/ or JPEGImages/) "
-                                                   "checked in addition to the seeded inputs.")] = None,
-    images: Annotated[int, typer.Option(help="At most this many images from --data.")] = 8,
+    data: RealData = None,
+    images: Annotated[int, typer.Option(help="At most this many images from --data or the held-out set.")] = 8,
     device: DeviceOpt = "auto",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
     rtol: Rtol = None,

@@ -1,5 +1,6 @@
-"""The parity gate's tolerance options, shared by every command that verifies (one definition)."""
+"""The parity gate's options, shared by every command that verifies (one definition)."""
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,3 +17,7 @@ MaxClassChange = Annotated[float | None, typer.Option(
                                f"float64 model's, ties excluded; default {FP16.max_disagreement:g}.")]  # fmt: skip
 MinDice = Annotated[float | None, typer.Option(
     "--min-dice", help=f"FP16/BF16/INT8 gate: smallest Dice(artefact mask, eager mask); default {FP16.min_dice:g}.")]
+RealData = Annotated[Path | None, typer.Option(
+    "--data", help="Real images (a folder, or a dataset with imgs/ or JPEGImages/): FP16/BF16/INT8 are judged on "
+                   "real images only, FP32 on them and seeded inputs. Default: the held-out images the manifest "
+                   "records (the training sidecar's validation set).")]  # fmt: skip

@@ -25,12 +25,14 @@ from unet_export.api import (
     manifest_checkpoint,  # fmt: skip
     onnx_entry,
     record_artifact,
+    require_real_images,
     run_parity,
 )
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import fsync_file, sha256_file
 from unet_export.manifest import load_manifest, transaction
+from unet_export.realimages import gate_images
 from unet_export.runners.openvino import finish_pending_weights, parked_name
 from unet_export.verify import TOLERANCES, seeded_inputs
 
@@ -138,12 +140,14 @@ def ensure_onnx(weights, workdir: Path, *, model=None, device="auto", height=256
 
 def export_openvino(weights: str | Path | None = None, workdir: str | Path = "exports", *, fp16: bool = False,
                     model: str | None = None, device: str = "auto", height: int = 256, width: int = 256,
-                    seed: int = 0, on_result=None) -> ExportResult:  # fmt: skip
+                    seed: int = 0, on_result=None, data: str | Path | None = None) -> ExportResult:  # fmt: skip
     """Convert the verified ONNX model of ``weights`` (exported into ``workdir`` first if missing)
-    to an OpenVINO IR, check it against eager FP32 on the CPU (FP32 tolerances, or FP16 ones for
-    FP16-compressed weights) and record both files in the manifest."""
+    to an OpenVINO IR, check it against eager FP32 on the CPU (FP32 tolerances on seeded inputs,
+    or FP16 ones on real images for FP16-compressed weights) and record both files in the manifest."""
     workdir = Path(workdir)
     require("openvino", extra="openvino")
+    if fp16 and weights is not None:
+        require_real_images("fp16", weights, model, data)
     with _created_dir(workdir):
         source = ensure_onnx(
             weights, workdir, model=model, device=device, height=height, width=width, on_result=on_result
@@ -156,10 +160,13 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     need = 2 * _estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
     # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name
     with _staged(dest, need, "OpenVINO IR") as staged, _staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"):
-        ir = convert_onnx(workdir / source["path"], staged, fp16=fp16)
-        entry = ir_entry(dest, precision, source, ir)
-        shapes = [tuple(case["shape"]) for case in source["parity"]["cases"]]
-        parity = run_parity(entry, workdir, net, "cpu", seeded_inputs(shapes, seed), TOLERANCES[precision], path=staged)
+        entry = ir_entry(dest, precision, source, {})
+        if fp16:  # reduced precision is judged on real images only
+            inputs, entry["real_images"] = gate_images(manifest, entry, data)
+        else:
+            inputs = seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed)
+        entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
+        parity = run_parity(entry, workdir, net, "cpu", inputs, TOLERANCES[precision], path=staged)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
             _same_model(current, manifest, workdir)

@@ -400,11 +400,32 @@ def test_triton_check_serves_the_repository_and_matches_eager(tritonserver, work
         assert f"demo_unet_pipeline │ {protocol} │ 8 │ 131072 │ 0 │ 0 │ 1.000000 │ pass" in out, out
     assert "batch-size must be <= 8 for 'demo_unet_python'" in out and "then answered a valid request: pass" in out, out
     assert "40/40 answered, 0 mismatched" in out and "served models match eager" in out, out
+    assert out.rstrip().endswith("served models match eager: checked 2 of 4 models (demo_unet_python, "
+                                 "demo_unet_pipeline); not checked here: demo_unet_onnx (not served), "
+                                 "demo_unet_torchscript (not served)"), out  # fmt: skip
     pairs = re.search(r"executions\) ((?:\d+: \d+(?:, )?)+)", out).group(1).split(", ")
     formed = dict(map(int, pair.split(": ")) for pair in pairs)
     assert sum(size * count for size, count in formed.items()) == 40, out  # every request, in the batch it rode in
     pid = int(re.search(r"pid (\d+)", out).group(1))
     assert not pid_alive(pid)
+
+
+def test_triton_check_counts_what_it_really_checked(tritonserver, tmp_path):
+    """Issue 24: on a plain checkpoint (no training sidecar, so no real images) `--check` ended with
+    "served models match eager" though 3 of 4 models were not checked. Its last line now counts."""
+    weights = tmp_path / "weights.pth"
+    shutil.copy(DEMO_WEIGHTS, weights)
+    for fmt in ("onnx", "torchscript"):
+        assert export_artifact(weights, fmt, tmp_path / "w", device="cpu", height=128, width=128).passed
+    args = ["triton", "-w", str(tmp_path / "w"), "--repo", str(tmp_path / "repo"), "--with-pipeline", "--check",
+            "--clients", "2", "--requests", "3", "--python-runtime", "onnxruntime"]  # fmt: skip
+    result = runner.invoke(app, args)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "not checked here weights_pipeline: not judged here: a pipeline is checked on real images" in out, out
+    assert out.rstrip().endswith("served models match eager: checked 1 of 4 models (weights_python); not checked "
+                                 "here: weights_onnx (not served), weights_torchscript (not served), weights_pipeline "
+                                 "(no real images)"), out  # fmt: skip
 
 
 def test_a_served_model_that_differs_from_eager_fails_the_check(tritonserver, workdir, tmp_path, monkeypatch):

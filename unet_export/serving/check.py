@@ -18,12 +18,11 @@ import torch
 
 from unet_export.api import manifest_checkpoint
 from unet_export.checkpoint import build_model, class_mask_values
-from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image, mask_to_classes
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
 from unet_export.errors import UnetExportError, UserError
-from unet_export.fileio import sha256_file
 from unet_export.metrics import decision_margin, dice_score
 from unet_export.models.sizes import SizeRule
+from unet_export.realimages import HOW, judged_on_images_only, not_judged, real_images_for
 from unet_export.runners import EagerRunner, Runner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, infer, make_client
 from unet_export.serving.install import TritonInstall
@@ -60,6 +59,7 @@ class ServeCheck:
     overload: dict = field(default_factory=dict)
     load: LoadReport | None = None
     notes: list[str] = field(default_factory=list)
+    not_checked: dict[str, str] = field(default_factory=dict)  # served, but nothing here to judge it on
 
     @property
     def passed(self) -> bool:
@@ -75,9 +75,9 @@ def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, da
     record, served, install = read_record(repo), server.models, server.install
     report = ServeCheck(repo, install, served, missing)
     net = build_model(manifest_checkpoint({"model": record["model"]}, weights))  # the eager reference
-    images = real_images(record, data)
+    images, why = real_images(record, data)
     if not images:
-        report.notes.append("no --data: real-image batches and pipeline checks skipped")
+        report.notes.append(f"no real images ({why}): FP32 models are checked on seeded inputs only; {HOW}")
     on_step(f"starting tritonserver ({install.origin}) with {len(served)} of {len(found)} models")
     with server:
         report.server = {"pid": server.proc.pid, "http": server.http_url, "grpc": server.grpc_url,
@@ -85,8 +85,15 @@ def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, da
         on_step(f"ready in {server.started_in:.1f} s: HTTP {server.http_url}, gRPC {server.grpc_url}")
         logits_models = [n for n in served if "artifact" in record["models"][n]]
         for name in logits_models:
+            precision = record["models"][name]["artifact"]["precision"]
+            if judged_on_images_only(precision) and not images:
+                report.not_checked[name] = not_judged(precision, why)
+                continue
             report.parity += served_parity(server, name, found[name], record, net, images, seed)
         for name in [n for n in served if found[n].platform == "ensemble"]:
+            if not images:  # a pipeline takes images: its masks are compared on real ones
+                report.not_checked[name] = f"not judged here: a pipeline is checked on real images and {why}; {HOW}"
+                continue
             report.masks += pipeline_masks(server, name, found, record, net, images)
         primary = next((n for n in logits_models if record["models"][n]["kind"] == "python"), logits_models[0])
         report.overload = over_max_batch(server, primary, found[primary], record)
@@ -97,23 +104,22 @@ def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, da
     return report
 
 
-def real_images(record: dict, data: str | Path | None) -> list[Path]:
-    """Up to MAX_IMAGES images from ``data`` (a dataset folder or a folder of images); without
-    it, the shipped validation images when the repository serves the shipped demo model."""
-    if data is None:
-        if record["model"]["checkpoint"]["sha256"] != sha256_file(DEMO_WEIGHTS):
-            return []
-        data = DEMO_VAL
-    folder = Path(data)
-    if not folder.is_dir():
-        raise UserError(f"--data {folder}: not a folder")
-    for sub in ("imgs", "JPEGImages"):
-        if (folder / sub).is_dir():
-            folder = folder / sub
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if not images:
-        raise UserError(f"--data {data}: no images ({', '.join(sorted(IMAGE_EXTS))})")
-    return images[:MAX_IMAGES]
+def real_images(record: dict, data: str | Path | None) -> tuple[list[Path], str]:
+    """(up to MAX_IMAGES real images, why there are none): ``data`` (a dataset folder or a folder
+    of images), else the held-out images the repository's model record holds by path and sha256."""
+    if data is not None and not Path(data).is_dir():
+        raise UserError(f"--data {data}: not a folder")
+    images, _, why = real_images_for({"model": record["model"]}, None, data, MAX_IMAGES)
+    return images, why
+
+
+def summary(report: ServeCheck) -> str:
+    """The last line: what was really checked, of how many models, and what was not, never more."""
+    checked = list(dict.fromkeys([m for m, _, _ in report.parity] + [c.model for c in report.masks]))
+    skipped = [f"{m} (not served)" for m in report.not_served] + [f"{m} (no real images)" for m in report.not_checked]
+    total = len(checked) + len(skipped)
+    line = f"checked {len(checked)} of {total} models" + (f" ({', '.join(checked)})" if checked else "")
+    return line + (f"; not checked here: {', '.join(skipped)}" if skipped else "")
 
 
 def _model_io(config) -> tuple[str, str]:

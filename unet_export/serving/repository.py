@@ -140,7 +140,7 @@ def _artifact_record(entry: dict) -> dict:
     return {k: entry.get(k) for k in ("format", "precision", "path", "sha256", "bytes", "size_rule")} | {
         "weights_sha256": (entry.get("weights") or {}).get("sha256"),  # an OpenVINO IR's .bin
         "parity_shapes": [case["shape"] for case in parity.get("cases", [])], "limits": parity.get("limits"),
-        "verified_on": parity.get("device")}
+        "verified_on": parity.get("device"), "real_images": entry.get("real_images")}
 
 
 def native_plan(entry: dict, manifest: dict, workdir: Path, name: str, max_batch: int, instances: int) -> ModelPlan:

@@ -64,6 +64,15 @@ def write_json(dest: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def loads_json(text: str):
+    """json.loads, where a document nested deeper than the parser can follow (`[` x 200000 raises
+    RecursionError) is malformed JSON like any other: a JSONDecodeError, which callers handle."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", text[:1], 0) from None
+
+
 def write_bytes_checked(dest: Path, payload: bytes) -> None:
     """Write bytes from Python, where a full disk is an OSError; some C++ writers abort instead."""
     with open(dest, "wb") as fh:

@@ -206,3 +206,18 @@ def test_labelme_cli_names_file_and_shape(tmp_path):
     result = CliRunner().invoke(app, ["data", "labelme", str(src), str(tmp_path / "voc"), "--labels", ",".join(LABELS)])
     assert result.exit_code == 2 and "a.json: shape 0 ('cat') has a non-finite coordinate" in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "voc").exists()
+
+
+def test_deeply_nested_json_is_exit_2_naming_the_file(tmp_path):
+    """`[` x 200000 overflows the parser (RecursionError): bad input, not a bug in the tool."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "labelme"
+    src.mkdir()
+    (src / "deep.json").write_text("[" * 200_000)
+    proc = subprocess.run([sys.executable, "-m", "unet_export", "data", "labelme", str(src), str(tmp_path / "voc"),
+                           "--labels", ",".join(LABELS)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(src / "deep.json") in proc.stderr and "nested" in proc.stderr
+    assert not (tmp_path / "voc").exists()

@@ -9,12 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from pathlib import Path
 
 import pytest
 
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.pipeline.ray_local import free_port, loopback_cluster, ray_env
+from unet_export.pipeline.ray_local import SOCKET_ROOM, _sessions_dir, free_port, loopback_cluster, ray_env
 
 pytestmark = pytest.mark.ray
 N_IMAGES = 200
@@ -97,3 +100,70 @@ def test_sigterm_stops_a_ray_run_cleanly_and_resume_finishes_it(cluster, images,
     assert resumed.returncode == 0, resumed.stderr
     assert f"wrote {N_IMAGES - len(masks)} masks" in resumed.stdout and f"{len(masks)} already done" in resumed.stdout
     assert len(list(out.rglob("*_mask.png"))) == N_IMAGES and not list(out.rglob(".*"))
+
+
+@pytest.fixture
+def empty_tmpdir(tmp_path, monkeypatch):
+    """A fresh machine: $TMPDIR has no `ray` folder yet (issue 24: a leftover /tmp/ray hid that
+    the keeper needed one). Short, so that the keeper uses it (see _sessions_dir); tmp_path is
+    made first, so pytest's own folders are not in it."""
+    empty = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(empty))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
+    yield empty
+    shutil.rmtree(empty, ignore_errors=True)
+
+
+DRIVER = """import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+alive = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
+print(len(alive), ",".join(sorted(set(alive))), ray.get(ray.remote(lambda x: x * 7).remote(6)))
+"""
+
+
+def test_the_keeper_starts_a_working_cluster_with_an_empty_tmpdir(empty_tmpdir, tmp_path):
+    """Ray's Cluster writes `ray_current_cluster` under Ray's default temp dir: the keeper keeps
+    that inside its own folder, so it needs no $TMPDIR/ray, leaves none, and no ray.init()
+    elsewhere on the machine finds the test cluster by that file."""
+    with loopback_cluster(tmp_path / "ray", nodes=2) as (address, env):
+        assert env["TMPDIR"] == str(empty_tmpdir)
+        [sessions] = empty_tmpdir.iterdir()  # the keeper's folder, in $TMPDIR
+        assert (sessions / "ray" / "ray_current_cluster").read_text().strip() == address
+        driver = subprocess.run([sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True,
+                                timeout=180)  # fmt: skip
+        assert driver.returncode == 0, driver.stderr
+        assert driver.stdout.split() == ["2", "127.0.0.1", "42"]  # two live nodes, on loopback only, a task ran
+        assert not (empty_tmpdir / "ray").exists()
+    assert list(empty_tmpdir.iterdir()) == []  # the keeper's folder is gone with it
+
+
+def test_predict_on_a_local_ray_instance_with_an_empty_tmpdir(empty_tmpdir, tmp_path):
+    """`predict --ray` without an address starts its own instance: it works on a fresh machine
+    and writes the local pipeline's masks."""
+    sources = sorted((DEMO_VAL / "imgs").iterdir())[:3]
+    env = ray_env(tmp_path / "home")
+    runs = {}
+    for engine in ("local", "ray"):
+        args = [DEMO_WEIGHTS, *sources, "--out", tmp_path / engine, "--report", tmp_path / f"{engine}.json"]
+        runs[engine] = predict(args + (["--ray"] if engine == "ray" else []), env)
+        assert runs[engine].returncode == 0, runs[engine].stderr
+    assert "wrote 3 masks" in runs["ray"].stdout and ", ray)" in runs["ray"].stdout
+    report, reference = (json.loads((tmp_path / f"{e}.json").read_text()) for e in ("ray", "local"))
+    assert report["engine"] == "ray" and report["masks"] == reference["masks"] and len(report["masks"]) == 3
+
+
+@pytest.mark.parametrize("length", ["short", "long"])
+def test_the_keepers_folder_is_short_enough_for_rays_sockets(length, tmp_path, monkeypatch):
+    """Under $TMPDIR when its path leaves room for Ray's socket paths, else under /tmp."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="t", dir="/tmp")) if length == "short" else tmp_path / ("x" * 60)
+    tmpdir.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    folder = _sessions_dir()
+    try:
+        assert folder.is_dir() and len(str(folder)) <= SOCKET_ROOM
+        assert folder.parent == (tmpdir if length == "short" else Path("/tmp"))
+    finally:
+        folder.rmdir()
+        if length == "short":
+            tmpdir.rmdir()

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.export import FORMATS
 from unet_export.fileio import sha256_file, sweep_stale_temps
 from unet_export.manifest import load_manifest, transaction
 from tests.conftest import milesial_state_dict
@@ -177,9 +179,13 @@ def test_disk_full_while_writing_exits_2_and_leaves_nothing(make_checkpoint, tmp
     torch.jit.save used to abort the process (SIGABRT) there."""
     weights, out = make_checkpoint("v3"), tmp_path / "exports"
     out.mkdir()
-    proc = small_export(weights, out, fmt, preexec_fn=_limit_file_size(100_000))
+    builds = tmp_path / "inductor"  # a fresh build folder: AOTInductor writes (and fails) there first
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(builds)}
+    proc = small_export(weights, out, fmt, preexec_fn=_limit_file_size(100_000), env=env)
     assert proc.returncode == 2, proc.stderr
-    assert "File too large" in one_error_line(proc)
+    # the file it was writing, named as for a read-only disk (a failed write() names no file)
+    where = f"a file in AOTInductor's build folder {builds}" if fmt == "aoti" else out / f"unet_v3{FORMATS[fmt].suffix}"
+    assert one_error_line(proc) == f"error: cannot write or read {where}: File too large"
     assert list(out.iterdir()) == []
 
 
@@ -219,6 +225,24 @@ def test_read_only_workdir_exits_2(make_checkpoint, tiny_tmpfs):
     for fmt in ("onnx", "aoti"):
         proc = small_export(make_checkpoint("v3"), tiny_tmpfs / "exports", fmt)
         assert proc.returncode == 2 and "Read-only file system" in one_error_line(proc)
+
+
+def test_disk_full_during_predict_exits_2_naming_the_mask(tiny_tmpfs, tmp_path):
+    """ENOSPC part-way through the masks: one line naming the file it hit, the masks already
+    written whole, no temp file left."""
+    filler = tiny_tmpfs / "filler"
+    filler.write_bytes(b"\0" * (3 * 2**20 - 64 * 1024))  # leave 64 kB: a few masks and overlays
+    out = tiny_tmpfs / "masks"
+    proc = cli("predict", DEMO_WEIGHTS, DEMO_VAL / "imgs", "--out", out, "--overlay", "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc)
+    assert line.startswith(f"error: cannot write or read {out}/") and line.endswith(": No space left on device")
+    named = Path(line.removeprefix("error: cannot write or read ").rsplit(": ", 1)[0])
+    assert named.suffix == ".png" and not named.exists()
+    written = sorted(out.rglob("*"))
+    assert written and all(p.suffix == ".png" and not p.name.startswith(".") for p in written)
+    for path in written:
+        Image.open(path).load()  # whole PNGs only
 
 
 def test_workdir_that_is_a_file_exits_2(make_checkpoint, tmp_path):

@@ -157,6 +157,10 @@ def _staged(dest: Path, need_bytes: int, what: str):
     staged = temp_path(dest)
     try:
         yield staged
+    except OSError as exc:  # a full disk while writing: name the artefact, not its hidden temp name
+        if exc.filename == str(staged):
+            exc.filename = str(dest)
+        raise
     finally:
         staged.unlink(missing_ok=True)
 

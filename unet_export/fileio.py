@@ -31,7 +31,7 @@ def temp_path(dest: Path) -> Path:
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (its folder created if need be, as for a report in
     a new `reports/`); rename it into place only if the block succeeds. An error names ``dest``,
-    never the hidden temp file."""
+    never the hidden temp file, also one from write() or fsync() (ENOSPC, EFBIG), which names none."""
     dest = Path(dest)
     tmp = temp_path(dest)
     try:
@@ -40,7 +40,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         fsync_file(tmp)
         os.replace(tmp, dest)
     except OSError as exc:
-        if exc.filename == str(tmp):
+        if exc.filename in (None, str(tmp)):
             exc.filename = str(dest)
         raise
     finally:
@@ -62,6 +62,15 @@ def fsync_file(path: Path) -> None:
 def write_json(dest: Path, data) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def loads_json(text: str):
+    """json.loads, where a document nested deeper than the parser can follow (`[` x 200000 raises
+    RecursionError) is malformed JSON like any other: a JSONDecodeError, which callers handle."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to parse", text[:1], 0) from None
 
 
 def write_bytes_checked(dest: Path, payload: bytes) -> None:

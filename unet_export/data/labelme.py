@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS, pil_pixel_limit
 from unet_export.errors import UserError
-from unet_export.fileio import atomic_path
+from unet_export.fileio import atomic_path, loads_json
 
 # Shapes that enclose an area, and their point counts; line, point, linestrip... have no area.
 POINTS_NEEDED = {"polygon": 3, "rectangle": 2, "circle": 2}
@@ -46,7 +46,7 @@ def voc_palette() -> list[int]:
 def _read_json(path: Path) -> dict:
     """Parse one labelme file; anything without a ``shapes`` list is not one."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = loads_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not readable as JSON ({exc})") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):

@@ -40,7 +40,7 @@ def export_aoti(model: nn.Module, dest: Path, sample: torch.Tensor, metadata: di
             )
     except Exception as exc:  # torch.export and Inductor raise many types
         if cause := environment_error(exc):  # a full or read-only disk, not the exporter: exit 2
-            raise cause from exc
+            raise _named(cause) from exc
         first = " ".join(str(exc).split())[:300]
         raise ArtifactError(f"AOTInductor export failed: {type(exc).__name__}: {first}") from exc
     with atomic_path(dest) as tmp:
@@ -53,6 +53,15 @@ def export_aoti(model: nn.Module, dest: Path, sample: torch.Tensor, metadata: di
         "limits": limits,
         "device": device.type,
     }
+
+
+def _named(exc: OSError) -> OSError:
+    """A failed write() names no file; Inductor's are all under its build folder: name that."""
+    if exc.filename is None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        exc.filename = f"a file in AOTInductor's build folder {cache_dir()}"
+    return exc
 
 
 def _limits(program) -> dict:

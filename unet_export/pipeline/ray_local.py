@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 START_TIMEOUT = 180  # seconds for the whole cluster to come up
+SOCKET_ROOM = 40  # the longest --temp-dir path that leaves Ray's socket paths under 108 bytes
 SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's loopback-only mode
 
 
@@ -62,8 +63,7 @@ def loopback_cluster(tmp: Path, nodes: int = 2, cpus: int = 2) -> Iterator[tuple
 
     env = ray_env(tmp / "home")
     before = {p.pid for p in psutil.process_iter()}
-    # Ray's session dir holds Unix sockets, whose paths must stay under ~107 characters: a short one
-    sessions = Path(tempfile.mkdtemp(prefix="unet-ray-"))
+    sessions = _sessions_dir()
     log = open(tmp / "keeper.log", "w")
     keeper = subprocess.Popen([sys.executable, "-m", "unet_export.pipeline.ray_local", "--nodes", str(nodes), "--cpus",
                                str(cpus), "--temp-dir", str(sessions)], env=env, stdin=subprocess.PIPE,
@@ -80,6 +80,15 @@ def loopback_cluster(tmp: Path, nodes: int = 2, cpus: int = 2) -> Iterator[tuple
         _stop([p for p in psutil.process_iter() if p.pid not in before and _ours(p, env)])
         log.close()
         shutil.rmtree(sessions, ignore_errors=True)
+
+
+def _sessions_dir() -> Path:
+    """A fresh folder for everything Ray writes (the keeper's --temp-dir), under $TMPDIR when its
+    path is short enough: Ray's session folders hold Unix sockets, whose paths stay under 108 bytes
+    ("<here>/session_<26-char date>_<pid>/sockets/plasma_store.1" leaves about 40 for <here>)."""
+    root = tempfile.gettempdir()
+    fits = len(root) + len("/ray-12345678") <= SOCKET_ROOM  # mkdtemp adds 8 random characters
+    return Path(tempfile.mkdtemp(prefix="ray-", dir=root if fits else "/tmp"))
 
 
 def _address(keeper: subprocess.Popen, log: Path) -> str:
@@ -128,6 +137,7 @@ def _keep() -> None:
     parser.add_argument("--temp-dir", required=True)
     args = parser.parse_args()
     pin_to_loopback()
+    _own_default_temp_dir(Path(args.temp_dir))
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": args.cpus, "include_dashboard": False,
@@ -140,6 +150,16 @@ def _keep() -> None:
         sys.stdin.read()  # until the owner closes it (or dies)
     finally:
         cluster.shutdown()
+
+
+def _own_default_temp_dir(temp_dir: Path) -> None:
+    """Cluster writes `ray_current_cluster` under Ray's machine-wide default temp dir
+    ($RAY_TMPDIR, else $TMPDIR, else /tmp, plus `ray/`), whatever temp_dir its nodes get: on a
+    machine where that folder does not exist yet it died (FileNotFoundError), and where it does,
+    any plain ray.init() there would join the test cluster. Pointed at the keeper's own folder,
+    the file is private and goes when the folder does."""
+    os.environ["RAY_TMPDIR"] = str(temp_dir)
+    (temp_dir / "ray").mkdir(parents=True, exist_ok=True)
 
 
 if __name__ == "__main__":

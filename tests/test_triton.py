@@ -1,8 +1,10 @@
 """`unet-export triton|serve`: the repository writer and its checks, the pipeline's numpy steps
 against predict, the tritonserver fetch; then a real Triton server (the nvidia-pytriton wheel's
-tritonserver, fetched and sha256-checked once into the cache) that each server test starts and
-stops itself on free 127.0.0.1 ports, bounded in time and in requests."""
+tritonserver, fetched and sha256-checked once into the cache) on free 127.0.0.1 ports, started and
+stopped by the tests (one `unet-export serve` shared by the serve tests), bounded in time and in
+requests."""
 
+import http.client
 import json
 import os
 import re
@@ -11,7 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
 import zipfile
@@ -22,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
 from typer.testing import CliRunner
 
 from tests.conftest import ignoring_sigint
@@ -35,6 +38,7 @@ from unet_export.manifest import load_manifest, transaction, upsert_artifact
 from unet_export.models.sizes import SizeRule
 from unet_export.runners.base import Runner
 from unet_export.serving import install, repository, triton_model
+from unet_export.serving.client import infer, make_client
 from unet_export.serving.repository import RECORD_NAME, write_repository
 from unet_export.serving.validate import check_repository
 
@@ -87,7 +91,8 @@ def test_repository_from_the_verified_artefacts(written, demo_workdir):
     assert py.backend == "python" and _dims(py.input) == [("input", [3, -1, -1])]
     settings = json.loads(py.parameters["unet_export"].string_value)
     assert settings == {"role": "model", "runtime": "onnxruntime", "artifact": "model.onnx", "input": "input",
-                        "output": "logits", "threads": 0, "precision_hint": "f32"}  # fmt: skip
+                        "output": "logits", "threads": 0, "precision_hint": "f32",
+                        "size_rule": {"min": 16, "multiple": 1, "offset": 0, "shrink": 0}}  # fmt: skip
     assert (written / "demo_unet_python/1/model.py").read_text() == Path(triton_model.__file__).read_text()
     record = json.loads((written / RECORD_NAME).read_text())
     assert record["models"]["demo_unet_onnx"]["artifact"]["sha256"] == entries["onnx"]["sha256"]
@@ -318,6 +323,50 @@ def test_numpy_size_rule_is_the_library_one(rule):
     assert [triton_model.at_least(n, as_dict) for n in range(1, 700)] == [rule.at_least(n) for n in range(1, 700)]
 
 
+@pytest.mark.parametrize("rule", [SizeRule(), SizeRule(multiple=16), SizeRule(min=188, multiple=16, offset=124, shrink=184)])
+def test_the_served_models_size_refusal_is_the_library_ones(rule):
+    as_dict = rule.to_dict()
+    for height, width in [(h, 33) for h in range(0, 260)] + [(200, w) for w in range(0, 260)]:
+        try:
+            rule.check(height, width)
+            expected = None
+        except UserError as exc:
+            expected = str(exc)
+        assert triton_model.size_problem(height, width, as_dict) == expected
+
+
+class _Stub:
+    """What the 2.51 Python-backend stub does with an output tensor (python_backend
+    src/pb_tensor.cc, FromDLPackCapsule): read the capsule, rename it "used_dlpack", keep the
+    tensor (here: the capsule's managed tensor is never freed, as the stub frees it later)."""
+
+    class Tensor:
+        @staticmethod
+        def from_dlpack(name, capsule):
+            import ctypes
+
+            get = ctypes.pythonapi.PyCapsule_GetPointer
+            get.argtypes, get.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
+            assert get(capsule, b"dltensor")
+            _Stub.name = ctypes.c_char_p(b"used_dlpack")  # kept alive: the capsule keeps the pointer
+            rename = ctypes.pythonapi.PyCapsule_SetName
+            rename.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            rename(capsule, _Stub.name)
+            return name
+
+
+def test_outputs_are_handed_to_the_stub_without_an_error_per_tensor(monkeypatch):
+    """Regression: numpy's capsule destructor met the stub's "used_dlpack" name and printed
+    `PyCapsule_GetPointer called with incorrect name` with a traceback for every output tensor."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for _ in range(3):
+        assert triton_model.to_triton(_Stub, "logits", array) == "logits"
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert array.tolist() == np.arange(12, dtype=np.float32).reshape(3, 4).tolist()  # untouched, still owned
+
+
 def _wheel(tmp_path: Path, members: dict[str, int]) -> Path:
     wheel = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -369,6 +418,89 @@ def test_an_existing_triton_install_is_used_as_it_is(tmp_path, monkeypatch):
     monkeypatch.setenv(install.BINARY_ENV, str(binary))
     found = install.locate_tritonserver()
     assert found.backend_dir == home.resolve() / "backends" and found.backends == {"python", "onnxruntime"}
+
+
+class _Exits:
+    """A stand-in server process: running for ``polls`` polls, then killed by SIGABRT."""
+
+    def __init__(self, pid: int, polls: int):
+        self.pid, self.polls, self.returncode = pid, polls, None
+
+    def poll(self):
+        self.polls -= 1
+        if self.polls < 0:
+            self.returncode = -signal.SIGABRT
+        return self.returncode
+
+
+class _CrashingServer:
+    """What keep_serving uses of a TritonServer; run i (pid 100 + i) lives ``polls[i]`` polls."""
+
+    models, log_path, started_in = ["demo_unet_python"], Path("/tmp/x/tritonserver.log"), 2.0
+
+    def __init__(self, polls: list[int]):
+        self.polls, self.proc = polls, _Exits(100, polls[0])
+
+    def exit_reason(self) -> str:
+        return "killed by SIGABRT (terminate called after throwing an instance of 'std::bad_alloc')"
+
+    def restart(self):
+        pid = self.proc.pid + 1
+        self.proc = _Exits(pid, self.polls[pid - 100])
+        return self
+
+
+def test_a_server_that_exits_is_restarted_with_a_growing_wait_that_resets_once_it_ran():
+    """Quick crashes wait 0.5, 1, 2, 4, 4 s; one that served STABLE_S first waits 0.5 s again."""
+    from unet_export.serving import server as server_module
+
+    now, said = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    def say(line: str) -> None:
+        said.append(line)
+        if sum("exited on its own" in line for line in said) == 7:
+            raise KeyboardInterrupt  # Ctrl-C
+
+    a_minute = int(server_module.STABLE_S / 0.5)  # polls of 0.5 s
+    with pytest.raises(KeyboardInterrupt):
+        server_module.keep_serving(_CrashingServer([0, 0, 0, 0, 0, a_minute, 0]), say, clock=lambda: now[0],
+                                   sleep=sleep)  # fmt: skip
+    exits = [line for line in said if "exited on its own" in line]
+    assert exits[0] == ("tritonserver (pid 100) exited on its own: killed by SIGABRT (terminate called after "
+                        "throwing an instance of 'std::bad_alloc'); restarting in 0.5 s (log: /tmp/x/tritonserver.log)")  # fmt: skip
+    assert [re.search(r"restarting in (\S+) s", line).group(1) for line in exits] == ["0.5", "1", "2", "4", "4", "0.5",
+                                                                                      "1"]  # fmt: skip
+    assert [line for line in said if "restarted" in line] == [
+        f"tritonserver restarted (pid {pid}) in 2.0 s, serving demo_unet_python" for pid in range(101, 107)]
+
+
+def _fake_tritonserver(tmp_path: Path, help_text: str) -> install.TritonInstall:
+    home = tmp_path / "tritonserver"
+    (home / "bin").mkdir(parents=True)
+    (home / "backends/python").mkdir(parents=True)
+    (home / "backends/python/triton_python_backend_stub").write_text("")
+    binary = home / "bin/tritonserver"
+    binary.write_text(f"#!/bin/sh\ncat <<'EOF'\n{help_text}\nEOF\nexit 1\n")
+    binary.chmod(0o755)
+    return install.locate_tritonserver(binary)
+
+
+def test_the_input_limit_is_passed_where_the_server_has_the_option(written, tmp_path):
+    """tritonserver 2.51 has no option bounding a request's input; later releases have
+    --http-max-input-size, which refuses the 120 GB request before allocating it."""
+    from unet_export.serving.server import TritonServer, max_input_bytes
+
+    found = check_repository(written)
+    limit = max_input_bytes(found, ["demo_unet_python", "demo_unet_pipeline"])
+    assert limit == 4 * 3 * 50_000_000 * 4  # max batch 4, FP32 3xHxW at the 50 MP every command allows
+    assert max_input_bytes(found, ["demo_unet_postprocess"]) == 4 * (3 * 50_000_000 * 4 + 4 * 4)
+    old = _fake_tritonserver(tmp_path / "old", "  --http-port <integer>\n\tThe port.")
+    new = _fake_tritonserver(tmp_path / "new", "  --http-port <integer>\n  --http-max-input-size <integer>\n\tMax.")
+    assert not any("max-input" in a for a in TritonServer(old, written, max_input_bytes=limit).command())
+    assert f"--http-max-input-size={limit}" in TritonServer(new, written, max_input_bytes=limit).command()
 
 
 # --- a real server -------------------------------------------------------------------------
@@ -442,49 +574,169 @@ def test_a_served_model_that_differs_from_eager_fails_the_check(tritonserver, wo
     assert "FAIL" in result.output and "6/6 answered, 6 mismatched" in out
 
 
-def _read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
-    """stdout lines until one matches (the server start is bounded by the command's own timeout)."""
-    seen, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"no {pattern!r} within {timeout} s: {''.join(seen)}")
+class _Serve:
+    """`unet-export serve` in a child process started as `cmd &` in a script starts it (SIGINT
+    ignored); a thread collects its output so a test waits for a line with a deadline."""
+
+    def __init__(self, repo: Path):
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "unet_export", "serve", "--repo", str(repo)], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=ignoring_sigint)  # fmt: skip
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self.changed:
+            return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        with self.changed:
+            if not self.changed.wait_for(lambda: re.search(pattern, "".join(self.lines)), timeout):
+                raise AssertionError(f"no {pattern!r} within {timeout} s: {''.join(self.lines)}")
+            return re.search(pattern, "".join(self.lines))
+
+    def stop(self) -> None:
+        """Ctrl-C (serve removes its server's log folder), SIGKILL if that hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
 
 
-def test_serve_runs_until_ctrl_c(tritonserver, written):
-    """Started as `cmd &` in a script starts it (SIGINT ignored), Ctrl-C still stops it."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "unet_export", "serve", "--repo", str(written)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=ignoring_sigint)  # fmt: skip
+@pytest.fixture(scope="module")
+def serving(tritonserver, written):
+    """One `unet-export serve` of the written repository for the server tests below; the last
+    of them stops it with Ctrl-C."""
+    serve = _Serve(written)
     try:
-        out = _read_until(proc, "Ctrl-C stops it", timeout=180)
-        assert "not loaded demo_unet_onnx" in out and "not loaded demo_unet_torchscript" in out
-        url = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)/", out).group(1)
-        server_pid = int(re.search(r"pid (\d+)", out).group(1))
-        for model in ("demo_unet_python", "demo_unet_pipeline"):
-            with urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=10) as response:
-                assert response.status == 200
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = f"still running 90 s after SIGINT; it printed: {out}{proc.stdout.read()}"
-        assert code == 0, code
-        assert "stopping tritonserver" in proc.stdout.read()
+        serve.wait_for("Ctrl-C stops it", timeout=180)
+        serve.url = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)/", serve.output).group(1)
+        serve.grpc = re.search(r"gRPC\s+(127\.0\.0\.1:\d+)", serve.output).group(1)
+        serve.log = Path(re.search(r"log\s+(\S+tritonserver\.log)", serve.output).group(1))
+        yield serve
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        serve.stop()
+
+
+def _infer_json(url: str, model: str, name: str, array: np.ndarray, shape: list | None = None,
+                timeout: float = 60) -> tuple[int, dict]:  # fmt: skip
+    """(HTTP status, JSON body) of one KServe v2 JSON request; ``shape`` may claim another shape."""
+    datatype = {"float32": "FP32", "uint8": "UINT8"}[array.dtype.name]
+    body = {"inputs": [{"name": name, "shape": shape or list(array.shape), "datatype": datatype,
+                        "data": array.ravel().tolist()}]}  # fmt: skip
+    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _eager_logits(workdir: Path, x: np.ndarray) -> np.ndarray:
+    from unet_export.api import manifest_checkpoint
+    from unet_export.checkpoint import build_model
+
+    net = build_model(manifest_checkpoint(load_manifest(workdir))).eval()
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def _assert_served_like_eager(url: str, demo_workdir: Path, seed: int) -> None:
+    x = np.random.default_rng(seed).random((1, 3, 32, 48), dtype=np.float32)
+    status, body = _infer_json(url, "demo_unet_python", "input", x)
+    assert status == 200, body
+    (output,) = body["outputs"]
+    served = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    expected = _eager_logits(demo_workdir, x)
+    assert served.shape == expected.shape == (1, 3, 32, 48)
+    np.testing.assert_allclose(served, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_good_requests_leave_no_traceback_in_the_server_log(serving, demo_workdir):
+    """Regression: every answered request of the Python model logged `pb.Tensor.from_dlpack ...
+    PyCapsule_GetPointer called with incorrect name` (the stub renames a consumed capsule
+    "used_dlpack", numpy's deleter knows only the DLPack spec's "used_dltensor")."""
+    for seed in range(3):
+        _assert_served_like_eager(serving.url, demo_workdir, seed)
+    image = np.random.default_rng(0).integers(0, 256, (1, 40, 56, 3), dtype=np.uint8)
+    status, body = _infer_json(serving.url, "demo_unet_pipeline", "IMAGE", image)
+    assert status == 200 and body["outputs"][0]["shape"] == [1, 40, 56], body
+    assert set(body["outputs"][0]["data"]) <= {0, 128, 255}
+    log = serving.log.read_text(errors="replace")
+    assert "HTTPService" in log  # the log of this server, written while it served
+    assert "Traceback" not in log and "PyCapsule" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("shape", [[1, 3, 0, 0], [1, 3, 8, 8], [1, 3, 16, 0]])
+def test_an_empty_or_too_small_input_is_a_400_naming_the_size_rule(serving, shape):
+    x = np.full(shape, 0.5, dtype=np.float32)
+    status, body = _infer_json(serving.url, "demo_unet_python", "input", x)
+    side = "height" if shape[2] < 16 else "width"
+    assert status == 400, body
+    assert f"{side} {shape[2] if side == 'height' else shape[3]} does not fit this model (at least 16): use 16" in \
+        body["error"], body  # fmt: skip
+    client = make_client("grpc", serving.grpc)
+    try:
+        with pytest.raises(InferenceServerException, match="does not fit this model") as caught:
+            infer(client, "grpc", "demo_unet_python", {"input": x}, ["logits"], timeout_s=30)
+    finally:
+        client.close()
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_an_empty_image_to_the_pipeline_is_a_400(serving):
+    status, body = _infer_json(serving.url, "demo_unet_pipeline", "IMAGE", np.zeros((1, 0, 20, 3), dtype=np.uint8))
+    assert status == 400 and "empty image" in body["error"], body
+
+
+def test_one_hostile_request_cannot_stop_the_service(serving, demo_workdir):
+    """Issue 24: shape [1,3,100000,100000] with one element made tritonserver 2.51 allocate
+    120 GB and abort, and `serve` exited 2. Now: refused, or the server is restarted on the same
+    ports within seconds, and the next good request is answered exactly."""
+    old_pid = int(re.findall(r"pid (\d+)", serving.output)[-1])
+    try:
+        status, body = _infer_json(serving.url, "demo_unet_python", "input", np.ones(1, np.float32),
+                                   shape=[1, 3, 100000, 100000], timeout=60)  # fmt: skip
+        assert status in (400, 413), body  # a server with an input limit refuses it
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        match = serving.wait_for(r"tritonserver restarted \(pid (\d+)\)", timeout=60)  # the 2.51 build aborts
+        assert f"tritonserver (pid {old_pid}) exited on its own: killed by SIGABRT" in serving.output
+        assert int(match.group(1)) != old_pid and not pid_alive(old_pid)
+    assert serving.proc.poll() is None, serving.output
+    _assert_served_like_eager(serving.url, demo_workdir, seed=7)
+
+
+def test_serve_runs_until_ctrl_c(serving):
+    """Started as `cmd &` in a script starts it (SIGINT ignored), Ctrl-C still stops it."""
+    out = serving.output
+    assert "not loaded demo_unet_onnx" in out and "not loaded demo_unet_torchscript" in out
+    server_pid = int(re.findall(r"pid (\d+)", out)[-1])
+    for model in ("demo_unet_python", "demo_unet_pipeline"):
+        with urllib.request.urlopen(f"{serving.url}/v2/models/{model}/ready", timeout=10) as response:
+            assert response.status == 200
+    serving.proc.send_signal(signal.SIGINT)
+    try:
+        code = serving.proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        code = f"still running 90 s after SIGINT; it printed: {serving.output}"
+    assert code == 0, code
+    serving.wait_for("stopping tritonserver", timeout=10)
     assert not pid_alive(server_pid)
     with pytest.raises((urllib.error.URLError, OSError)):
-        urllib.request.urlopen(f"{url}/v2/health/live", timeout=5)
+        urllib.request.urlopen(f"{serving.url}/v2/health/live", timeout=5)
 
 
 def test_the_python_model_serves_fp32_unless_asked():

@@ -1,6 +1,5 @@
 """`unet-export triton|serve`: thin commands over unet_export.serving."""
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -8,7 +7,6 @@ import typer
 
 from unet_export.cli.common import Workdir, cli_errors, console, stop_on_signals
 from unet_export.cli.render import triton_check_report, triton_repository_report
-from unet_export.errors import UserError
 
 Repo = Annotated[Path | None, typer.Option("--repo", help="Repository folder (default DIR/triton); replaces only one "
                                            "unet-export wrote.")]  # fmt: skip
@@ -64,8 +62,8 @@ def serve_cmd(
     tritonserver: TritonServerOpt = None,
 ) -> None:
     """Serve a repository with a Triton server on 127.0.0.1 until Ctrl-C (the models this server
-    build can load; the others are named)."""
-    from unet_export.serving.server import repository_server
+    build can load; the others are named). A server that exits on its own is restarted."""
+    from unet_export.serving.server import keep_serving, repository_server
 
     server, _, missing = repository_server(repo, tritonserver, http_port, grpc_port)
     for model, reason in missing.items():
@@ -76,14 +74,11 @@ def serve_cmd(
                           f"{server.started_in:.1f} s, serving {', '.join(server.models)}")  # fmt: skip
             console.print(f"HTTP  http://{server.http_url}/v2/models/<model>/infer")
             console.print(f"gRPC  {server.grpc_url}")
+            console.print(f"log   {server.log_path}", markup=False, highlight=False)
             console.print("Ctrl-C stops it")
-            while server.proc.poll() is None:
-                time.sleep(0.5)
+            keep_serving(server, lambda line: console.print(line, markup=False, highlight=False))
         except KeyboardInterrupt:
             console.print("stopping tritonserver")
-            return
-        raise UserError(f"tritonserver exited on its own (code {server.proc.returncode}): {server.first_error()} "
-                        f"(log: {server.log_path})")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

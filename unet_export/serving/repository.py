@@ -219,9 +219,10 @@ def python_plan(choice: RuntimeChoice, manifest: dict, workdir: Path, name: str,
     artifact = "model.xml" if entry["format"] == "openvino" else "model.onnx"
     hint = HINTS[entry["precision"]]  # the hint the artefact was verified with
     # threads 0: the serving machine's cores shared by the instances (triton_model.py decides there)
+    rule = {k: v for k, v in entry["size_rule"].items() if k != "static"}  # refused sizes get a 400 naming it
     configs.set_parameter(config, "unet_export", {"role": "model", "runtime": choice.runtime, "artifact": artifact,
                           "input": inputs[0]["name"], "output": outputs[0]["name"], "threads": 0,
-                          "precision_hint": hint})  # fmt: skip
+                          "precision_hint": hint, "size_rule": rule})  # fmt: skip
     files = {f"{VERSION}/model.py": MODEL_SOURCE.read_text(), f"{VERSION}/{artifact}": checked_path(workdir, entry)}
     if entry["format"] == "openvino":
         files[f"{VERSION}/model.bin"] = _ir_weights(workdir, entry)

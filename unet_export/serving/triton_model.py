@@ -15,11 +15,13 @@ runs in Triton's own container too. The role and its settings are the config's p
 
 Tensors cross the stub by DLPack. With numpy 2, the 2.51 stub's ``as_numpy()`` returned the first
 element repeated and ``Tensor(name, ndarray)`` built tensors Triton rejected ("output tensor shape
-does not match size"); ``np.from_dlpack`` / ``Tensor.from_dlpack`` are exact (measured).
+does not match size"); ``np.from_dlpack`` / ``Tensor.from_dlpack`` are exact (measured). Outputs go
+through ``to_triton`` (see there: the stub misnames the capsules it consumes).
 """
 
 from __future__ import annotations  # Triton containers may run an older Python
 
+import ctypes
 import json
 import os
 
@@ -46,6 +48,7 @@ class TritonPythonModel:
 class Model:
     def __init__(self, settings: dict, folder: str):
         self.input, self.output = settings["input"], settings["output"]
+        self.size_rule = settings.get("size_rule")  # absent in repositories written before it was recorded
         path = os.path.join(folder, settings["artifact"])
         threads = int(settings.get("threads") or 0) or max(1, usable_cores() // settings.get("instances", 1))
         if settings["runtime"] == "onnxruntime":
@@ -55,8 +58,11 @@ class Model:
 
     def execute(self, requests, pb):
         xs = [np.from_dlpack(pb.get_input_tensor_by_name(r, self.input)) for r in requests]
-        responses = [None] * len(xs)
+        responses = [self.refusal(x, pb) for x in xs]
         for indices in group_by_shape(xs):
+            indices = [i for i in indices if responses[i] is None]
+            if not indices:
+                continue
             try:
                 batch = np.ascontiguousarray(np.concatenate([xs[i] for i in indices]), dtype=np.float32)
                 logits = self.run(batch)
@@ -67,9 +73,42 @@ class Model:
             start = 0
             for i in indices:
                 part = np.ascontiguousarray(logits[start : start + xs[i].shape[0]])
-                responses[i] = pb.InferenceResponse([pb.Tensor.from_dlpack(self.output, part)])
+                responses[i] = pb.InferenceResponse([to_triton(pb, self.output, part)])
                 start += xs[i].shape[0]
         return responses
+
+    def refusal(self, x: np.ndarray, pb):
+        """An INVALID_ARG response (HTTP 400) for a size the network cannot take (an empty one
+        too), naming the model's size rule; None when it fits. Without it the runtime fails
+        deep inside a layer and the client gets a 500."""
+        problem = self.size_rule and size_problem(x.shape[-2], x.shape[-1], self.size_rule)
+        if not problem:
+            return None
+        message = f"input {self.input!r} of shape {list(x.shape)}: {problem}"
+        return pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INVALID_ARG))
+
+
+# The DLPack protocol: a consumer that takes over a "dltensor" capsule renames it "used_dltensor",
+# and the producer's capsule destructor then leaves the tensor alone. The Python backend's stub
+# (2.51, and python_backend's pb_tensor.cc to this day) renames it "used_dlpack" instead, so numpy's
+# destructor fails to read it as a "dltensor" and prints that error's traceback, once per output
+# tensor (the tensor itself is fine: the stub owns it and frees it through its deleter). Naming
+# the consumed capsule as the protocol says stops that at its cause. The name must outlive the
+# capsule (PyCapsule_SetName keeps the pointer), hence a module constant.
+_DLPACK_FRESH, _DLPACK_USED = b"dltensor", ctypes.c_char_p(b"used_dltensor")
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.argtypes, _capsule_name.restype = [ctypes.py_object], ctypes.c_char_p
+_capsule_rename = ctypes.pythonapi.PyCapsule_SetName
+_capsule_rename.argtypes, _capsule_rename.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_int
+
+
+def to_triton(pb, name: str, array: np.ndarray):
+    """A response tensor from a C-contiguous CPU array, shared with the stub through DLPack."""
+    capsule = array.__dlpack__(stream=None)  # the only stream a CPU array takes (array API)
+    tensor = pb.Tensor.from_dlpack(name, capsule)
+    if _capsule_name(capsule) != _DLPACK_FRESH:  # consumed: mark it as the protocol says
+        _capsule_rename(capsule, _DLPACK_USED)
+    return tensor
 
 
 def usable_cores() -> int:
@@ -131,12 +170,16 @@ class Preprocess:
         responses = []
         for request in requests:
             images = np.from_dlpack(pb.get_input_tensor_by_name(request, "IMAGE"))
+            if 0 in images.shape[1:3]:  # a bad request (HTTP 400), not a failure of the server
+                message = f"IMAGE of shape {list(images.shape)}: an empty image (height and width must be at least 1)"
+                responses.append(pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INVALID_ARG)))
+                continue
             try:
                 x, sizes = preprocess_batch(images, self.settings)
             except Exception as exc:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
                 continue
-            tensors = [pb.Tensor.from_dlpack("INPUT", x), pb.Tensor.from_dlpack("SIZE", sizes)]
+            tensors = [to_triton(pb, "INPUT", x), to_triton(pb, "SIZE", sizes)]
             responses.append(pb.InferenceResponse(tensors))
         return responses
 
@@ -181,11 +224,34 @@ def resize_image(image: np.ndarray, square: int | None, scale: float) -> np.ndar
     return arr[..., None] if arr.ndim == 2 else arr
 
 
+def first_size(rule: dict) -> int:
+    """SizeRule.first: the smallest size the model takes."""
+    k = -(-(rule["min"] - rule["offset"]) // rule["multiple"])
+    return rule["offset"] + rule["multiple"] * max(k, 0)
+
+
 def at_least(size: int, rule: dict) -> int:
     """SizeRule.at_least: the smallest size >= ``size`` the model takes."""
-    k = -(-(rule["min"] - rule["offset"]) // rule["multiple"])
-    first = rule["offset"] + rule["multiple"] * max(k, 0)
-    return max(first, size + (-(size - rule["offset"])) % rule["multiple"])
+    return max(first_size(rule), size + (-(size - rule["offset"])) % rule["multiple"])
+
+
+def size_problem(height: int, width: int, rule: dict) -> str | None:
+    """SizeRule.check's message for a size the model does not take, else None."""
+    for name, size in (("height", height), ("width", width)):
+        if size < rule["min"] or (size - rule["offset"]) % rule["multiple"]:
+            below = size - (size - rule["offset"]) % rule["multiple"]  # SizeRule.nearest
+            candidates = [below, below + rule["multiple"]] if below != size else [size]
+            near = " or ".join(map(str, sorted({max(c, first_size(rule)) for c in candidates})))
+            return f"{name} {size} does not fit this model ({describe_rule(rule)}): use {near}"
+    return None
+
+
+def describe_rule(rule: dict) -> str:
+    """SizeRule.describe."""
+    if rule["multiple"] == 1:
+        return f"at least {rule['min']}"
+    form = f"{rule['offset']} + {rule['multiple']}k" if rule["offset"] else f"a multiple of {rule['multiple']}"
+    return f"{form}, at least {first_size(rule)}"
 
 
 def padding(height: int, width: int, rule: dict) -> tuple[int, int, int, int]:
@@ -220,7 +286,7 @@ class Postprocess:
             except Exception as exc:
                 responses.append(pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")))
                 continue
-            responses.append(pb.InferenceResponse([pb.Tensor.from_dlpack("MASK", np.ascontiguousarray(masks))]))
+            responses.append(pb.InferenceResponse([to_triton(pb, "MASK", np.ascontiguousarray(masks))]))
         return responses
 
 

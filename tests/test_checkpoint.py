@@ -143,3 +143,13 @@ def test_sidecar_validation_folder_travels_into_the_model_record(tmp_path):
     torch.save(milesial_state_dict("v3"), weights)
     weights.with_suffix(".json").write_text(json.dumps({"validation": {"path": "gone"}}))
     assert "validation" not in load_checkpoint(weights).record()  # a folder that is not there is not claimed
+
+
+def test_a_sidecar_nested_too_deeply_is_ignored_like_any_unreadable_one(make_checkpoint):
+    """Issue 24: JSON nested deeper than the parser follows raised RecursionError (exit 3); an
+    unreadable sidecar is ignored and the checkpoint alone still loads."""
+    weights = make_checkpoint("v3")
+    weights.with_suffix(".json").write_text("[" * 200000)
+    from unet_export.checkpoint import load_checkpoint
+
+    assert load_checkpoint(weights).architecture == "milesial"

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import UserError
-from unet_export.fileio import sha256_file
+from unet_export.fileio import loads_json, sha256_file
 from unet_export.models import MODELS, create_model, detect_model
 
 # Dicts that wrap a state_dict, as saved by training scripts and Lightning-style loops.
@@ -79,7 +79,7 @@ def read_sidecar(path: Path) -> dict:
     training. An unreadable sidecar is ignored (the checkpoint alone still loads)."""
     sidecar = Path(path).with_suffix(".json")
     try:
-        data = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        data = loads_json(sidecar.read_text()) if sidecar.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return {}
     return data if isinstance(data, dict) else {}

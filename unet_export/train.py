@@ -16,7 +16,7 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS, Preprocess, SegmentationDataset, check_dataset, data_hash, find_samples
 from unet_export.errors import UserError
 from unet_export.evaluate import mean_dice
-from unet_export.fileio import atomic_path, write_json
+from unet_export.fileio import atomic_path, loads_json, write_json
 from unet_export.metrics import center_crop
 from unet_export.models import create_model, get_spec
 from unet_export.runners import EagerRunner
@@ -193,7 +193,7 @@ def _read_sidecar(ckpt: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        return loads_json(path.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; remove it to resume from the weights alone") from None
 

@@ -277,7 +277,8 @@ def test_real_images_fill_the_batch(workdir, tmp_path):
     make_synth(tmp_path / "data", n=3, size=(48, 80), seed=2)
     report = benchmark(workdir, backends=["onnxruntime"], device="cpu", data=tmp_path / "data", batch=4,
                        warmup=1, iters=1)  # fmt: skip
-    assert report.config["inputs"] == f"--data {tmp_path / 'data'}" and by_backend(report)["onnxruntime"].status == "ok"
+    assert report.config["inputs"] == f"3 images from --data {tmp_path / 'data'}"
+    assert by_backend(report)["onnxruntime"].status == "ok"
     # Images are benched at their own size (the model's scale), not rescaled to the export's 64x64 ...
     assert (report.config["height"], report.config["width"]) == (48, 80)
     # ... unless the user asks for a size.

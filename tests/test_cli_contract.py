@@ -104,7 +104,7 @@ def test_bench_judges_reduced_precision_on_the_recorded_validation_images(tmp_pa
     report = benchmark(tmp_path / "demo", backends=["eager", "eager-bf16"], device="cpu", batch=8, warmup=0, iters=1)
     recorded = load_manifest(tmp_path / "demo")["model"]["heldout"]["images"]
     assert len(recorded) == 24 and all(Path(i["path"]).parent == (DEMO_VAL / "imgs").resolve() for i in recorded)
-    assert report.config["inputs"] == "24 recorded images"
+    assert report.config["inputs"] == "24 held-out images (recorded)"
     assert [r.status for r in report.rows] == ["ok", "ok"]
     other = write_random_checkpoint(tmp_path / "random.pth", seed=1, width=8)
     export_artifact(other, "torchscript", tmp_path / "random", device="cpu", height=64, width=64)

@@ -246,4 +246,4 @@ def test_without_real_images_int8_is_not_judged_and_keeps_its_verdict(int8_run, 
     assert predicted.exit_code == 0, predicted.output
     judged = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu", "--data", str(DEMO_VAL)])
     assert judged.exit_code == 0 and "not_judged" not in judged.output, judged.output
-    assert int8_entry(out, "openvino")["verified_on"]["inputs"].startswith("seeded (fp32 only) + real images: --data")
+    assert int8_entry(out, "openvino")["verified_on"]["inputs"].startswith("seeded (fp32 only) + real images: 8 images from --data")

@@ -107,7 +107,7 @@ def test_bench_batch_is_the_data_folders_images_cycled(model_workdir, tmp_path, 
     for batch in seen:
         assert batch.shape == (5, 3, 16, 24)
         torch.testing.assert_close(batch, expected, atol=1e-6, rtol=0)
-    assert report.config["inputs"] == f"--data {tmp_path}"
+    assert report.config["inputs"] == f"2 images from --data {tmp_path}"
     # the function that builds it: the same batch when asked for at the images' size
     torch.testing.assert_close(bench_batch(BenchConfig(batch=5, height=16, width=24), 3, image_paths(tmp_path)), expected,
                                atol=1e-6, rtol=0)  # fmt: skip

@@ -90,7 +90,8 @@ def real_images_for(manifest: dict, entry: dict | None, data: str | Path | None,
     workdir): ``data`` first, then the images the entry's own gate ran on, then the model's
     held-out images."""
     if data is not None:
-        return image_paths(data)[:limit], f"--data {data}", ""
+        paths = image_paths(data)[:limit]
+        return paths, f"{len(paths)} images from --data {data}", ""
     whys = []
     records = [("real_images", (entry or {}).get("real_images")), ("heldout", (manifest.get("model") or {}).get("heldout"))]
     for name, record in records:
@@ -102,7 +103,8 @@ def real_images_for(manifest: dict, entry: dict | None, data: str | Path | None,
             # An artefact's own gate images are all used (the same batches its export judged);
             # the model's held-out set up to ``limit``.
             found = found if name == "real_images" else found[:limit]
-            return found, f"{len(found)} recorded images", ""
+            what = "images its own gate ran on" if name == "real_images" else "held-out images"
+            return found, f"{len(found)} {what} (recorded)", ""
         whys.append(why)
     return [], "", (whys[0] if whys else "none are recorded or given")
 

@@ -187,7 +187,8 @@ def test_an_artefact_path_outside_the_workdir_is_not_read(sandbox, where, comman
 
 
 OPENED = [("verify", "unet.onnx"), ("verify", "unet.bin"), ("predict", "unet.onnx"), ("predict-openvino", "unet.xml"),
-          ("predict-openvino", "unet.bin"), ("unet-bench", "unet.onnx"), ("triton", "unet.onnx"), ("triton", "unet.bin")]
+          ("predict-openvino", "unet.bin"), ("unet-bench", "unet.onnx"), ("triton", "unet.onnx"),
+          ("triton", "unet.bin")]  # fmt: skip
 
 
 @pytest.mark.parametrize("command, link", OPENED)
@@ -281,6 +282,18 @@ def test_onnx_external_data_outside_the_model_folder_exits_2(sandbox, where):
     assert not (sandbox.out / "masks").exists()
 
 
+@pytest.mark.parametrize("command", ["verify", "predict", "unet-bench"])
+def test_a_recorded_onnx_model_with_data_outside_the_workdir_exits_2(sandbox, command):
+    """The workdir's ONNX model (its sha256 recorded to match) keeps a tensor in ../secret.bin."""
+    model = sandbox.workdir / "unet.onnx"
+    name = _external(model, "../secret.bin", sandbox.root / "secret.bin")
+    sandbox.edit(lambda m: sandbox.entry(m, "onnx").update(sha256=sha256_file(model), bytes=model.stat().st_size))
+    result = run_command(sandbox, command)
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert f"{model}: tensor {name!r} keeps its data in '../secret.bin', outside the model's folder" in line
+
+
 def test_onnx_external_data_inside_the_model_folder_still_runs(sandbox):
     folder = sandbox.root / "model"
     folder.mkdir()
@@ -291,6 +304,43 @@ def test_onnx_external_data_inside_the_model_folder_still_runs(sandbox):
                                  str(sandbox.out / "masks")])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (sandbox.out / "masks" / "img_mask.png").is_file()
+
+
+def _tiny_model(folder: Path, location: str, where: str) -> Path:
+    """An ONNX model whose one tensor keeps its data in ``location``: an initializer, or the
+    constant of a node inside an If branch (a subgraph)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    if where == "initializer":
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], [tensor])
+    else:
+        branch = helper.make_graph([helper.make_node("Constant", [], ["y"], value=tensor)], "b", [], [out])
+        cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+        graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                                  "g", [], [out], [cond])  # fmt: skip
+    path = folder / "tiny.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("where", ["initializer", "subgraph constant"])
+@pytest.mark.parametrize("location", ["../x.bin", "/x.bin", "sub/../../x.bin", "", "x\0.bin", "ok.bin"])
+def test_every_tensor_of_an_onnx_model_keeps_its_data_beside_it(tmp_path, where, location):
+    from unet_export.errors import IntegrityError
+    from unet_export.export.onnx import check_external_data
+
+    path = _tiny_model(tmp_path, location, where)
+    if location == "ok.bin":
+        check_external_data(path)
+        return
+    with pytest.raises(IntegrityError, match=f"tiny.onnx: tensor 'w' keeps its data in .*, outside the model's folder"):
+        check_external_data(path)
 
 
 # -- the whole promise: a hostile manifest, every command ---------------------------------------

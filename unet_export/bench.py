@@ -121,6 +121,8 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
                 row.status, row.reason = "parity_failed", "; ".join(case.failures)
             _time_into(row, runner, x_dev, out, cfg)
         row.peak_mem_mb = memory.mb
+    except IntegrityError:
+        raise  # found when the runtime opened it (ONNX data outside the model's folder): as above
     except (Unavailable, UserError) as exc:
         return Row(name, runner.precision, "unavailable", reason=str(exc))
     except Exception as exc:  # a runtime that crashes is reported, never stops the run

@@ -123,10 +123,17 @@ def check_external_data(path: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (path.parent / location).resolve()
-        if Path(location).is_absolute() or not target.is_relative_to(folder) or target == folder:
+        if Path(location).is_absolute() or not _inside(path.parent / location, folder):
             raise IntegrityError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the model's "
                                  f"folder {folder}; an ONNX model's external data must sit beside it")  # fmt: skip
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL in the name
+        return False
+    return target.is_relative_to(folder) and target != folder
 
 
 def refuse_outside_data(path: Path) -> None:

@@ -32,6 +32,24 @@ def test_atomic_path_renames_into_place_only_on_success(tmp_path):
     assert dest.read_text() == "new" and os.listdir(dest.parent) == ["bench.json"]
 
 
+@pytest.mark.parametrize("leftover", ["link", "file"])
+def test_a_temp_name_taken_before_the_write_is_cleared_never_written_through(tmp_path, leftover):
+    """A workdir may arrive holding a link at this process's temp name (pids repeat): writing
+    through it would change a file outside the workdir."""
+    victim, dest = tmp_path / "victim", tmp_path / "w" / "manifest.json"
+    victim.write_text("mine")
+    dest.parent.mkdir()
+    tmp = fileio.temp_path(dest)
+    if leftover == "link":
+        tmp.symlink_to(victim)
+    else:
+        tmp.write_text("a dead process's half write")
+    fileio.write_json(dest, {"a": 1})
+    assert victim.read_text() == "mine" and json.loads(dest.read_text()) == {"a": 1} and not tmp.exists()
+    tmp.symlink_to(victim)
+    assert fileio.claim_temp_path(dest) == tmp and not tmp.is_symlink() and victim.read_text() == "mine"
+
+
 def test_atomic_path_flushes_before_the_rename(tmp_path, monkeypatch):
     order = []
     monkeypatch.setattr(fileio, "fsync_file", lambda p: order.append(("fsync", p.name)))

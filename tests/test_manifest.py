@@ -289,3 +289,106 @@ def test_publish_passes_its_two_kill_points(tmp_path, monkeypatch, point, publis
     on_disk = m.load_manifest(tmp_path)["artifacts"]
     assert [a.get("pending") for a in on_disk] == ([staged.name] if published else [])
     assert staged.exists() and not (tmp_path / "weights.onnx").exists()
+
+
+# -- a workdir cannot reach outside itself (issue 24): names, links, the lock -------------------
+
+
+@pytest.mark.parametrize("field", ["path", "pending", "source", "source_onnx", "weights.path", "weights.pending"])
+@pytest.mark.parametrize("name", ["../victim.txt", "/etc/passwd", "sub/w.onnx", "", ".", "..", "w\0.onnx", 3])
+def test_every_file_name_field_is_a_plain_name_inside_the_workdir(tmp_path, field, name):
+    entry = _entry(weights={"path": "w.bin"})
+    record = entry["weights"] if field.startswith("weights.") else entry
+    record[field.split(".")[-1]] = name
+    _write(tmp_path, {"artifacts": [_entry(), entry]})
+    with pytest.raises(UserError) as err:
+        m.load_manifest(tmp_path)
+    problem = f"{name!r} is not a file name inside the workdir"
+    if (field, name) == ("path", 3):  # the type check comes first
+        problem = "is a int, expected a str"
+    assert str(err.value) == f"{tmp_path / 'manifest.json'}: artifacts[1].{field} {problem}; delete it and export again"
+
+
+@pytest.mark.parametrize("weights", ["w.bin", [], {"sha256": "s"}])
+def test_ir_weights_must_be_a_record_with_a_path(tmp_path, weights):
+    _write(tmp_path, {"artifacts": [_entry(weights=weights)]})
+    with pytest.raises(UserError, match=r"artifacts\[0\].weights is not an object with a 'path'"):
+        m.load_manifest(tmp_path)
+
+
+def test_plain_names_and_cleared_redo_records_load(tmp_path):
+    entry = _entry(path="w.int8.xml", pending=None, source="w.onnx", weights={"path": "w.int8.bin", "pending": None})
+    _write(tmp_path, {"artifacts": [entry, _entry("tensorrt", path="w.fp16.engine", source_onnx="w.fp16.onnx")]})
+    assert m.load_manifest(tmp_path)["artifacts"][0] == entry
+
+
+def test_deeply_nested_json_is_not_a_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text("[" * 200_000)
+    with pytest.raises(UserError, match=r"manifest.json is not valid JSON \(maximum recursion depth"):
+        m.load_manifest(tmp_path)
+
+
+def test_a_link_leading_out_of_the_workdir_is_refused_where_it_is_opened(tmp_path):
+    workdir, outside = tmp_path / "w", tmp_path / "outside.onnx"
+    workdir.mkdir()
+    outside.write_bytes(b"model")
+    (workdir / "weights.onnx").symlink_to(outside)
+    entry = _entry(sha256=sha256_file(outside), bytes=5)
+    with pytest.raises(IntegrityError, match=f"weights.onnx is a link to {outside}, outside the workdir"):
+        m.checked_path(workdir, entry)
+    (workdir / "inside.onnx").write_bytes(b"model")  # a link to a file of the workdir is that file
+    (workdir / "weights.onnx").unlink()
+    (workdir / "weights.onnx").symlink_to("inside.onnx")
+    assert m.checked_path(workdir, entry) == workdir / "weights.onnx"
+    (workdir / "weights.onnx").unlink()
+    (workdir / "weights.onnx").symlink_to("weights.onnx")  # a loop
+    with pytest.raises(IntegrityError, match="is a link that cannot be followed"):
+        m.checked_path(workdir, entry)
+
+
+def test_a_workdir_reached_through_a_link_is_still_its_own(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "weights.onnx").write_bytes(b"model")
+    (tmp_path / "real" / "alias.onnx").symlink_to("weights.onnx")
+    (tmp_path / "linked").symlink_to("real")
+    assert m.checked_path(tmp_path / "linked", _entry(path="alias.onnx")) == tmp_path / "linked" / "alias.onnx"
+
+
+def test_a_linked_manifest_leading_out_is_refused(tmp_path):
+    _write(tmp_path / "elsewhere", {"artifacts": []})
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "manifest.json").symlink_to(tmp_path / "elsewhere" / "manifest.json")
+    with pytest.raises(IntegrityError, match="manifest.json is a link to .*, outside the workdir"):
+        m.load_manifest(tmp_path / "w")
+
+
+def test_recovery_checks_every_name_before_it_moves_anything(tmp_path, monkeypatch):
+    """A redo record whose target is a link out of the workdir: refused before the first rename,
+    the one before it included, and nothing is saved."""
+    monkeypatch.setattr(m, "sweep_stale_temps", lambda d: [])
+    (tmp_path / "w").mkdir()
+    staged = [tmp_path / "w" / f".{i}.1.tmp.onnx" for i in (1, 2)]
+    for path in staged:
+        path.write_bytes(b"attacker")
+    (tmp_path / "victim").write_bytes(b"mine")
+    (tmp_path / "w" / "b.onnx").symlink_to(tmp_path / "victim")
+    sha = sha256_file(staged[0])
+    entries = [_entry(path="a.onnx", pending=staged[0].name, sha256=sha),
+               _entry("torchscript", path="b.onnx", pending=staged[1].name, sha256=sha)]
+    _write(tmp_path / "w", {"artifacts": entries})
+    saved = (tmp_path / "w" / "manifest.json").read_bytes()
+    with pytest.raises(IntegrityError, match="b.onnx is a link to"):
+        with m.transaction(tmp_path / "w"):
+            pass
+    assert (tmp_path / "victim").read_bytes() == b"mine" and all(p.exists() for p in staged)
+    assert not (tmp_path / "w" / "a.onnx").exists() and (tmp_path / "w" / "manifest.json").read_bytes() == saved
+
+
+def test_the_lock_is_never_opened_through_a_link(tmp_path):
+    target = tmp_path / "created-outside"
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / ".manifest.lock").symlink_to(target)
+    with pytest.raises(UserError, match=r"\.manifest\.lock is a symbolic link; a workdir's lock is its own file"):
+        with m.transaction(tmp_path / "w"):
+            pass
+    assert not target.exists() and not (tmp_path / "w" / "manifest.json").exists()

@@ -20,10 +20,10 @@ from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.errors import UnetExportError, UserError
 from unet_export.export import FORMATS
 from unet_export.export.fp16 import convert_onnx_fp16
-from unet_export.export.onnx import DEFAULT_OPSET, metadata_json
+from unet_export.export.onnx import DEFAULT_OPSET, check_external_data, metadata_json
 from unet_export.export.tensorrt import build_engine, import_tensorrt
 from unet_export.export.tensorrt_plan import engine_path, plan_build, resolve_profile
-from unet_export.fileio import ensure_free_space, sha256_file, sweep_stale_temps, temp_path
+from unet_export.fileio import claim_temp_path, ensure_free_space, sha256_file, sweep_stale_temps
 from unet_export.manifest import checked_path, load_manifest, publish, set_model, tool_versions, transaction, utc_now
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
@@ -154,7 +154,7 @@ def _staged(dest: Path, need_bytes: int, what: str):
     unless the block publishes it. Dead processes' leftovers are swept first."""
     sweep_stale_temps(dest.parent)
     ensure_free_space(dest.parent, need_bytes, f"the {what} artefact {dest.name}")
-    staged = temp_path(dest)
+    staged = claim_temp_path(dest)
     try:
         yield staged
     except OSError as exc:  # a full disk while writing: name the artefact, not its hidden temp name
@@ -257,7 +257,7 @@ def onnx_entry(manifest: dict, workdir: Path, path: str | Path | None = None) ->
             if path is None or Path(path).resolve() == (workdir / entry["path"]).resolve():
                 if entry["status"] != "verified":
                     raise UserError(f"{entry['path']} failed its parity check; fix and re-export it first")
-                checked_path(workdir, entry)
+                check_external_data(checked_path(workdir, entry))  # the converters read what it names
                 return entry
     where = f"{path} is not an ONNX model exported into {workdir}" if path else f"no FP32 ONNX model in {workdir}"
     raise UserError(f"{where}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")

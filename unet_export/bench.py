@@ -121,6 +121,8 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
             _judge_row(row, out, reference, (tolerances or TOLERANCES)[runner.precision], exact, no_images)
             _time_into(row, runner, x_dev, out, cfg)
         row.peak_mem_mb = memory.mb
+    except IntegrityError:
+        raise  # found when the runtime opened it (ONNX data outside the model's folder): as above
     except (Unavailable, UserError) as exc:
         return Row(name, runner.precision, "unavailable", reason=str(exc))
     except Exception as exc:  # a runtime that crashes is reported, never stops the run

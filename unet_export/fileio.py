@@ -27,6 +27,16 @@ def temp_path(dest: Path) -> Path:
     return dest.with_name(f".{dest.stem}.{os.getpid()}.tmp{dest.suffix}")
 
 
+def claim_temp_path(dest: Path) -> Path:
+    """``temp_path(dest)``, with whatever is already at that name removed: this process has not
+    written it yet, so it is a dead process's leftover, or a link planted in a workdir that a
+    writer would follow out of it."""
+    tmp = temp_path(dest)
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    return tmp
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (its folder created if need be, as for a report in
@@ -36,6 +46,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp = temp_path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        claim_temp_path(dest)
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, dest)

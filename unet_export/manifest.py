@@ -12,8 +12,15 @@ that describes a file other than the one on disk.
 An entry is keyed by (format, precision): re-running a command replaces its own entry. Every
 entry records the artefact's sha256 and size; ``checked_path`` refuses a file that is missing
 or changed since it was verified.
+
+A workdir travels (it is copied to the deployment host and verified there), so its manifest is
+untrusted input: every file it names is a plain name inside the workdir (checked on load), a
+link in the workdir that leads out of it is refused where a command opens it (``workdir_file``),
+and the lock is opened without following a link. So no manifest makes a command read, write or
+delete a file outside the workdir.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -34,6 +41,10 @@ SCHEMA_VERSION = 1
 # field -> type(s), checked on every load so a hand-edited manifest fails with the field's name.
 _MODEL_FIELDS = {"architecture": str, "config": dict, "checkpoint": dict}
 _ENTRY_FIELDS = {"format": str, "path": str, "precision": str, "status": str, "inputs": list, "outputs": list}
+# Entry fields that name a file of the workdir. Every writer records a bare name (``dest.name``):
+# no folders. The model record's paths (the checkpoint, held-out images) are inputs read where
+# they are, pinned by sha256, and are not the workdir's files.
+_FILE_FIELDS = [("path",), ("pending",), ("source",), ("source_onnx",), ("weights", "path"), ("weights", "pending")]
 
 
 def empty_manifest() -> dict:
@@ -45,9 +56,10 @@ def load_manifest(workdir: Path) -> dict:
     path = Path(workdir) / MANIFEST_NAME
     if not path.exists():
         return empty_manifest()
+    workdir_file(workdir, MANIFEST_NAME)
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
         raise UserError(f"{path} is not valid JSON ({exc}); delete it and export again") from None
     validate(manifest, path)
     return manifest
@@ -65,6 +77,7 @@ def validate(manifest, path: Path) -> None:
             raise UserError(f"{path}: 'model.checkpoint.sha256' is missing or not a string; {fix}")
     for i, entry in enumerate(manifest["artifacts"]):
         _check_fields(entry, _ENTRY_FIELDS, f"{path}: artifacts[{i}]", fix)
+        _check_file_names(entry, f"{path}: artifacts[{i}]", fix)
 
 
 def _check_fields(record, fields: dict, where: str, fix: str) -> None:
@@ -74,6 +87,42 @@ def _check_fields(record, fields: dict, where: str, fix: str) -> None:
         if not isinstance(record.get(name), kind):
             found = "missing" if name not in record else f"a {type(record[name]).__name__}"
             raise UserError(f"{where}.{name} is {found}, expected a {kind.__name__}; {fix}")
+
+
+def _check_file_names(entry: dict, where: str, fix: str) -> None:
+    """Every field naming a workdir file holds a plain file name: never a path that leaves the
+    workdir (``../x``, ``/etc/x``), a folder, an empty name or a NUL."""
+    weights = entry.get("weights")
+    if weights is not None and not (isinstance(weights, dict) and "path" in weights):
+        raise UserError(f"{where}.weights is not an object with a 'path'; {fix}")
+    for keys in _FILE_FIELDS:
+        record = entry if len(keys) == 1 else entry.get(keys[0]) or {}
+        if keys[-1] not in record or (record[keys[-1]] is None and keys[-1] != "path"):  # null: no redo record
+            continue
+        if not is_file_name(name := record[keys[-1]]):
+            raise UserError(f"{where}.{'.'.join(keys)} {name!r} is not a file name inside the workdir; {fix}")
+
+
+def is_file_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def workdir_file(workdir: Path, name: str) -> Path:
+    """``workdir/name``, refused when it is a link that leads out of the workdir (checked where a
+    command opens or moves the file: a link made after the manifest was read counts too)."""
+    if not is_file_name(name):
+        raise UserError(f"{name!r} is not a file name inside the workdir {workdir}")
+    path = Path(workdir) / name
+    if not path.is_symlink():
+        return path
+    try:
+        target, root = path.resolve(), Path(workdir).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop (Python < 3.13)
+        raise IntegrityError(f"{path} is a link that cannot be followed ({exc}); replace it with the file") from None
+    if not target.is_relative_to(root) or target == root:
+        raise IntegrityError(f"{path} is a link to {target}, outside the workdir: a workdir holds its files itself; "
+                             f"replace the link with the file")  # fmt: skip
+    return path
 
 
 def save_manifest(workdir: Path, manifest: dict) -> None:
@@ -86,7 +135,8 @@ def transaction(workdir: Path) -> Iterator[dict]:
     dead processes' temp files, yield the manifest, and save it when the block succeeds."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / LOCK_NAME, "a+") as lock:
+    lock = _open_lock(workdir)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = load_manifest(workdir)
         if _recover(workdir, manifest):
@@ -96,21 +146,32 @@ def transaction(workdir: Path) -> Iterator[dict]:
         # Counts committed changes, so a command can tell whether another one landed meanwhile.
         manifest["revision"] = manifest.get("revision", 0) + 1
         save_manifest(workdir, manifest)
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def _open_lock(workdir: Path) -> int:
+    """The lock file's descriptor, created if need be but never through a link: a linked lock
+    would create or open a file outside the workdir."""
+    path = workdir / LOCK_NAME
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UserError(f"{path} is a symbolic link; a workdir's lock is its own file: delete the link") from None
 
 
 def _recover(workdir: Path, manifest: dict) -> bool:
     """Redo the rename of every entry still marked pending (its writer died after the manifest
-    was saved); returns whether anything changed."""
-    changed = False
-    for entry in manifest["artifacts"]:
-        pending = entry.pop("pending", None)
-        if pending is None:
-            continue
-        changed = True
-        staged = workdir / pending
+    was saved); returns whether anything changed. Every name is checked before anything moves."""
+    redo = [(entry, entry.pop("pending", None)) for entry in manifest["artifacts"]]
+    moves = [(workdir_file(workdir, pending), workdir_file(workdir, entry["path"]), entry)
+             for entry, pending in redo if pending is not None]  # fmt: skip
+    for staged, dest, entry in moves:
         if staged.is_file() and sha256_file(staged) == entry.get("sha256"):
-            os.replace(staged, workdir / entry["path"])
-    return changed
+            os.replace(staged, dest)
+    return bool(moves)
 
 
 def publish(workdir: Path, manifest: dict, entry: dict, staged: Path) -> None:
@@ -153,8 +214,8 @@ def find_artifacts(manifest: dict, fmt: str | None = None) -> list[dict]:
 
 
 def checked_path(workdir: Path, entry: dict) -> Path:
-    """The artefact's path, if the file is there and is the one that was verified (sha256)."""
-    path = Path(workdir) / entry["path"]
+    """The artefact's path, if the file is there, in the workdir, and is the one that was verified (sha256)."""
+    path = workdir_file(workdir, entry["path"])
     if not path.is_file():
         raise IntegrityError(f"{path} is in {MANIFEST_NAME} but missing on disk; export it again")
     if "sha256" not in entry:  # manifests written before sizes and hashes were recorded

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from unet_export.errors import ArtifactError, UserError, require
+from unet_export.errors import ArtifactError, IntegrityError, UserError, require
 from unet_export.fileio import atomic_path
 from unet_export.models.sizes import SizeRule
 
@@ -110,6 +110,65 @@ def read_metadata(path: Path) -> dict[str, str]:
     onnx = require("onnx")
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX model with a tensor whose external data file is not inside the model's own
+    folder (an absolute path, ``..``, or a link leading out): ONNX Runtime, OpenVINO and onnx
+    refuse to load it, and it must never make a command read a file elsewhere."""
+    onnx = require("onnx")
+    path = Path(path)
+    folder = path.parent.resolve()
+    for tensor in _tensors(onnx.load(str(path), load_external_data=False)):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if Path(location).is_absolute() or not _inside(path.parent / location, folder):
+            raise IntegrityError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the model's "
+                                 f"folder {folder}; an ONNX model's external data must sit beside it")  # fmt: skip
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL in the name
+        return False
+    return target.is_relative_to(folder) and target != folder
+
+
+def refuse_outside_data(path: Path) -> None:
+    """After a runtime failed to load the ONNX model at ``path``: raise check_external_data's
+    error if that is why; otherwise return and let the runtime's own error speak."""
+    try:
+        check_external_data(path)
+    except IntegrityError:
+        raise
+    except Exception:  # not a model onnx can parse either
+        pass
+
+
+def _tensors(model):
+    """Every tensor of an ONNX model that can hold external data: initializers and the constants
+    of nodes, in the graph, its subgraphs and its functions."""
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from node_tensors(graph.node)
+
+    def node_tensors(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from graph_tensors(graph)
+
+    yield from graph_tensors(model.graph)
+    for function in model.functions:
+        yield from node_tensors(function.node)
 
 
 def metadata_json(record: dict) -> dict[str, str]:

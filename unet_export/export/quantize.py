@@ -41,7 +41,7 @@ from unet_export.data.dataset import (
 from unet_export.errors import ArtifactError, UnetExportError, UserError, require
 from unet_export.export.layers import module_path
 from unet_export.export.openvino import ensure_onnx, export_openvino, ir_path, record_ir, write_ir
-from unet_export.fileio import sha256_file, temp_path
+from unet_export.fileio import claim_temp_path, sha256_file
 from unet_export.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
@@ -351,7 +351,7 @@ class OrtQuantizer:
         self.q = require("onnxruntime.quantization", "onnxruntime")
         self.source, self.calib, self.input_name = workdir / onnx["path"], calib, onnx["inputs"][0]["name"]
         self.names = _onnx_module_paths(self.source)
-        self.pre = temp_path(workdir / f"{self.source.stem}.preprocessed.onnx")
+        self.pre = claim_temp_path(workdir / f"{self.source.stem}.preprocessed.onnx")
 
     def dest(self, workdir: Path, onnx_name: str) -> Path:
         return workdir / f"{Path(onnx_name).stem}.int8.onnx"

@@ -41,7 +41,14 @@ class OnnxRuntimeRunner(Runner):
         ort = require("onnxruntime")
         if not self.path.is_file():
             raise UserError(f"ONNX model not found: {self.path}")
-        self.session = ort.InferenceSession(str(self.path), self._options(ort), providers=self._providers(ort))
+        options, providers = self._options(ort), self._providers(ort)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception:
+            from unet_export.export.onnx import refuse_outside_data
+
+            refuse_outside_data(self.path)  # bad input, not a crash (checked on failure only: free otherwise)
+            raise
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         self.output = self.session.get_outputs()[0]

@@ -16,7 +16,7 @@ import torch
 
 from unet_export.errors import IntegrityError, UserError, require
 from unet_export.fileio import sha256_file
-from unet_export.manifest import transaction
+from unet_export.manifest import transaction, workdir_file
 from unet_export.runners.base import Runner
 
 PARKED_SUFFIX = ".pending"
@@ -43,8 +43,15 @@ class OpenVinoRunner(Runner):
         if not self.path.is_file():
             raise UserError(f"OpenVINO model not found: {self.path}")
         self.core = ov.Core()
-        weights = str(self.weights) if self.weights else None
-        self.model = self.core.read_model(str(self.path), weights) if weights else self.core.read_model(str(self.path))
+        files = (str(self.path), str(self.weights)) if self.weights else (str(self.path),)
+        try:
+            self.model = self.core.read_model(*files)
+        except Exception:
+            if self.path.suffix == ".onnx":  # an ONNX model read by OpenVINO (no IR in the workdir)
+                from unet_export.export.onnx import refuse_outside_data
+
+                refuse_outside_data(self.path)
+            raise
         self.requests = {}
 
     def _request(self, shape: tuple[int, ...]):
@@ -74,13 +81,16 @@ class OpenVinoRunner(Runner):
 
 def ir_weights(xml: Path, entry: dict) -> Path | None:
     """The .bin of the IR at ``xml``, checked against the manifest's ``weights`` record when
-    ``xml`` is the published file (an IR still being verified reads the .bin beside it)."""
+    ``xml`` is the published file (an IR still being verified reads the .bin beside it). A
+    published IR's .bin is a file of the workdir, never a link leading out, recorded or not."""
     record = entry.get("weights")
-    if xml.suffix != ".xml" or not record:
+    if xml.suffix != ".xml":
         return None
-    if xml.name != entry["path"] or "sha256" not in record:
-        return xml.with_suffix(".bin")
-    path = xml.with_name(record["path"])
+    if xml.name != entry["path"]:  # this command's own staged IR
+        return xml.with_suffix(".bin") if record else None
+    if not record or "sha256" not in record:  # a manifest from before the .bin was recorded
+        return workdir_file(xml.parent, xml.with_suffix(".bin").name)
+    path = workdir_file(xml.parent, record["path"])
     if record.get("pending") and not _matches(path, record):
         finish_pending_weights(xml.parent)
     if not path.is_file():
@@ -104,20 +114,17 @@ def finish_pending_weights(workdir: Path, manifest: dict | None = None) -> bool:
     if manifest is None:
         with transaction(workdir) as current:
             return finish_pending_weights(workdir, current)
-    changed = False
-    for entry in manifest["artifacts"]:
-        record = entry.get("weights") or {}
-        parked = record.pop("pending", None)
-        if parked is None:
-            continue
-        changed = True
-        parked, final = Path(workdir) / parked, Path(workdir) / record["path"]
+    records = [entry.get("weights") or {} for entry in manifest["artifacts"]]
+    # every name is checked (a plain name, no link leading out) before anything moves or is deleted
+    moves = [(workdir_file(workdir, parked), workdir_file(workdir, record["path"]), record)
+             for record in records if (parked := record.pop("pending", None)) is not None]  # fmt: skip
+    for parked, final, record in moves:
         if parked.is_file() and not _matches(final, record) and sha256_file(parked) == record["sha256"]:
             os.replace(parked, final)
         parked.unlink(missing_ok=True)
     for orphan in Path(workdir).glob(f".*{PARKED_SUFFIX}"):  # parked by an export killed before it saved
         orphan.unlink(missing_ok=True)
-    return changed
+    return bool(moves)
 
 
 def parked_name(bin_name: str, sha256: str) -> str:

@@ -201,8 +201,7 @@ def _engine_file(config, entry: dict, files: dict) -> dict:
 
 def _ir_weights(workdir: Path, entry: dict) -> Path:
     """The IR's .bin, checked against the sha256 the manifest records for it."""
-    xml = checked_path(workdir, entry)
-    return ir_weights(xml, entry) or xml.with_suffix(".bin")
+    return ir_weights(checked_path(workdir, entry), entry)
 
 
 def _graph_names(entry: dict) -> dict:

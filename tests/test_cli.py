@@ -155,7 +155,9 @@ def test_verify_rechecks_every_artefact_and_records_where(exported):
     result = runner.invoke(app, ["verify", "-w", str(out), "--data", str(data), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     # the 48x80 images run at their own size: these artefacts are dynamic and take it
-    assert "seeded + 3 images" in result.stdout and "1x3x64x64" in result.stdout and "3x3x48x80 images" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert f"inputs: seeded (fp32 only) + real images: 3 images from --data {data}" in text
+    assert "1x3x64x64" in result.stdout and "3x3x48x80 images" in result.stdout
     assert "unavailable" in result.stdout and "runs on CUDA only" in result.stdout
     after = load_manifest(out)
     assert after["artifacts"][2] == engine

@@ -194,6 +194,27 @@ def test_verify_fails_a_wrong_artefact_and_refuses_a_changed_one(exported, tmp_p
     assert statuses == {"onnx": "failed", "torchscript": "verified"}
 
 
+def test_verify_and_bench_check_every_artefacts_bytes_before_any_work(exported, monkeypatch):
+    """Issue 24: a changed file was found only when its turn came, after minutes of parity checks
+    or timing of the others. Now the last artefact's changed bytes stop both before any of it."""
+    import unet_export.bench as bench
+    import unet_export.reverify as reverify
+    from unet_export.errors import IntegrityError
+
+    out, _ = exported
+    last = out / load_manifest(out)["artifacts"][-1]["path"]
+    last.write_bytes(last.read_bytes() + b"\0")
+    ran = []
+    monkeypatch.setattr(reverify, "run_parity", lambda *a, **k: ran.append("parity"))
+    monkeypatch.setattr(bench, "bench_row", lambda *a, **k: ran.append("row"))
+    result = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
+    assert result.exit_code == 2 and f"{last} changed since it was verified" in result.stderr, result.output
+    with pytest.raises(IntegrityError, match="changed since it was verified"):
+        bench.benchmark(out, backends=["eager", "onnxruntime"], device="cpu", iters=1, warmup=0)
+    assert ran == []
+    assert "verified_on" not in load_manifest(out)["artifacts"][0]
+
+
 def test_verify_without_artefacts_exits_2(tmp_path):
     result = runner.invoke(app, ["verify", "-w", str(tmp_path)])
     assert result.exit_code == 2 and "run `unet-export onnx" in result.stderr

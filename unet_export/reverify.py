@@ -90,7 +90,7 @@ def verify_workdir(
     dev = resolve_device(device)
     report = VerifyReport(workdir, host_record(dev), "")
     # Every file's bytes first: a changed artefact stops the run before minutes of parity checks.
-    report.verdicts = [v for v in map(lambda e: _integrity(e, workdir), manifest["artifacts"]) if v is not None]
+    report.verdicts = [v for e in manifest["artifacts"] if (v := _integrity(e, workdir)) is not None]
     if report.verdicts:
         return report
     net = build_model(manifest_checkpoint(manifest, weights))

@@ -207,3 +207,17 @@ def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
     console.print(bench_table(report))
     text = console.export_text()
     assert "eager-channels-last" in text and "onnxruntime-int8" in text
+
+
+def test_predict_on_a_dataset_folder_predicts_its_images_not_its_masks(tmp_path):
+    from unet_export.data.synth import make_synth
+    from unet_export.demo import DEMO_WEIGHTS
+
+    make_synth(tmp_path / "data", n=3, size=(32, 32), seed=0)
+    out = tmp_path / "m"
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(tmp_path / "data"), "--out", str(out),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == [f"synth_000{i}_mask.png" for i in range(3)]
+    assert f"wrote 3 masks to {out}" in " ".join(result.stdout.split())

@@ -1,5 +1,6 @@
 """Rough edges a new user hit (issue 15), each reproduced before it was fixed."""
 
+import pytest
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
@@ -207,3 +208,68 @@ def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
     console.print(bench_table(report))
     text = console.export_text()
     assert "eager-channels-last" in text and "onnxruntime-int8" in text
+
+
+def test_predict_on_a_dataset_folder_predicts_its_images_not_its_masks(tmp_path):
+    from unet_export.data.synth import make_synth
+    from unet_export.demo import DEMO_WEIGHTS
+
+    make_synth(tmp_path / "data", n=3, size=(32, 32), seed=0)
+    out = tmp_path / "m"
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(tmp_path / "data"), "--out", str(out),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == [f"synth_000{i}_mask.png" for i in range(3)]
+    assert f"wrote 3 masks to {out}" in " ".join(result.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def onnx_workdir(tmp_path_factory):
+    """The demo model exported to ONNX at its training size, as tests/test_triton.py's demo_workdir."""
+    from unet_export.api import export_artifact
+    from unet_export.demo import DEMO_WEIGHTS
+
+    workdir = tmp_path_factory.mktemp("triton") / "exports"
+    assert export_artifact(DEMO_WEIGHTS, "onnx", workdir, device="cpu", height=128, width=128).passed
+    return workdir
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fake_tritonserver(folder):
+    """A tritonserver that is found (an executable beside a Python backend) but never runs."""
+    binary = folder / "bin/tritonserver"
+    for backend in ("python", "onnxruntime"):
+        (folder / "backends" / backend).mkdir(parents=True)
+    (folder / "backends/python/triton_python_backend_stub").touch()
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\nexit 1\n")
+    binary.chmod(0o755)
+    return binary
+
+
+BAD_CHECK_INPUT = [
+    (["--tritonserver", "/nonexistent"], "not an executable file"),
+    (["--data", "/nonexistent"], "--data /nonexistent: not a folder"),
+    (["--weights", "/nonexistent.pth"], "/nonexistent.pth is gone"),
+]
+
+
+@pytest.mark.parametrize("bad, fragment", BAD_CHECK_INPUT)
+def test_triton_check_that_cannot_start_writes_no_repository(onnx_workdir, tmp_path, monkeypatch, bad, fragment):
+    monkeypatch.setenv("UNET_EXPORT_TRITONSERVER", str(_fake_tritonserver(tmp_path / "server")))  # never fetched
+    monkeypatch.chdir(tmp_path)
+    made = runner.invoke(app, ["triton", "-w", str(onnx_workdir), "--repo", "old"])
+    assert made.exit_code == 0, made.output
+    before = _tree(tmp_path / "old")
+    for repo in ("new", "old"):
+        result = runner.invoke(app, ["triton", "-w", str(onnx_workdir), "--repo", repo, "--check", *bad])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert fragment in result.stderr
+    assert not (tmp_path / "new").exists()
+    assert _tree(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "server"]  # no staged or old copies left

@@ -42,8 +42,14 @@ def triton_cmd(
     --check, proven on a running server."""
     from unet_export.serving.repository import write_repository
 
+    def startable(staged: Path) -> None:  # bad --check input (exit 2) must leave any --repo as it was
+        from unet_export.serving.check import check_inputs
+
+        check_inputs(staged, tritonserver=tritonserver, data=data, weights=weights)
+
     result = write_repository(workdir, repo, name=name, max_batch=max_batch, instances=instances, formats=formats,
-                              with_pipeline=with_pipeline, python_runtime=python_runtime)  # fmt: skip
+                              with_pipeline=with_pipeline, python_runtime=python_runtime,
+                              before_publish=startable if check else None)  # fmt: skip
     triton_repository_report(result)
     if check:
         from unet_export.serving.check import check_served

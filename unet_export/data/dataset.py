@@ -65,13 +65,22 @@ class Sample:
     mask: Path
 
 
+def images_folder(folder: str | Path) -> Path | None:
+    """The images folder of a dataset folder (either layout), or None where ``folder`` is none."""
+    folder = Path(folder)
+    for img_dir, mask_dir in LAYOUTS.values():
+        if (folder / img_dir).is_dir() and (folder / mask_dir).is_dir():
+            return folder / img_dir
+    return None
+
+
 def find_samples(data_dir: str | Path, mask_suffix: str = "_mask") -> tuple[str, list[Sample]]:
     """(layout, samples) of a dataset folder; every image must have exactly one mask."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"dataset folder not found: {data_dir}")
     for layout, (img_dir, mask_dir) in LAYOUTS.items():
-        if (data_dir / img_dir).is_dir() and (data_dir / mask_dir).is_dir():
+        if images_folder(data_dir) == data_dir / img_dir:
             suffix = mask_suffix if layout == "milesial" else ""
             return layout, _pair(data_dir / img_dir, data_dir / mask_dir, suffix)
     wanted = " or ".join(f"{a}/ + {b}/" for a, b in LAYOUTS.values())

@@ -1,11 +1,12 @@
-"""What `predict` runs over: INPUTS (images, folders searched recursively, text files listing
-paths) -> jobs, each an image and the mask path it writes under --out, mirroring the input tree
+"""What `predict` runs over: INPUTS (images, folders searched recursively, dataset folders for
+their images only, text files listing paths) -> jobs, each an image and the mask path it writes under --out, mirroring the input tree
 so that no two inputs share an output."""
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from unet_export.data.dataset import images_folder
 from unet_export.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
@@ -34,6 +35,9 @@ def collect_jobs(inputs: list[Path]) -> list[Job]:
         if not arg.exists():
             raise UserError(f"input not found: {arg}")
         if arg.is_dir():
+            # A dataset folder (imgs/ + masks/, JPEGImages/ + SegmentationClass/) means its images:
+            # predicting on its ground-truth masks too would write masks of masks.
+            arg = images_folder(arg) or arg
             found = sorted(p for p in arg.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(arg).parts))  # fmt: skip
             bases.append(os.path.abspath(arg))

@@ -67,15 +67,37 @@ class ServeCheck:
                 and self.overload.get("passed", False) and self.load is not None and self.load.passed)  # fmt: skip
 
 
+@dataclass
+class CheckInputs:
+    server: TritonServer  # not started
+    found: dict  # every model's parsed config
+    missing: dict[str, str]  # {model: why this build cannot load it}
+    record: dict
+    checkpoint: object  # the eager reference's checkpoint
+    images: list[Path]
+    why: str  # why there are no real images
+
+
+def check_inputs(repo: str | Path, *, tritonserver: str | Path | None = None, data: str | Path | None = None,
+                 weights: str | Path | None = None) -> CheckInputs:  # fmt: skip
+    """Everything --check refuses (exit 2) before a server starts. `triton --check` runs it on the
+    staged repository too, so that bad input publishes nothing."""
+    server, found, missing = repository_server(Path(repo), tritonserver)
+    record = read_record(Path(repo))
+    checkpoint = manifest_checkpoint({"model": record["model"]}, weights)
+    images, why = real_images(record, data)
+    return CheckInputs(server, found, missing, record, checkpoint, images, why)
+
+
 def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, data: str | Path | None = None,
                  weights: str | Path | None = None, clients: int = 8, requests: int = 50, deadline_s: float = 180.0,
                  seed: int = 0, on_step=lambda message: None) -> ServeCheck:  # fmt: skip
     repo = Path(repo)
-    server, found, missing = repository_server(repo, tritonserver)
-    record, served, install = read_record(repo), server.models, server.install
-    report = ServeCheck(repo, install, served, missing)
-    net = build_model(manifest_checkpoint({"model": record["model"]}, weights))  # the eager reference
-    images, why = real_images(record, data)
+    inputs = check_inputs(repo, tritonserver=tritonserver, data=data, weights=weights)
+    server, found, record, images, why = inputs.server, inputs.found, inputs.record, inputs.images, inputs.why
+    served, install = server.models, server.install
+    report = ServeCheck(repo, install, served, inputs.missing)
+    net = build_model(inputs.checkpoint)  # the eager reference
     if not images:
         report.notes.append(f"no real images ({why}): FP32 models are checked on seeded inputs only; {HOW}")
     on_step(f"starting tritonserver ({install.origin}) with {len(served)} of {len(found)} models")

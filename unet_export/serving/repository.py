@@ -56,7 +56,9 @@ class RepositoryResult:
 
 def write_repository(workdir: str | Path = "exports", repo: str | Path | None = None, *, name: str | None = None,
                      max_batch: int = 8, instances: int = 1, formats: str | None = None, with_pipeline: bool = False,
-                     python_runtime: str = "auto") -> RepositoryResult:  # fmt: skip
+                     python_runtime: str = "auto", before_publish=None) -> RepositoryResult:  # fmt: skip
+    """``before_publish(staged)`` may refuse the written repository before it replaces ``repo``
+    (`triton --check` checks there what would stop its server from starting)."""
     started = time.perf_counter()
     workdir = Path(workdir)
     repo = Path(repo) if repo else workdir / "triton"
@@ -86,6 +88,8 @@ def write_repository(workdir: str | Path = "exports", repo: str | Path | None = 
             write_model(staged, plan)
         write_json(staged / RECORD_NAME, _repository_record(workdir, manifest, plans, chosen.skipped, runtime))
         check_repository(staged)
+        if before_publish is not None:
+            before_publish(staged)
     return RepositoryResult(repo, plans, chosen.skipped, runtime, time.perf_counter() - started)
 
 

@@ -207,3 +207,38 @@ def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
     console.print(bench_table(report))
     text = console.export_text()
     assert "eager-channels-last" in text and "onnxruntime-int8" in text
+
+
+# Issue 25 (helper i25a): a closed pipe, --version, counts in the singular, failures on stderr.
+
+import os
+import subprocess
+import sys
+
+CLI = "from unet_export.cli.main import main; main()"
+BENCH = "from unet_export.cli.bench import main; main()"
+
+
+def _into_a_closed_pipe(entry: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a CLI with stdout a pipe whose reader has already gone: the worst case of
+    `| head -c 10`, where the reader leaves before the first write rather than by luck after it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-c", entry, *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+
+
+def test_a_closed_pipe_ends_commands_quietly_with_exit_0():
+    for entry, args in ((CLI, ["doctor", "--json"]), (CLI, ["--help"]), (CLI, ["predict", "--help"]),
+                        (BENCH, ["--help"])):  # fmt: skip
+        result = _into_a_closed_pipe(entry, *args)
+        assert (result.returncode, result.stderr) == (0, ""), (args, result.returncode, result.stderr)
+
+
+def test_doctor_json_into_head_exits_0_under_pipefail():
+    script = f"set -o pipefail; {sys.executable} -c '{CLI}' doctor --json | head -c 10 >/dev/null"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, "")

@@ -242,3 +242,11 @@ def test_doctor_json_into_head_exits_0_under_pipefail():
     script = f"set -o pipefail; {sys.executable} -c '{CLI}' doctor --json | head -c 10 >/dev/null"
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_version_of_both_commands_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    for entry in (CLI, BENCH):
+        result = subprocess.run([sys.executable, "-c", entry, "--version"], capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"unet-export {version('unet-export')}\n", "")

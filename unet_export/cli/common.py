@@ -55,6 +55,26 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject's), so it cannot drift from what pip shows."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unet-export")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from unet_export import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"unet-export {package_version()}")
+        raise typer.Exit(0)
+
+
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, expose_value=False,
+                                          help="Print the version and exit.")]  # fmt: skip
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Directory for artefacts and manifest.json.")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where parity runs: CUDA when there is a GPU, else CPU.")]
 RunDeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs: CUDA when there is a GPU, else CPU.")]

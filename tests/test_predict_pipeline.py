@@ -126,8 +126,8 @@ def test_an_unreadable_image_is_reported_and_skipped(tree, tmp_path):
     report_path = tmp_path / "r" / "report.json"
     result = cli("predict", DEMO_WEIGHTS, tree, "--out", tmp_path / "o", "--report", report_path, "--device", "cpu")
     assert result.exit_code == 1, result.output
-    assert "wrote 5 masks" in result.stdout and "2 failed:" in result.stdout
-    assert "broken.png: cannot read image" in result.stdout and "text.png: cannot read image" in result.stdout
+    assert "wrote 5 masks" in result.stdout and "2 failed:" in result.stderr
+    assert "broken.png: cannot read image" in result.stderr and "text.png: cannot read image" in result.stderr
     report = json.loads(report_path.read_text())
     assert (report["inputs"], report["written"], report["failed"], report["skipped"]) == (7, 5, 2, 0)
     assert sorted(Path(f["input"]).name for f in report["failures"]) == ["broken.png", "text.png"]

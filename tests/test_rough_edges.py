@@ -144,7 +144,7 @@ def test_a_static_onnx_model_pads_to_its_size_or_says_it_cannot(tmp_path):
     refused = runner.invoke(app, ["predict", str(onnx_path), str(small), str(big), "--out", str(tmp_path / "n"),
                                   "--batch-size", "4", "--device", "cpu"])  # fmt: skip
     assert refused.exit_code == 1 and "wrote 1 mask " in refused.stdout and "batch 1," in refused.stdout
-    assert "big.png: the model is static at 128x128 and the image is 150x200" in refused.stdout
+    assert "big.png: the model is static at 128x128 and the image is 150x200" in refused.stderr
     make_synth(tmp_path / "data", n=2, size=(96, 96), classes=3, seed=0)
     evaluated = runner.invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(tmp_path / "data"), "-w", str(out),
                                     "--device", "cpu"])  # fmt: skip
@@ -273,3 +273,80 @@ def test_triton_check_that_cannot_start_writes_no_repository(onnx_workdir, tmp_p
     assert not (tmp_path / "new").exists()
     assert _tree(tmp_path / "old") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "server"]  # no staged or old copies left
+# Issue 25 (helper i25a): a closed pipe, --version, counts in the singular, failures on stderr.
+
+import os
+import subprocess
+import sys
+
+CLI = "from unet_export.cli.main import main; main()"
+BENCH = "from unet_export.cli.bench import main; main()"
+
+
+def _into_a_closed_pipe(entry: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a CLI with stdout a pipe whose reader has already gone: the worst case of
+    `| head -c 10`, where the reader leaves before the first write rather than by luck after it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-c", entry, *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+
+
+def test_a_closed_pipe_ends_commands_quietly_with_exit_0():
+    for entry, args in ((CLI, ["doctor", "--json"]), (CLI, ["--help"]), (CLI, ["predict", "--help"]),
+                        (BENCH, ["--help"])):  # fmt: skip
+        result = _into_a_closed_pipe(entry, *args)
+        assert (result.returncode, result.stderr) == (0, ""), (args, result.returncode, result.stderr)
+
+
+def test_doctor_json_into_head_exits_0_under_pipefail():
+    script = f"set -o pipefail; {sys.executable} -c '{CLI}' doctor --json | head -c 10 >/dev/null"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_version_of_both_commands_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    for entry in (CLI, BENCH):
+        result = subprocess.run([sys.executable, "-c", entry, "--version"], capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"unet-export {version('unet-export')}\n", "")
+
+
+def test_counts_of_one_are_singular_in_what_commands_print(tmp_path):
+    from tests.test_labelme import SHAPES, png_bytes, write_labelme
+    from unet_export.cli.render import dice_table
+    from unet_export.realimages import real_images_for
+
+    synth = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--n", "1", "--size", "32x32"])
+    assert synth.exit_code == 0 and "wrote 1 image and mask to" in " ".join(synth.stdout.split()), synth.output
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "a.png").write_bytes(png_bytes())
+    write_labelme(tmp_path / "lm", "a", SHAPES[:1], image_path="a.png")
+    labelme = runner.invoke(app, ["data", "labelme", str(tmp_path / "lm"), str(tmp_path / "voc"),
+                                  "--labels", "background,cat,dog,bird"])  # fmt: skip
+    assert labelme.exit_code == 0 and "wrote 1 image, 1 shape to" in " ".join(labelme.stdout.split()), labelme.output
+    (tmp_path / "one").mkdir()
+    image = sorted((DEMO_VAL / "imgs").iterdir())[0]
+    (tmp_path / "one" / image.name).write_bytes(image.read_bytes())
+    assert real_images_for({}, None, tmp_path / "one", 8)[1] == f"1 image from --data {tmp_path / 'one'}"
+    table = dice_table({"images": 1, "eager": {"dice": 0.5}, "artifacts": []}, "val")
+    assert table.title == "Dice on val (1 image, milesial's definition)"
+
+
+def test_predict_lists_failures_on_stderr_and_counts_in_the_singular(tmp_path):
+    from unet_export.demo import DEMO_WEIGHTS
+
+    (tmp_path / "in").mkdir()
+    good = sorted((DEMO_VAL / "imgs").iterdir())[0]
+    (tmp_path / "in" / good.name).write_bytes(good.read_bytes())
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(tmp_path / "in"), "--out", str(tmp_path / "m"),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "1 failed:" in result.stderr and "broken.png" in result.stderr
+    assert "failed" not in result.stdout and "broken.png" not in result.stdout
+    assert f"wrote 1 mask to {tmp_path / 'm'}" in " ".join(result.stdout.split())

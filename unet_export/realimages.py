@@ -21,6 +21,7 @@ from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, lo
 from unet_export.errors import UserError
 from unet_export.fileio import sha256_file
 from unet_export.models.sizes import SizeRule
+from unet_export.text import counted
 
 REDUCED = frozenset({"fp16", "bf16", "int8"})
 HOW = "pass --data DIR with images like the model's (a folder of images, or a dataset with imgs/ or JPEGImages/)"
@@ -91,7 +92,7 @@ def real_images_for(manifest: dict, entry: dict | None, data: str | Path | None,
     held-out images."""
     if data is not None:
         paths = image_paths(data)[:limit]
-        return paths, f"{len(paths)} images from --data {data}", ""
+        return paths, f"{counted(len(paths), 'image')} from --data {data}", ""
     whys = []
     records = [("real_images", (entry or {}).get("real_images")), ("heldout", (manifest.get("model") or {}).get("heldout"))]
     for name, record in records:

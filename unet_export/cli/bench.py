@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from unet_export.bench import benchmark, exit_code
-from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console, run_app
+from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app
 from unet_export.cli.render import bench_markdown, bench_table, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.fileio import atomic_path
@@ -43,6 +43,7 @@ def bench(
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
+    version: VersionOpt = False,
 ) -> None:
     """Time every runtime against eager fp32 after checking each one's output (exit 1 on mismatch)."""
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None

@@ -1,6 +1,7 @@
 """What every command shares: the error boundary (one line, an exit code, no traceback) and the
 option types, defined once as Annotated aliases."""
 
+import errno
 import functools
 import os
 import signal
@@ -54,6 +55,26 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject's), so it cannot drift from what pip shows."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unet-export")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from unet_export import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"unet-export {package_version()}")
+        raise typer.Exit(0)
+
+
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, expose_value=False,
+                                          help="Print the version and exit.")]  # fmt: skip
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Directory for artefacts and manifest.json.")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where parity runs: CUDA when there is a GPU, else CPU.")]
 RunDeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs: CUDA when there is a GPU, else CPU.")]
@@ -104,9 +125,35 @@ def _click_exceptions():
     return exceptions
 
 
+def _closed_pipe(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.EPIPE
+
+
+def _leave_quietly_after_a_closed_pipe() -> None:
+    """`unet-export doctor --json | head -c 600`: the reader took what it wanted and left. That is
+    no error of ours: no message, exit 0 (whether the reader left before our last write or after
+    it is a race, and the status must not depend on it). stdout goes to devnull, as the Python
+    docs advise, so the flush at exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a Typer app with usage errors (a bad option value, a missing argument) as one line and
-    exit 2, like every other bad input, instead of a multi-line box."""
+    exit 2, like every other bad input, instead of a multi-line box; a closed stdout ends it quietly."""
+    try:
+        _run(app)
+    except BrokenPipeError:  # from our own prints here (a bare command's help)
+        _leave_quietly_after_a_closed_pipe()
+    except SystemExit as exc:
+        # Typer turns EPIPE while printing (help, or a command's output) into exit 1.
+        if exc.code == 1 and _closed_pipe(exc.__context__):
+            _leave_quietly_after_a_closed_pipe()
+        raise
+
+
+def _run(app: typer.Typer) -> None:
     errors = _click_exceptions()
     try:
         code = app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
@@ -162,6 +209,8 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
+            raise
+        except BrokenPipeError:  # stdout closed by its reader: run_app ends quietly, not a bug
             raise
         except UnetExportError as exc:
             _traceback_if_debug()

@@ -10,6 +10,7 @@ from unet_export.cli.common import cli_errors, console
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import MAX_IMAGES, MAX_SIDE, make_synth
 from unet_export.errors import UserError
+from unet_export.text import counted
 
 app = typer.Typer(help="Make datasets: synthetic shapes, or labelme annotations.", no_args_is_help=True)
 
@@ -35,8 +36,9 @@ def synth_cmd(
     """A deterministic synthetic set in milesial's layout: shapes over textured, noisy backgrounds.
     Each file is written atomically; a write error (a full disk) exits 2 naming the file."""
     summary = make_synth(out_dir, n=n, size=parse_size(size), classes=classes, seed=seed, overwrite=overwrite)
-    console.print(f"wrote {summary.images} images and masks to {out_dir} (imgs/, masks/ *_mask.png); "
-                  f"{classes} classes, mask values {summary.mask_values}")  # fmt: skip
+    written = counted(summary.images, "image and mask", "images and masks")
+    console.print(f"wrote {written} to {out_dir} (imgs/, masks/ *_mask.png); {classes} classes, "
+                  f"mask values {summary.mask_values}")  # fmt: skip
 
 
 @app.command("labelme")
@@ -52,4 +54,5 @@ def labelme_cmd(
     if one is wrong."""
     summary = convert_labelme(json_dir, out_dir, [name.strip() for name in labels.split(",")])
     counts = ", ".join(f"{k} {v}" for k, v in summary.pixels_per_class.items())
-    console.print(f"wrote {summary.images} images, {summary.shapes} shapes to {out_dir}; pixels per class: {counts}")
+    console.print(f"wrote {counted(summary.images, 'image')}, {counted(summary.shapes, 'shape')} to {out_dir}; "
+                  f"pixels per class: {counts}")

@@ -13,6 +13,7 @@ from unet_export.cli.render import export_report
 from unet_export.cli.tolerances import MaxClassChange, MinDice, RealData
 from unet_export.export.openvino import export_openvino
 from unet_export.export.quantize import quantize_int8
+from unet_export.text import counted
 
 
 class Engine(str, Enum):
@@ -118,7 +119,8 @@ def int8_report(result: ExportResult) -> None:
     """What was calibrated on, what was tried, which layers stayed FP32, Dice vs ground truth."""
     q, accuracy = result.entry["quantization"], result.entry.get("accuracy")
     calib = q["calibration"]
-    console.print(f"calibration: {calib['count']} images of {calib['path']} ({calib['first']} .. {calib['last']}, "
+    console.print(f"calibration: {counted(calib['count'], 'image')} of {calib['path']} "
+                  f"({calib['first']} .. {calib['last']}, "
                   f"sha256 {calib['sha256'][:12]}); gate on {q['gate_images']}")  # fmt: skip
     for attempt in q["attempts"]:
         verdict = "[green]passed[/]" if attempt["passed"] else f"[red]failed[/] ({'; '.join(attempt['failures'][:2])})"

@@ -14,8 +14,8 @@ from unet_export.cli.training import register as register_training
 from unet_export.cli.predict import register as register_predict
 from unet_export.cli.serve import register as register_serving
 from unet_export.cli.deploy import register as register_deploy, shower
-from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, fail,
-                                     run_app, working)
+from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, VersionOpt, Weights, Workdir, cli_errors, console,
+                                     fail, run_app, working)
 from unet_export.cli.render import (
     bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
 )
@@ -34,6 +34,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(version: VersionOpt = False) -> None:
+    """Export U-Net checkpoints to verified deployment artefacts."""
 
 # torch.compile's CPU build alone takes a minute on 2 cores: the demo leaves it to unet-bench.
 DEMO_CPU_BACKENDS = ["eager", "eager-channels-last", "eager-bf16", "torchscript", "aoti", "onnxruntime", "openvino",

@@ -1,6 +1,7 @@
 """`unet-export predict`: thin command over unet_export.pipeline (local threads, or Ray Data)."""
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
 from unet_export.pipeline import PredictOptions, prepare, run
 from unet_export.pipeline.report import Report
+from unet_export.text import counted
 
 SHOWN_FAILURES = 20  # on the terminal; the report lists them all
 
@@ -76,8 +78,7 @@ def _advance(bar: Progress, task, report: Report) -> None:
 
 
 def _summary(result: Report, report_path: Path | None) -> None:
-    noun = "mask" if len(result.written) == 1 else "masks"
-    line = (f"wrote {len(result.written)} {noun} to {result.out} in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s, "
+    line = (f"wrote {counted(len(result.written), 'mask')} to {result.out} in {result.seconds:.1f} s ({result.images_per_s:.1f} img/s, "
             f"{result.runtime}, batch {result.batch_size}, {result.engine})")  # fmt: skip
     if result.skipped:
         line += f"; {len(result.skipped)} already done (--resume)"
@@ -85,11 +86,17 @@ def _summary(result: Report, report_path: Path | None) -> None:
     if report_path is not None:
         console.print(f"report: {report_path}")
     if result.failed:
-        console.print(f"{len(result.failed)} failed:")
-        for outcome in result.failed[:SHOWN_FAILURES]:
-            console.print(f"  {outcome.job.src}: {outcome.reason}")
-        if len(result.failed) > SHOWN_FAILURES:
-            console.print(f"  ... and {len(result.failed) - SHOWN_FAILURES} more (all in the report)")
+        _failures(result.failed)
+
+
+def _failures(failed: list) -> None:
+    """On stderr, so `predict ... > log` keeps them in sight and a script reading stdout gets only
+    the summary; plain print, not Rich, so a reason such as "[Errno 2] ..." is not read as markup."""
+    print(f"{len(failed)} failed:", file=sys.stderr)
+    for outcome in failed[:SHOWN_FAILURES]:
+        print(f"  {outcome.job.src}: {outcome.reason}", file=sys.stderr)
+    if len(failed) > SHOWN_FAILURES:
+        print(f"  ... and {len(failed) - SHOWN_FAILURES} more (all in the report)", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

@@ -5,6 +5,7 @@ from rich.table import Table
 
 from unet_export.api import ExportResult
 from unet_export.cli.common import console
+from unet_export.text import counted
 from unet_export.verify import ParityReport
 
 
@@ -77,9 +78,11 @@ def export_report(result: ExportResult, workdir) -> None:
     label = f"{entry['format']} {entry['precision']}"
     console.print(f"[bold]{label}[/] {result.path} ({_mb(entry['bytes'])}{opset}, {shape})")
     if entry.get("fp32_nodes"):
-        console.print(f"kept in FP32: {len(entry['fp32_nodes'])} nodes ({', '.join(entry['fp32_nodes'][:6])})")
+        nodes = entry["fp32_nodes"]
+        console.print(f"kept in FP32: {counted(len(nodes), 'node')} ({', '.join(nodes[:6])})")
     if result.dropped:
-        console.print(f"manifest: new checkpoint, {result.dropped} entries of the previous one dropped")
+        dropped = counted(result.dropped, "entry", "entries")
+        console.print(f"manifest: new checkpoint, {dropped} of the previous one dropped")
     if result.parity.cases:
         console.print(parity_table(result))
     if result.passed:
@@ -197,7 +200,8 @@ def verify_report(report) -> None:
 
 def dice_table(report: dict, data) -> Table:
     """`evaluate`'s report: eager and every artefact, Dice against ground truth side by side."""
-    table = Table(title=f"Dice on {data} ({report['images']} images, milesial's definition)", title_justify="left")
+    title = f"Dice on {data} ({counted(report['images'], 'image')}, milesial's definition)"
+    table = Table(title=title, title_justify="left")
     for column in ("model", "precision", "Dice", "vs eager", "status"):
         table.add_column(column, justify="left" if column in ("model", "precision", "status") else "right")
     table.add_row("eager", "fp32", f"{report['eager']['dice']:.4f}", "-", "ok")
@@ -330,7 +334,7 @@ def load_line(load) -> str:
     lat = load.latency_ms
     batches = ", ".join(f"{n}: {count}" for n, count in load.batches.items()) or "none"
     verdict = "[green]pass[/]" if load.passed else "[red]FAIL[/]"
-    errors = f"; {len(load.errors)} errors, first: {escape(load.errors[0])}" if load.errors else ""
+    errors = f"; {counted(len(load.errors), 'error')}, first: {escape(load.errors[0])}" if load.errors else ""
     timing = (f"{load.requests_per_s:.1f} requests/s, latency p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms, "
               f"p99 {lat['p99']:.1f} ms") if lat else "no answers"  # fmt: skip
     return (f"load test {load.model}: {load.clients} clients (half HTTP, half gRPC) x {load.requests} requests of "

@@ -29,6 +29,7 @@ from unet_export.serving.install import TritonInstall
 from unet_export.serving.loadtest import LoadReport, load_test
 from unet_export.serving.server import TritonServer, repository_server
 from unet_export.serving.validate import read_record
+from unet_export.text import counted
 from unet_export.verify import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
 
 MAX_IMAGES = 8  # real images sent per check: enough for a batch and a few pipeline calls
@@ -100,7 +101,7 @@ def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, da
     net = build_model(inputs.checkpoint)  # the eager reference
     if not images:
         report.notes.append(f"no real images ({why}): FP32 models are checked on seeded inputs only; {HOW}")
-    on_step(f"starting tritonserver ({install.origin}) with {len(served)} of {len(found)} models")
+    on_step(f"starting tritonserver ({install.origin}) with {len(served)} of {counted(len(found), 'model')}")
     with server:
         report.server = {"pid": server.proc.pid, "http": server.http_url, "grpc": server.grpc_url,
                          "started_s": server.started_in}  # fmt: skip
@@ -140,7 +141,7 @@ def summary(report: ServeCheck) -> str:
     checked = list(dict.fromkeys([m for m, _, _ in report.parity] + [c.model for c in report.masks]))
     skipped = [f"{m} (not served)" for m in report.not_served] + [f"{m} (no real images)" for m in report.not_checked]
     total = len(checked) + len(skipped)
-    line = f"checked {len(checked)} of {total} models" + (f" ({', '.join(checked)})" if checked else "")
+    line = f"checked {len(checked)} of {counted(total, 'model')}" + (f" ({', '.join(checked)})" if checked else "")
     return line + (f"; not checked here: {', '.join(skipped)}" if skipped else "")
 
 

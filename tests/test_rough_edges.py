@@ -273,6 +273,8 @@ def test_triton_check_that_cannot_start_writes_no_repository(onnx_workdir, tmp_p
     assert not (tmp_path / "new").exists()
     assert _tree(tmp_path / "old") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "server"]  # no staged or old copies left
+
+
 # Issue 25 (helper i25a): a closed pipe, --version, counts in the singular, failures on stderr.
 
 import os
@@ -300,6 +302,21 @@ def test_a_closed_pipe_ends_commands_quietly_with_exit_0():
                         (BENCH, ["--help"])):  # fmt: skip
         result = _into_a_closed_pipe(entry, *args)
         assert (result.returncode, result.stderr) == (0, ""), (args, result.returncode, result.stderr)
+
+
+def test_a_gate_cut_short_by_a_closed_pipe_keeps_its_verdict(make_checkpoint, tmp_path):
+    """`unet-bench | head`: the reader leaving is no error (no traceback, no exit 3), but it must not
+    turn a failing gate into exit 0: the run goes on, its output to devnull, to its own exit code."""
+    weights = make_checkpoint("v3")
+    args = ["onnx", str(weights), "-w", str(tmp_path / "w"), "--height", "32", "--width", "32", "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0
+    # a zero tolerance fails even eager's own float32 noise against float64: a gate that fails
+    bench = ["-w", str(tmp_path / "w"), "--backends", "eager,onnxruntime", "--device", "cpu", "--iters", "1",
+             "--warmup", "0", "--rtol", "0", "--atol", "0"]  # fmt: skip
+    failing = _into_a_closed_pipe(BENCH, *bench)
+    assert (failing.returncode, failing.stderr) == (1, ""), (failing.returncode, failing.stderr)
+    passing = _into_a_closed_pipe(BENCH, *bench[:-4])
+    assert (passing.returncode, passing.stderr) == (0, ""), (passing.returncode, passing.stderr)
 
 
 def test_doctor_json_into_head_exits_0_under_pipefail():

@@ -130,18 +130,50 @@ def _closed_pipe(exc: BaseException | None) -> bool:
 
 
 def _leave_quietly_after_a_closed_pipe() -> None:
-    """`unet-export doctor --json | head -c 600`: the reader took what it wanted and left. That is
-    no error of ours: no message, exit 0 (whether the reader left before our last write or after
-    it is a race, and the status must not depend on it). stdout goes to devnull, as the Python
-    docs advise, so the flush at exit does not fail again."""
+    """Help (or another print of Click's own, which writes past sys.stdout) into `| head -1`: the
+    reader took what it wanted and left. No message, exit 0: nothing was judged. stdout goes to
+    devnull, as the Python docs advise, so the flush at exit does not fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     sys.exit(0)
 
 
+class _StdoutReaderMayLeave:
+    """sys.stdout for a reader that may leave early (`unet-bench | head`): after EPIPE the rest of
+    the output goes to devnull and the command runs on to its own exit code. Ending at the closed
+    pipe with exit 0 would let a gate that `head` cut short read as passed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered is flushed there, harmlessly
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a Typer app with usage errors (a bad option value, a missing argument) as one line and
-    exit 2, like every other bad input, instead of a multi-line box; a closed stdout ends it quietly."""
+    exit 2, like every other bad input, instead of a multi-line box; a closed stdout is no error:
+    the command runs on (its output to devnull) to its own exit code."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _StdoutReaderMayLeave):
+        sys.stdout = _StdoutReaderMayLeave(sys.stdout)
     try:
         _run(app)
     except BrokenPipeError:  # from our own prints here (a bare command's help)

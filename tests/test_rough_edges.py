@@ -367,3 +367,35 @@ def test_predict_lists_failures_on_stderr_and_counts_in_the_singular(tmp_path):
     assert "1 failed:" in result.stderr and "broken.png" in result.stderr
     assert "failed" not in result.stdout and "broken.png" not in result.stdout
     assert f"wrote 1 mask to {tmp_path / 'm'}" in " ".join(result.stdout.split())
+
+
+def test_evaluate_scores_a_plain_checkpoint_against_0_255_masks_with_mask_values(make_checkpoint, tmp_path):
+    from unet_export.data.synth import make_synth
+
+    weights = make_checkpoint("v3")  # 2 classes, no mask_values: milesial's early releases
+    make_synth(tmp_path / "d", n=2, size=(32, 32), classes=2)  # masks hold 0 and 255
+    args = ["evaluate", str(weights), str(tmp_path / "d"), "-w", str(tmp_path / "none"), "--device", "cpu"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--mask-values 0,255" in refused.stderr
+    scored = runner.invoke(app, [*args, "--mask-values", "0,255"])
+    assert scored.exit_code == 0, scored.output
+    assert "Dice" in scored.stdout and "eager" in scored.stdout
+    bad = runner.invoke(app, [*args, "--mask-values", "0,x"])
+    assert bad.exit_code == 2 and "--mask-values '0,x'" in bad.stderr
+
+
+def test_evaluate_refuses_mask_values_that_differ_from_the_checkpoints(make_checkpoint, tmp_path):
+    from unet_export.data.synth import make_synth
+
+    data = tmp_path / "d"
+    make_synth(data, n=2, size=(32, 32), classes=2)
+    train = runner.invoke(app, ["train", str(data), "--width", "8", "--epochs", "1", "--batch-size", "1",
+                                "--val-fraction", "0.5", "-w", str(tmp_path / "run"), "--device", "cpu"])  # fmt: skip
+    assert train.exit_code == 0, train.output
+    weights = sorted((tmp_path / "run").glob("*.pth"))[-1]
+    args = ["evaluate", str(weights), str(data), "-w", str(tmp_path / "none"), "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--mask-values", "0,255"]).exit_code == 0
+    differ = runner.invoke(app, [*args, "--mask-values", "0,128"])
+    assert differ.exit_code == 2 and len(differ.stderr.strip().splitlines()) == 1, differ.output
+    assert "[0, 128]" in differ.stderr and "[0, 255]" in differ.stderr

@@ -32,19 +32,29 @@ def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1, halo
 
 
 def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suffix: str = "_mask",
-             batch_size: int = 1, model: str | None = None, max_pixels: int | None = None) -> dict:  # fmt: skip
+             batch_size: int = 1, model: str | None = None, max_pixels: int | None = None,
+             mask_values: list | None = None) -> dict:  # fmt: skip
     """Mean Dice of the eager model and of every artefact in ``workdir``'s manifest that came
     from the same checkpoint: {"eager": {"dice"}, "artifacts": [{format, precision, dice, ...}]}.
+    ``mask_values`` (class i -> mask value) serve a checkpoint that records none.
     Every image/mask pair is checked, in one pass, before the first inference."""
     ckpt = load_checkpoint(weights, model)
     _, samples = find_samples(data_dir, mask_suffix)
     n_classes = ckpt.config.get("n_classes", 2)
-    mask_values = class_mask_values(ckpt.mask_values, n_classes)
+    if mask_values and ckpt.mask_values and mask_values != ckpt.mask_values:
+        raise UserError(f"--mask-values {mask_values} differ from {weights}'s mask_values {ckpt.mask_values}: "
+                        "leave the option out, the checkpoint knows its classes")  # fmt: skip
+    defaulted = not (mask_values or ckpt.mask_values)
+    mask_values = class_mask_values(mask_values or ckpt.mask_values, n_classes)
     if len(mask_values) != max(n_classes, 2):
         raise UserError(f"{weights} has {n_classes} classes but mask_values {mask_values}")
     pp, n_channels = Preprocess.from_dict(ckpt.preprocess), ckpt.config.get("n_channels", 3)
-    check_dataset(samples, n_channels=n_channels, mask_values=mask_values, pp=pp, same_size=batch_size > 1,
-                  rule=get_spec(ckpt.architecture).sizes(ckpt.config), max_pixels=max_pixels)  # fmt: skip
+    # With the default classes, check the values after the pass: then the error can name them all.
+    check = check_dataset(samples, n_channels=n_channels, mask_values=None if defaulted else mask_values, pp=pp,
+                          same_size=batch_size > 1, rule=get_spec(ckpt.architecture).sizes(ckpt.config),
+                          max_pixels=max_pixels)  # fmt: skip
+    if defaulted:
+        _check_default_values(weights, check.mask_values, mask_values)
     dataset = SegmentationDataset(samples, mask_values, pp, n_channels, max_pixels)
     dev, halo = resolve_device(device), TILE_HALO.get(ckpt.architecture)
     with EagerRunner(build_model(ckpt), dev) as eager:
@@ -66,6 +76,19 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
             row |= {"status": "unavailable", "reason": str(exc), "dice": None, "delta_vs_eager": None}
         report["artifacts"].append(row)
     return report
+
+
+def _check_default_values(weights, found: list, defaults: list) -> None:
+    """A checkpoint without mask_values takes masks of class indices (predict.py's default); masks
+    of other values (0/255 is common) need the user's mapping, and the error says how to give it."""
+    extra = [v for v in found if v not in defaults]
+    if not extra:
+        return
+    show = ",".join(":".join(map(str, v)) if isinstance(v, list) else str(v) for v in found)
+    hint = (f"pass --mask-values {show}" if len(found) == len(defaults)
+            else f"pass --mask-values with the {len(defaults)} classes' values, background first")
+    raise UserError(f"the masks hold {show} but {weights} records no mask_values, so its classes "
+                    f"are {defaults}: {hint}")  # fmt: skip
 
 
 def _check_static(entry: dict, dataset, batch_size: int) -> None:

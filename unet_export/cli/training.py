@@ -115,12 +115,16 @@ def evaluate_cmd(
     max_delta: Annotated[float | None, typer.Option(help="Gate: exit 1 if an artefact is this far below eager.")] = None,
     mask_suffix: MaskSuffix = "_mask",
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    mask_values: Annotated[str | None, typer.Option(help="The classes' mask values, background first "
+                           "(0,255; r:g:b for RGB masks), for a checkpoint that records none. "
+                           "Default: the checkpoint's; else class indices 0,1,...")] = None,  # fmt: skip
     model: ModelOpt = None,
     device: RunDeviceOpt = "auto",
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
     report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
-                      mask_suffix=mask_suffix, model=model, max_pixels=max_pixels)  # fmt: skip
+                      mask_suffix=mask_suffix, model=model, max_pixels=max_pixels,
+                      mask_values=parse_mask_values(mask_values))  # fmt: skip
     console.print(dice_table(report, data))
     if json_path:
         write_json(json_path, report)

@@ -18,9 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from unet_export.api import resolve_device
 from unet_export.bench import benchmark
+from unet_export.cli.common import one_line
 from unet_export.cli.render import bench_markdown
 from unet_export.demo import write_random_checkpoint
+from unet_export.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=5.0)
     parser.add_argument("--compile-mode", default="default")
     args = parser.parse_args()
+    resolve_device(args.device)  # no GPU for --device cuda: refuse before writing or exporting anything
 
     work = HERE / "work" / args.device
     weights = write_random_checkpoint(work / "unet_full.pth", seed=0)
@@ -73,4 +77,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # bad input or environment: one line and exit 2, the CLI's contract
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        sys.exit(exc.exit_code)

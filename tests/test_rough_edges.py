@@ -399,3 +399,19 @@ def test_evaluate_refuses_mask_values_that_differ_from_the_checkpoints(make_chec
     differ = runner.invoke(app, [*args, "--mask-values", "0,128"])
     assert differ.exit_code == 2 and len(differ.stderr.strip().splitlines()) == 1, differ.output
     assert "[0, 128]" in differ.stderr and "[0, 255]" in differ.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: --device cuda is no error")
+def test_benchmark_script_without_a_gpu_exits_2_with_one_line(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    work = root / "benchmarks" / "work" / "cuda"
+    before = sorted(work.rglob("*")) if work.exists() else None
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "run.py"), "--device", "cuda"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "--device cpu" in result.stderr
+    assert result.stdout == ""
+    assert (sorted(work.rglob("*")) if work.exists() else None) == before  # nothing written before the refusal

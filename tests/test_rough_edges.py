@@ -367,3 +367,46 @@ def test_predict_lists_failures_on_stderr_and_counts_in_the_singular(tmp_path):
     assert "1 failed:" in result.stderr and "broken.png" in result.stderr
     assert "failed" not in result.stdout and "broken.png" not in result.stdout
     assert f"wrote 1 mask to {tmp_path / 'm'}" in " ".join(result.stdout.split())
+
+
+# --- issue 25, rough edges 4 and 9 (a, b) -----------------------------------------------------------------
+
+
+def _realistic_bench_report():
+    from types import SimpleNamespace
+
+    from unet_export.bench_stats import Row
+
+    lat = {"mean": 12.3, "p50": 12.1, "p99": 15.9}
+    parity = {"max_abs_err": 1.2e-5, "max_err_fp64": 2.3e-5, "noise_floor": 1.1e-5, "argmax_disagreement": 0.0001,
+              "dice_vs_eager": 0.99998}  # fmt: skip
+    rows = [
+        Row("eager", "fp32", "ok", img_per_s=81.2, latency_ms=lat, cv=0.02, speedup_vs_eager=1.0, peak_mem_mb=812.0,
+            parity=parity),
+        Row("eager-channels-last", "fp32", "ok", img_per_s=90.1, latency_ms=lat, cv=0.03, speedup_vs_eager=1.11,
+            peak_mem_mb=820.0, parity=parity),
+        Row("onnxruntime-int8", "int8-static", "parity_failed", img_per_s=150.0, latency_ms=lat, cv=0.05,
+            speedup_vs_eager=1.85, peak_mem_mb=400.0, parity=parity),
+        Row("tensorrt-fp16", "fp16", "unavailable", reason="no CUDA device"),
+        Row("openvino-int8", "int8", "not_judged", img_per_s=120.0, latency_ms=lat, cv=0.04, speedup_vs_eager=1.48,
+            peak_mem_mb=300.0),
+    ]  # fmt: skip
+    return SimpleNamespace(rows=rows, config={"batch": 8, "height": 256, "width": 256, "inputs": "seeded"},
+                           device={"name": "Intel(R) Xeon(R) Platinum 8480+", "type": "cpu"})  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [160, 100])
+def test_bench_table_never_cuts_status_words_or_names_in_a_ci_log(width):
+    from rich.console import Console
+
+    from unet_export.cli.render import bench_table
+
+    report = _realistic_bench_report()
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))
+    console.print(bench_table(report))
+    text = console.export_text()
+    assert "…" not in text, text  # nothing cut: numbers fold, optional columns go
+    for word in ("parity_failed", "unavailable", "not_judged", "int8-static", "precision", "status", "Dice vs"):
+        assert word in text, (word, text)
+    for row in report.rows:
+        assert row.backend in text, (row.backend, text)

@@ -410,3 +410,45 @@ def test_bench_table_never_cuts_status_words_or_names_in_a_ci_log(width):
         assert word in text, (word, text)
     for row in report.rows:
         assert row.backend in text, (row.backend, text)
+
+
+@pytest.mark.parametrize("command", [["onnx"], ["torchscript"]])
+def test_a_workdir_that_is_a_file_is_one_clear_line(tmp_path, command):
+    from unet_export.demo import DEMO_WEIGHTS
+
+    workdir = tmp_path / "exports"
+    workdir.write_text("not a folder")
+    result = runner.invoke(app, [*command, str(DEMO_WEIGHTS), "-w", str(workdir), "--height", "32", "--width", "32",
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: --workdir {workdir} is a file, not a folder", result.stderr
+    assert workdir.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["exports"]
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2", ".xml"])
+def test_an_exported_model_passed_as_a_checkpoint_is_named_for_what_it_is(tmp_path, suffix):
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / f"model{suffix}"
+    if suffix == ".onnx":
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+        onnx.save(helper.make_model(graph), model)
+    elif suffix == ".xml":
+        model.write_text('<?xml version="1.0"?>\n<net name="unet" version="11"></net>\n')
+    else:  # TorchScript and AOTI packages are zips, as torch.save's checkpoints are
+        import zipfile
+
+        with zipfile.ZipFile(model, "w") as z:
+            z.writestr("model/data.pkl" if suffix == ".ts" else "model/archive_format", b"x")
+    out = tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(model), "-w", str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    kind = {".onnx": "an ONNX model", ".ts": "a TorchScript model", ".pt2": "an AOTInductor package",
+            ".xml": "an OpenVINO model"}[suffix]  # fmt: skip
+    assert result.stderr.startswith(f"error: {model} is {kind}, not a checkpoint: pass it to predict or unet-bench"), (
+        result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

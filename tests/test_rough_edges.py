@@ -415,3 +415,86 @@ def test_benchmark_script_without_a_gpu_exits_2_with_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "--device cpu" in result.stderr
     assert result.stdout == ""
     assert (sorted(work.rglob("*")) if work.exists() else None) == before  # nothing written before the refusal
+# --- issue 25, rough edges 4 and 9 (a, b) -----------------------------------------------------------------
+
+
+def _realistic_bench_report():
+    from types import SimpleNamespace
+
+    from unet_export.bench_stats import Row
+
+    lat = {"mean": 12.3, "p50": 12.1, "p99": 15.9}
+    parity = {"max_abs_err": 1.2e-5, "max_err_fp64": 2.3e-5, "noise_floor": 1.1e-5, "argmax_disagreement": 0.0001,
+              "dice_vs_eager": 0.99998}  # fmt: skip
+    rows = [
+        Row("eager", "fp32", "ok", img_per_s=81.2, latency_ms=lat, cv=0.02, speedup_vs_eager=1.0, peak_mem_mb=812.0,
+            parity=parity),
+        Row("eager-channels-last", "fp32", "ok", img_per_s=90.1, latency_ms=lat, cv=0.03, speedup_vs_eager=1.11,
+            peak_mem_mb=820.0, parity=parity),
+        Row("onnxruntime-int8", "int8-static", "parity_failed", img_per_s=150.0, latency_ms=lat, cv=0.05,
+            speedup_vs_eager=1.85, peak_mem_mb=400.0, parity=parity),
+        Row("tensorrt-fp16", "fp16", "unavailable", reason="no CUDA device"),
+        Row("openvino-int8", "int8", "not_judged", img_per_s=120.0, latency_ms=lat, cv=0.04, speedup_vs_eager=1.48,
+            peak_mem_mb=300.0),
+    ]  # fmt: skip
+    return SimpleNamespace(rows=rows, config={"batch": 8, "height": 256, "width": 256, "inputs": "seeded"},
+                           device={"name": "Intel(R) Xeon(R) Platinum 8480+", "type": "cpu"})  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [160, 100])
+def test_bench_table_never_cuts_status_words_or_names_in_a_ci_log(width):
+    from rich.console import Console
+
+    from unet_export.cli.render import bench_table
+
+    report = _realistic_bench_report()
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))
+    console.print(bench_table(report))
+    text = console.export_text()
+    assert "…" not in text, text  # nothing cut: numbers fold, optional columns go
+    for word in ("parity_failed", "unavailable", "not_judged", "int8-static", "precision", "status", "Dice vs"):
+        assert word in text, (word, text)
+    for row in report.rows:
+        assert row.backend in text, (row.backend, text)
+
+
+@pytest.mark.parametrize("command", [["onnx"], ["torchscript"]])
+def test_a_workdir_that_is_a_file_is_one_clear_line(tmp_path, command):
+    from unet_export.demo import DEMO_WEIGHTS
+
+    workdir = tmp_path / "exports"
+    workdir.write_text("not a folder")
+    result = runner.invoke(app, [*command, str(DEMO_WEIGHTS), "-w", str(workdir), "--height", "32", "--width", "32",
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: --workdir {workdir} is a file, not a folder", result.stderr
+    assert workdir.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["exports"]
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2", ".xml"])
+def test_an_exported_model_passed_as_a_checkpoint_is_named_for_what_it_is(tmp_path, suffix):
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / f"model{suffix}"
+    if suffix == ".onnx":
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+        onnx.save(helper.make_model(graph), model)
+    elif suffix == ".xml":
+        model.write_text('<?xml version="1.0"?>\n<net name="unet" version="11"></net>\n')
+    else:  # TorchScript and AOTI packages are zips, as torch.save's checkpoints are
+        import zipfile
+
+        with zipfile.ZipFile(model, "w") as z:
+            z.writestr("model/data.pkl" if suffix == ".ts" else "model/archive_format", b"x")
+    out = tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(model), "-w", str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    kind = {".onnx": "an ONNX model", ".ts": "a TorchScript model", ".pt2": "an AOTInductor package",
+            ".xml": "an OpenVINO model"}[suffix]  # fmt: skip
+    assert result.stderr.startswith(f"error: {model} is {kind}, not a checkpoint: pass it to predict or unet-bench"), (
+        result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

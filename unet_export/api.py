@@ -24,7 +24,9 @@ from unet_export.export.onnx import DEFAULT_OPSET, check_external_data, metadata
 from unet_export.export.tensorrt import build_engine, import_tensorrt
 from unet_export.export.tensorrt_plan import engine_path, plan_build, resolve_profile
 from unet_export.fileio import claim_temp_path, ensure_free_space, sha256_file, sweep_stale_temps
-from unet_export.manifest import checked_path, load_manifest, publish, set_model, tool_versions, transaction, utc_now
+from unet_export.manifest import (
+    checked_path, load_manifest, make_workdir, publish, set_model, tool_versions, transaction, utc_now,
+)
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
 from unet_export.realimages import HOW, folder_record, gate_images
@@ -270,7 +272,7 @@ class _created_dir:
         self.path, self.created = path, not path.exists()
 
     def __enter__(self):
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_workdir(self.path)
 
     def __exit__(self, exc_type, *_):
         if exc_type and self.created and not any(self.path.iterdir()):

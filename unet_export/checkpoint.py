@@ -119,6 +119,10 @@ def _torch_load(path: Path):
     if not head:
         raise UserError(f"{path} is empty (0 bytes): re-download or re-save it")
     kind = _container(path, head)
+    exported = _exported_model(path, head, kind)
+    if exported:
+        raise UserError(f"{path} is {exported}, not a checkpoint: pass it to predict or unet-bench, "
+                        "or export from the checkpoint it came from")  # fmt: skip
     prefix = _check_zip(path) if kind == "zip" else None
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles; the user gets one line, below
@@ -135,6 +139,23 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGICS = tuple(
     pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(2, pickle.HIGHEST_PROTOCOL + 1)
 )
+
+
+# What this tool (and others) write; a checkpoint is .pth/.pt, so the suffix alone tells them apart.
+_EXPORTED_SUFFIXES = {".onnx": "an ONNX model", ".ts": "a TorchScript model", ".pt2": "an AOTInductor package",
+                      ".xml": "an OpenVINO model", ".engine": "a TensorRT engine"}  # fmt: skip
+
+
+def _exported_model(path: Path, head: bytes, kind: str | None) -> str | None:
+    """What an exported model passed as a checkpoint is, before unpickling it fails obscurely
+    ("Unsupported operand 8"): by suffix, or by content for a renamed ONNX or OpenVINO file."""
+    if path.suffix.lower() in _EXPORTED_SUFFIXES:
+        return _EXPORTED_SUFFIXES[path.suffix.lower()]
+    if kind is None and head[:1] == b"\x08":  # protobuf field 1 (ir_version): a pickle begins 0x80
+        return "an ONNX model"
+    if kind is None and head.lstrip().startswith((b"<?xml", b"<net")):
+        return "an OpenVINO model"
+    return None
 
 
 def _container(path: Path, head: bytes) -> str | None:

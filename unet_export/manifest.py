@@ -54,6 +54,8 @@ def empty_manifest() -> dict:
 def load_manifest(workdir: Path) -> dict:
     """The manifest as it is on disk (an empty one where there is none), validated."""
     path = Path(workdir) / MANIFEST_NAME
+    if Path(workdir).exists() and not Path(workdir).is_dir():  # every command reads its workdir's manifest
+        raise UserError(f"--workdir {workdir} is a file, not a folder")
     if not path.exists():
         return empty_manifest()
     workdir_file(workdir, MANIFEST_NAME)
@@ -129,12 +131,24 @@ def save_manifest(workdir: Path, manifest: dict) -> None:
     write_json(Path(workdir) / MANIFEST_NAME, manifest)
 
 
+def make_workdir(workdir: Path) -> None:
+    """mkdir -p, naming a file that stands in the way (mkdir itself only says "File exists")."""
+    workdir = Path(workdir)
+    for folder in (workdir, *workdir.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                where = "" if folder == workdir else f": {folder}"
+                raise UserError(f"--workdir {workdir}{where} is a file, not a folder")
+            break
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def transaction(workdir: Path) -> Iterator[dict]:
     """Lock the workdir's manifest, finish any publish a killed process left half done, sweep
     dead processes' temp files, yield the manifest, and save it when the block succeeds."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_workdir(workdir)
     lock = _open_lock(workdir)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)

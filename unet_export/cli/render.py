@@ -1,12 +1,47 @@
 """Rich rendering of library results; no logic beyond formatting."""
 
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from unet_export.api import ExportResult
 from unet_export.cli.common import console
 from unet_export.text import counted
 from unet_export.verify import ParityReport
+
+
+def whole_column(table: Table, header: str, cells, **kwargs) -> None:
+    """A column whose cells are never cut or wrapped (CI logs are 160 columns wide and `parity_failed`
+    read `parity…`): at least as wide as its longest cell and longest header word; only headers wrap."""
+    widest = max((Text.from_markup(str(c)).cell_len for c in cells), default=0)
+    width = max(widest, *map(len, header.split()))
+    # A fixed width: Rich squeezes even no_wrap columns below their min_width when the table is too wide
+    # (FittedTable keeps it from being too wide); the header alone wraps between its words.
+    words = Text(header, no_wrap=False, overflow="fold")
+    table.add_column(words, no_wrap=True, min_width=width, width=width, **kwargs)
+
+
+class FittedTable:
+    """A table built for the width it is printed at: when even its narrowest layout would cut words,
+    optional columns are left out (in the order given) until it fits, and the caption says which."""
+
+    def __init__(self, build, optional: tuple[str, ...]):
+        self.build, self.optional = build, optional
+
+    def __rich_console__(self, console, options):
+        dropped: list[str] = []
+        table = self.build(dropped)
+        for column in self.optional:
+            # measured unbounded: Measurement.get clamps the minimum to the width it is given
+            if Measurement.get(console, options.update_width(10_000), table).minimum <= options.max_width:
+                break
+            dropped.append(column)
+            table = self.build(dropped)
+        if dropped:
+            note = f"left out at {options.max_width} columns: {', '.join(dropped)} (a wider terminal or --markdown shows them)"
+            table.caption = f"{table.caption}\n{note}" if table.caption else note
+        yield table
 
 
 def _mb(n_bytes: int) -> str:
@@ -126,20 +161,28 @@ def row_line(row) -> str:
     return f"[{style}]{row.status:>13}[/] {row.backend:<20} {speed}{where}{detail}"
 
 
-def bench_table(report) -> Table:
+# Left out first when a narrow log cannot hold every column: spread and memory before speed and error.
+BENCH_OPTIONAL = ("CV", "peak MB", "p50 ms", "mean ms", "max abs err", "class diff", "x floor")
+
+
+def bench_table(report) -> FittedTable:
+    return FittedTable(lambda dropped: _bench_table(report, dropped), BENCH_OPTIONAL)
+
+
+def _bench_table(report, dropped=()) -> Table:
     cfg, dev = report.config, report.device
     title = (f"unet-bench: {dev['name']} ({dev['type']}), batch {cfg['batch']} x {cfg['height']}x{cfg['width']} "
              f"({cfg['inputs']}), speed-up vs eager fp32 in the same run")  # fmt: skip
     table = Table(title=title, title_justify="left")
-    # The backend names never shrink (at CI's 160 columns they were cut to "eager-ch…"): headers wrap.
-    widest = max((len(row.backend) for row in report.rows), default=7)
-    for column in BENCH_COLUMNS:
-        whole = {"no_wrap": True, "min_width": widest} if column == "backend" else {}
-        table.add_column(column, justify="left" if column in ("backend", "precision", "status") else "right", **whole)
-    for row in report.rows:
-        cells = bench_cells(row)
-        cells[2] = f"[{STATUS_STYLE[row.status]}]{cells[2]}[/]"
-        table.add_row(*cells)
+    keep = [i for i, column in enumerate(BENCH_COLUMNS) if column not in dropped]
+    cells = [bench_cells(row) for row in report.rows]
+    for i in keep:
+        column = BENCH_COLUMNS[i]
+        # names, status words and numbers whole; a narrow log loses optional columns instead (FittedTable)
+        whole_column(table, column, [c[i] for c in cells], justify="left" if i < 3 else "right")
+    for row, row_cells in zip(report.rows, cells):
+        row_cells[2] = f"[{STATUS_STYLE[row.status]}]{row_cells[2]}[/]"
+        table.add_row(*(row_cells[i] for i in keep))
     table.caption = _floor_caption(report)
     for row in report.rows:
         for warning in row.warnings:
@@ -185,8 +228,11 @@ def verify_report(report) -> None:
         if v.parity is not None and v.parity.cases:
             console.print(parity_table(v.parity))
     table = Table(title="Verdicts", title_justify="left")
-    for column in ("artefact", "precision", "status", "worst x floor", "detail"):
-        table.add_column(column, justify="right" if column == "worst x floor" else "left", overflow="fold")
+    table.add_column("artefact", overflow="fold")  # a path: wraps whole, never cut
+    whole_column(table, "precision", [v.precision for v in report.verdicts])
+    whole_column(table, "status", [v.status for v in report.verdicts])
+    table.add_column("worst x floor", justify="right", overflow="fold")
+    table.add_column("detail", overflow="fold")
     for v in report.verdicts:
         cases = v.parity.cases if v.parity is not None else []  # a report is falsy when it failed
         ratios = [c.floor_ratio for c in cases if c.floor_ratio is not None]
@@ -202,8 +248,11 @@ def dice_table(report: dict, data) -> Table:
     """`evaluate`'s report: eager and every artefact, Dice against ground truth side by side."""
     title = f"Dice on {data} ({counted(report['images'], 'image')}, milesial's definition)"
     table = Table(title=title, title_justify="left")
-    for column in ("model", "precision", "Dice", "vs eager", "status"):
-        table.add_column(column, justify="left" if column in ("model", "precision", "status") else "right")
+    table.add_column("model", overflow="fold")
+    whole_column(table, "precision", ["fp32"] + [a["precision"] for a in report["artifacts"]])
+    table.add_column("Dice", justify="right")
+    table.add_column("vs eager", justify="right")
+    table.add_column("status", overflow="fold")  # a status word, or the reason there is no Dice
     table.add_row("eager", "fp32", f"{report['eager']['dice']:.4f}", "-", "ok")
     for a in report["artifacts"]:
         dice = "-" if a["dice"] is None else f"{a['dice']:.4f}"
@@ -301,8 +350,10 @@ def triton_check_report(report) -> None:
 def _served_parity_table(rows) -> Table:
     table = Table(title="Served vs eager, over Triton: each artefact's own parity gate (error judged against "
                   "eager float64)", title_justify="left")  # fmt: skip
-    for column in ("model", "protocol", "input", "max |err|", "allowed", "class diff", "result"):
-        table.add_column(column, justify="left" if column in ("model", "protocol", "input") else "right")
+    whole_column(table, "model", [model for model, _, _ in rows])
+    whole_column(table, "protocol", [protocol for _, protocol, _ in rows])
+    for column in ("input", "max |err|", "allowed", "class diff", "result"):
+        table.add_column(column, justify="left" if column == "input" else "right")
     for model, protocol, parity in rows:
         if parity.error:
             table.add_row(model, protocol, "-", "-", "-", "-", f"[red]FAIL[/] {escape(parity.error)}")
@@ -315,8 +366,10 @@ def _served_parity_table(rows) -> Table:
 
 def _mask_table(cases) -> Table:
     table = Table(title="Pipeline masks vs `predict` with the eager model", title_justify="left")
-    for column in ("model", "protocol", "images", "pixels", "differing", "ties", "min Dice", "result"):
-        table.add_column(column, justify="left" if column in ("model", "protocol") else "right")
+    whole_column(table, "model", [case.model for case in cases])
+    whole_column(table, "protocol", [case.protocol for case in cases])
+    for column in ("images", "pixels", "differing", "ties", "min Dice", "result"):
+        table.add_column(column, justify="right")
     groups: dict[tuple, list] = {}
     for case in cases:
         groups.setdefault((case.model, case.protocol), []).append(case)

@@ -415,6 +415,8 @@ def test_benchmark_script_without_a_gpu_exits_2_with_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "--device cpu" in result.stderr
     assert result.stdout == ""
     assert (sorted(work.rglob("*")) if work.exists() else None) == before  # nothing written before the refusal
+
+
 # --- issue 25, rough edges 4 and 9 (a, b) -----------------------------------------------------------------
 
 

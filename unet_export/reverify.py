@@ -95,8 +95,12 @@ def verify_workdir(
         return report
     net = build_model(manifest_checkpoint(manifest, weights))
     sources = set()
+    # --data or the model's held-out set, found (every recorded file hashed) once for the workdir;
+    # only an artefact with gate images of its own looks again.
+    shared = real_images_for(manifest, None, data, images)
     for entry in manifest["artifacts"]:
-        paths, source, why = real_images_for(manifest, entry, data, images)
+        own = data is None and entry.get("real_images") is not None
+        paths, source, why = real_images_for(manifest, entry, data, images) if own else shared
         sources.add(source or "no real images")
         report.verdicts.append(_verify_entry(entry, workdir, net, dev, (paths, why), seed, limits, manifest))
     report.inputs = "seeded (fp32 only) + real images: " + "; ".join(sorted(sources))

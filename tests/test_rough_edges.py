@@ -500,3 +500,32 @@ def test_an_exported_model_passed_as_a_checkpoint_is_named_for_what_it_is(tmp_pa
         result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- issue 25, rough edge 10 (c): benchmarks/run.py when an export child exits 2 -----------------------------
+
+
+def test_benchmark_script_passes_on_a_childs_exit_2_without_a_second_line(tmp_path, monkeypatch, capfd):
+    """The child said its one line (bad input); the script adds none and exits 2 as the child did."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def not_a_checkpoint(dest, seed=0):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"not a checkpoint")
+        return dest
+
+    monkeypatch.setattr(script, "HERE", tmp_path)
+    monkeypatch.setattr(script, "write_random_checkpoint", not_a_checkpoint)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--device", "cpu"])
+    monkeypatch.setenv("PYTHONPATH", str(path.parents[1]))
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    err = capfd.readouterr().err
+    assert stop.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "unet_full.pth" in err, err

@@ -174,6 +174,7 @@ def test_long_steps_show_a_status_on_a_terminal(monkeypatch, tmp_path):
     from unet_export.errors import UserError
 
     shown = []
+    monkeypatch.setattr(common.console, "_force_terminal", True)  # as on a terminal: a CI log gets plain lines
     monkeypatch.setattr(common.console, "status", lambda what, **kw: (shown.append(what), _Null())[1])
 
     def stop(*args, **kwargs):
@@ -182,6 +183,7 @@ def test_long_steps_show_a_status_on_a_terminal(monkeypatch, tmp_path):
     monkeypatch.setattr(main, "export_artifact", stop)
     result = runner.invoke(app, ["aoti", str(tmp_path / "w.pth"), "-w", str(tmp_path / "x")])
     assert result.exit_code == 2 and shown == ["compiling the AOTInductor package and checking parity..."]
+    assert "aoti:" not in result.stdout  # the spinner instead of the plain lines
 
 
 class _Null:
@@ -529,3 +531,31 @@ def test_benchmark_script_passes_on_a_childs_exit_2_without_a_second_line(tmp_pa
     err = capfd.readouterr().err
     assert stop.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and "unet_full.pth" in err, err
+
+
+# --- issue 25, rough edge 5: long steps say when they start and how long they took, off a terminal -----------
+
+
+def test_a_long_step_prints_its_start_and_duration_in_a_ci_log(tmp_path):
+    """CliRunner's stdout is no terminal, as a CI log is not: a spinner would show nothing there."""
+    import re
+
+    from unet_export.demo import DEMO_WEIGHTS
+
+    result = runner.invoke(app, ["torchscript", str(DEMO_WEIGHTS), "-w", str(tmp_path / "exports"), "--height", "32",
+                                 "--width", "32", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "torchscript: scripting TorchScript and checking parity ...", result.stdout
+    assert any(re.fullmatch(r"torchscript: done in \d+\.\d s", line) for line in lines[1:]), result.stdout
+    assert result.stderr == ""
+
+
+def test_a_long_step_that_fails_keeps_the_one_error_line_on_stderr(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["aoti", str(bad), "-w", str(tmp_path / "exports"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines()[0] == "aoti: compiling the AOTInductor package and checking parity ..."
+    assert result.stdout.splitlines()[1].startswith("aoti: stopped after ")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")

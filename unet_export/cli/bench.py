@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from unet_export.bench import benchmark, exit_code
-from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app
+from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app, working
 from unet_export.cli.render import bench_markdown, bench_table, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.fileio import atomic_path
@@ -49,12 +49,13 @@ def bench(
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     if compile_mode not in COMPILE_MODES:
         raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
-    report = benchmark(
-        workdir, batch=batch, height=height, width=width, backends=names, device=device.value, weights=weights,
-        compile_mode=compile_mode, data=data, warmup=warmup, iters=iters, min_time=min_time,
-        on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol, max_class_change=max_class_change,
-        min_dice=min_dice,
-    )  # fmt: skip
+    with working("unet-bench", f"checking and timing the runtimes of {workdir}, one row each"):
+        report = benchmark(
+            workdir, batch=batch, height=height, width=width, backends=names, device=device.value, weights=weights,
+            compile_mode=compile_mode, data=data, warmup=warmup, iters=iters, min_time=min_time,
+            on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol, max_class_change=max_class_change,
+            min_dice=min_dice,
+        )  # fmt: skip
     console.print(bench_table(report))
     for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2)), (markdown, lambda: bench_markdown(report))):
         if path:

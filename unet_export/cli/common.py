@@ -6,6 +6,7 @@ import functools
 import os
 import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from enum import Enum
@@ -82,10 +83,36 @@ Weights = Annotated[Path, typer.Argument(help="Checkpoint (.pth) from milesial/P
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Architecture, when the keys cannot tell it.")]
 
 
-def working(what: str):
-    """A spinner on a terminal while a long step runs (compiling, calibrating, building): without
-    it `aoti` sat silent for minutes. Transient, and nothing at all in a CI log."""
-    return console.status(f"{what}...", spinner="dots")
+@contextmanager
+def working(step: str, what: str, spinner: bool = True):
+    """A long step (compiling, calibrating, building, timing) is never silent. On a terminal: a
+    transient spinner. Elsewhere (a CI log) a spinner shows nothing, and `verify` sat silent for
+    80 s: a plain line when the step starts and one with its duration when it ends. Both on stdout,
+    with everything else the command says: stderr keeps the contract's one error line, and no
+    command that prints JSON on stdout runs a step through here. ``spinner=False``: the step draws
+    its own live display on a terminal (train's progress bar), so only the plain lines."""
+    if console.is_terminal:
+        if not spinner:
+            yield
+            return
+        with console.status(f"{what}...", spinner="dots"):
+            yield
+        return
+    _plain(f"{step}: {what} ...")
+    began = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        _plain(f"{step}: stopped after {time.perf_counter() - began:.1f} s")
+        raise
+    _plain(f"{step}: done in {time.perf_counter() - began:.1f} s")
+
+
+def _plain(line: str) -> None:
+    """Printed and flushed at once: a piped stdout is block-buffered, and a start line that reaches
+    the log only when the step ends says nothing."""
+    console.print(line, markup=False)
+    console.file.flush()
 
 
 MAX_MESSAGE = 600  # characters: a CI log line, not a dump

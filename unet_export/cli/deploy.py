@@ -38,7 +38,7 @@ def openvino_cmd(
     data: RealData = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on the CPU."""
-    with working("converting to OpenVINO IR and checking parity"):
+    with working("openvino", "converting to OpenVINO IR and checking parity"):
         result = export_openvino(weights, workdir, fp16=fp16, model=model, device=device.value, height=height,
                                  width=width, on_result=lambda r: export_report(r, workdir), data=data)  # fmt: skip
     export_report(result, workdir)
@@ -107,7 +107,7 @@ def int8_cmd(
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
 
-    with working("calibrating and quantizing to INT8"):
+    with working("int8", "calibrating and quantizing to INT8"):
         results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset,
                                 max_dice_drop=max_dice_drop, max_class_change=max_class_change, min_dice=min_dice,
                                 fallback=fallback, mask_suffix=mask_suffix, model=model, device=device.value,

@@ -58,7 +58,7 @@ STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti"
 
 
 def _export(fmt: str, weights: Path, workdir: Path, **options) -> None:
-    with working(f"{STEP[fmt]} and checking parity"):
+    with working(fmt, f"{STEP[fmt]} and checking parity"):
         result = export_artifact(weights, fmt, workdir, **options)
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
@@ -94,13 +94,13 @@ def onnx_cmd(
     # Patterns that match no node are refused before the FP32 model is published, not after.
     check = functools.partial(check_fp32_layers, fp32_layers=fp32_layers, name=f"{Path(weights).stem}.onnx") \
         if fp32_layers else None
-    with working(f"{STEP['onnx']} and checking parity"):
+    with working("onnx", f"{STEP['onnx']} and checking parity"):
         result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
                                  device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check)  # fmt: skip
     export_report(result, workdir)
     passed = result.passed
     if fp16 and passed:
-        with working("converting to FP16 and checking parity"):
+        with working("onnx --fp16", "converting to FP16 and checking parity"):
             half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data,
                                     max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         export_report(half, workdir)
@@ -152,7 +152,8 @@ def cpp_check_cmd(
 ) -> None:
     """Build examples/cpp against the installed libtorch, run DIR's TorchScript and .pt2 artefacts
     from C++, and compare with Python (exit 1 on a mismatch)."""
-    rows = cpp_check(workdir, build_dir, device.value)
+    with working("cpp-check", "building examples/cpp and running the artefacts from C++"):
+        rows = cpp_check(workdir, build_dir, device.value)
     console.print(cpp_table(rows))
     raise typer.Exit(1 if any(r["status"] == "parity_failed" for r in rows) else 0)
 
@@ -198,7 +199,7 @@ def trt_cmd(
     if not fp16 and (max_class_change is not None or min_dice is not None):
         raise UserError("--max-class-change and --min-dice set the FP16 gate: drop --fp32 "
                         "(the FP32 gate takes --rtol/--atol)")
-    with working("building the TensorRT engine and checking parity"):
+    with working("trt", "building the TensorRT engine and checking parity"):
         result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                            opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
                            timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
@@ -224,8 +225,9 @@ def verify_cmd(
     verdicts (exit 1 if one fails, 2 if a file changed since it was verified)."""
     from unet_export.reverify import verify_workdir
 
-    report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights, rtol=rtol,
-                            atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+    with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
+        report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights, rtol=rtol,
+                                atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
     verify_report(report)
     changed = [v for v in report.verdicts if v.status in ("changed", "missing")]
     if changed:

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unet_export.api import resolve_device
-from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, console, working
 from unet_export.cli.render import dice_table
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.evaluate import evaluate, gate
@@ -83,7 +83,8 @@ def train_cmd(
         console.print("[yellow]note[/] --amp: mixed precision runs on CUDA only; training in FP32 on the CPU")
     columns = (TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as progress:
+    with working("train", f"training {model} for {epochs} epochs on {data}", spinner=False), \
+            Progress(*columns, console=console, transient=True) as progress:
         # Hidden until the first step: before it there is no step count and no loss to show.
         task = progress.add_task("train", total=None, epoch=0, loss=0.0, visible=False)
 

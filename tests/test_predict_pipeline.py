@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from tests.conftest import ignoring_sigint
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.pipeline import PredictOptions, run_predict
+from unet_export.pipeline import PredictOptions, choose, run_predict
+from unet_export.pipeline.remember import CACHE
 from unet_export.pipeline.inputs import collect_jobs
 from unet_export.pipeline.local import Batcher, prefetch
 from unet_export.pipeline.stages import Loaded
@@ -244,10 +245,14 @@ def test_pixel_memory_does_not_grow_with_the_number_of_images(tmp_path):
 
 
 def test_runtime_auto_times_the_verified_artefacts_and_says_which(workdir, tree, tmp_path):
-    result = cli("predict", workdir, tree, "--out", tmp_path / "o", "--device", "cpu")
+    copy = tmp_path / "exports"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(CACHE))  # nothing remembered yet
+    result = cli("predict", copy, tree, "--out", tmp_path / "o", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    first = result.stdout.splitlines()[0]
-    assert first.startswith("runtime auto: ") and "ms/image at batch 1" in first
+    lines = result.stdout.splitlines()
+    assert lines[0] == "predict: timing onnxruntime, openvino to choose the fastest ...", result.stdout
+    first = next(line for line in lines if line.startswith("runtime auto: "))
+    assert "ms/image at batch 1" in first
     assert "onnxruntime" in first and "openvino" in first
     chosen = first.split()[2]
     assert f", {chosen}, batch 8, local)" in result.stdout
@@ -278,6 +283,100 @@ def test_a_failed_artefact_is_never_chosen(workdir, tree, tmp_path):
     assert "runtime auto: openvino, the only verified artefact for cpu" in result.stdout
     refused = cli("predict", copy / "demo_unet.onnx", tree, "--out", tmp_path / "p")
     assert refused.exit_code == 2 and "failed its parity check" in refused.stderr
+
+
+# --- check first, time later (issue 25, rough edge 7) ---------------------------------------------------------
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Timing a runtime is an error: the test proves the command got by without it."""
+
+    def timed(*args, **kwargs):
+        raise AssertionError("a runtime was timed")
+
+    monkeypatch.setattr(choose, "per_image_ms", timed)
+
+
+def _own_copy(workdir, tmp_path):
+    copy = tmp_path / "exports"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(CACHE))
+    return copy
+
+
+def test_resume_with_nothing_left_to_do_times_no_runtime(workdir, tree, tmp_path, monkeypatch):
+    copy, out = _own_copy(workdir, tmp_path), tmp_path / "o"
+    first = cli("predict", copy, tree, "--out", out, "--runtime", "onnxruntime")
+    assert first.exit_code == 0, first.output
+    masks = {p: sha(p) for p in out.rglob("*_mask.png")}
+    monkeypatch.setattr(choose, "per_image_ms", lambda *a, **k: pytest.fail("a runtime was timed"))
+    again = cli("predict", copy, tree, "--out", out, "--resume", "--report", tmp_path / "r.json")
+    assert again.exit_code == 0, again.output
+    assert "runtime auto: onnxruntime, not timed: every mask is already done (--resume)" in again.stdout
+    assert f"wrote 0 masks to {out}" in again.stdout and "5 already done (--resume)" in again.stdout
+    assert {p: sha(p) for p in out.rglob("*_mask.png")} == masks
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["skipped"] == 5 and report["written"] == 0 and report["not_run"] == 0
+
+
+def test_an_unreachable_ray_address_is_refused_before_any_runtime_is_timed(workdir, tree, tmp_path, no_timing):
+    from unet_export.pipeline.ray_local import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    result = cli("predict", _own_copy(workdir, tmp_path), tree, "--out", tmp_path / "o", "--ray-address", address)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot join the Ray cluster at {address}: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "timing" not in result.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_second_predict_on_a_workdir_reuses_the_remembered_runtime(workdir, tree, tmp_path, monkeypatch):
+    copy = _own_copy(workdir, tmp_path)
+    first = cli("predict", copy, tree, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    chosen = next(line for line in first.stdout.splitlines() if line.startswith("runtime auto: ")).split()[2]
+    monkeypatch.setattr(choose, "per_image_ms", lambda *a, **k: pytest.fail("a runtime was timed"))
+    second = cli("predict", copy, tree, "--out", tmp_path / "b")
+    assert second.exit_code == 0, second.output
+    said = [line for line in second.stdout.splitlines() if line.startswith("runtime auto: ")]
+    assert len(said) == 1 and said[0].startswith(f"runtime auto: {chosen}, remembered from "), second.stdout
+    assert str(copy / CACHE) in said[0] and "timing" not in second.stdout
+    assert f", {chosen}, batch 8, local)" in second.stdout
+
+
+def _tamper_runtime(path: Path) -> None:
+    """Name the slower runtime as the choice, its timings left as they are."""
+    data = json.loads(path.read_text())
+    (record,) = data["records"].values()
+    record["runtime"] = max(record["ms"], key=record["ms"].get)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage", [_tamper_runtime, lambda path: path.write_bytes(b"\x00{not json"),
+                                    lambda path: path.write_text("[" * 100000)], ids=["edited", "garbage", "deep"])  # fmt: skip
+def test_a_tampered_runtime_cache_is_ignored_and_timed_again(workdir, tree, tmp_path, monkeypatch, damage):
+    copy = _own_copy(workdir, tmp_path)
+    assert cli("predict", copy, tree, "--out", tmp_path / "a").exit_code == 0
+    damage(copy / CACHE)
+    timed = []
+    real = choose.per_image_ms
+    monkeypatch.setattr(choose, "per_image_ms", lambda manifest, entry, *a, **k: timed.append(entry["format"]) or real(manifest, entry, *a, **k))
+    again = cli("predict", copy, tree, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    assert sorted(timed) == ["onnx", "openvino"] and "remembered" not in again.stdout
+    assert json.loads((copy / CACHE).read_text())["version"] == 1  # written whole again
+
+
+def test_a_remembered_choice_belongs_to_its_machine_and_its_artefacts(workdir):
+    from unet_export.pipeline import remember
+
+    candidates = choose.runnable(json.loads((workdir / "manifest.json").read_text()), torch.device("cpu"))
+    key = remember.key_of(torch.device("cpu"), candidates)
+    assert key["machine"]["name"] and key["artefacts"] == {label: e["sha256"] for label, e in candidates.items()}
+    changed = {label: {**entry, "sha256": "0" * 64} for label, entry in candidates.items()}
+    assert remember.key_of(torch.device("cpu"), changed) != key  # a re-exported artefact is timed again
+    other = {**key, "machine": {**key["machine"], "host": "elsewhere"}}
+    assert other != key
 
 
 # --- interruption -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unet_export.api import resolve_device
-from unet_export.cli.common import ModelOpt, RunDeviceOpt, cli_errors, console, stop_on_signals
+from unet_export.cli.common import ModelOpt, RunDeviceOpt, cli_errors, console, stop_on_signals, working
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
 from unet_export.pipeline import PredictOptions, prepare, run
@@ -48,17 +48,18 @@ def predict_cmd(
     same-size images are batched. An image that cannot be read is reported and skipped (exit 1 at
     the end); every mask is written whole (temp + rename), so --resume can pick up a killed run."""
     use_ray = ray or ray_address is not None
+    address = (ray_address or os.environ.get("RAY_ADDRESS")) if use_ray else None
     options = PredictOptions(batch_size, workers, overlay, resume, max_pixels)
     with stop_on_signals():  # from the start: choosing a runtime times each one
         prepared = prepare(model, inputs, out, options, device=resolve_device("cpu" if use_ray else device.value),
-                           runtime=runtime, architecture=architecture)  # fmt: skip
+                           runtime=runtime, architecture=architecture, ray_address=address, use_ray=use_ray,
+                           timing=lambda labels: working("predict", f"timing {', '.join(labels)} to choose the fastest"))  # fmt: skip
         if prepared.note:
             console.print(prepared.note)
         try:
             with _progress(len(prepared.jobs)) as bar:
                 task = bar.add_task("predict", total=len(prepared.jobs), rate="")
-                result = run(prepared, lambda outcome: _advance(bar, task, prepared.report),
-                             ray_address or os.environ.get("RAY_ADDRESS"), use_ray)  # fmt: skip
+                result = run(prepared, lambda outcome: _advance(bar, task, prepared.report), address, use_ray)
         finally:
             if report is not None:
                 write_json(report, prepared.report.to_dict())

@@ -6,6 +6,7 @@ so they write the same masks; the Report says what happened to every input."""
 
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from unet_export.pipeline.choose import open_model
 from unet_export.pipeline.inputs import Job, collect_jobs
 from unet_export.pipeline.local import PredictOptions, run_local
 from unet_export.pipeline.report import Report
+from unet_export.pipeline.stages import Outcome, is_complete
 
 
 @dataclass
@@ -30,9 +32,12 @@ class Prepared:
 
 
 def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, device="cpu", runtime: str = "auto",
-            architecture: str | None = None) -> Prepared:  # fmt: skip
+            architecture: str | None = None, ray_address: str | None = None, use_ray: bool = False,
+            timing=lambda labels: nullcontext()) -> Prepared:  # fmt: skip
     """Everything that can be refused before a mask is written (exit 2): the options, the
-    output folder, the inputs and their output paths, the model and its runtime."""
+    output folder, the inputs and their output paths, the Ray cluster, the model and its runtime.
+    The cheap checks come first: choosing a runtime may time each one (seconds), and a run with
+    nothing left to do (--resume) or an unreachable cluster is known without it."""
     if options.batch_size < 1 or options.workers < 1:
         raise UserError("--batch-size and --workers must be at least 1")
     out = Path(out)
@@ -41,15 +46,26 @@ def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, de
     jobs = collect_jobs(inputs)
     for folder, _, _ in os.walk(out):  # temp files of a killed run (its writer is dead)
         sweep_stale_temps(Path(folder))
-    predictor, note = open_model(model, device, runtime, architecture)
+    done = [job for job in jobs if is_complete(job, out, options.overlay)] if options.resume else []
+    if use_ray and len(done) < len(jobs):
+        from unet_export.pipeline.ray_data import check_cluster
+
+        check_cluster(ray_address)
+    predictor, note = open_model(model, device, runtime, architecture, measure=len(done) < len(jobs), timing=timing)
     report = Report(str(model), predictor.label, str(out), predictor.max_batch(options.batch_size), options.workers,
                     inputs=len(jobs), positions={job.rel: i for i, job in enumerate(jobs)})  # fmt: skip
-    return Prepared(predictor, jobs, out, options, report, note, str(model), not out.exists())
+    for job in done:
+        report.add(Outcome(job, job.mask(out), skipped=True))
+    finished = {job.rel for job in done}
+    todo = [job for job in jobs if job.rel not in finished]
+    return Prepared(predictor, todo, out, options, report, note, str(model), not out.exists())
 
 
 def run(prepared: Prepared, tick=lambda outcome: None, ray_address: str | None = None, use_ray: bool = False) -> Report:
     """Run every job; the report is complete even when a fatal error or Ctrl-C ends the run."""
     try:
+        if not prepared.jobs:  # every mask was done (--resume): no runtime to load, no cluster to join
+            return prepared.report
         if use_ray:
             from unet_export.pipeline.ray_data import run_ray
 

@@ -1,21 +1,27 @@
 """Which runtime `predict` runs: MODEL as one file runs as that file; MODEL as a workdir runs the
 artefact `--runtime` names, or with `--runtime auto` the fastest verified artefact the device can
-run, timed here (median of 3 runs at batch 1 and the export size, after one warm-up)."""
+run, timed here (median of 3 runs at batch 1 and the export size, after one warm-up) and
+remembered per workdir and machine (pipeline.remember)."""
 
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from unet_export.errors import UnetExportError, UserError
 from unet_export.manifest import load_manifest
+from unet_export.pipeline import remember
 from unet_export.predict import Predictor, entry_predictor, load_predictor, runtime_label
 from unet_export.verify import seeded_inputs
 
 
-def open_model(model, device, runtime: str = "auto", architecture: str | None = None) -> tuple[Predictor, str]:
-    """(predictor, a line saying how the runtime was chosen, or '')."""
+def open_model(model, device, runtime: str = "auto", architecture: str | None = None, *, measure: bool = True,
+               timing=lambda labels: nullcontext()) -> tuple[Predictor, str]:  # fmt: skip
+    """(predictor, a line saying how the runtime was chosen, or ''). ``measure=False``: nothing
+    will run (every mask is done), so with nothing remembered no runtime is timed either.
+    ``timing(labels)``: a context manager around the timing (the CLI's progress lines)."""
     path, device = Path(model), torch.device(device)
     if not path.is_dir():
         predictor = load_predictor(path, device, architecture)
@@ -39,13 +45,34 @@ def open_model(model, device, runtime: str = "auto", architecture: str | None = 
     if len(candidates) == 1:
         (label, entry), = candidates.items()
         return entry_predictor(manifest, entry, path, device), f"runtime auto: {label}, the only verified artefact for {device.type}"
-    timings = {label: per_image_ms(manifest, entry, path, device) for label, entry in candidates.items()}
+    best, note = _fastest(manifest, candidates, path, device, measure, timing)
+    return entry_predictor(manifest, candidates[best], path, device), note
+
+
+def _fastest(manifest: dict, candidates: dict, workdir: Path, device, measure: bool, timing) -> tuple[str, str]:
+    """(label, note): the choice remembered for this machine and these artefacts, else timed
+    here and remembered (pipeline.remember)."""
+    key = remember.key_of(device, candidates)
+    known = remember.recall(workdir, key)
+    if known is not None:
+        return known["runtime"], (f"runtime auto: {known['runtime']}, remembered from {known['measured']} "
+                                  f"({_timings(known['runtime'], known['ms'])}; {workdir / remember.CACHE})")  # fmt: skip
+    if not measure:
+        first = next(iter(candidates))
+        return first, f"runtime auto: {first}, not timed: every mask is already done (--resume)"
+    with timing(list(candidates)):
+        timings = {label: per_image_ms(manifest, entry, workdir, device) for label, entry in candidates.items()}
     best = min(timings, key=timings.get)
     if timings[best] == float("inf"):
-        raise UserError(f"no runtime could run the artefacts in {path} here ({', '.join(timings)} tried)")
+        raise UserError(f"no runtime could run the artefacts in {workdir} here ({', '.join(timings)} tried)")
+    if all(ms < float("inf") for ms in timings.values()):  # a runtime that failed here may work next time
+        remember.remember(workdir, key, best, timings)
+    return best, f"runtime auto: {best} ({_timings(best, timings)})"
+
+
+def _timings(best: str, timings: dict[str, float]) -> str:
     others = ", ".join(f"{label} {ms:.1f}" for label, ms in sorted(timings.items(), key=lambda kv: kv[1]) if label != best)
-    note = f"runtime auto: {best} ({timings[best]:.1f} ms/image at batch 1; {others})"
-    return entry_predictor(manifest, candidates[best], path, device), note
+    return f"{timings[best]:.1f} ms/image at batch 1; {others}"
 
 
 def runnable(manifest: dict, device: torch.device) -> dict[str, dict]:

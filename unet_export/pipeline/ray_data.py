@@ -8,6 +8,7 @@ unet-export must be installed on every node.
 Loopback: a local instance and a cluster at 127.0.0.1 keep to it (pipeline.ray_local says how
 and why); otherwise Ray advertises the machine's other address."""
 
+import importlib.util
 import os
 import signal
 import threading
@@ -106,6 +107,14 @@ def _keeping_sigterm():
     finally:
         if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
+
+
+def check_cluster(address: str | None) -> None:
+    """Before predict opens or times a model: Ray is installed, and a cluster address answers."""
+    if importlib.util.find_spec("ray") is None:
+        require("ray", extra="ray")  # raises, with the install line
+    if address:
+        _check_listening(address)
 
 
 def _check_listening(address: str, timeout: float = 5.0) -> None:

@@ -367,6 +367,22 @@ def test_a_tampered_runtime_cache_is_ignored_and_timed_again(workdir, tree, tmp_
     assert json.loads((copy / CACHE).read_text())["version"] == 1  # written whole again
 
 
+def test_a_runtime_cache_that_links_out_of_the_workdir_is_neither_read_nor_written_through(workdir, tree, tmp_path):
+    """The workdir is untrusted: a .predict-runtime.json that is a link to a file elsewhere (here a
+    valid record, so reading it would be believed) is not read, and the new record replaces the
+    link instead of overwriting its target."""
+    copy = _own_copy(workdir, tmp_path)
+    assert cli("predict", copy, tree, "--out", tmp_path / "a").exit_code == 0
+    outside = tmp_path / "outside.json"
+    (copy / CACHE).rename(outside)
+    before = outside.read_bytes()
+    (copy / CACHE).symlink_to(outside)
+    again = cli("predict", copy, tree, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    assert "remembered" not in again.stdout
+    assert outside.read_bytes() == before and not (copy / CACHE).is_symlink()
+
+
 def test_a_remembered_choice_belongs_to_its_machine_and_its_artefacts(workdir):
     from unet_export.pipeline import remember
 

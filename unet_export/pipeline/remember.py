@@ -47,7 +47,7 @@ def recall(workdir: Path, key: dict) -> dict | None:
     can be believed."""
     try:
         path = Path(workdir) / CACHE
-        if path.stat().st_size > MAX_BYTES:
+        if path.is_symlink() or path.stat().st_size > MAX_BYTES:  # a link may lead out of the workdir
             return None
         data = loads_json(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
@@ -70,7 +70,8 @@ def remember(workdir: Path, key: dict, runtime: str, ms: dict[str, float]) -> No
     only means the next run times again."""
     path = Path(workdir) / CACHE
     try:
-        data = loads_json(path.read_text()) if path.is_file() and path.stat().st_size <= MAX_BYTES else {}
+        readable = path.is_file() and not path.is_symlink() and path.stat().st_size <= MAX_BYTES
+        data = loads_json(path.read_text()) if readable else {}
     except (OSError, UnicodeDecodeError, ValueError):
         data = {}
     records = data.get("records") if isinstance(data, dict) and isinstance(data.get("records"), dict) else {}

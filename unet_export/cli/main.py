@@ -49,7 +49,7 @@ Width = Annotated[int, typer.Option(help="Export and first parity size: width.")
 
 FP32Layers = Annotated[
     list[str] | None,
-    typer.Option("--fp32-layers", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
+    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
                  "path, e.g. 'outc*' or Resize); repeatable."),
 ]  # fmt: skip
 

@@ -14,6 +14,7 @@ from unet_export.cli.training import register as register_training
 from unet_export.cli.predict import register as register_predict
 from unet_export.cli.serve import register as register_serving
 from unet_export.cli.deploy import register as register_deploy, shower
+from unet_export.cli.artifacts import register as register_inspect
 from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, VersionOpt, Weights, Workdir, cli_errors, console,
                                      fail, run_app, working)
 from unet_export.cli.render import (
@@ -257,6 +258,7 @@ register_training(app)
 register_predict(app)
 register_serving(app)
 register_deploy(app)
+register_inspect(app)
 
 
 def main() -> None:

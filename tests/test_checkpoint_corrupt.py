@@ -174,12 +174,13 @@ def test_pickle_that_calls_os_system_is_unsafe_and_is_not_run(tmp_path):
     assert not RunsCode.marker.exists()
 
 
-@pytest.mark.parametrize("obj", [torch.nn.Conv2d(1, 1, 1), {"config": TrainingConfig()}], ids=["module", "class"])
-def test_whole_objects_are_unsafe_not_corrupt(tmp_path, obj):
+@pytest.mark.parametrize("obj, what", [(torch.nn.Conv2d(1, 1, 1), "a whole model (torch.nn.modules.conv.Conv2d), "),
+                                       ({"config": TrainingConfig()}, "")], ids=["module", "class"])  # fmt: skip
+def test_whole_objects_are_unsafe_not_corrupt(tmp_path, obj, what):
     path = tmp_path / "object.pth"
     torch.save(obj, path)
     message = _error(path)
-    assert message.startswith(f"refusing to load {path}: it pickles Python objects that {UNSAFE}"), message
+    assert message.startswith(f"refusing to load {path}: it pickles {what}Python objects that {UNSAFE}"), message
     assert "is corrupt" not in message
 
 

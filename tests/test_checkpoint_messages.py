@@ -549,3 +549,27 @@ def test_a_member_that_runs_past_the_end_of_the_file_is_truncated(saved, tmp_pat
     with pytest.raises(UserError) as err:
         ck._check_zip(plain)
     assert str(err.value) == f"{plain} is corrupt: member w/data.pkl is truncated; re-download or re-save it"
+
+
+def test_a_pickled_whole_model_is_told_whether_its_state_dict_would_load(tmp_path):
+    """Read from the pickle without running it: a supported architecture (here inside nn.DataParallel)
+    is told to re-save its state_dict; any other is told that would not help (issue 25, rough edge 9)."""
+    from unet_export.models import MODELS, create_model
+
+    path = tmp_path / "whole.pth"
+    torch.save(torch.nn.DataParallel(create_model("valid-same", n_channels=3, n_classes=2, width=4)), path)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == (
+        f"refusing to load {path}: it pickles a whole model (unet_export.models.valid.ValidUNet), Python objects that "
+        "could run code. Its weights are a valid model (or valid-pad, valid-same: the keys cannot tell, --model can), "
+        "which unet-export supports: load it in the project that made it and re-save only the weights with "
+        "torch.save(model.state_dict(), 'weights.pth'), then pass weights.pth")
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1)), path)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == (
+        f"refusing to load {path}: it pickles a whole model (torch.nn.modules.container.Sequential), Python objects "
+        "that could run code, of an architecture unet-export does not support yet: its weights (keys 0.weight, "
+        f"0.bias, ...) fit none of {', '.join(MODELS)} (see --model), so re-saving its state_dict would not help "
+        "either")

@@ -149,3 +149,33 @@ def test_bad_weights_exit_2_and_write_nothing(tmp_path):
     result = runner.invoke(app, ["openvino", str(tmp_path / "junk.pth"), "-w", str(out)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert not out.exists()
+
+
+# Issue 25, rough edge 8: `openvino` lacked the parity options every other exporter takes.
+def test_openvino_takes_the_gate_options_of_the_other_exporters(make_checkpoint, tmp_path):
+    from unet_export.verify import FP32
+
+    weights = make_checkpoint("v3")
+    args = ["openvino", str(weights), "-w", str(tmp_path), "--height", "32", "--width", "32", "--device", "cpu"]
+    result = runner.invoke(app, args + ["--rtol", "12", "--atol", "2e-6"])
+    assert result.exit_code == 0, result.output
+    assert "12 x noise floor + 2e-06 x max(1, |logit|)" in result.stdout
+    assert ir_entry(tmp_path)["parity"]["limits"] == {"name": "fp32", "rtol": 12.0, "atol": 2e-6,
+                                                      "max_class_change": 0.0, "min_dice": None}  # fmt: skip
+    onnx = next(a for a in load_manifest(tmp_path)["artifacts"] if a["format"] == "onnx")
+    assert onnx["parity"]["limits"]["rtol"] == FP32.rtol  # the ONNX model it converts keeps `onnx`'s own gate
+    failed = runner.invoke(app, args + ["--rtol", "0", "--atol", "0"])  # no error at all: the IR has some
+    assert failed.exit_code == 1 and "would pass with --rtol" in failed.stdout, failed.output
+    assert ir_entry(tmp_path)["status"] != "verified" and ir_entry(tmp_path)["parity"]["limits"]["rtol"] == 0
+    for wrong, fix in ((["--min-dice", "0.9"], "add --fp16"), (["--fp16", "--rtol", "3"], "drop --fp16")):
+        refused = runner.invoke(app, args + wrong)
+        assert refused.exit_code == 2 and fix in refused.stderr and refused.stderr.count("\n") == 1, refused.output
+
+
+def test_fp16_ir_records_the_reduced_precision_gate_it_was_given(ir_workdir, tmp_path):
+    out = copy_of(ir_workdir, tmp_path)
+    result = runner.invoke(app, ["openvino", str(DEMO_WEIGHTS), "-w", str(out), "--fp16", "--max-class-change", "0.25",
+                                 "--min-dice", "0.5"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    limits = ir_entry(out, "fp16")["parity"]["limits"]
+    assert limits["max_class_change"] == 0.25 and limits["min_dice"] == 0.5

@@ -16,6 +16,7 @@ import torch.nn as nn
 from unet_export.errors import UserError
 from unet_export.fileio import loads_json, sha256_file
 from unet_export.models import MODELS, create_model, detect_model
+from unet_export.pickled import read_pickled_model
 
 # Dicts that wrap a state_dict, as saved by training scripts and Lightning-style loops.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -341,11 +342,7 @@ def _load_failure(path: Path, kind: str | None, prefix: str | None, exc: Excepti
     message = str(exc)
     refused = _REFUSED_GLOBAL.search(message) if isinstance(exc, pickle.UnpicklingError) else None
     if refused and all(part.isidentifier() for part in refused.group(1).split(".")):
-        return UserError(
-            f"refusing to load {path}: it pickles Python objects that could run code ({refused.group(1)}). "
-            "Load it in the project that made it and re-save the weights with "
-            "torch.save(model.state_dict(), 'weights.pth')"
-        )
+        return _refused(path, kind, prefix, refused.group(1))
     if "maximum supported version" in message:
         return UserError(f"{path} was written by a newer PyTorch than this one ({torch.__version__}): {_detail(exc)}")
     if kind is None:
@@ -356,6 +353,33 @@ def _load_failure(path: Path, kind: str | None, prefix: str | None, exc: Excepti
         return _corrupt(path, f"its pickled data ({prefix}/data.pkl) is damaged: {detail}")
     # The legacy format has no CRC: damage shows only where it breaks the pickle or a storage.
     return _corrupt(path, f"the legacy (non-zip) checkpoint is truncated or damaged: {detail}")
+
+
+_RESAVE = "torch.save(model.state_dict(), 'weights.pth')"
+
+
+def _refused(path: Path, kind: str | None, prefix: str | None, refused: str) -> UserError:
+    """weights_only refused a global. A whole pickled model (torch.save(model)) is read without
+    running it: re-saving its state_dict is advised only when those weights are an architecture
+    that loads here; otherwise the user hears it is not supported, not sent round in a circle."""
+    whole = read_pickled_model(path, kind, prefix)
+    if whole is None or not whole.complete:
+        return UserError(f"refusing to load {path}: it pickles Python objects that could run code ({refused}). "
+                         f"Load it in the project that made it and re-save the weights with {_RESAVE}")  # fmt: skip
+    weights = {k.removeprefix("module."): torch.empty(shape, device="meta") for k, shape in whole.shapes.items()}
+    found = detect_model(weights)
+    if found is not None:
+        alike = [name for name in MODELS if name != found[0] and detect_model(weights, name) is not None]
+        which = f" (or {', '.join(alike)}: the keys cannot tell, --model can)" if alike else ""
+        return UserError(f"refusing to load {path}: it pickles a whole model ({whole.cls}), Python objects that "
+                         f"could run code. Its weights are a {found[0]} model{which}, which unet-export supports: "
+                         f"load it in the project that made it and re-save only the weights with {_RESAVE}, then "
+                         "pass weights.pth")  # fmt: skip
+    sample = ", ".join(list(weights)[:3]) or "none"
+    return UserError(f"refusing to load {path}: it pickles a whole model ({whole.cls}), Python objects that could "
+                     f"run code, of an architecture unet-export does not support yet: its weights (keys {sample}, "
+                     f"...) fit none of {', '.join(MODELS)} (see --model), so re-saving its state_dict would not "
+                     "help either")  # fmt: skip
 
 
 def _detail(exc: Exception) -> str:

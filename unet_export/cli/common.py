@@ -18,6 +18,7 @@ from rich.console import Console
 
 from unet_export.errors import UnetExportError
 from unet_export.fileio import ENVIRONMENT_ERRNOS, os_error_message
+from unet_export.models import MODELS
 
 # Logs in CI are not terminals; Rich would wrap them at 80 columns and split paths and tables.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -45,6 +46,24 @@ def _click_style_usage() -> None:
         return name + ("..." if self.nargs != 1 else "")
 
     option.display_type_rich, argument._usage_display_name = display_type_rich, usage_name
+    _list_types_as_their_items(core)
+
+
+def _list_types_as_their_items(core) -> None:
+    """Typer shows a repeatable option or a variadic argument as `<list[Path]>`, a Python type:
+    help shows the item (`inputs... <path>`); the name's `...` or the help says it repeats."""
+    parameter = getattr(core, "_TyperParameter", None)
+    if not hasattr(parameter, "display_type"):
+        return
+    typed = parameter.display_type
+
+    def display_type(self, ctx):
+        shown = typed(self, ctx)
+        if shown.startswith("<list[") and shown.endswith("]>"):
+            return f"<{shown[len('<list['):-2].lower()}>"
+        return shown
+
+    parameter.display_type = display_type
 
 
 _click_style_usage()
@@ -79,8 +98,12 @@ VersionOpt = Annotated[bool, typer.Option("--version", callback=_print_version, 
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Directory for artefacts and manifest.json.")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where parity runs: CUDA when there is a GPU, else CPU.")]
 RunDeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs: CUDA when there is a GPU, else CPU.")]
-Weights = Annotated[Path, typer.Argument(help="Checkpoint (.pth) from milesial/Pytorch-UNet or unet-export train.")]
-ModelOpt = Annotated[str | None, typer.Option("--model", help="Architecture, when the keys cannot tell it.")]
+Weights = Annotated[Path, typer.Argument(help=(
+    "Checkpoint (.pth, a state_dict) of a supported architecture, found from its keys: milesial/Pytorch-UNet's "
+    "U-Net (what unet-export train writes), the 2015 U-Net, the bilibili tutorial's, a plain one, a ResNet-50 "
+    "U-Net, torchvision DeepLabV3; --model names them all."))]  # fmt: skip
+ModelOpt = Annotated[str | None, typer.Option("--model", help=(
+    f"Architecture, when the keys cannot tell it: {', '.join(MODELS)}."))]  # fmt: skip
 
 
 @contextmanager

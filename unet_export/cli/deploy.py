@@ -10,7 +10,7 @@ import typer
 from unet_export.api import ExportResult
 from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, working
 from unet_export.cli.render import export_report
-from unet_export.cli.tolerances import MaxClassChange, MinDice, RealData
+from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.export.openvino import export_openvino
 from unet_export.export.quantize import quantize_int8
 from unet_export.text import counted
@@ -35,12 +35,19 @@ def openvino_cmd(
     width: Width = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
     data: RealData = None,
 ) -> None:
-    """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on the CPU."""
+    """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on
+    the CPU. The gate options judge the IR; an ONNX model exported first is judged as `onnx` judges it."""
+    one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="drop --fp16")
     with working("openvino", "converting to OpenVINO IR and checking parity"):
         result = export_openvino(weights, workdir, fp16=fp16, model=model, device=device.value, height=height,
-                                 width=width, on_result=lambda r: export_report(r, workdir), data=data)  # fmt: skip
+                                 width=width, on_result=lambda r: export_report(r, workdir), data=data, rtol=rtol,
+                                 atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
     export_report(result, workdir)
     weights_line(result)
     raise typer.Exit(0 if result.passed else 1)

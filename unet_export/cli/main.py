@@ -14,12 +14,13 @@ from unet_export.cli.training import register as register_training
 from unet_export.cli.predict import register as register_predict
 from unet_export.cli.serve import register as register_serving
 from unet_export.cli.deploy import register as register_deploy, shower
+from unet_export.cli.artifacts import register as register_inspect
 from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, VersionOpt, Weights, Workdir, cli_errors, console,
                                      fail, run_app, working)
 from unet_export.cli.render import (
     bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
 )
-from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol
+from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.cpp import cpp_check
 from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
 from unet_export.evaluate import evaluate
@@ -49,7 +50,7 @@ Width = Annotated[int, typer.Option(help="Export and first parity size: width.")
 
 FP32Layers = Annotated[
     list[str] | None,
-    typer.Option("--fp32-layers", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
+    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
                  "path, e.g. 'outc*' or Resize); repeatable."),
 ]  # fmt: skip
 
@@ -88,9 +89,7 @@ def onnx_cmd(
         require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
         raise UserError("--fp32-layers applies to the FP16 model: add --fp16")
-    if (max_class_change is not None or min_dice is not None) and not fp16:
-        raise UserError("--max-class-change and --min-dice set the FP16 gate: add --fp16 "
-                        "(the FP32 gate takes --rtol/--atol)")
+    one_gate(fp16, max_class_change=max_class_change, min_dice=min_dice)  # --rtol/--atol: the FP32 model's gate
     # Patterns that match no node are refused before the FP32 model is published, not after.
     check = functools.partial(check_fp32_layers, fp32_layers=fp32_layers, name=f"{Path(weights).stem}.onnx") \
         if fp32_layers else None
@@ -193,12 +192,8 @@ def trt_cmd(
     data: RealData = None,
 ) -> None:
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
-    if fp16 and (rtol is not None or atol is not None):
-        raise UserError("--rtol and --atol set the FP32 gate: add --fp32 "
-                        "(the FP16 gate takes --max-class-change/--min-dice)")
-    if not fp16 and (max_class_change is not None or min_dice is not None):
-        raise UserError("--max-class-change and --min-dice set the FP16 gate: drop --fp32 "
-                        "(the FP32 gate takes --rtol/--atol)")
+    one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
+             to_reduced="drop --fp32")  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
         result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                            opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
@@ -265,6 +260,7 @@ register_training(app)
 register_predict(app)
 register_serving(app)
 register_deploy(app)
+register_inspect(app)
 
 
 def main() -> None:

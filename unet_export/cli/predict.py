@@ -37,7 +37,7 @@ def predict_cmd(
     report: Annotated[Path | None, typer.Option(help="Write a JSON report: counts, images/s, runtime, every mask's "
                                                 "sha256, every failure.")] = None,  # fmt: skip
     ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data: the cluster at --ray-address or $RAY_ADDRESS, "
-                                      "else a local Ray instance (extra unet-export[ray]).")] = False,  # fmt: skip
+                                      "else a local Ray instance (needs the extra: pip install 'unet-export\\[ray]').")] = False,  # fmt: skip
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (host:port); implies --ray.")] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels than this (checked from the "
                                             "header, before decoding).")] = DEFAULT_MAX_PIXELS,  # fmt: skip

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from unet_export.errors import UserError
 from unet_export.verify import FP16, FP32
 
 Rtol = Annotated[float | None, typer.Option(
@@ -21,3 +22,16 @@ RealData = Annotated[Path | None, typer.Option(
     "--data", help="Real images (a folder, or a dataset with imgs/ or JPEGImages/): FP16/BF16/INT8 are judged on "
                    "real images only, FP32 on them and seeded inputs. Default: the held-out images the manifest "
                    "records (the training sidecar's validation set).")]  # fmt: skip
+
+
+def one_gate(reduced: bool, *, rtol=None, atol=None, max_class_change=None, min_dice=None, to_fp32: str = "",
+             to_reduced: str = "add --fp16") -> None:  # fmt: skip
+    """An artefact is judged by one gate: FP32 by --rtol/--atol, reduced precision by
+    --max-class-change/--min-dice. Options of the gate that will not run are refused, never ignored;
+    ``to_fp32``/``to_reduced`` say which flag selects the other gate."""
+    if reduced and (rtol is not None or atol is not None):
+        raise UserError(f"--rtol and --atol set the FP32 gate: {to_fp32} "
+                        "(the FP16 gate takes --max-class-change/--min-dice)")  # fmt: skip
+    if not reduced and (max_class_change is not None or min_dice is not None):
+        raise UserError(f"--max-class-change and --min-dice set the FP16 gate: {to_reduced} "
+                        "(the FP32 gate takes --rtol/--atol)")  # fmt: skip

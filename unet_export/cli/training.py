@@ -61,7 +61,7 @@ def train_cmd(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adam, or rmsprop as milesial (use --lr 1e-5).")] = "adam",
     scale: Annotated[float, typer.Option(help="milesial preprocessing: resize by this factor.")] = 1.0,
-    square: Annotated[int | None, typer.Option(help="seed 003 preprocessing: pad to square, resize to SIZE.")] = None,
+    square: Annotated[int | None, typer.Option(help="The bilibili tutorial's preprocessing: pad to square, resize to SIZE.")] = None,
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (CUDA only).")] = False,
     val_fraction: Annotated[float, typer.Option(help="Share of images held out for validation.")] = 0.1,
     mask_suffix: MaskSuffix = "_mask",

@@ -34,7 +34,7 @@ from unet_export.fileio import fsync_file, sha256_file
 from unet_export.manifest import load_manifest, transaction
 from unet_export.realimages import gate_images
 from unet_export.runners.openvino import finish_pending_weights, parked_name
-from unet_export.verify import TOLERANCES, seeded_inputs
+from unet_export.verify import seeded_inputs, tolerance_for
 
 RT_KEY = "unet_export"  # the IR's runtime-info section holding the model record
 SUFFIXES = {"fp32": ".xml", "fp16": ".fp16.xml", "int8": ".int8.xml"}
@@ -140,11 +140,16 @@ def ensure_onnx(weights, workdir: Path, *, model=None, device="auto", height=256
 
 def export_openvino(weights: str | Path | None = None, workdir: str | Path = "exports", *, fp16: bool = False,
                     model: str | None = None, device: str = "auto", height: int = 256, width: int = 256,
-                    seed: int = 0, on_result=None, data: str | Path | None = None) -> ExportResult:  # fmt: skip
+                    seed: int = 0, on_result=None, data: str | Path | None = None, rtol: float | None = None,
+                    atol: float | None = None, max_class_change: float | None = None,
+                    min_dice: float | None = None) -> ExportResult:  # fmt: skip
     """Convert the verified ONNX model of ``weights`` (exported into ``workdir`` first if missing)
     to an OpenVINO IR, check it against eager FP32 on the CPU (FP32 tolerances on seeded inputs,
-    or FP16 ones on real images for FP16-compressed weights) and record both files in the manifest."""
+    or FP16 ones on real images for FP16-compressed weights) and record both files in the manifest.
+    ``rtol``/``atol`` (FP32) or ``max_class_change``/``min_dice`` (FP16) replace the IR's gate."""
     workdir = Path(workdir)
+    precision = "fp16" if fp16 else "fp32"
+    tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     require("openvino", extra="openvino")
     if fp16 and weights is not None:
         require_real_images("fp16", weights, model, data)
@@ -155,7 +160,6 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     started = time.perf_counter()
     manifest = load_manifest(workdir)
     net = build_model(manifest_checkpoint(manifest, weights))
-    precision = "fp16" if fp16 else "fp32"
     dest = ir_path(workdir, source["path"], precision)
     need = 2 * _estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
     # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name
@@ -166,7 +170,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         else:
             inputs = seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed)
         entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
-        parity = run_parity(entry, workdir, net, "cpu", inputs, TOLERANCES[precision], path=staged)
+        parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
             _same_model(current, manifest, workdir)

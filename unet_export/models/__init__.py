@@ -39,22 +39,26 @@ REFLECT_SIZES = SizeRule(min=32, multiple=16)
 # family, so auto-detection picks the family's default and --model picks the variant.
 MODELS: dict[str, ModelSpec] = {
     "milesial": ModelSpec(milesial.UNet, milesial.config_from_state_dict,
-                          "milesial/Pytorch-UNet (ConvTranspose or bilinear, any H and W)"),
+                          "milesial/Pytorch-UNet's U-Net, as unet-export train writes it (ConvTranspose or "
+                          "bilinear up-sampling, any H and W)"),
     "plain": ModelSpec(plain.PlainUNet, plain.config_from_state_dict,
-                       "seed 001's plain U-Net (no BatchNorm, 1 channel, 1 class)", lambda c: MULTIPLE_OF_16),
+                       "plain U-Net without BatchNorm (1 channel, 1 class)", lambda c: MULTIPLE_OF_16),
     "reflect": ModelSpec(reflect.ReflectUNet, reflect.config_from_state_dict,
-                         "seed 003's bilibili U-Net (reflect padding, logits for CE)", lambda c: REFLECT_SIZES),
-
+                         "the bilibili tutorial's U-Net, qiaofengsheng/pytorch-UNet (reflect padding, logits for CE)",
+                         lambda c: REFLECT_SIZES),
     "valid": ModelSpec(valid.ValidUNet, valid.config_from_state_dict,
-                       "seed 004's 2015 U-Net, unpadded, center-cropped skips (572 -> 388)", valid.sizes),
+                       "2015 U-Net (Ronneberger et al.), unpadded, center-cropped skips (572 -> 388)", valid.sizes),
     "resnet50": ModelSpec(resnet50.UNetWithResnet50Encoder, resnet50.config_from_state_dict,
-                          "seed 002's U-Net with a ResNet-50 encoder (H, W multiples of 32)", lambda c: resnet50.SIZES),
+                          "U-Net with a ResNet-50 encoder, kevinlu1211/pytorch-unet-resnet-50-encoder "
+                          "(H, W multiples of 32)", lambda c: resnet50.SIZES),
     "deeplabv3": ModelSpec(deeplab.DeepLabV3, deeplab.config_from_state_dict,
                            "torchvision DeepLabV3-ResNet50, the 'out' tensor", lambda c: SizeRule(min=32)),
 }  # fmt: skip
-MODELS["reflect-sigmoid"] = _variant(MODELS["reflect"], "seed 003's early version: sigmoid outputs (BCE)", sigmoid=True)
-MODELS["valid-pad"] = _variant(MODELS["valid"], "seed 004's 2015 U-Net, decoder padded to the skips", concat=1)
-MODELS["valid-same"] = _variant(MODELS["valid"], "seed 004's U-Net with padding=1 convs (same size)", concat=2)
+MODELS["reflect-sigmoid"] = _variant(MODELS["reflect"], "the bilibili tutorial's U-Net, early version: sigmoid "
+                                     "outputs (BCE)", sigmoid=True)  # fmt: skip
+MODELS["valid-pad"] = _variant(MODELS["valid"], "2015 U-Net, unpadded, decoder padded to the skips (any size >= 188)",
+                               concat=1)  # fmt: skip
+MODELS["valid-same"] = _variant(MODELS["valid"], "2015 U-Net with padding=1 convs (output the input's size)", concat=2)
 
 
 def get_spec(name: str) -> ModelSpec:

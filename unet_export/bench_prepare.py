@@ -35,6 +35,7 @@ NEEDS = {
     "tensorrt-fp16": ("tensorrt", "fp16"),
     "tensorrt-fp32": ("tensorrt", "fp32"),
 }
+DERIVED = {("onnx", "fp16"), ("tensorrt", "fp16"), ("tensorrt", "fp32")}  # made from the verified FP32 ONNX model
 INT8_BACKENDS = ("openvino-int8", "onnxruntime-int8")
 ORDER = [("onnx", "fp32"), ("torchscript", "fp32"), ("aoti", "fp32"), ("onnx", "fp16"), ("tensorrt", "fp16"),
          ("tensorrt", "fp32")]  # the FP32 ONNX model first: FP16 ONNX and TensorRT are made from it  # fmt: skip
@@ -68,7 +69,7 @@ def prepare_workdir(weights: str | Path, workdir: str | Path = "exports", *, bac
         if entry is not None:
             prepared.reused.append(entry)
             continue
-        if fmt != "onnx" or precision != "fp32":
+        if (fmt, precision) in DERIVED:
             if not _onnx_verified(workdir):  # its source failed the gate: nothing to derive it from
                 prepared.skipped.append(f"{fmt} {precision}: the FP32 ONNX model it is made from failed its gate")
                 continue
@@ -93,7 +94,7 @@ def plan(names: list[str], device: str, real_images: bool) -> tuple[list[tuple[s
             wanted.add(need)
     if any(name in INT8_BACKENDS for name in names):
         prepared.skipped.append("INT8: needs calibration images (unet-export int8 WEIGHTS --calib DIR)")
-    if wanted - {("torchscript", "fp32"), ("aoti", "fp32")}:  # FP16 ONNX and engines start from it
+    if wanted & DERIVED:
         wanted.add(("onnx", "fp32"))
     return [step for step in ORDER if step in wanted], prepared
 
@@ -102,15 +103,20 @@ def _cannot_export(need: tuple[str, str], backend: str, device: str, real_images
     fmt, precision = need
     if ("cuda" in backend or "trt" in backend or fmt == "tensorrt") and device != "cuda":
         return "needs a CUDA GPU"
-    if fmt == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+    if fmt == "tensorrt" and not installed("tensorrt"):
         return "TensorRT is not installed here"
-    if fmt in ("onnx", "tensorrt") and importlib.util.find_spec("onnxruntime") is None:
+    if fmt in ("onnx", "tensorrt") and not installed("onnxruntime"):
         return "onnxruntime is not installed, so no ONNX model can be gated here"
     if fmt == "aoti" and shutil.which("c++") is None:
         return "AOTInductor needs a C++ compiler (c++) to compile the package"
     if precision != "fp32" and not real_images:
         return f"{precision} is judged on real images only: pass --data DIR"
     return ""
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it (TensorRT's import is slow)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def _refuse_other_checkpoint(manifest: dict, sha256: str, workdir: Path) -> None:

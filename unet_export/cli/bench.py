@@ -59,6 +59,7 @@ def bench(
     if checkpoint is not None and weights is not None:
         raise UserError("--weights names the workdir's moved checkpoint; with WEIGHTS given, leave it out")
     with json_result(json_path, "bench", "unet-bench") as out:
+        out["workdir"] = str(workdir)
         exports_passed = True
         if checkpoint is not None:
             prepared = prepare_workdir(checkpoint, workdir, backends=names, device=device.value, height=height,

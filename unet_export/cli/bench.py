@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 @cli_errors
 def bench(
-    checkpoint: Annotated[Path | None, typer.Argument(metavar="[WEIGHTS]", show_default=False,
+    checkpoint: Annotated[Path | None, typer.Argument(metavar="WEIGHTS", show_default=False,
                           help="A checkpoint (.pth): first export into DIR what the rows need and DIR lacks "
                           "(each gated), reusing what DIR holds verified from it.")] = None,  # fmt: skip
     workdir: Workdir = Path("exports"),

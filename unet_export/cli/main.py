@@ -178,7 +178,7 @@ def cpp_check_cmd(
 def doctor_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout, not a table; "
                                           "--json PATH writes the unet-export.doctor document to PATH.")] = False,
-    json_path: Annotated[Path | None, typer.Argument(hidden=True, metavar="[PATH]")] = None,
+    json_path: Annotated[Path | None, typer.Argument(hidden=True, metavar="PATH")] = None,
 ) -> None:
     """What this machine can run and why not: torch/CUDA/GPUs, TensorRT, ONNX Runtime, OpenVINO,
     the C++ toolchain, versions against the lock. Always exits 0."""

@@ -16,6 +16,7 @@ from unet_export.bench import BenchConfig, benchmark, exit_code, latency_stats, 
 from unet_export.cli.bench import app
 from unet_export.demo import random_milesial, write_random_checkpoint
 from unet_export.fileio import sha256_file
+from unet_export.results import ENVELOPE
 from unet_export.runners import BACKENDS, EagerRunner, Runner
 from unet_export.verify import FP32
 
@@ -126,7 +127,8 @@ def test_json_schema_and_markdown(workdir, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out_json.read_text())
-    assert set(data) == {"device", "versions", "config", "results"}
+    bench_keys = {"device", "versions", "config", "results", "workdir"}  # inside the --json envelope (docs/json.md)
+    assert set(data) - {"git_commit"} == bench_keys | set(ENVELOPE) and data["verdict"] == "passed"
     assert data["device"]["type"] == "cpu" and data["versions"]["torch"] == torch.__version__
     assert data["config"]["batch"] == 2 and (data["config"]["height"], data["config"]["width"]) == (64, 64)
     required = {"backend", "precision", "status", "reason", "img_per_s", "latency_ms", "cv", "speedup_vs_eager",

@@ -1,6 +1,5 @@
 """`unet-bench`: every runtime on the workdir's model, parity-gated, timed side by side."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -8,9 +7,13 @@ import typer
 
 from unet_export.bench import benchmark, exit_code
 from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app, working
+from unet_export.bench_prepare import prepare_workdir
+from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import bench_markdown, bench_table, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
+from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
+from unet_export.results import artifact_record
 from unet_export.runners import BACKENDS
 from unet_export.runners.compiled import COMPILE_MODES
 
@@ -20,6 +23,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 @cli_errors
 def bench(
+    checkpoint: Annotated[Path | None, typer.Argument(metavar="WEIGHTS", show_default=False,
+                          help="A checkpoint (.pth): first export into DIR what the rows need and DIR lacks "
+                          "(each gated), reusing what DIR holds verified from it.")] = None,  # fmt: skip
     workdir: Workdir = Path("exports"),
     batch: Annotated[int, typer.Option(help="Images per batch.")] = 8,
     height: Annotated[int | None, typer.Option(help="Input height (default: the export size).")] = None,
@@ -36,7 +42,7 @@ def bench(
     data: Annotated[Path | None, typer.Option(help="Images for the batch (default: the held-out images the "
                                                    "manifest records, else seeded noise, on which FP16/BF16/INT8 "
                                                    "rows are timed but not judged).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    json_path: JsonOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,
     rtol: Rtol = None,
@@ -45,24 +51,55 @@ def bench(
     min_dice: MinDice = None,
     version: VersionOpt = False,
 ) -> None:
-    """Time every runtime against eager fp32 after checking each one's output (exit 1 on mismatch)."""
+    """Time every runtime against eager fp32 after checking each one's output (exit 1 on mismatch).
+    With WEIGHTS, export what is missing first (unet-bench weights.pth)."""
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     if compile_mode not in COMPILE_MODES:
         raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
-    with working("unet-bench", f"checking and timing the runtimes of {workdir}, one row each"):
-        report = benchmark(
-            workdir, batch=batch, height=height, width=width, backends=names, device=device.value, weights=weights,
-            compile_mode=compile_mode, data=data, warmup=warmup, iters=iters, min_time=min_time,
-            on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol, max_class_change=max_class_change,
-            min_dice=min_dice,
-        )  # fmt: skip
-    console.print(bench_table(report))
-    for path, text in ((json_path, lambda: json.dumps(report.to_dict(), indent=2)), (markdown, lambda: bench_markdown(report))):
-        if path:
-            with atomic_path(path) as tmp:
-                tmp.write_text(text() + "\n")
-            console.print(f"wrote {path}")
-    raise typer.Exit(exit_code(report.rows, gate))
+    if checkpoint is not None and weights is not None:
+        raise UserError("--weights names the workdir's moved checkpoint; with WEIGHTS given, leave it out")
+    with json_result(json_path, "bench", "unet-bench") as out:
+        out["workdir"] = str(workdir)
+        exports_passed = True
+        if checkpoint is not None:
+            with working("unet-bench", f"exporting into {workdir} what it lacks"):
+                prepared = prepare_workdir(checkpoint, workdir, backends=names, device=device.value, height=height,
+                                           width=width, data=data, on_export=export_line)  # fmt: skip
+            prepared_lines(prepared, workdir)
+            out["artifacts"] = [artifact_record(r.entry) for r in prepared.exported] + \
+                [artifact_record(e) | {"reused": True} for e in prepared.reused]  # fmt: skip
+            exports_passed = prepared.passed
+        with working("unet-bench", f"checking and timing the runtimes of {workdir}, one row each"):
+            report = benchmark(
+                workdir, batch=batch, height=height, width=width, backends=names, device=device.value,
+                weights=weights or checkpoint, compile_mode=compile_mode, data=data, warmup=warmup, iters=iters,
+                min_time=min_time, on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol,
+                max_class_change=max_class_change, min_dice=min_dice,
+            )  # fmt: skip
+        console.print(bench_table(report))
+        out.update({key: value for key, value in report.to_dict().items() if key != "versions"})  # the envelope's are more
+        if markdown:
+            with atomic_path(markdown) as tmp:
+                tmp.write_text(bench_markdown(report) + "\n")
+            console.print(f"wrote {markdown}")
+        if json_path:
+            console.print(f"wrote {json_path}")  # when the block ends, with the exit code
+        raise typer.Exit(max(exit_code(report.rows, gate), 0 if exports_passed else 1))
+
+
+def export_line(result) -> None:
+    """One line per artefact exported before the benchmark (the export commands print a table)."""
+    verdict = "[green]verified[/]" if result.passed else f"[red]FAILED[/] ({'; '.join(result.parity.failures()[:2])})"
+    console.print(f"exported {result.path} ({result.entry['format']} {result.entry['precision']}): {verdict} "
+                  f"in {result.seconds:.1f} s")  # fmt: skip
+
+
+def prepared_lines(prepared, workdir: Path) -> None:
+    if prepared.reused:
+        names = ", ".join(entry["path"] for entry in prepared.reused)
+        console.print(f"reused from {workdir}/manifest.json (verified from this checkpoint): {names}")
+    if prepared.skipped:
+        console.print(f"not exported here: {'; '.join(prepared.skipped)}")
 
 
 def main() -> None:

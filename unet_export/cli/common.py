@@ -278,9 +278,21 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
-def _stopped(exc: KeyboardInterrupt) -> None:
-    signum = getattr(exc, "signum", signal.SIGINT)
-    fail("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})", 128 + signum)
+def exit_status(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line the error boundary gives ``exc`` (typer.Exit: its own code,
+    no line). One mapping, read by cli_errors and by a command's --json result alike."""
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code, ""
+    if isinstance(exc, UnetExportError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        signum = getattr(exc, "signum", signal.SIGINT)
+        return 128 + signum, "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, not a dir
+        return 2, os_error_message(exc)
+    if isinstance(exc, _click_exceptions().ClickException):  # typer.BadParameter from a command's check
+        return 2, exc.format_message()
+    return INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)"
 
 
 def cli_errors(fn):
@@ -294,17 +306,10 @@ def cli_errors(fn):
             raise
         except BrokenPipeError:  # stdout closed by its reader: run_app ends quietly, not a bug
             raise
-        except UnetExportError as exc:
-            _traceback_if_debug()
-            fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt as exc:
-            _stopped(exc)
-        except Exception as exc:
-            _traceback_if_debug()
-            if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:  # disk full, read-only, not a dir
-                fail(os_error_message(exc), 2)
-            if isinstance(exc, _click_exceptions().ClickException):  # typer.BadParameter from a command's check
-                fail(exc.format_message(), 2)
-            fail(f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", INTERNAL_ERROR)
+        except (Exception, KeyboardInterrupt) as exc:
+            if not isinstance(exc, KeyboardInterrupt):
+                _traceback_if_debug()
+            code, message = exit_status(exc)
+            fail(message, code)
 
     return wrapper

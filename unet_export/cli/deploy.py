@@ -9,6 +9,7 @@ import typer
 
 from unet_export.api import ExportResult
 from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, working
+from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import export_report
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.export.openvino import export_openvino
@@ -40,17 +41,25 @@ def openvino_cmd(
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
     data: RealData = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on
     the CPU. The gate options judge the IR; an ONNX model exported first is judged as `onnx` judges it."""
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="drop --fp16")
-    with working("openvino", "converting to OpenVINO IR and checking parity"):
-        result = export_openvino(weights, workdir, fp16=fp16, model=model, device=device.value, height=height,
-                                 width=width, on_result=lambda r: export_report(r, workdir), data=data, rtol=rtol,
-                                 atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
-    export_report(result, workdir)
-    weights_line(result)
-    raise typer.Exit(0 if result.passed else 1)
+    with json_result(json_path, "export", "unet-export openvino", workdir) as out:
+
+        def onnx_first(result: ExportResult) -> None:  # the ONNX model it converts, exported when missing
+            out.add_export(result)
+            export_report(result, workdir)
+
+        with working("openvino", "converting to OpenVINO IR and checking parity"):
+            result = export_openvino(weights, workdir, fp16=fp16, model=model, device=device.value, height=height,
+                                     width=width, on_result=onnx_first, data=data, rtol=rtol,
+                                     atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+        out.add_export(result)
+        export_report(result, workdir)
+        weights_line(result)
+        raise typer.Exit(0 if result.passed else 1)
 
 
 def shower(workdir: Path):
@@ -110,16 +119,23 @@ def int8_cmd(
     width: Width = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
+    with json_result(json_path, "export", "unet-export int8", workdir) as out:
+        show = shower(workdir)
 
-    with working("int8", "calibrating and quantizing to INT8"):
-        results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset,
-                                max_dice_drop=max_dice_drop, max_class_change=max_class_change, min_dice=min_dice,
-                                fallback=fallback, mask_suffix=mask_suffix, model=model, device=device.value,
-                                height=height, width=width, on_result=shower(workdir))  # fmt: skip
-    raise typer.Exit(0 if all(r.passed for r in results) else 1)
+        def on_result(result: ExportResult) -> None:  # each artefact as it lands, the FP32 ONNX source too
+            out.add_export(result)
+            show(result)
+
+        with working("int8", "calibrating and quantizing to INT8"):
+            results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset,
+                                    max_dice_drop=max_dice_drop, max_class_change=max_class_change, min_dice=min_dice,
+                                    fallback=fallback, mask_suffix=mask_suffix, model=model, device=device.value,
+                                    height=height, width=width, on_result=on_result)  # fmt: skip
+        raise typer.Exit(0 if all(r.passed for r in results) else 1)
 
 
 def int8_report(result: ExportResult) -> None:

@@ -17,6 +17,7 @@ from unet_export.cli.deploy import register as register_deploy, shower
 from unet_export.cli.artifacts import register as register_inspect
 from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, VersionOpt, Weights, Workdir, cli_errors, console,
                                      fail, run_app, working)
+from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import (
     bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
 )
@@ -58,11 +59,13 @@ FP32Layers = Annotated[
 STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti": "compiling the AOTInductor package"}
 
 
-def _export(fmt: str, weights: Path, workdir: Path, **options) -> None:
-    with working(fmt, f"{STEP[fmt]} and checking parity"):
-        result = export_artifact(weights, fmt, workdir, **options)
-    export_report(result, workdir)
-    raise typer.Exit(0 if result.passed else 1)
+def _export(fmt: str, weights: Path, workdir: Path, json_path: Path | None, **options) -> None:
+    with json_result(json_path, "export", f"unet-export {fmt}", workdir) as out:
+        with working(fmt, f"{STEP[fmt]} and checking parity"):
+            result = export_artifact(weights, fmt, workdir, **options)
+        out.add_export(result)
+        export_report(result, workdir)
+        raise typer.Exit(0 if result.passed else 1)
 
 
 @app.command("onnx")
@@ -83,8 +86,17 @@ def onnx_cmd(
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
     data: RealData = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
+    with json_result(json_path, "export", "unet-export onnx", workdir) as out:
+        _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
+              fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
+              max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+
+
+def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
+          max_class_change, min_dice, data) -> None:  # fmt: skip
     if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
         require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
@@ -96,12 +108,14 @@ def onnx_cmd(
     with working("onnx", f"{STEP['onnx']} and checking parity"):
         result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
                                  device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check)  # fmt: skip
+    out.add_export(result)
     export_report(result, workdir)
     passed = result.passed
     if fp16 and passed:
         with working("onnx --fp16", "converting to FP16 and checking parity"):
             half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data,
                                     max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+        out.add_export(half)
         export_report(half, workdir)
         passed = half.passed
     raise typer.Exit(0 if passed else 1)
@@ -118,9 +132,10 @@ def torchscript_cmd(
     model: ModelOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
-    _export("torchscript", weights, workdir, height=height, width=width, device=device.value, model=model,
+    _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
 
@@ -136,9 +151,10 @@ def aoti_cmd(
     model: ModelOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
-    _export("aoti", weights, workdir, height=height, width=width, static=static, device=device.value, model=model,
+    _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
 
@@ -160,17 +176,27 @@ def cpp_check_cmd(
 @app.command("doctor")
 @cli_errors
 def doctor_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout, not a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout, not a table; "
+                                          "--json PATH writes the unet-export.doctor document to PATH.")] = False,
+    json_path: Annotated[Path | None, typer.Argument(hidden=True, metavar="PATH")] = None,
 ) -> None:
     """What this machine can run and why not: torch/CUDA/GPUs, TensorRT, ONNX Runtime, OpenVINO,
     the C++ toolchain, versions against the lock. Always exits 0."""
     from unet_export.doctor import run_checks
 
-    rows = run_checks()
-    if as_json:
-        print(json.dumps([row.to_dict() for row in rows], indent=2))
-    else:
-        console.print(doctor_table(rows))
+    # `--json` alone prints the bare list of checks, as it always has; `--json PATH` (PATH read
+    # as doctor's one argument: Typer has no option with an optional value) writes the document.
+    if json_path is not None and not as_json:
+        raise UserError(f"doctor takes no argument: to write the checks to {json_path}, use --json {json_path}")
+    with json_result(json_path, "doctor", "unet-export doctor") as out:
+        rows = run_checks()
+        out["checks"] = [row.to_dict() for row in rows]
+        if json_path is not None:
+            console.print(f"wrote {json_path}")
+        elif as_json:
+            print(json.dumps([row.to_dict() for row in rows], indent=2))
+        else:
+            console.print(doctor_table(rows))
 
 
 @app.command("trt")
@@ -190,8 +216,17 @@ def trt_cmd(
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
     data: RealData = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
+    with json_result(json_path, "export", "unet-export trt", workdir) as out:
+        _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
+             workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
+             max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+
+
+def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
+         atol, max_class_change, min_dice, data) -> None:  # fmt: skip
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
              to_reduced="drop --fp32")  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
@@ -199,6 +234,7 @@ def trt_cmd(
                            opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
                            timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
                            max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+    out.add_export(result)
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
 
@@ -215,19 +251,24 @@ def verify_cmd(
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Re-run the parity gate of every artefact in DIR's manifest on this machine and record the
     verdicts (exit 1 if one fails, 2 if a file changed since it was verified)."""
     from unet_export.reverify import verify_workdir
 
-    with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
-        report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights, rtol=rtol,
-                                atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
-    verify_report(report)
-    changed = [v for v in report.verdicts if v.status in ("changed", "missing")]
-    if changed:
-        fail("; ".join(v.reason for v in changed), 2)
-    raise typer.Exit(report.exit_code)
+    with json_result(json_path, "verify", "unet-export verify", workdir) as out:
+        with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
+            report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights,
+                                    rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+        out.add_verify(report)
+        verify_report(report)
+        changed = [v for v in report.verdicts if v.status in ("changed", "missing")]
+        if changed:
+            reason = "; ".join(v.reason for v in changed)
+            out["error"] = reason
+            fail(reason, 2)
+        raise typer.Exit(report.exit_code)
 
 
 @app.command("demo")

@@ -9,11 +9,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from unet_export.api import resolve_device
 from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, console, working
+from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import dice_table
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.evaluate import evaluate, gate
 from unet_export.errors import UserError
-from unet_export.fileio import write_json
 from unet_export.models import get_spec
 from unet_export.train import TrainConfig, train
 
@@ -111,7 +111,6 @@ def evaluate_cmd(
     weights: Annotated[Path, typer.Argument(help="Checkpoint (its .json sidecar gives the preprocessing).")],
     data: Annotated[Path, typer.Argument(help="Labelled dataset (either layout).")],
     workdir: Workdir = Path("exports"),
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
     min_dice: Annotated[float | None, typer.Option(help="Gate: exit 1 if any Dice is below this.")] = None,
     max_delta: Annotated[float | None, typer.Option(help="Gate: exit 1 if an artefact is this far below eager.")] = None,
     mask_suffix: MaskSuffix = "_mask",
@@ -121,18 +120,21 @@ def evaluate_cmd(
                            "Default: the checkpoint's; else class indices 0,1,...")] = None,  # fmt: skip
     model: ModelOpt = None,
     device: RunDeviceOpt = "auto",
+    json_path: JsonOpt = None,
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
-    report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
-                      mask_suffix=mask_suffix, model=model, max_pixels=max_pixels,
-                      mask_values=parse_mask_values(mask_values))  # fmt: skip
-    console.print(dice_table(report, data))
-    if json_path:
-        write_json(json_path, report)
-    failures = gate(report, min_dice, max_delta)
-    for failure in failures:
-        console.print(f"[red]gate failed[/] {failure}")
-    raise typer.Exit(1 if failures else 0)
+    with json_result(json_path, "evaluate", "unet-export evaluate") as out:
+        out["workdir"], out["data"] = str(workdir), str(data)
+        report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
+                          mask_suffix=mask_suffix, model=model, max_pixels=max_pixels,
+                          mask_values=parse_mask_values(mask_values))  # fmt: skip
+        console.print(dice_table(report, data))
+        out.add_evaluate(report, workdir)
+        failures = gate(report, min_dice, max_delta)
+        out["gate"] = {"min_dice": min_dice, "max_delta": max_delta, "failures": failures}
+        for failure in failures:
+            console.print(f"[red]gate failed[/] {failure}")
+        raise typer.Exit(1 if failures else 0)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@
 - ```text``` blocks are output; after `<!-- output: CMD -->` scripts/readme_outputs.py writes them.
 """
 
+import json
 import os
 import re
 import shlex
@@ -345,8 +346,6 @@ def test_readme_first_block_runs_as_pasted_on_a_fresh_clone(readme_run):
     assert first.commands()[0].startswith("source .venv/bin/activate") or ".venv/bin/unet-export" in first.body
     promised = [p for r in results for p in re.findall(r"-> (exports/[\w./-]+\w)", r.command)]
     assert promised, "the block's comments name the files it writes"
-    import json
-
     manifest = json.loads((clone / "exports" / "manifest.json").read_text())
     verified = {a["path"] for a in manifest["artifacts"] if a["status"] == "verified"}
     for path in promised:

@@ -108,7 +108,8 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
               seed: int = 0) -> list[dict]:  # fmt: skip
     """Build the example, run every TorchScript and AOTInductor artefact of ``workdir`` from C++
     on one seeded batch, and compare with the eager model (FP32 tolerances)."""
-    from unet_export.api import manifest_checkpoint, resolve_device
+    from unet_export.device import resolve_device
+    from unet_export.workdir.lookup import manifest_checkpoint
     from unet_export.checkpoint import build_model
     from unet_export.manifest import checked_path, load_manifest
     from unet_export.runners import EagerRunner

@@ -15,26 +15,17 @@ import os
 import time
 from pathlib import Path
 
-from unet_export.api import (
-    ExportResult,
-    _created_dir,
-    _estimated_bytes,
-    _same_model,
-    _staged,
-    export_artifact,
-    manifest_checkpoint,  # fmt: skip
-    onnx_entry,
-    record_artifact,
-    require_real_images,
-    run_parity,
-)
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import fsync_file, sha256_file
 from unet_export.manifest import load_manifest, transaction
 from unet_export.realimages import gate_images
-from unet_export.runners.openvino import finish_pending_weights, parked_name
-from unet_export.verify import seeded_inputs, tolerance_for
+from unet_export.workdir.ir import finish_pending_weights, parked_name
+from unet_export.flows.export import ExportResult, export_artifact, require_real_images
+from unet_export.verify import run_parity, seeded_inputs, tolerance_for
+from unet_export.workdir import publish
+from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
+from unet_export.workdir.publish import record_artifact
 
 RT_KEY = "unet_export"  # the IR's runtime-info section holding the model record
 SUFFIXES = {"fp32": ".xml", "fp16": ".fp16.xml", "int8": ".int8.xml"}
@@ -90,7 +81,7 @@ def record_ir(workdir: Path, manifest: dict, entry: dict, parity, device, staged
     in the same manifest save that marks the .xml pending (``record_artifact``); then both are
     renamed and the marks cleared. A process killed anywhere leaves the old IR or a redo record:
     the next transaction renames the .xml (manifest._recover) and the next reader or export
-    the .bin (runners.openvino.finish_pending_weights); an orphan parked .bin is deleted."""
+    the .bin (workdir.ir.finish_pending_weights); an orphan parked .bin is deleted."""
     staged_bin = staged.with_suffix(".bin")
     final_bin = Path(entry["path"]).with_suffix(".bin").name
     sha = sha256_file(staged_bin)
@@ -153,7 +144,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     require("openvino", extra="openvino")
     if fp16 and weights is not None:
         require_real_images("fp16", weights, model, data)
-    with _created_dir(workdir):
+    with publish.created_dir(workdir):
         source = ensure_onnx(
             weights, workdir, model=model, device=device, height=height, width=width, on_result=on_result
         )
@@ -161,9 +152,9 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     manifest = load_manifest(workdir)
     net = build_model(manifest_checkpoint(manifest, weights))
     dest = ir_path(workdir, source["path"], precision)
-    need = 2 * _estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
+    need = 2 * publish.estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
     # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name
-    with _staged(dest, need, "OpenVINO IR") as staged, _staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"):
+    with publish.staged(dest, need, "OpenVINO IR") as staged, publish.staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"):
         entry = ir_entry(dest, precision, source, {})
         if fp16:  # reduced precision is judged on real images only
             inputs, entry["real_images"] = gate_images(manifest, entry, data)
@@ -173,7 +164,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
-            _same_model(current, manifest, workdir)
+            publish.same_model(current, manifest, workdir)
             record_ir(workdir, current, entry, parity, "cpu", staged)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 

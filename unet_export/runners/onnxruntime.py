@@ -8,20 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unet_export.device import physical_cores
 from unet_export.errors import UserError, require
 from unet_export.runners.base import Runner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-def physical_cores() -> int:
-    """Physical cores: ORT's intra-op threads beyond these only fight over the same units."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class OnnxRuntimeRunner(Runner):

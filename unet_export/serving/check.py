@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_export.api import manifest_checkpoint
 from unet_export.checkpoint import build_model, class_mask_values
 from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
 from unet_export.errors import UnetExportError, UserError
@@ -31,6 +30,7 @@ from unet_export.serving.server import TritonServer, repository_server
 from unet_export.serving.validate import read_record
 from unet_export.text import counted
 from unet_export.verify import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
+from unet_export.workdir.lookup import manifest_checkpoint
 
 MAX_IMAGES = 8  # real images sent per check: enough for a batch and a few pipeline calls
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
 from unet_export.manifest import checked_path, load_manifest, tool_versions, utc_now
-from unet_export.runners.openvino import HINTS, ir_weights
+from unet_export.runners.openvino import HINTS
 from unet_export.serving import configs
 from unet_export.serving.configs import NATIVE, PYTHON, VERSION
 from unet_export.serving.selection import RuntimeChoice, choose_cpu_runtime, parse_formats, select
+from unet_export.workdir.ir import ir_weights
 
 RECORD_NAME = "unet_export.json"
 MODEL_SOURCE = Path(__file__).with_name("triton_model.py")

@@ -46,7 +46,6 @@ PLACES = {
     "unet_export.realimages": "parity",
     # flows: one use case each, over a whole workdir
     "unet_export.flows": "flows",
-    "unet_export.export.openvino": "flows",  # export_openvino; the IR writer is export/ir.py
     "unet_export.export.quantize": "flows",  # quantize_int8 (engines and gate split later)
     "unet_export.reverify": "flows",
     "unet_export.evaluate": "flows",
@@ -100,8 +99,9 @@ def layer_of(module: str) -> str | None:
 
 
 def imported(module: str, node: ast.Import | ast.ImportFrom, is_package: bool) -> list[str]:
-    """The package's modules that ``node`` (in ``module``) loads: the module named, and for
-    ``from X import name`` the submodule X.name where there is one."""
+    """The package's modules whose names ``node`` (in ``module``) uses: ``import X.y`` uses X.y;
+    ``from X import y`` uses the submodule X.y where there is one (as ``import X.y`` does), else
+    X itself (y is a name defined in X)."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     else:
@@ -110,8 +110,8 @@ def imported(module: str, node: ast.Import | ast.ImportFrom, is_package: bool) -
             base = ".".join(here[: len(here) - (node.level - 1)] + ([node.module] if node.module else []))
         else:
             base = node.module or ""
-        names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-    return [name for name in names if name in MODULES and name != module]
+        names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+    return sorted({name for name in names if name in MODULES and name != module})
 
 
 def edges() -> list[tuple[str, int, str]]:
@@ -199,12 +199,24 @@ def test_no_import_cycles():
     assert not loops, "modules that import each other in a loop:\n" + "\n".join(" <-> ".join(c) for c in loops)
 
 
-def test_the_rule_sees_function_local_and_relative_imports(tmp_path):
+def test_writers_do_not_import_runners():
+    """Within the runtimes layer one direction only: a runner may read its format's writer module
+    (metadata, engine plans), a writer never imports a runner (they move into one folder per
+    runtime later: runtimes/<name>/)."""
+    found = [(m, line, t) for m, line, t in edges()
+             if layer_of(m) == "runtimes" and m.startswith("unet_export.export") and t.startswith("unet_export.runners")]  # fmt: skip
+    assert not found, [f"{where(m, line)}: {m} imports {t}" for m, line, t in found]
+
+
+def test_the_rule_sees_function_local_and_relative_imports():
     """The parser resolves what the package's code uses: relative imports and imports inside a
     function count like top-level ones."""
-    tree = ast.parse("def f():\n    from ..errors import UserError\n    from . import base\n")
+    tree = ast.parse("def f():\n    from ..errors import UserError\n    from . import base, artifact_runner\n")
     nodes = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert imported("unet_export.runners.eager", nodes[0], False) == ["unet_export.errors"]
     assert imported("unet_export.runners.eager", nodes[1], False) == ["unet_export.runners", "unet_export.runners.base"]
+    found = {(m, t) for m, _, t in edges()}
+    assert ("unet_export.bench", "unet_export.verify") in found  # a top-level import
+    assert ("unet_export.doctor", "unet_export.cpp") in found  # one inside a function only
     assert layer_of("unet_export.runners") == "workdir" and layer_of("unet_export.runners.base") == "runtimes"
-    assert layer_of("unet_export.export.openvino") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"
+    assert layer_of("unet_export.export.quantize") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"

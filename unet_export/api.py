@@ -11,8 +11,13 @@ case lives in the module named beside it.
     # the workdir's checkpoint (workdir/lookup.py), one entry's parity (verify.py), --device (device.py)
 """
 
-# ruff: noqa: F401  (re-exports)
+# Re-exports only. The underscored names are what export/openvino.py and export/quantize.py took
+# from here before workdir/publish.py held them; they stay importable.
+from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
+from unet_export.errors import UnetExportError, UserError
+from unet_export.export import FORMATS
+from unet_export.export.onnx import DEFAULT_OPSET
 from unet_export.flows.export import (
     SECOND_PARITY_SHAPE,
     ExportResult,
@@ -25,15 +30,21 @@ from unet_export.flows.export import (
     parity_shapes,
     require_real_images,
 )
-from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
+from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.verify import (
     FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, run_parity, seeded_inputs, tolerance_for,
 )  # fmt: skip
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
-from unet_export.workdir.publish import record_artifact
-# the private names export/openvino.py and export/quantize.py took from here before workdir/publish.py
 from unet_export.workdir.publish import created_dir as _created_dir
 from unet_export.workdir.publish import estimated_bytes as _estimated_bytes
+from unet_export.workdir.publish import record_artifact
 from unet_export.workdir.publish import same_model as _same_model
 from unet_export.workdir.publish import staged as _staged
+
+__all__ = [
+    "DEFAULT_OPSET", "FORMATS", "FP16", "FP32", "SECOND_PARITY_SHAPE", "TOLERANCES", "Checkpoint", "EagerRunner",
+    "ExportResult", "ParityReport", "SizeRule", "Tolerance", "UnetExportError", "UserError", "artifact_runner", "build_model", "build_trt", "check_parity", "export_artifact", "export_fp16_onnx",
+    "load_checkpoint", "manifest_checkpoint", "model_record", "onnx_entry", "parity_shapes", "record_artifact",
+    "require_real_images", "resolve_device", "run_parity", "seeded_inputs", "tolerance_for",
+]  # fmt: skip

@@ -10,7 +10,7 @@ from unet_export.errors import IntegrityError, UnetExportError, UserError
 from unet_export.manifest import load_manifest
 from unet_export.models import get_spec
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
-from unet_export.predict import TILE, TILE_HALO, run_tiled
+from unet_export.inference.predictor import TILE, TILE_HALO, run_tiled
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.base import Runner
 

@@ -39,9 +39,10 @@ from unet_export.data.dataset import (
 )
 from unet_export.errors import ArtifactError, UnetExportError, UserError, require
 from unet_export.export.layers import module_path
-from unet_export.export.openvino import ensure_onnx, export_openvino, ir_path, record_ir, write_ir
+from unet_export.export.openvino import ir_path, write_ir
 from unet_export.fileio import claim_temp_path, sha256_file
 from unet_export.flows.export import ExportResult
+from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
 from unet_export.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec

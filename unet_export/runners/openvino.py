@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from unet_export.errors import UserError, require
+from unet_export.export.onnx import refuse_outside_data
 from unet_export.runners.base import Runner
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
@@ -43,8 +44,6 @@ class OpenVinoRunner(Runner):
             self.model = self.core.read_model(*files)
         except Exception:
             if self.path.suffix == ".onnx":  # an ONNX model read by OpenVINO (no IR in the workdir)
-                from unet_export.export.onnx import refuse_outside_data
-
                 refuse_outside_data(self.path)
             raise
         self.requests = {}

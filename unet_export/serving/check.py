@@ -26,6 +26,7 @@ from unet_export.runners import EagerRunner, Runner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, infer, make_client
 from unet_export.serving.install import TritonInstall
 from unet_export.serving.loadtest import LoadReport, load_test
+from unet_export.serving.masks import expected_mask
 from unet_export.serving.server import TritonServer, repository_server
 from unet_export.serving.validate import read_record
 from unet_export.text import counted
@@ -218,8 +219,6 @@ def _real_batch(images: list[Path], model: dict, artifact: dict, limit: int) -> 
 
 def pipeline_masks(server: TritonServer, name: str, found: dict, record: dict, net, images: list[Path]) -> list:
     """Each image through the ensemble, over both protocols, against `predict`'s mask from eager."""
-    from unet_export.serving.masks import expected_mask
-
     model = record["model"]
     step = found[name].ensemble_scheduling.step[1].model_name  # the model in the middle
     artifact = record["models"][step]["artifact"]

@@ -1,7 +1,7 @@
 """An OpenVINO IR in a workdir is two files. The manifest records the .xml as the entry's
 ``path`` and the .bin under ``weights`` (path, bytes, sha256); ``ir_weights`` is the check every
 reader goes through, and it finishes a .bin rename that a killed export left pending (see
-export/openvino.py, record_ir)."""
+flows/openvino.py, record_ir)."""
 
 import os
 from pathlib import Path

@@ -42,6 +42,7 @@ PLACES = {
     # inference: one image through any artefact (predictor, tiling, masks)
     "unet_export.inference": "inference",
     # parity: the gate (verify.py) and the real images it judges reduced precision on
+    "unet_export.parity": "parity",
     "unet_export.verify": "parity",
     "unet_export.realimages": "parity",
     # flows: one use case each, over a whole workdir

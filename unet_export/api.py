@@ -8,7 +8,7 @@ case lives in the module named beside it.
     build_trt("exports", precision="fp16")       # on an NVIDIA GPU
 
     from unet_export.api import manifest_checkpoint, run_parity, resolve_device
-    # the workdir's checkpoint (workdir/lookup.py), one entry's parity (verify.py), --device (device.py)
+    # the workdir's checkpoint (workdir/lookup.py), one entry's parity (parity/run.py), --device (device.py)
 """
 
 # Re-exports only. The underscored names are what export/openvino.py and export/quantize.py took
@@ -32,8 +32,9 @@ from unet_export.flows.export import (
 )
 from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.parity.run import run_parity
 from unet_export.verify import (
-    FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, run_parity, seeded_inputs, tolerance_for,
+    FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,
 )  # fmt: skip
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.publish import created_dir as _created_dir

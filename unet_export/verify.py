@@ -20,14 +20,12 @@ import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from unet_export.errors import UnetExportError, UserError
+from unet_export.errors import UserError
 from unet_export.metrics import decision_margin, dice_score, logits_to_mask
-from unet_export.runners import artifact_runner
 from unet_export.runners.base import Runner
 from unet_export.runners.eager import EagerRunner
 
@@ -303,19 +301,3 @@ def _exact_logits(exact: Runner, x: torch.Tensor) -> torch.Tensor:
         message = " ".join(str(exc).split())[:200]
         raise UserError(f"the eager model does not run in float64 ({type(exc).__name__}: {message}), so no "
                         "artefact of it can be judged against the exact answer") from exc  # fmt: skip
-
-
-def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:
-    """Parity of one manifest entry (its file at ``path`` if given, e.g. before it is published)
-    against the eager model, judged by the eager model in float64 (check_parity runs it on the
-    CPU); a runtime crash is a failed check."""
-    runner = artifact_runner(entry, workdir, device, path=path)
-    try:
-        with EagerRunner(net, device) as reference, runner:
-            return check_parity(runner, reference, inputs, tol)
-    except UnetExportError:
-        raise
-    except Exception as exc:  # the artefact itself would not run: that is a verification failure
-        message = " ".join(str(exc).split())[:300]
-        error = f"{type(exc).__name__}: {message}"
-        return ParityReport(runner.name, tol.name, cases=[], error=error, limits=tol.to_dict())

@@ -235,7 +235,7 @@ def judge(entry: dict, workdir: Path, staged: Path, gates: GateSet, tol: Toleran
                     total += _dice(out, masks, gates.n_classes) * len(x)
     except UnetExportError:
         raise
-    except Exception as exc:  # the artefact would not run: a verification failure, as in verify.run_parity
+    except Exception as exc:  # the artefact would not run: a verification failure, as in parity.run.run_parity
         message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         return ParityReport(runner.name, tol.name, [], error=message, limits=tol.to_dict()), None
     report = ParityReport(f"{runner.name} ({runner.describe()})", tol.name, cases, limits=tol.to_dict())

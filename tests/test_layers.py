@@ -122,7 +122,8 @@ def edges() -> list[tuple[str, int, str]]:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found += [(module, node.lineno, target) for target in imported(module, node, path.name == "__init__.py")]
+                targets = imported(module, node, path.name == "__init__.py")
+                found += [(module, node.lineno, target) for target in targets]
     return found
 
 
@@ -204,8 +205,8 @@ def test_writers_do_not_import_runners():
     """Within the runtimes layer one direction only: a runner may read its format's writer module
     (metadata, engine plans), a writer never imports a runner (they move into one folder per
     runtime later: runtimes/<name>/)."""
-    found = [(m, line, t) for m, line, t in edges()
-             if layer_of(m) == "runtimes" and m.startswith("unet_export.export") and t.startswith("unet_export.runners")]  # fmt: skip
+    writers = [(m, line, t) for m, line, t in edges() if m.startswith("unet_export.export.")]
+    found = [(m, n, t) for m, n, t in writers if layer_of(m) == "runtimes" and t.startswith("unet_export.runners")]
     assert not found, [f"{where(m, line)}: {m} imports {t}" for m, line, t in found]
 
 

@@ -45,7 +45,8 @@ from unet_export.workdir.publish import staged as _staged
 
 __all__ = [
     "DEFAULT_OPSET", "FORMATS", "FP16", "FP32", "SECOND_PARITY_SHAPE", "TOLERANCES", "Checkpoint", "EagerRunner",
-    "ExportResult", "ParityReport", "SizeRule", "Tolerance", "UnetExportError", "UserError", "artifact_runner", "build_model", "build_trt", "check_parity", "export_artifact", "export_fp16_onnx",
-    "load_checkpoint", "manifest_checkpoint", "model_record", "onnx_entry", "parity_shapes", "record_artifact",
-    "require_real_images", "resolve_device", "run_parity", "seeded_inputs", "tolerance_for",
+    "ExportResult", "ParityReport", "SizeRule", "Tolerance", "UnetExportError", "UserError", "artifact_runner",
+    "build_model", "build_trt", "check_parity", "export_artifact", "export_fp16_onnx", "load_checkpoint",
+    "manifest_checkpoint", "model_record", "onnx_entry", "parity_shapes", "record_artifact", "require_real_images",
+    "resolve_device", "run_parity", "seeded_inputs", "tolerance_for",
 ]  # fmt: skip

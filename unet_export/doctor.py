@@ -48,7 +48,7 @@ def check_python() -> list[Check]:
 def check_cpu() -> list[Check]:
     import os
 
-    from unet_export.device import cpu_name, physical_cores  # here, not at the top: it loads torch, which check_torch reports on
+    from unet_export.device import cpu_name, physical_cores  # loads torch, which check_torch reports on
 
     return [Check("cpu", OK, f"{cpu_name()}, {physical_cores()} physical cores ({os.cpu_count()} logical)")]
 

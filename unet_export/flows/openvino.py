@@ -106,7 +106,10 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     dest = ir_path(workdir, source["path"], precision)
     need = 2 * publish.estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
     # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name
-    with publish.staged(dest, need, "OpenVINO IR") as staged, publish.staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"):
+    with (
+        publish.staged(dest, need, "OpenVINO IR") as staged,
+        publish.staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"),
+    ):
         entry = ir_entry(dest, precision, source, {})
         if fp16:  # reduced precision is judged on real images only
             inputs, entry["real_images"] = gate_images(manifest, entry, data)

@@ -24,7 +24,9 @@ from unet_export.manifest import checked_path, load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
-from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, OpenVinoRunner, Runner, TorchScriptRunner, artifact_runner
+from unet_export.runners import (
+    AotiRunner, EagerRunner, OnnxRuntimeRunner, OpenVinoRunner, Runner, TorchScriptRunner, artifact_runner,
+)  # fmt: skip
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])
 
@@ -180,8 +182,10 @@ def _static_shape(path: Path) -> tuple[int, ...] | None:
 
 
 # suffix -> (metadata reader, runner): what predict runs without a manifest record.
-ARTEFACT_READERS = {".onnx": (onnx_export.read_metadata, OnnxRuntimeRunner), ".ts": (torchscript_export.read_metadata, TorchScriptRunner),
-                    ".pt2": (aoti_export.read_metadata, AotiRunner), ".xml": (openvino_export.read_metadata, lambda path, device: OpenVinoRunner(path, "cpu"))}  # fmt: skip
+ARTEFACT_READERS = {".onnx": (onnx_export.read_metadata, OnnxRuntimeRunner),
+                    ".ts": (torchscript_export.read_metadata, TorchScriptRunner),
+                    ".pt2": (aoti_export.read_metadata, AotiRunner),
+                    ".xml": (openvino_export.read_metadata, lambda path, device: OpenVinoRunner(path, "cpu"))}  # fmt: skip
 _FORMATS = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "aoti", ".xml": "openvino"}
 
 

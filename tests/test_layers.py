@@ -1,6 +1,7 @@
-"""The layer rule of docs/architecture.md, read from the source with ``ast`` (nothing is imported):
-every import of one of the package's modules, at the top of a file or inside a function, points
-down the layer order or stays in its layer, and no modules import each other in a loop.
+"""The layer rule (docs/contributing.md, Architecture), read from the source with ``ast``
+(nothing is imported): every import of one of the package's modules, at the top of a file or
+inside a function, points down the layer order or stays in its layer, and no modules import each
+other in a loop.
 
 Layers, top to bottom: cli > api > serving > predict > bench > flows > parity > inference >
 workdir > runtimes > base. A new module must be placed in PLACES (test_every_module_is_placed)."""

@@ -35,7 +35,7 @@ VICTIM = b"the user's own file, outside the workdir\n"
 def exported(tmp_path_factory):
     """unet.pth and its verified ONNX model and FP32 OpenVINO IR in exports/, made once."""
     from unet_export.api import export_artifact
-    from unet_export.export.openvino import export_openvino
+    from unet_export.flows.openvino import export_openvino
 
     root = tmp_path_factory.mktemp("confine")
     torch.save(milesial_state_dict("v3"), root / "unet.pth")

@@ -237,7 +237,7 @@ def test_too_small_a_halo_shows_at_tile_edges():
 
 def test_large_image_is_tiled_in_predict(tmp_path, monkeypatch):
     """An image over TILE in either side runs in windows no larger than TILE x TILE."""
-    import unet_export.predict as predict_module
+    import unet_export.inference.predictor as predict_module
 
     seen = []
     original = EagerRunner._infer_impl

@@ -25,7 +25,7 @@ def demo_workdir(tmp_path_factory):
     """The shipped demo checkpoint exported to ONNX, TorchScript and an OpenVINO IR, verified."""
     pytest.importorskip("openvino")
     from unet_export.api import export_artifact
-    from unet_export.export.openvino import export_openvino
+    from unet_export.flows.openvino import export_openvino
 
     workdir = tmp_path_factory.mktemp("inspect") / "exports"
     for fmt in ("onnx", "torchscript"):

@@ -347,7 +347,7 @@ def test_cli_build_leaves_a_timing_cache_the_next_build_reads_and_sets_the_works
     and leaves it in DIR/timing.cache; the second build reads that file back. --workspace GiB is the
     builder's workspace pool limit. (The fake builds nothing a GPU could verify: each run stops
     right after the build, which is where the cache is saved.)"""
-    import unet_export.api as api
+    import unet_export.flows.export as api
 
     exports = tmp_path / "exports"
     shutil.copytree(workdir, exports)

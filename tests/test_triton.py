@@ -248,7 +248,7 @@ def test_tensorrt_config_stays_inside_the_engine_profile(workdir, tmp_path):
 
 
 def test_openvino_ir_is_served_by_the_openvino_backend_with_its_weights(workdir, tmp_path):
-    from unet_export.export.openvino import export_openvino
+    from unet_export.flows.openvino import export_openvino
 
     assert export_openvino(DEMO_WEIGHTS, workdir, device="cpu", height=128, width=128).passed
     entry = next(e for e in load_manifest(workdir)["artifacts"] if e["format"] == "openvino")

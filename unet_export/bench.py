@@ -7,7 +7,6 @@ the device; host-to-device and device-to-host copies are timed on their own (as 
 """
 
 import functools
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from unet_export.api import manifest_checkpoint, resolve_device
 from unet_export.bench_stats import (  # noqa: F401 (CV_WARNING, exit_code, latency_stats: the bench API)
     CV_WARNING,
     BenchConfig,
@@ -31,13 +29,14 @@ from unet_export.bench_stats import (  # noqa: F401 (CV_WARNING, exit_code, late
 )
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
 from unet_export.manifest import checked_path, load_manifest, tool_versions
 from unet_export.models import get_spec
-from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, Unavailable
 from unet_export.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
-from unet_export.runners.onnxruntime import physical_cores
+from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, Unavailable
 from unet_export.verify import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
+from unet_export.workdir.lookup import manifest_checkpoint
 
 
 def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]:
@@ -280,21 +279,3 @@ def _backend_names(backends: list[str] | None) -> list[str]:
     if unknown:
         raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from: {', '.join(BACKENDS)}")
     return ["eager"] + [n for n in names if n != "eager"]  # the baseline always runs, first
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
-    return {"type": "cpu", "name": _cpu_name(), "cores": physical_cores(), "torch_threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

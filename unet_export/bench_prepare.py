@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from unet_export.api import ExportResult, build_trt, export_artifact, export_fp16_onnx, resolve_device
 from unet_export.bench import _backend_names
 from unet_export.checkpoint import load_checkpoint
+from unet_export.device import resolve_device
 from unet_export.errors import UserError
+from unet_export.flows.export import ExportResult, build_trt, export_artifact, export_fp16_onnx
 from unet_export.manifest import checked_path, load_manifest
 from unet_export.realimages import folder_record
 

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unet_export.checkpoint import build_model
+from unet_export.device import resolve_device
 from unet_export.errors import UserError
+from unet_export.manifest import checked_path, load_manifest
+from unet_export.runners import EagerRunner
+from unet_export.verify import FP32, compare, seeded_inputs
+from unet_export.workdir.lookup import manifest_checkpoint
 
 MAGIC = b"UNETTNS1"
 DTYPES = {0: np.float32, 1: np.uint8}
@@ -108,12 +114,6 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
               seed: int = 0) -> list[dict]:  # fmt: skip
     """Build the example, run every TorchScript and AOTInductor artefact of ``workdir`` from C++
     on one seeded batch, and compare with the eager model (FP32 tolerances)."""
-    from unet_export.api import manifest_checkpoint, resolve_device
-    from unet_export.checkpoint import build_model
-    from unet_export.manifest import checked_path, load_manifest
-    from unet_export.runners import EagerRunner
-    from unet_export.verify import FP32, compare, seeded_inputs
-
     workdir, dev = Path(workdir), resolve_device(device)
     manifest = load_manifest(workdir)
     entries = [a for a in manifest["artifacts"] if a["format"] in ("torchscript", "aoti")]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from unet_export import lockcheck
+from unet_export.errors import UserError
 
 OK, MISSING, WARN = "ok", "missing", "warn"
 OPENVINO_INSTALL = 'pip install "unet-export[openvino]"'
@@ -47,10 +48,9 @@ def check_python() -> list[Check]:
 def check_cpu() -> list[Check]:
     import os
 
-    from unet_export.bench import _cpu_name
-    from unet_export.runners.onnxruntime import physical_cores
+    from unet_export.device import cpu_name, physical_cores  # loads torch, which check_torch reports on
 
-    return [Check("cpu", OK, f"{_cpu_name()}, {physical_cores()} physical cores ({os.cpu_count()} logical)")]
+    return [Check("cpu", OK, f"{cpu_name()}, {physical_cores()} physical cores ({os.cpu_count()} logical)")]
 
 
 # --- torch and CUDA ---
@@ -118,7 +118,6 @@ def _gpu_name() -> str | None:
 
 
 def check_tensorrt() -> list[Check]:
-    from unet_export.errors import UserError
     from unet_export.export.tensorrt import import_tensorrt
 
     try:
@@ -201,7 +200,6 @@ def check_cuda_toolkit() -> list[Check]:
     import torch
 
     from unet_export.cpp import cmake_args
-    from unet_export.errors import UserError
 
     if not torch.version.cuda:
         return [Check("cuda toolkit", OK, "not needed: torch is a CPU-only build")]

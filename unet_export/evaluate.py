@@ -3,14 +3,14 @@ during training and `evaluate`, and every artefact in a workdir's manifest."""
 
 import torch
 
-from unet_export.api import resolve_device
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
 from unet_export.data.dataset import Preprocess, SegmentationDataset, check_dataset, find_samples
+from unet_export.device import resolve_device
 from unet_export.errors import IntegrityError, UnetExportError, UserError
+from unet_export.inference.predictor import TILE, TILE_HALO, run_tiled
 from unet_export.manifest import load_manifest
-from unet_export.models import get_spec
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
-from unet_export.predict import TILE, TILE_HALO, run_tiled
+from unet_export.models import get_spec
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.runners.base import Runner
 

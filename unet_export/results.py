@@ -16,6 +16,7 @@ import socket
 import time
 from pathlib import Path
 
+from unet_export.device import cpu_name
 from unet_export.errors import UserError
 from unet_export.manifest import tool_versions, utc_now
 
@@ -58,9 +59,7 @@ def finish(doc: dict, exit_code: int, error: str = "") -> dict:
 
 def host_record() -> dict:
     """The machine: what bench and doctor already call it (the CPU name from /proc/cpuinfo)."""
-    from unet_export.bench import _cpu_name
-
-    return {"hostname": socket.gethostname(), "cpu": _cpu_name(), "os": platform.platform()}
+    return {"hostname": socket.gethostname(), "cpu": cpu_name(), "os": platform.platform()}
 
 
 def git_commit(start: Path | None = None) -> str | None:

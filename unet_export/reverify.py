@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from unet_export.api import manifest_checkpoint, resolve_device, run_parity
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess
+from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
 from unet_export.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
+from unet_export.parity.run import run_parity
 from unet_export.realimages import (
     IMAGES,
     fitted,
@@ -29,6 +30,7 @@ from unet_export.realimages import (
     real_images_for,
 )
 from unet_export.verify import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
+from unet_export.workdir.lookup import manifest_checkpoint
 
 
 @dataclass
@@ -164,8 +166,6 @@ def _cannot_run_here(entry: dict, dev: torch.device) -> str:
 
 def host_record(dev: torch.device) -> dict:
     """Where a verdict was reached: machine, device and the versions of everything that ran."""
-    from unet_export.bench import device_info
-
     return {"host": socket.gethostname(), "device": str(dev), "device_name": device_info(dev)["name"],
             "time": utc_now(),
             "versions": tool_versions("unet-export", "torch", "onnxruntime", "openvino", "tensorrt")}  # fmt: skip

@@ -27,6 +27,7 @@ import torch
 from unet_export.errors import UserError
 from unet_export.metrics import decision_margin, dice_score, logits_to_mask
 from unet_export.runners.base import Runner
+from unet_export.runners.eager import EagerRunner
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,6 @@ def seeded_inputs(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Te
 
 def exact_runner(reference: Runner) -> Runner | None:
     """The float64 twin of an eager fp32 reference (on the CPU), or None for any other runner."""
-    from unet_export.runners.eager import EagerRunner
-
     if isinstance(reference, EagerRunner) and reference.precision == "fp32" and not reference.channels_last:
         return EagerRunner(reference.model, "cpu", "fp64")
     return None

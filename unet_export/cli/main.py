@@ -24,11 +24,13 @@ from unet_export.cli.render import (
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.cpp import cpp_check
 from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
+from unet_export.doctor import run_checks
 from unet_export.evaluate import evaluate
 from unet_export.export import FORMATS
 from unet_export.errors import UserError
 from unet_export.export.fp16 import check_fp32_layers
 from unet_export.export.onnx import DEFAULT_OPSET
+from unet_export.reverify import verify_workdir
 
 app = typer.Typer(
     help="Export U-Net checkpoints to verified deployment artefacts.",
@@ -182,8 +184,6 @@ def doctor_cmd(
 ) -> None:
     """What this machine can run and why not: torch/CUDA/GPUs, TensorRT, ONNX Runtime, OpenVINO,
     the C++ toolchain, versions against the lock. Always exits 0."""
-    from unet_export.doctor import run_checks
-
     # `--json` alone prints the bare list of checks, as it always has; `--json PATH` (PATH read
     # as doctor's one argument: Typer has no option with an optional value) writes the document.
     if json_path is not None and not as_json:
@@ -255,8 +255,6 @@ def verify_cmd(
 ) -> None:
     """Re-run the parity gate of every artefact in DIR's manifest on this machine and record the
     verdicts (exit 1 if one fails, 2 if a file changed since it was verified)."""
-    from unet_export.reverify import verify_workdir
-
     with json_result(json_path, "verify", "unet-export verify", workdir) as out:
         with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
             report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights,

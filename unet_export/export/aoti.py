@@ -4,6 +4,7 @@ torch::inductor::AOTIModelPackageLoader (TorchScript's successor for libtorch de
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,12 @@ import torch.nn as nn
 from unet_export.errors import ArtifactError
 from unet_export.fileio import atomic_path, environment_error, write_bytes_checked
 from unet_export.models.sizes import SizeRule
-from unet_export.runners.aoti import quiet_cpp_extension
+
+
+def quiet_cpp_extension() -> None:
+    """Inductor's C++ toolchain logs "No CUDA runtime is found, using CUDA_HOME=..." on CPU-only
+    machines when it loads or compiles a package: noise in a command's output, not a problem."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def export_aoti(model: nn.Module, dest: Path, sample: torch.Tensor, metadata: dict[str, str], *, dynamic: bool = True,

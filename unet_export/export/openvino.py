@@ -1,40 +1,16 @@
-"""OpenVINO IR (``<stem>.xml`` + ``<stem>.bin``) from the verified ONNX artefact, converted with
-OpenVINO's own converter (``ov.convert_model``) and saved with FP32 or FP16-compressed weights.
+"""OpenVINO IR (``<stem>.xml`` + ``<stem>.bin``) from an ONNX model, converted with OpenVINO's own
+converter (``ov.convert_model``) and saved with FP32 or FP16-compressed weights; the use case
+that verifies and publishes it is flows/openvino.py.
 
 The IR keeps the ONNX model's dynamic batch, height and width, and carries the model record
 (architecture, config, mask_values, preprocessing, checkpoint) in its runtime info under
-``unet_export``, as the ONNX model carries it in metadata_props. An IR is two files: both are
-verified together under temp names and published together (``record_ir``), and the manifest
-records the .bin's sha256 beside the .xml's.
+``unet_export``, as the ONNX model carries it in metadata_props."""
 
-    from unet_export.export.openvino import export_openvino
-    result = export_openvino("weights.pth", "exports")      # exports/weights.xml + .bin, verified
-"""
-
-import os
-import time
 from pathlib import Path
 
-from unet_export.api import (
-    ExportResult,
-    _created_dir,
-    _estimated_bytes,
-    _same_model,
-    _staged,
-    export_artifact,
-    manifest_checkpoint,  # fmt: skip
-    onnx_entry,
-    record_artifact,
-    require_real_images,
-    run_parity,
-)
-from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.errors import ArtifactError, UserError, require
-from unet_export.fileio import fsync_file, sha256_file
-from unet_export.manifest import load_manifest, transaction
-from unet_export.realimages import gate_images
-from unet_export.runners.openvino import finish_pending_weights, parked_name
-from unet_export.verify import seeded_inputs, tolerance_for
+from unet_export.errors import ArtifactError, require
+from unet_export.export.onnx import read_metadata as read_onnx_metadata
+from unet_export.fileio import fsync_file
 
 RT_KEY = "unet_export"  # the IR's runtime-info section holding the model record
 SUFFIXES = {"fp32": ".xml", "fp16": ".fp16.xml", "int8": ".int8.xml"}
@@ -65,13 +41,11 @@ def convert_onnx(src: Path, dest: Path, *, fp16: bool = False) -> dict:
     """The ONNX model at ``src`` -> IR at ``dest`` with OpenVINO's converter; its metadata_props
     become the IR's runtime info."""
     ov = require("openvino", extra="openvino")
-    from unet_export.export.onnx import read_metadata
-
     try:
         model = ov.convert_model(str(src))
     except Exception as exc:  # the frontend raises its own types (OpConversionFailure, ...)
         raise ArtifactError(f"openvino.convert_model failed on {src.name}: {' '.join(str(exc).split())[:300]}") from exc
-    metadata = read_metadata(src) | {"precision": "fp16" if fp16 else "fp32", "source": src.name}
+    metadata = read_onnx_metadata(src) | {"precision": "fp16" if fp16 else "fp32", "source": src.name}
     return write_ir(model, dest, metadata, compress_to_fp16=fp16)
 
 
@@ -81,106 +55,3 @@ def read_metadata(path: Path) -> dict[str, str]:
     info = ov.Core().read_model(str(path)).get_rt_info()
     section = info[RT_KEY] if RT_KEY in info else {}  # noqa: SIM401 (an RTMap has no get)
     return {key: value.astype(str) for key, value in section.items()}
-
-
-def record_ir(workdir: Path, manifest: dict, entry: dict, parity, device, staged: Path) -> None:
-    """Inside a manifest transaction: publish the verified IR ``staged`` (.xml) and its .bin.
-
-    The .bin is parked under a hidden name the temp sweep keeps and recorded as ``weights.pending``
-    in the same manifest save that marks the .xml pending (``record_artifact``); then both are
-    renamed and the marks cleared. A process killed anywhere leaves the old IR or a redo record:
-    the next transaction renames the .xml (manifest._recover) and the next reader or export
-    the .bin (runners.openvino.finish_pending_weights); an orphan parked .bin is deleted."""
-    staged_bin = staged.with_suffix(".bin")
-    final_bin = Path(entry["path"]).with_suffix(".bin").name
-    sha = sha256_file(staged_bin)
-    parked = Path(workdir) / parked_name(final_bin, sha)
-    os.replace(staged_bin, parked)
-    entry["weights"] = {"path": final_bin, "bytes": parked.stat().st_size, "sha256": sha, "pending": parked.name}
-    try:
-        record_artifact(workdir, manifest, entry, parity, device, staged)
-    except BaseException:
-        if manifest_holds(workdir, parked.name):
-            raise  # the redo record is on disk: the next transaction finishes the publish
-        parked.unlink(missing_ok=True)
-        raise
-    os.replace(parked, Path(workdir) / final_bin)
-    entry["weights"].pop("pending")  # the manifest holds ``entry``: the transaction saves it
-
-
-def manifest_holds(workdir: Path, parked: str) -> bool:
-    """Whether manifest.json on disk names ``parked`` as a pending .bin."""
-    try:
-        return any((a.get("weights") or {}).get("pending") == parked for a in load_manifest(workdir)["artifacts"])
-    except UserError:
-        return False
-
-
-def ensure_onnx(weights, workdir: Path, *, model=None, device="auto", height=256, width=256,
-                on_result=None) -> dict:  # fmt: skip
-    """The workdir's verified FP32 ONNX entry of ``weights``' checkpoint, exported first when the
-    workdir has none (or holds another checkpoint's artefacts). ``weights`` None: the workdir's own."""
-    manifest = load_manifest(workdir)
-    if weights is not None:
-        ckpt = load_checkpoint(weights, model)
-        recorded = ((manifest.get("model") or {}).get("checkpoint") or {}).get("sha256")
-        has_onnx = any(a["format"] == "onnx" and a["precision"] == "fp32" and a["status"] == "verified"
-                       for a in manifest["artifacts"])  # fmt: skip
-        if recorded != ckpt.sha256 or not has_onnx:
-            result = export_artifact(weights, "onnx", workdir, model=model, device=device, height=height, width=width)
-            if on_result:
-                on_result(result)
-            if not result.passed:
-                raise ArtifactError(
-                    f"{result.path.name} failed its parity check; the IR is converted only from a verified ONNX model"
-                )
-            manifest = load_manifest(workdir)
-    return onnx_entry(manifest, workdir)
-
-
-def export_openvino(weights: str | Path | None = None, workdir: str | Path = "exports", *, fp16: bool = False,
-                    model: str | None = None, device: str = "auto", height: int = 256, width: int = 256,
-                    seed: int = 0, on_result=None, data: str | Path | None = None, rtol: float | None = None,
-                    atol: float | None = None, max_class_change: float | None = None,
-                    min_dice: float | None = None) -> ExportResult:  # fmt: skip
-    """Convert the verified ONNX model of ``weights`` (exported into ``workdir`` first if missing)
-    to an OpenVINO IR, check it against eager FP32 on the CPU (FP32 tolerances on seeded inputs,
-    or FP16 ones on real images for FP16-compressed weights) and record both files in the manifest.
-    ``rtol``/``atol`` (FP32) or ``max_class_change``/``min_dice`` (FP16) replace the IR's gate."""
-    workdir = Path(workdir)
-    precision = "fp16" if fp16 else "fp32"
-    tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
-    require("openvino", extra="openvino")
-    if fp16 and weights is not None:
-        require_real_images("fp16", weights, model, data)
-    with _created_dir(workdir):
-        source = ensure_onnx(
-            weights, workdir, model=model, device=device, height=height, width=width, on_result=on_result
-        )
-    started = time.perf_counter()
-    manifest = load_manifest(workdir)
-    net = build_model(manifest_checkpoint(manifest, weights))
-    dest = ir_path(workdir, source["path"], precision)
-    need = 2 * _estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
-    # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name
-    with _staged(dest, need, "OpenVINO IR") as staged, _staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"):
-        entry = ir_entry(dest, precision, source, {})
-        if fp16:  # reduced precision is judged on real images only
-            inputs, entry["real_images"] = gate_images(manifest, entry, data)
-        else:
-            inputs = seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed)
-        entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
-        parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged)
-        with transaction(workdir) as current:
-            finish_pending_weights(workdir, current)
-            _same_model(current, manifest, workdir)
-            record_ir(workdir, current, entry, parity, "cpu", staged)
-    return ExportResult(dest, entry, parity, time.perf_counter() - started)
-
-
-def ir_entry(dest: Path, precision: str, source: dict, ir: dict) -> dict:
-    """The manifest entry of an IR converted from the ONNX entry ``source``."""
-    return {"format": "openvino", "path": dest.name, "precision": precision, "inference_precision": "f32",
-            "source": source["path"], **ir, "inputs": source["inputs"], "outputs": source["outputs"],
-            "dynamic_axes": source["dynamic_axes"], "export_size": source["export_size"],
-            "size_rule": source["size_rule"]}  # fmt: skip

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from unet_export.api import ExportResult, _created_dir, _estimated_bytes, _same_model, _staged, record_artifact
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
 from unet_export.data.dataset import (
     IMAGE_EXTS,
@@ -40,15 +39,19 @@ from unet_export.data.dataset import (
 )
 from unet_export.errors import ArtifactError, UnetExportError, UserError, require
 from unet_export.export.layers import module_path
-from unet_export.export.openvino import ensure_onnx, export_openvino, ir_path, record_ir, write_ir
+from unet_export.export.openvino import ir_path, write_ir
 from unet_export.fileio import claim_temp_path, sha256_file
+from unet_export.flows.export import ExportResult
+from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
 from unet_export.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
 from unet_export.realimages import IMAGES_PER_BATCH, image_record
 from unet_export.runners import EagerRunner, artifact_runner
-from unet_export.runners.openvino import finish_pending_weights, ir_weights
 from unet_export.verify import ParityReport, Tolerance, compare, tolerance_for
+from unet_export.workdir import publish
+from unet_export.workdir.ir import finish_pending_weights, ir_weights
+from unet_export.workdir.publish import record_artifact
 
 ENGINES = {"openvino": "openvino", "onnxruntime": "onnx"}  # --engine -> the artefact's format
 MAX_SUBSET = 300  # NNCF's default subset_size: more calibration images rarely move the ranges
@@ -232,7 +235,7 @@ def judge(entry: dict, workdir: Path, staged: Path, gates: GateSet, tol: Toleran
                     total += _dice(out, masks, gates.n_classes) * len(x)
     except UnetExportError:
         raise
-    except Exception as exc:  # the artefact would not run: a verification failure, as in api.run_parity
+    except Exception as exc:  # the artefact would not run: a verification failure, as in parity.run.run_parity
         message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         return ParityReport(runner.name, tol.name, [], error=message, limits=tol.to_dict()), None
     report = ParityReport(f"{runner.name} ({runner.describe()})", tol.name, cases, limits=tol.to_dict())
@@ -430,7 +433,7 @@ def quantize_int8(weights: str | Path, calib: str | Path | list, workdir: str | 
     images = calibration_images(calib, ckpt, subset)
     samples = validation_samples(val, ckpt, images, mask_suffix) if val is not None else None
     workdir, sources = Path(workdir), {}
-    with _created_dir(workdir):
+    with publish.created_dir(workdir):
         sources["onnx"] = ensure_onnx(
             weights, workdir, model=model, device=device, height=height, width=width, on_result=on_result
         )
@@ -480,9 +483,9 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
     ir = quantizer.fmt == "openvino"
     tried = []
     with contextlib.ExitStack() as stack:
-        staged = stack.enter_context(_staged(dest, 2 * _estimated_bytes(net), f"INT8 {quantizer.engine}"))
+        staged = stack.enter_context(publish.staged(dest, 2 * publish.estimated_bytes(net), f"INT8 {quantizer.engine}"))
         if ir:  # write_ir puts the .bin beside the staged .xml, under the .bin's own temp name
-            stack.enter_context(_staged(dest.with_suffix(".bin"), 0, "INT8 IR weights"))
+            stack.enter_context(publish.staged(dest.with_suffix(".bin"), 0, "INT8 IR weights"))
         for attempt in attempts:
             try:
                 info = quantizer.write(attempt, staged)
@@ -504,7 +507,7 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
         entry["accuracy"] = accuracy
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
-            _same_model(current, manifest, workdir)
+            publish.same_model(current, manifest, workdir)
             (record_ir if ir else record_artifact)(workdir, current, entry, parity, "cpu", staged)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 

@@ -15,6 +15,7 @@ from unet_export.fileio import sweep_stale_temps
 from unet_export.pipeline.choose import open_model
 from unet_export.pipeline.inputs import Job, collect_jobs
 from unet_export.pipeline.local import PredictOptions, run_local
+from unet_export.pipeline.ray_data import check_cluster, run_ray
 from unet_export.pipeline.report import Report
 from unet_export.pipeline.stages import Outcome, is_complete
 
@@ -48,8 +49,6 @@ def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, de
         sweep_stale_temps(Path(folder))
     done = [job for job in jobs if is_complete(job, out, options.overlay)] if options.resume else []
     if use_ray and len(done) < len(jobs):
-        from unet_export.pipeline.ray_data import check_cluster
-
         check_cluster(ray_address)
     predictor, note = open_model(model, device, runtime, architecture, measure=len(done) < len(jobs), timing=timing)
     report = Report(str(model), predictor.label, str(out), predictor.max_batch(options.batch_size), options.workers,
@@ -67,8 +66,6 @@ def run(prepared: Prepared, tick=lambda outcome: None, ray_address: str | None =
         if not prepared.jobs:  # every mask was done (--resume): no runtime to load, no cluster to join
             return prepared.report
         if use_ray:
-            from unet_export.pipeline.ray_data import run_ray
-
             return run_ray(prepared, ray_address, tick)
         return run_local(prepared.predictor, prepared.jobs, prepared.out, prepared.options, prepared.report, tick)
     finally:

@@ -19,9 +19,9 @@ from typing import Callable, Iterable, Iterator
 
 from unet_export.errors import UserError
 from unet_export.fileio import environment_error, os_error_message
+from unet_export.inference.predictor import TILE
 from unet_export.pipeline.inputs import Job
 from unet_export.pipeline.report import Report
-from unet_export.predict import TILE
 from unet_export.pipeline.stages import Loaded, Outcome, Stages, infer, load, write
 
 

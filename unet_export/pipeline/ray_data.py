@@ -17,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_export.data.dataset import load_image
 from unet_export.errors import UserError, require
+from unet_export.pipeline.choose import open_model
 from unet_export.pipeline.inputs import Job
+from unet_export.pipeline.local import stages_of
+from unet_export.pipeline.ray_local import pin_to_loopback
 from unet_export.pipeline.report import Report
 from unet_export.pipeline.stages import Loaded, Outcome, Stages, infer, load, write
 
@@ -27,8 +31,6 @@ TASK_CPUS = 0.5  # load and write tasks: an actor pool that takes every CPU woul
 
 
 def run_ray(prepared, address: str | None, tick) -> Report:
-    from unet_export.pipeline.local import stages_of
-
     ray = require("ray", extra="ray")
     report, options = prepared.report, prepared.options
     report.engine = "ray"
@@ -71,8 +73,6 @@ def _connect(ray, address: str | None) -> bool:
     """Join the cluster at ``address``, or start a local instance (True: stop it afterwards).
     A local instance, or a cluster at 127.0.0.1, keeps to loopback (pipeline.ray_local)."""
     import logging
-
-    from unet_export.pipeline.ray_local import pin_to_loopback
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own bar
@@ -145,8 +145,6 @@ class _InferActor:
     def __init__(self, model: str, runtime: str):
         import ray
 
-        from unet_export.pipeline.choose import open_model
-
         self.predictor, _ = open_model(model, "cpu", runtime)
         self.predictor.runner.activate()
         self.node = ray.get_runtime_context().get_node_id()
@@ -174,8 +172,6 @@ class _InferActor:
 
 
 def _write_row(row: dict, stages: Stages, out: str) -> dict:
-    from unet_export.data.dataset import load_image
-
     result = {"src": row["src"], "rel": row["rel"], "skipped": row["skipped"], "reason": row["reason"],
               "node": row["node"], "mask": "", "sha256": ""}  # fmt: skip
     if not row["classes"]:

@@ -16,6 +16,7 @@ import platform
 import time
 from pathlib import Path
 
+from unet_export.device import device_info
 from unet_export.fileio import loads_json, write_json
 
 CACHE = ".predict-runtime.json"
@@ -27,8 +28,6 @@ MAX_RECORDS = 8  # machines remembered per workdir
 
 def machine(device) -> dict:
     """This host and the device that ran the timings (CPU model, cores and torch threads; GPU name)."""
-    from unet_export.bench import device_info
-
     return {"host": platform.node(), **device_info(device)}
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 from unet_export.data.dataset import Preprocess, load_image
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
+from unet_export.inference.predictor import fit_and_run, mask_to_image_array, overlay, to_classes
 from unet_export.pipeline.inputs import Job
-from unet_export.predict import fit_and_run, mask_to_image_array, overlay, to_classes
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from unet_export.runners.base import Runner
 from unet_export.runners.compiled import TorchCompileRunner
 from unet_export.runners.eager import EagerRunner
 from unet_export.runners.onnxruntime import OnnxRuntimeRunner
-from unet_export.runners.openvino import OpenVinoRunner, ir_weights
+from unet_export.runners.openvino import OpenVinoRunner
 from unet_export.runners.tensorrt import TensorRTRunner
 from unet_export.runners.torchscript import TorchScriptRunner
+from unet_export.workdir.ir import ir_weights
 
 # format -> runner(path, device, manifest entry)
 ARTIFACT_RUNNERS: dict[str, Callable[[Path, torch.device, dict], Runner]] = {

@@ -1,19 +1,13 @@
 """AOTInductor packages (.pt2), loaded as torch._inductor.aoti_load_package does; a package runs
 only on the device kind it was compiled for."""
 
-import logging
 from pathlib import Path
 
 import torch
 
 from unet_export.errors import UserError
+from unet_export.export.aoti import quiet_cpp_extension
 from unet_export.runners.base import Runner
-
-
-def quiet_cpp_extension() -> None:
-    """Inductor's C++ toolchain logs "No CUDA runtime is found, using CUDA_HOME=..." on CPU-only
-    machines when it loads or compiles a package: noise in a command's output, not a problem."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 # Before anything imports torch._inductor (reading a package's metadata does): the log is at import.

@@ -2,26 +2,17 @@
 and outputs stay on the GPU as torch tensors) when the runner is on CUDA and onnxruntime-gpu
 is installed; TensorRT provider on request. describe() says which provider actually ran."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from unet_export.device import physical_cores
 from unet_export.errors import UserError, require
+from unet_export.export.onnx import refuse_outside_data
 from unet_export.runners.base import Runner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-def physical_cores() -> int:
-    """Physical cores: ORT's intra-op threads beyond these only fight over the same units."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 class OnnxRuntimeRunner(Runner):
@@ -45,8 +36,6 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception:
-            from unet_export.export.onnx import refuse_outside_data
-
             refuse_outside_data(self.path)  # bad input, not a crash (checked on failure only: free otherwise)
             raise
         self.provider = self.session.get_providers()[0]

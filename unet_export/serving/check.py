@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unet_export.api import manifest_checkpoint
 from unet_export.checkpoint import build_model, class_mask_values
 from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
 from unet_export.errors import UnetExportError, UserError
@@ -27,10 +26,12 @@ from unet_export.runners import EagerRunner, Runner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, infer, make_client
 from unet_export.serving.install import TritonInstall
 from unet_export.serving.loadtest import LoadReport, load_test
+from unet_export.serving.masks import expected_mask
 from unet_export.serving.server import TritonServer, repository_server
 from unet_export.serving.validate import read_record
 from unet_export.text import counted
 from unet_export.verify import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
+from unet_export.workdir.lookup import manifest_checkpoint
 
 MAX_IMAGES = 8  # real images sent per check: enough for a batch and a few pipeline calls
 
@@ -218,8 +219,6 @@ def _real_batch(images: list[Path], model: dict, artifact: dict, limit: int) -> 
 
 def pipeline_masks(server: TritonServer, name: str, found: dict, record: dict, net, images: list[Path]) -> list:
     """Each image through the ensemble, over both protocols, against `predict`'s mask from eager."""
-    from unet_export.serving.masks import expected_mask
-
     model = record["model"]
     step = found[name].ensemble_scheduling.step[1].model_name  # the model in the middle
     artifact = record["models"][step]["artifact"]

@@ -8,6 +8,7 @@ import torch
 
 from unet_export.checkpoint import class_mask_values
 from unet_export.data.dataset import Preprocess
+from unet_export.inference.predictor import Predictor, mask_to_image_array, predict_classes
 from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner
 
@@ -27,8 +28,6 @@ class _RecordingEager(EagerRunner):
 def expected_mask(net, model: dict, size_rule: dict, path: Path) -> tuple[np.ndarray, tuple | None]:
     """(predict's mask for ``path``, (eager's logits at the mask's size, the input that gave them,
     the model), or None where predict padded or resized them: then no pixel is excused as a tie)."""
-    from unet_export.predict import Predictor, mask_to_image_array, predict_classes
-
     config = model["config"]
     values = class_mask_values(model.get("mask_values"), config.get("n_classes", 2))
     rule = SizeRule(**{k: v for k, v in size_rule.items() if k != "static"})

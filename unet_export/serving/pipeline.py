@@ -6,7 +6,7 @@ from unet_export.checkpoint import class_mask_values
 from unet_export.errors import UserError
 from unet_export.serving import configs
 from unet_export.serving.configs import ENSEMBLE, PYTHON, VERSION
-from unet_export.serving.repository import MODEL_SOURCE, ModelPlan
+from unet_export.serving.plan import MODEL_SOURCE, ModelPlan
 
 
 def pipeline_plans(plans: list[ModelPlan], manifest: dict, name: str, instances: int) -> list[ModelPlan]:

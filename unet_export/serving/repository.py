@@ -18,31 +18,23 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
 from unet_export.manifest import checked_path, load_manifest, tool_versions, utc_now
-from unet_export.runners.openvino import HINTS, ir_weights
+from unet_export.runners.openvino import HINTS
 from unet_export.serving import configs
 from unet_export.serving.configs import NATIVE, PYTHON, VERSION
+from unet_export.serving.pipeline import pipeline_plans
+from unet_export.serving.plan import MODEL_SOURCE, RECORD_NAME, ModelPlan
 from unet_export.serving.selection import RuntimeChoice, choose_cpu_runtime, parse_formats, select
+from unet_export.serving.validate import check_repository
+from unet_export.workdir.ir import ir_weights
 
-RECORD_NAME = "unet_export.json"
-MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_BATCH_LIMIT = 1024
-
-
-@dataclass
-class ModelPlan:
-    name: str
-    kind: str  # a NATIVE format, python, preprocess, postprocess or ensemble
-    config: object  # model_config_pb2.ModelConfig
-    files: dict[str, Path | str]  # path in the model folder -> artefact to copy, or text to write
-    record: dict  # what validate checks the written model against
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,11 +70,7 @@ def write_repository(workdir: str | Path = "exports", repo: str | Path | None = 
     if not plans:
         raise UserError(f"nothing to publish from {workdir}: no verified artefact was selected")
     if with_pipeline:
-        from unet_export.serving.pipeline import pipeline_plans
-
         plans += pipeline_plans(plans, manifest, name, instances)
-    from unet_export.serving.validate import check_repository  # reads back what was written
-
     with _staged_repository(repo, _bytes_needed(plans)) as staged:
         for plan in plans:
             write_model(staged, plan)

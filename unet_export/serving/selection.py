@@ -9,6 +9,7 @@ from pathlib import Path
 
 from unet_export.errors import UnetExportError, UserError
 from unet_export.manifest import checked_path
+from unet_export.runners import OpenVinoRunner, artifact_runner
 from unet_export.serving.configs import NATIVE
 from unet_export.verify import seeded_inputs
 
@@ -127,8 +128,6 @@ def choose_cpu_runtime(manifest: dict, workdir: Path, runtime: str = "auto", pre
 
 
 def _median_ms(entry: dict, runtime: str, workdir: Path, shape: tuple, repeats: int) -> float:
-    from unet_export.runners import OpenVinoRunner, artifact_runner
-
     if entry["format"] == "onnx" and runtime == "openvino":
         runner = OpenVinoRunner(checked_path(workdir, entry), "cpu", entry["precision"])
     else:  # the runner that verified it (files checked against their sha256)

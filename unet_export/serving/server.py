@@ -35,6 +35,7 @@ from pathlib import Path
 from unet_export.errors import UserError
 from unet_export.serving import configs
 from unet_export.serving.install import TritonInstall, locate_tritonserver
+from unet_export.serving.validate import check_repository
 
 HOST = "127.0.0.1"
 _GLOG_ERROR = re.compile(r'^E\d{4} [\d:.]+\s+\d+ \S+\] "?(.*?)"?$')
@@ -245,7 +246,7 @@ def max_input_bytes(configs_by_name: dict, served: list[str]) -> int:
     """The largest input a served model takes: its max batch of images of DEFAULT_MAX_PIXELS (the
     largest image any unet-export command decodes) where H and W are free, at least the later
     releases' default limit. Passed as --http-max-input-size where the binary has it."""
-    from unet_export.data.dataset import DEFAULT_MAX_PIXELS
+    from unet_export.data.dataset import DEFAULT_MAX_PIXELS  # loads torch: not at the server's import
 
     largest = HTTP_DEFAULT_MAX_INPUT
     pb, _ = configs.protobuf()
@@ -281,8 +282,6 @@ def repository_server(repo: Path, tritonserver: str | Path | None = None, http_p
                       grpc_port: int | None = None) -> tuple[TritonServer, dict, dict[str, str]]:  # fmt: skip
     """(a server, not started, for every model of the checked repository ``repo`` that this
     build can load; the parsed configs; {model: why it is not loaded})."""
-    from unet_export.serving.validate import check_repository
-
     found = check_repository(repo)
     install = locate_tritonserver(tritonserver)
     served, missing = servable(found, install)

@@ -10,17 +10,16 @@ import importlib.util
 import json
 from pathlib import Path
 
-from unet_export.errors import UserError
+from unet_export.errors import UserError, require
 from unet_export.fileio import sha256_file
 from unet_export.serving import configs
 from unet_export.serving.configs import CONFIG_NAME, ENSEMBLE, NATIVE, PYTHON, VERSION
+from unet_export.serving.plan import RECORD_NAME
 
 KINDS = NATIVE | {"python": PYTHON, "preprocess": PYTHON, "postprocess": PYTHON, "ensemble": ENSEMBLE}
 
 
 def read_record(repo: Path) -> dict:
-    from unet_export.serving.repository import RECORD_NAME
-
     path = Path(repo) / RECORD_NAME
     if not path.is_file():
         raise UserError(f"{repo} is not a repository written by `unet-export triton` (no {RECORD_NAME})")
@@ -149,8 +148,6 @@ def _onnx_io(folder: Path) -> dict | None:
     path = folder / VERSION / "model.onnx"
     if not path.is_file():
         return None
-    from unet_export.errors import require
-
     onnx = require("onnx")
     try:
         graph = onnx.load(str(path), load_external_data=False).graph

@@ -1,0 +1,235 @@
+"""The use case behind `unet-export onnx|torchscript|aoti|fp16|trt`: checkpoint in, verified
+artefact out (unet_export.api re-exports it).
+
+    from unet_export.api import export_artifact
+    result = export_artifact("weights.pth", "onnx", workdir="exports")
+    assert result.passed, result.parity.failures()
+
+export_fp16_onnx and build_trt then start from the workdir's manifest.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+from pathlib import Path
+
+import torch
+
+from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
+from unet_export.device import resolve_device
+from unet_export.errors import UserError
+from unet_export.export import FORMATS
+from unet_export.export.fp16 import convert_onnx_fp16
+from unet_export.export.onnx import DEFAULT_OPSET, metadata_json
+from unet_export.export.tensorrt import build_engine, import_tensorrt
+from unet_export.export.tensorrt_plan import engine_path, plan_build, resolve_profile
+from unet_export.manifest import checked_path, load_manifest, set_model, transaction
+from unet_export.models import get_spec
+from unet_export.models.sizes import SizeRule
+from unet_export.parity.run import run_parity
+from unet_export.realimages import HOW, folder_record, gate_images
+from unet_export.runners.tensorrt import gpu_identity
+from unet_export.verify import ParityReport, seeded_inputs, tolerance_for
+from unet_export.workdir import publish
+from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
+from unet_export.workdir.publish import record_artifact
+
+# The second parity size is deliberately not a multiple of 16 (milesial pads odd sizes).
+SECOND_PARITY_SHAPE = (2, 250, 375)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    entry: dict
+    parity: ParityReport
+    seconds: float
+    dropped: int = 0  # manifest entries of a previous checkpoint that were dropped
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+
+def parity_shapes(rule: SizeRule, channels: int, height: int, width: int, static: bool) -> list[tuple]:
+    """The export size, plus (unless static) a batch of 2 at another size the model allows:
+    250x375, not a multiple of 16, where the model takes any size."""
+    shapes = [(1, channels, height, width)]
+    if not static:
+        n, h, w = SECOND_PARITY_SHAPE
+        shapes.append((n, channels, rule.fit(h), rule.fit(w)))
+    return shapes
+
+
+def export_artifact(
+    weights: str | Path,
+    fmt: str,
+    workdir: str | Path = "exports",
+    *,
+    model: str | None = None,
+    device: str = "auto",
+    height: int = 256,
+    width: int = 256,
+    static: bool = False,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    check_staged: Callable[[Path], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest.
+    The artefact is written and verified under a temp name, then renamed and recorded in one
+    locked step: an interrupted export never replaces a verified file. ``rtol``/``atol`` replace
+    the FP32 gate's (verify.FP32) and are recorded with the verdict. ``check_staged`` may refuse
+    the written file before anything is published (a later step's options that it cannot take)."""
+    started = time.perf_counter()
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    tol = tolerance_for("fp32", rtol=rtol, atol=atol)
+    ckpt = load_checkpoint(weights, model)
+    rule = get_spec(ckpt.architecture).sizes(ckpt.config)
+    rule.check(height, width)
+    net = build_model(ckpt)
+    dev = resolve_device(device)
+    workdir = Path(workdir)
+    revision = load_manifest(workdir).get("revision", 0)  # a corrupt manifest is refused before any write
+    channels = ckpt.config.get("n_channels", 3)
+    dest = workdir / f"{Path(weights).stem}{FORMATS[fmt].suffix}"
+    metadata = metadata_json(ckpt.record() | {"export_size": [height, width]})
+
+    with publish.created_dir(workdir), publish.staged(dest, publish.estimated_bytes(net), fmt) as staged:
+        io = FORMATS[fmt].write(
+            net, staged, torch.rand(1, channels, height, width), metadata,
+            opset=opset, dynamic=not static, sizes=rule, device=dev,
+        )  # fmt: skip
+        if check_staged is not None:
+            check_staged(staged)
+        entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
+                 "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
+        inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
+        with transaction(workdir) as manifest:
+            _refuse_concurrent_model(manifest, ckpt, revision, workdir)
+            dropped = set_model(manifest, model_record(ckpt))
+            record_artifact(workdir, manifest, entry, parity, dev, staged)
+    return ExportResult(dest, entry, parity, time.perf_counter() - started, dropped)
+
+
+def model_record(ckpt: Checkpoint) -> dict:
+    """The manifest's model record: the checkpoint's, with its training sidecar's held-out images
+    by path and sha256 (what reduced precision is judged on by verify and bench)."""
+    record = ckpt.record()
+    heldout = folder_record(record.get("validation"))
+    return record | ({"heldout": heldout} if heldout else {})
+
+
+def require_real_images(precision: str, weights: str | Path, model: str | None, data: str | Path | None) -> None:
+    """Refuse, before anything is exported, a reduced-precision export of ``weights`` that would
+    have no real images to be judged on (no ``data``, no held-out images in its sidecar)."""
+    if data is None and folder_record(load_checkpoint(weights, model).validation) is None:
+        raise UserError(f"the {precision} artefact is judged on real images only and {Path(weights).name} has no "
+                        f"held-out images recorded (a training sidecar's validation set); {HOW}")  # fmt: skip
+
+
+def _refuse_concurrent_model(manifest: dict, ckpt: Checkpoint, revision: int, workdir: Path) -> None:
+    """Two checkpoints exported into one workdir at once: the later one would silently drop what
+    the other just recorded. Refuse instead; a re-export after the other finished still replaces."""
+    model = manifest.get("model") or {}
+    if model and model["checkpoint"]["sha256"] != ckpt.sha256 and manifest.get("revision", 0) != revision:
+        raise UserError(f"{workdir} received artefacts of another checkpoint ({model['checkpoint']['path']}) "
+                        f"while this export ran; export different checkpoints into different workdirs")  # fmt: skip
+
+
+def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] | None = None,
+                     device: str = "auto", max_class_change: float | None = None, min_dice: float | None = None,
+                     data: str | Path | None = None) -> ExportResult:  # fmt: skip
+    """Convert the workdir's verified FP32 ONNX model to FP16 (FP32 inputs and outputs) and check
+    it against the eager model with the FP16 tolerances (``max_class_change``/``min_dice`` replace them)
+    on real images: ``data``, else the held-out images the manifest records (none: exit 2)."""
+    started = time.perf_counter()
+    tol = tolerance_for("fp16", max_class_change=max_class_change, min_dice=min_dice)
+    workdir = Path(workdir)
+    manifest = load_manifest(workdir)
+    source = onnx_entry(manifest, workdir)
+    net = build_model(manifest_checkpoint(manifest))
+    dev = resolve_device(device)
+    dest = workdir / Path(source["path"]).with_suffix(".fp16.onnx").name
+    entry = {"format": "onnx", "path": dest.name, "precision": "fp16", "export_size": source["export_size"],
+             "size_rule": source["size_rule"]}  # fmt: skip
+    inputs, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
+    with publish.staged(dest, publish.estimated_bytes(net), "FP16 ONNX") as staged:
+        entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
+        with transaction(workdir) as current:
+            publish.same_model(current, manifest, workdir)
+            record_artifact(workdir, current, entry, parity, dev, staged)
+    return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def build_trt(
+    workdir: str | Path = "exports",
+    *,
+    precision: str = "fp16",
+    onnx: str | Path | None = None,
+    min_shape: str | None = None,
+    opt_shape: str | None = None,
+    max_shape: str | None = None,
+    workspace_gib: float = 4.0,
+    timing_cache: str | Path | None = None,
+    fp32_layers: list[str] | None = None,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_class_change: float | None = None,
+    min_dice: float | None = None,
+    data: str | Path | None = None,
+) -> ExportResult:
+    """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA
+    (judged by float64); the tolerance options replace those of the engine's precision. FP32 is
+    judged on seeded inputs; FP16 on real images (``data``, else the manifest's held-out images)."""
+    started = time.perf_counter()
+    tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
+    workdir = Path(workdir)
+    manifest = load_manifest(workdir)
+    source = onnx_entry(manifest, workdir, onnx)
+    profile = resolve_profile(source, min_shape, opt_shape, max_shape)
+    net = build_model(manifest_checkpoint(manifest))
+    trt = import_tensorrt()
+    if not torch.cuda.is_available():
+        raise UserError("TensorRT needs an NVIDIA GPU and torch sees no CUDA device here; "
+                        "build the engine on the GPU machine that will run it")  # fmt: skip
+    real, record = [], None
+    if precision != "fp32":  # before the build: an FP16 engine with no real images to judge it is refused
+        gate = {"precision": precision, "export_size": source["export_size"], "size_rule": source["size_rule"],
+                "profile": profile.to_dict()}  # fmt: skip
+        real, record = gate_images(manifest, gate, data)
+    plan = plan_build(trt.__version__, precision, fp32_layers)
+    onnx_path = workdir / source["path"]
+    if plan.source == "fp16-onnx":  # TensorRT >= 11: FP16 comes from the model's types
+        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", data=data,
+                                     max_class_change=max_class_change, min_dice=min_dice).path  # fmt: skip
+    dest = engine_path(workdir, source["path"], precision)
+    cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"
+    with publish.staged(dest, publish.estimated_bytes(net), "TensorRT engine") as staged:
+        info = build_engine(plan, onnx_path, profile, staged, workspace_gib=workspace_gib, timing_cache=cache,
+                            fp32_layers=fp32_layers)  # fmt: skip
+        entry = _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache)
+        dev = torch.device("cuda")
+        inputs = real or seeded_inputs(profile.parity_shapes(), seed)
+        if record:
+            entry["real_images"] = record
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
+        with transaction(workdir) as current:
+            publish.same_model(current, manifest, workdir)
+            record_artifact(workdir, current, entry, parity, dev, staged)
+    return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache) -> dict:
+    gpu, capability = gpu_identity(torch.device("cuda"))
+    return {"format": "tensorrt", "path": dest.name, "precision": precision, "source_onnx": onnx_path.name,
+            **info, "gpu": gpu, "compute_capability": capability, "profile": profile.to_dict(),
+            "build": {"fp16_flag": plan.fp16_flag, "strongly_typed": plan.strongly_typed,
+                      "fp32_layers": fp32_layers or [], "timing_cache": str(cache)},
+            "inputs": source["inputs"], "outputs": source["outputs"], "dynamic_axes": source["dynamic_axes"],
+            "export_size": source["export_size"], "size_rule": source["size_rule"]}  # fmt: skip

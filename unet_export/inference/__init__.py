@@ -1,0 +1,1 @@
+"""One image through any artefact: the predictor, its tiling and its masks (predictor.py)."""

@@ -1,0 +1,24 @@
+"""One artefact's parity: its runner (from its manifest entry) against the eager model, judged by
+the gate (verify.check_parity); a runtime that crashes is a failed check, not a crash."""
+
+from pathlib import Path
+
+from unet_export.errors import UnetExportError
+from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.verify import ParityReport, Tolerance, check_parity
+
+
+def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:
+    """Parity of one manifest entry (its file at ``path`` if given, e.g. before it is published)
+    against the eager model, judged by the eager model in float64 (check_parity runs it on the
+    CPU); a runtime crash is a failed check."""
+    runner = artifact_runner(entry, workdir, device, path=path)
+    try:
+        with EagerRunner(net, device) as reference, runner:
+            return check_parity(runner, reference, inputs, tol)
+    except UnetExportError:
+        raise
+    except Exception as exc:  # the artefact itself would not run: that is a verification failure
+        message = " ".join(str(exc).split())[:300]
+        error = f"{type(exc).__name__}: {message}"
+        return ParityReport(runner.name, tol.name, cases=[], error=error, limits=tol.to_dict())

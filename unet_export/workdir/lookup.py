@@ -1,0 +1,36 @@
+"""What a workdir's manifest points at: the checkpoint its artefacts were exported from, and its
+verified FP32 ONNX model (where the FP16, TensorRT and OpenVINO steps start)."""
+
+from pathlib import Path
+
+from unet_export.checkpoint import Checkpoint, load_checkpoint
+from unet_export.errors import UserError
+from unet_export.export.onnx import check_external_data
+from unet_export.manifest import checked_path
+
+
+def manifest_checkpoint(manifest: dict, weights: str | Path | None = None) -> Checkpoint:
+    """The checkpoint the workdir's artefacts were exported from (``weights`` if it has moved)."""
+    record = manifest.get("model")
+    if record is None:
+        raise UserError("the workdir has no manifest with a model: run `unet-export onnx WEIGHTS` first")
+    path = Path(weights or record["checkpoint"]["path"])
+    if not path.exists():
+        raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
+    ckpt = load_checkpoint(path, record["architecture"])
+    if ckpt.sha256 != record["checkpoint"]["sha256"]:
+        raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
+    return ckpt
+
+
+def onnx_entry(manifest: dict, workdir: Path, path: str | Path | None = None) -> dict:
+    """The FP32 ONNX entry of the manifest (or the one at ``path``), which must have verified."""
+    for entry in manifest["artifacts"]:
+        if entry["format"] == "onnx" and entry["precision"] == "fp32":
+            if path is None or Path(path).resolve() == (workdir / entry["path"]).resolve():
+                if entry["status"] != "verified":
+                    raise UserError(f"{entry['path']} failed its parity check; fix and re-export it first")
+                check_external_data(checked_path(workdir, entry))  # the converters read what it names
+                return entry
+    where = f"{path} is not an ONNX model exported into {workdir}" if path else f"no FP32 ONNX model in {workdir}"
+    raise UserError(f"{where}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")

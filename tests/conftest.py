@@ -31,6 +31,22 @@ def milesial_state_dict(variant: str, width: int = SMALL_WIDTH, seed: int = 0) -
 
 
 @pytest.fixture
+def wrong_torchscript(monkeypatch):
+    """The torchscript writer swapped for one that scripts another model (width 8, other weights):
+    an export that must fail its parity gate."""
+    from unet_export.export import FORMATS
+
+    real = FORMATS["torchscript"]
+
+    def wrong(model, dest, sample, metadata, **kw):
+        other = type(model)(**{k: getattr(model, k) for k in ("n_channels", "n_classes", "bilinear")}, width=8)
+        other.load_state_dict(milesial_state_dict("v3", seed=1))
+        return real.write(other.eval(), dest, sample, metadata, **kw)
+
+    monkeypatch.setitem(FORMATS, "torchscript", real.__class__(wrong, real.suffix))
+
+
+@pytest.fixture
 def make_checkpoint(tmp_path):
     def make(variant: str = "v3", name: str | None = None, width: int = SMALL_WIDTH, wrap: str | None = None):
         state = milesial_state_dict(variant, width)

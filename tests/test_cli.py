@@ -71,15 +71,7 @@ def test_corrupt_manifest_exits_2_without_writing(make_checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "unet_v3.pth"]
 
 
-def test_parity_failure_exits_1(make_checkpoint, tmp_path, monkeypatch):
-    real = FORMATS["torchscript"]
-
-    def wrong(model, dest, sample, metadata, **kw):
-        other = type(model)(**{k: getattr(model, k) for k in ("n_channels", "n_classes", "bilinear")}, width=8)
-        other.load_state_dict(milesial_state_dict("v3", seed=1))
-        return real.write(other.eval(), dest, sample, metadata, **kw)
-
-    monkeypatch.setitem(FORMATS, "torchscript", real.__class__(wrong, real.suffix))
+def test_parity_failure_exits_1(make_checkpoint, tmp_path, wrong_torchscript):
     result = runner.invoke(app, ["torchscript", str(make_checkpoint("v3")), "-w", str(tmp_path)])
     assert result.exit_code == 1
     assert "FAILED" in result.stdout and "recorded as failed" in result.stdout

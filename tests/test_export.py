@@ -137,7 +137,7 @@ def test_torchscript_metadata_is_real_json_under_the_final_name(tmp_path):
     import zipfile
 
     from unet_export.demo import DEMO_WEIGHTS
-    from unet_export.export.onnx import decode_metadata
+    from unet_export.fileio import decode_metadata
     from unet_export.export.torchscript import read_metadata
 
     result = export_artifact(DEMO_WEIGHTS, "torchscript", tmp_path, device="cpu", height=64, width=64)

@@ -15,7 +15,6 @@ from tests.conftest import milesial_state_dict
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.export import FORMATS
 from unet_export.fileio import sha256_file
 from unet_export.manifest import load_manifest
 from unet_export.results import ARTIFACT, ENVELOPE, git_commit, schema_name
@@ -113,15 +112,7 @@ def test_doctor_json_prints_the_list_and_json_path_writes_the_document(tmp_path)
     assert stray.exit_code == 2 and "use --json" in stray.stderr and not (tmp_path / "x.json").exists()
 
 
-def test_a_failed_parity_is_a_result_written_with_exit_1(make_checkpoint, tmp_path, monkeypatch):
-    real = FORMATS["torchscript"]
-
-    def wrong(model, dest, sample, metadata, **kw):
-        other = type(model)(**{k: getattr(model, k) for k in ("n_channels", "n_classes", "bilinear")}, width=8)
-        other.load_state_dict(milesial_state_dict("v3", seed=1))
-        return real.write(other.eval(), dest, sample, metadata, **kw)
-
-    monkeypatch.setitem(FORMATS, "torchscript", real.__class__(wrong, real.suffix))
+def test_a_failed_parity_is_a_result_written_with_exit_1(make_checkpoint, tmp_path, wrong_torchscript):
     path = tmp_path / "r.json"
     result = runner.invoke(app, ["torchscript", str(make_checkpoint("v3")), "-w", str(tmp_path / "w"), *SMALL,
                                  "--json", str(path)])  # fmt: skip

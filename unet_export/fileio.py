@@ -149,3 +149,17 @@ def os_error_message(exc: OSError) -> str:
     if exc.filename2:
         where = f"{where} -> {exc.filename2}"
     return f"cannot write or read {where}: {exc.strerror or exc}"
+
+
+def decode_metadata(metadata: dict) -> dict:
+    """The inverse of an exported model's metadata encoding (export.onnx.metadata_json): JSON
+    strings back to values; plain strings (the architecture's name) and values already decoded
+    stay as they are. Here, in a module without torch, so that reading a model's record does not
+    load torch."""
+    decoded = {}
+    for key, value in metadata.items():
+        try:
+            decoded[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            decoded[key] = value
+    return decoded

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unet_export.errors import UserError, require
-from unet_export.fileio import sha256_file
+from unet_export.fileio import decode_metadata, sha256_file
 from unet_export.manifest import MANIFEST_NAME, is_file_name, load_manifest, workdir_file
 
 FORMATS = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "aoti", ".xml": "openvino", ".engine": "tensorrt"}
@@ -124,18 +124,6 @@ def _size_rule(model: dict) -> dict | None:
     return spec.sizes(config).to_dict() if spec else None
 
 
-def _decoded(metadata: dict) -> dict:
-    """export.onnx.decode_metadata's rule (JSON strings back to values, plain strings kept), here
-    so that reading an ONNX model, an IR or a .pt2 does not import torch."""
-    decoded = {}
-    for key, value in metadata.items():
-        try:
-            decoded[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
-            decoded[key] = value
-    return decoded
-
-
 def _unreadable(info: ArtifactInfo, what: str, exc: Exception) -> UserError:
     detail = " ".join(str(exc).split())[:200] or type(exc).__name__
     return UserError(f"{info.path} is not a readable {what} (corrupt or truncated?): {detail}")
@@ -162,7 +150,7 @@ def _read_onnx(info: ArtifactInfo) -> None:
     ops = {node.op_type for node in graph.node}
     halves = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     info.precision = "int8" if "QuantizeLinear" in ops else "fp16" if halves else "fp32"
-    info.model = _decoded({p.key: p.value for p in proto.metadata_props})
+    info.model = decode_metadata({p.key: p.value for p in proto.metadata_props})
 
 
 def _read_torchscript(info: ArtifactInfo) -> None:
@@ -196,7 +184,7 @@ def _read_aoti(info: ArtifactInfo) -> None:
         raise _unreadable(info, "AOTInductor package", exc) from None
     if not isinstance(metadata, dict):
         raise UserError(f"{info.path} is not an AOTInductor package: it holds no aotinductor metadata")
-    info.model = _decoded({k: v for k, v in metadata.items() if not k.startswith("AOTI_")})
+    info.model = decode_metadata({k: v for k, v in metadata.items() if not k.startswith("AOTI_")})
     device = metadata.get("AOTI_DEVICE_KEY")
     info.notes.append(f"compiled for {device or 'an unknown device'}"
                       + (f" ({metadata['AOTI_CPU_ISA']})" if metadata.get("AOTI_CPU_ISA") else ""))  # fmt: skip
@@ -229,7 +217,7 @@ def _read_openvino(info: ArtifactInfo) -> None:
     info.precision = "int8" if "FakeQuantize" in kinds else "fp16" if halves else "fp32"
     rt = model.get_rt_info()
     section = rt[IR_RECORD_KEY] if IR_RECORD_KEY in rt else {}  # noqa: SIM401 (an RTMap has no get)
-    info.model = _decoded({key: value.astype(str) for key, value in section.items()})
+    info.model = decode_metadata({key: value.astype(str) for key, value in section.items()})
 
 
 def _read_tensorrt(info: ArtifactInfo) -> None:

@@ -176,13 +176,3 @@ def metadata_json(record: dict) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
 
 
-def decode_metadata(metadata: dict) -> dict:
-    """The inverse of metadata_json: JSON strings back to values; plain strings (the
-    architecture's name) and values that are already decoded stay as they are."""
-    decoded = {}
-    for key, value in metadata.items():
-        try:
-            decoded[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
-            decoded[key] = value
-    return decoded

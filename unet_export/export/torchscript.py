@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import ArtifactError
-from unet_export.export.onnx import decode_metadata
-from unet_export.fileio import atomic_path, write_bytes_checked
+from unet_export.fileio import atomic_path, decode_metadata, write_bytes_checked
 
 METADATA_FILE = "unet_export.json"  # carried inside the archive as an extra file
 

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 LOCK=requirements/lock.txt
+QUIET_EDITABLE="ignore:Editable installation"  # a warnings filter (python -W syntax)
 want=$(cat "$LOCK" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$VENV/.lock-sha256" 2>/dev/null)" != "$want" ]; then
   if [ -d "$VENV" ]; then echo "rebuilding $VENV: it was built from another lock"; fi
@@ -16,7 +17,9 @@ if [ "$(cat "$VENV/.lock-sha256" 2>/dev/null)" != "$want" ]; then
   # setuptools instead of whatever the registry serves that day.
   "$VENV/bin/python" -m pip install -q "$(grep '^pip==' "$LOCK")"
   "$VENV/bin/python" -m pip install -q -r "$LOCK"
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  # setuptools prints a 10-line "Editable installation" box on every editable build, a note for
+  # package authors that reached every user of make demo; this one message, nothing else, is dropped.
+  PYTHONWARNINGS="$QUIET_EDITABLE" "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$VENV/.lock-sha256"
 fi
 "$VENV/bin/python" -m unet_export.lockcheck "$LOCK"

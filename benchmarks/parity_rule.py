@@ -35,7 +35,7 @@ from onnx import numpy_helper
 
 from unet_export.bench import device_info
 from unet_export.demo import DEMO_WEIGHTS, random_milesial
-from unet_export.manifest import tool_versions
+from unet_export.workdir.manifest import tool_versions
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.export import FORMATS
 from unet_export.models import create_model, get_spec

@@ -12,7 +12,7 @@ from tests.conftest import milesial_state_dict
 from tests.test_checkpoint import BAD, _bad_files
 from unet_export.cli.main import app
 from unet_export.export import FORMATS
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
 

@@ -38,7 +38,6 @@ PLACES = {
     # workdir: everything that knows manifest.json. runners/__init__.py turns a manifest entry
     # into a Runner (artifact_runner): the workdir's job (target: workdir/runners.py).
     "unet_export.workdir": "workdir",
-    "unet_export.manifest": "workdir",
     "unet_export.runners": "workdir",
     # inference: one image through any artefact (predictor, tiling, masks)
     "unet_export.inference": "inference",

@@ -19,7 +19,7 @@ from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import IntegrityError
 from unet_export.evaluate import evaluate
 from unet_export.fileio import sha256_file
-from unet_export.manifest import load_manifest, transaction
+from unet_export.workdir.manifest import load_manifest, transaction
 from unet_export.runners import EagerRunner, artifact_runner
 
 pytest.importorskip("openvino")

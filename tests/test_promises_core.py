@@ -26,7 +26,7 @@ from unet_export.api import ExportResult, export_artifact
 from unet_export.cli.main import app
 from unet_export.errors import ArtifactError
 from unet_export.fileio import atomic_path, sha256_file, sweep_stale_temps, temp_path
-from unet_export.manifest import load_manifest, set_model
+from unet_export.workdir.manifest import load_manifest, set_model
 from unet_export.verify import FP16, FP32, Tolerance, compare, tolerance_for
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from unet_export.api import export_artifact
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import UserError
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.models import MODELS, create_model, detect_model
 
 # name -> (constructor options for a small test instance, export size)

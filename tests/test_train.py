@@ -22,7 +22,7 @@ from unet_export.evaluate import evaluate, mean_dice
 from unet_export.export.onnx import read_metadata as onnx_metadata
 from unet_export.export.torchscript import read_metadata as torchscript_metadata
 from unet_export.fileio import sha256_file
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.models import create_model
 from unet_export.predict import predict
 from unet_export.runners import EagerRunner

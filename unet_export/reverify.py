@@ -19,7 +19,7 @@ from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
-from unet_export.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
 from unet_export.parity.run import run_parity
 from unet_export.realimages import (
     IMAGES,

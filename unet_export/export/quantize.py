@@ -43,7 +43,7 @@ from unet_export.export.openvino import ir_path, write_ir
 from unet_export.fileio import claim_temp_path, sha256_file
 from unet_export.flows.export import ExportResult
 from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
-from unet_export.manifest import checked_path, load_manifest, transaction
+from unet_export.workdir.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
 from unet_export.realimages import IMAGES_PER_BATCH, image_record

@@ -16,7 +16,7 @@ from unet_export.errors import ArtifactError, UserError, require
 from unet_export.export.openvino import convert_onnx, ir_path
 from unet_export.fileio import sha256_file
 from unet_export.flows.export import ExportResult, export_artifact, require_real_images
-from unet_export.manifest import load_manifest, transaction
+from unet_export.workdir.manifest import load_manifest, transaction
 from unet_export.parity.run import run_parity
 from unet_export.realimages import gate_images
 from unet_export.verify import seeded_inputs, tolerance_for

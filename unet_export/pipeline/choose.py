@@ -13,7 +13,7 @@ import torch
 import unet_export.pipeline.remember as remember
 from unet_export.errors import UnetExportError, UserError
 from unet_export.inference.predictor import Predictor, entry_predictor, load_predictor, runtime_label
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.verify import seeded_inputs
 
 

@@ -22,7 +22,7 @@ from unet_export.evaluate import evaluate
 from unet_export.export import quantize
 from unet_export.workdir.manifest import load_manifest
 from unet_export.runners import BACKENDS, BackendContext, Unavailable
-from unet_export.verify import tolerance_for
+from unet_export.parity.gate import tolerance_for
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")

@@ -33,7 +33,7 @@ from unet_export.flows.export import (
 from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.parity.run import run_parity
-from unet_export.verify import (
+from unet_export.parity.gate import (
     FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,
 )  # fmt: skip
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry

@@ -19,7 +19,7 @@ from unet_export.device import resolve_device
 from unet_export.errors import UserError
 from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.runners import EagerRunner
-from unet_export.verify import FP32, compare, seeded_inputs
+from unet_export.parity.gate import FP32, compare, seeded_inputs
 from unet_export.workdir.lookup import manifest_checkpoint
 
 MAGIC = b"UNETTNS1"

@@ -46,9 +46,9 @@ from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
 from unet_export.workdir.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
-from unet_export.realimages import IMAGES_PER_BATCH, image_record
+from unet_export.parity.realimages import IMAGES_PER_BATCH, image_record
 from unet_export.runners import EagerRunner, artifact_runner
-from unet_export.verify import ParityReport, Tolerance, compare, tolerance_for
+from unet_export.parity.gate import ParityReport, Tolerance, compare, tolerance_for
 from unet_export.workdir import publish
 from unet_export.workdir.ir import finish_pending_weights, ir_weights
 from unet_export.workdir.publish import record_artifact

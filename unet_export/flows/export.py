@@ -27,9 +27,9 @@ from unet_export.workdir.manifest import checked_path, load_manifest, set_model,
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
 from unet_export.parity.run import run_parity
-from unet_export.realimages import HOW, folder_record, gate_images
+from unet_export.parity.realimages import HOW, folder_record, gate_images
 from unet_export.runners.tensorrt import gpu_identity
-from unet_export.verify import ParityReport, seeded_inputs, tolerance_for
+from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
 from unet_export.workdir import publish
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.publish import record_artifact

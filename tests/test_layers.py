@@ -45,11 +45,6 @@ PLACES = {
     "unet_export.parity": "parity",
     # flows: one use case each, over a whole workdir
     "unet_export.flows": "flows",
-    "unet_export.export.quantize": "flows",  # quantize_int8 (engines and gate split later)
-    "unet_export.reverify": "flows",
-    "unet_export.evaluate": "flows",
-    "unet_export.train": "flows",
-    "unet_export.cpp": "flows",
     "unet_export.demo": "flows",
     "unet_export.doctor": "flows",
     "unet_export.inspection": "flows",
@@ -217,6 +212,6 @@ def test_the_rule_sees_function_local_and_relative_imports():
     assert imported("unet_export.runners.eager", nodes[1], False) == ["unet_export.runners", "unet_export.runners.base"]
     found = {(m, t) for m, _, t in edges()}
     assert ("unet_export.bench", "unet_export.parity.gate") in found  # a top-level import
-    assert ("unet_export.doctor", "unet_export.cpp") in found  # one inside a function only
+    assert ("unet_export.doctor", "unet_export.flows.cpp_check") in found  # one inside a function only
     assert layer_of("unet_export.runners") == "workdir" and layer_of("unet_export.runners.base") == "runtimes"
-    assert layer_of("unet_export.export.quantize") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"
+    assert layer_of("unet_export.flows.int8") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"

@@ -17,7 +17,7 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import IntegrityError
-from unet_export.evaluate import evaluate
+from unet_export.flows.evaluate import evaluate
 from unet_export.fileio import sha256_file
 from unet_export.workdir.manifest import load_manifest, transaction
 from unet_export.runners import EagerRunner, artifact_runner

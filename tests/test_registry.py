@@ -199,7 +199,7 @@ def test_train_other_models(name, size, tmp_path):
 
 def test_resume_keeps_a_variant_the_keys_cannot_tell(tmp_path):
     from unet_export.data.synth import make_synth
-    from unet_export.train import TrainConfig, train
+    from unet_export.flows.train import TrainConfig, train
 
     make_synth(tmp_path / "data", n=6, size=(64, 64), seed=0)
     cfg = TrainConfig(model="reflect-sigmoid", model_config={"width": 4}, epochs=1, batch_size=2, val_fraction=0.34,

@@ -11,8 +11,8 @@ case lives in the module named beside it.
     # the workdir's checkpoint (workdir/lookup.py), one entry's parity (parity/run.py), --device (device.py)
 """
 
-# Re-exports only. The underscored names are what export/openvino.py and export/quantize.py took
-# from here before workdir/publish.py held them; they stay importable.
+# Re-exports only. The underscored names are what export/openvino.py and export/quantize.py (now
+# flows/int8.py) took from here before workdir/publish.py held them; they stay importable.
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UnetExportError, UserError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from unet_export.export.quantize import quantize_int8
+from unet_export.flows.int8 import quantize_int8
 from unet_export.fileio import atomic_path
 from unet_export.models.milesial import UNet
 

@@ -47,7 +47,7 @@ class Result:
             self.doc.setdefault("artifacts", []).append(artifact_record(result.entry) | {"seconds": round(result.seconds, 3)})
 
     def add_verify(self, report) -> None:
-        """verify's verdicts (a reverify.VerifyReport): this run's status and gate numbers per
+        """verify's verdicts (a flows.verify.VerifyReport): this run's status and gate numbers per
         artefact; one that was not judged here (unavailable, not_judged, changed) has no parity."""
         if self.path is None:
             return

@@ -24,7 +24,7 @@ from unet_export.workdir.lookup import manifest_checkpoint
 
 MAGIC = b"UNETTNS1"
 DTYPES = {0: np.float32, 1: np.uint8}
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cpp"
 
 
 def write_tensor(path: Path, tensor: torch.Tensor) -> None:

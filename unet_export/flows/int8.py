@@ -9,7 +9,7 @@ eager >= ``min_dice`` per batch (the FP16 defaults), and with masks Dice vs grou
 ``max_dice_drop`` below eager's. When the default quantisation fails, the fixes people apply by
 hand are tried in order (ATTEMPTS) and the manifest records each attempt and which one worked.
 
-    from unet_export.export.quantize import quantize_int8
+    from unet_export.flows.int8 import quantize_int8
     results = quantize_int8("weights.pth", "calib_imgs/", "exports", val="val_set/")
 """
 

@@ -37,7 +37,7 @@ from unet_export.bench import BenchConfig, BenchReport, bench_batch, benchmark, 
 from unet_export.checkpoint import build_model
 from unet_export.cli.render import bench_markdown
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS, demo_calibration, write_random_checkpoint
-from unet_export.manifest import load_manifest, tool_versions
+from unet_export.workdir.manifest import load_manifest, tool_versions
 from unet_export.runners import BACKENDS, BackendContext
 
 HERE = Path(__file__).resolve().parent

@@ -13,7 +13,7 @@ For each subject (a model with given weights) and each parity input (the export 
   OpenVINO fp32, eager channels-last) and for deliberately damaged artefacts;
 - ``ratio`` = err / floor, ``rel`` = err / max(1, max |float64 logit|), the old rule's
   ``old_err`` = max |artefact - eager fp32| and its verdict, and the new rule's verdict with the
-  tolerances in unet_export.verify.FP32.
+  tolerances in unet_export.parity.gate.FP32.
 
 Writes benchmarks/results/<date>-parity-rule.json and .md (the table the README quotes).
 """
@@ -35,13 +35,13 @@ from onnx import numpy_helper
 
 from unet_export.bench import device_info
 from unet_export.demo import DEMO_WEIGHTS, random_milesial
-from unet_export.manifest import tool_versions
+from unet_export.workdir.manifest import tool_versions
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.export import FORMATS
 from unet_export.models import create_model, get_spec
 from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, TorchCompileRunner, TorchScriptRunner
 from unet_export.runners.openvino import OpenVinoRunner
-from unet_export.verify import FP32, compare, seeded_inputs
+from unet_export.parity.gate import FP32, compare, seeded_inputs
 
 HERE = Path(__file__).resolve().parent
 RUNTIMES = ("onnxruntime", "torchscript", "aoti", "openvino", "eager-channels-last", "torch.compile")

@@ -38,7 +38,7 @@ from unet_export.checkpoint import build_model
 from unet_export.data.dataset import image_to_tensor, load_image
 from unet_export.demo import DEMO_WEIGHTS
 from unet_export.fileio import atomic_path
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.predict import fit_and_run, load_predictor, mask_to_image_array
 from unet_export.runners import BACKENDS, BackendContext, OnnxRuntimeRunner

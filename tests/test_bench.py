@@ -18,7 +18,7 @@ from unet_export.demo import random_milesial, write_random_checkpoint
 from unet_export.fileio import sha256_file
 from unet_export.results import ENVELOPE
 from unet_export.runners import BACKENDS, EagerRunner, Runner
-from unet_export.verify import FP32
+from unet_export.parity.gate import FP32
 
 runner = CliRunner()
 FAST = dict(batch=2, warmup=1, iters=2)

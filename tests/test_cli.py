@@ -12,7 +12,7 @@ from tests.conftest import milesial_state_dict
 from tests.test_checkpoint import BAD, _bad_files
 from unet_export.cli.main import app
 from unet_export.export import FORMATS
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
 
@@ -190,14 +190,14 @@ def test_verify_and_bench_check_every_artefacts_bytes_before_any_work(exported, 
     """Issue 24: a changed file was found only when its turn came, after minutes of parity checks
     or timing of the others. Now the last artefact's changed bytes stop both before any of it."""
     import unet_export.bench as bench
-    import unet_export.reverify as reverify
+    import unet_export.flows.verify as verify_flow
     from unet_export.errors import IntegrityError
 
     out, _ = exported
     last = out / load_manifest(out)["artifacts"][-1]["path"]
     last.write_bytes(last.read_bytes() + b"\0")
     ran = []
-    monkeypatch.setattr(reverify, "run_parity", lambda *a, **k: ran.append("parity"))
+    monkeypatch.setattr(verify_flow, "run_parity", lambda *a, **k: ran.append("parity"))
     monkeypatch.setattr(bench, "bench_row", lambda *a, **k: ran.append("row"))
     result = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
     assert result.exit_code == 2 and f"{last} changed since it was verified" in result.stderr, result.output

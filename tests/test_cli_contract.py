@@ -15,7 +15,7 @@ import unet_export.cli.main as cli_main
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.fileio import write_json
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 
 UNET_EXPORT = [sys.executable, "-m", "unet_export"]
 UNET_BENCH = [sys.executable, "-c", "from unet_export.cli.bench import main; main()"]

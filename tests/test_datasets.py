@@ -15,9 +15,9 @@ from unet_export.data.dataset import find_samples, load_mask
 from unet_export.data.synth import make_synth
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import UserError
-from unet_export.evaluate import evaluate
+from unet_export.flows.evaluate import evaluate
 from unet_export.predict import predict
-from unet_export.train import TrainConfig, train
+from unet_export.flows.train import TrainConfig, train
 
 runner = CliRunner()
 TINY = TrainConfig(model_config={"width": 4}, epochs=1, batch_size=2, val_fraction=0.25, device="cpu")

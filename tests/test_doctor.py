@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from unet_export import doctor, lockcheck
 from unet_export.cli.main import app
-from unet_export.cpp import required_cxx_standard
+from unet_export.flows.cpp_check import required_cxx_standard
 
 runner = CliRunner()
 ALWAYS = ["python", "platform", "cpu", "torch", "cuda", "cudnn", "tensorrt", "onnxruntime", "openvino", "c++ standard",
@@ -101,7 +101,7 @@ def test_missing_cmake_and_an_old_compiler_say_why(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.version.cuda, reason="a CPU build of torch needs no CUDA toolkit")
 def test_missing_cuda_toolkit_is_reported_with_cmake_args_reason(monkeypatch):
-    from unet_export import cpp
+    from unet_export.flows import cpp_check as cpp
     from unet_export.errors import UserError
 
     def no_toolkit():

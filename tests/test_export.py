@@ -13,7 +13,7 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.export import FORMATS
 from unet_export.export.onnx import read_metadata
 from unet_export.export.torchscript import read_metadata as read_ts_metadata
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 
 
 def check_two_size_parity(result):

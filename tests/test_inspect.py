@@ -14,7 +14,7 @@ from unet_export.cli.main import app
 from unet_export.demo import DEMO_WEIGHTS
 from unet_export.fileio import sha256_file
 from unet_export.inspection import inspect_artifact
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
 SIZE = 64  # the export (and first parity) size: small keeps the module fixture quick

@@ -18,11 +18,11 @@ from unet_export.bench import benchmark
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_calibration
-from unet_export.evaluate import evaluate
-from unet_export.export import quantize
-from unet_export.manifest import load_manifest
+from unet_export.flows.evaluate import evaluate
+from unet_export.flows import int8 as quantize
+from unet_export.workdir.manifest import load_manifest
 from unet_export.runners import BACKENDS, BackendContext, Unavailable
-from unet_export.verify import tolerance_for
+from unet_export.parity.gate import tolerance_for
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")

@@ -16,7 +16,7 @@ from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.fileio import sha256_file
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.results import ARTIFACT, ENVELOPE, git_commit, schema_name
 
 runner = CliRunner()

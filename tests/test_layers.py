@@ -38,21 +38,13 @@ PLACES = {
     # workdir: everything that knows manifest.json. runners/__init__.py turns a manifest entry
     # into a Runner (artifact_runner): the workdir's job (target: workdir/runners.py).
     "unet_export.workdir": "workdir",
-    "unet_export.manifest": "workdir",
     "unet_export.runners": "workdir",
     # inference: one image through any artefact (predictor, tiling, masks)
     "unet_export.inference": "inference",
-    # parity: the gate (verify.py) and the real images it judges reduced precision on
+    # parity: the gate (gate.py), the real images it judges reduced precision on, run_parity
     "unet_export.parity": "parity",
-    "unet_export.verify": "parity",
-    "unet_export.realimages": "parity",
     # flows: one use case each, over a whole workdir
     "unet_export.flows": "flows",
-    "unet_export.export.quantize": "flows",  # quantize_int8 (engines and gate split later)
-    "unet_export.reverify": "flows",
-    "unet_export.evaluate": "flows",
-    "unet_export.train": "flows",
-    "unet_export.cpp": "flows",
     "unet_export.demo": "flows",
     "unet_export.doctor": "flows",
     "unet_export.inspection": "flows",
@@ -219,7 +211,7 @@ def test_the_rule_sees_function_local_and_relative_imports():
     assert imported("unet_export.runners.eager", nodes[0], False) == ["unet_export.errors"]
     assert imported("unet_export.runners.eager", nodes[1], False) == ["unet_export.runners", "unet_export.runners.base"]
     found = {(m, t) for m, _, t in edges()}
-    assert ("unet_export.bench", "unet_export.verify") in found  # a top-level import
-    assert ("unet_export.doctor", "unet_export.cpp") in found  # one inside a function only
+    assert ("unet_export.bench", "unet_export.parity.gate") in found  # a top-level import
+    assert ("unet_export.doctor", "unet_export.flows.cpp_check") in found  # one inside a function only
     assert layer_of("unet_export.runners") == "workdir" and layer_of("unet_export.runners.base") == "runtimes"
-    assert layer_of("unet_export.export.quantize") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"
+    assert layer_of("unet_export.flows.int8") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"

@@ -1,4 +1,4 @@
-"""The manifest store (unet_export/manifest.py) in-process: validation messages, the transaction's
+"""The manifest store (unet_export/workdir/manifest.py) in-process: validation messages, the transaction's
 save/recover/sweep steps, publish, the model record and the artefact checks. The crash and
 concurrency cases with real processes are in test_store.py."""
 
@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from unet_export import manifest as m
+from unet_export.workdir import manifest as m
 from unet_export.errors import IntegrityError, UserError
 from unet_export.fileio import sha256_file
 

@@ -17,9 +17,9 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
 from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import IntegrityError
-from unet_export.evaluate import evaluate
+from unet_export.flows.evaluate import evaluate
 from unet_export.fileio import sha256_file
-from unet_export.manifest import load_manifest, transaction
+from unet_export.workdir.manifest import load_manifest, transaction
 from unet_export.runners import EagerRunner, artifact_runner
 
 pytest.importorskip("openvino")
@@ -153,7 +153,7 @@ def test_bad_weights_exit_2_and_write_nothing(tmp_path):
 
 # Issue 25, rough edge 8: `openvino` lacked the parity options every other exporter takes.
 def test_openvino_takes_the_gate_options_of_the_other_exporters(make_checkpoint, tmp_path):
-    from unet_export.verify import FP32
+    from unet_export.parity.gate import FP32
 
     weights = make_checkpoint("v3")
     args = ["openvino", str(weights), "-w", str(tmp_path), "--height", "32", "--width", "32", "--device", "cpu"]

@@ -270,7 +270,7 @@ def test_a_named_runtime_runs_that_artefact(workdir, tree, tmp_path):
 
 
 def test_a_failed_artefact_is_never_chosen(workdir, tree, tmp_path):
-    from unet_export.manifest import transaction
+    from unet_export.workdir.manifest import transaction
 
     copy = tmp_path / "exports"
     shutil.copytree(workdir, copy)

@@ -26,10 +26,10 @@ from unet_export.cli.main import app
 from unet_export.data.synth import make_synth
 from unet_export.demo import DEMO_WEIGHTS, write_random_checkpoint
 from unet_export.fileio import sha256_file
-from unet_export.manifest import set_model, transaction
+from unet_export.workdir.manifest import set_model, transaction
 from unet_export.models import create_model
 from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner
-from unet_export.verify import TOLERANCES, tolerance_for
+from unet_export.parity.gate import TOLERANCES, tolerance_for
 
 cli = CliRunner()
 BENCH_ENV = ("UNET_BENCH_WARMUP", "UNET_BENCH_ITERS", "UNET_BENCH_MIN_TIME")

@@ -26,8 +26,8 @@ from unet_export.api import ExportResult, export_artifact
 from unet_export.cli.main import app
 from unet_export.errors import ArtifactError
 from unet_export.fileio import atomic_path, sha256_file, sweep_stale_temps, temp_path
-from unet_export.manifest import load_manifest, set_model
-from unet_export.verify import FP16, FP32, Tolerance, compare, tolerance_for
+from unet_export.workdir.manifest import load_manifest, set_model
+from unet_export.parity.gate import FP16, FP32, Tolerance, compare, tolerance_for
 
 # ---------------------------------------------------------------------------------------------
 # Logits built from values float32 holds exactly, so that the noise floor and every error below
@@ -326,7 +326,7 @@ def _rendered(renderable) -> str:
 
 def test_parity_table_shows_ties_apart_from_class_changes():
     from unet_export.cli.render import parity_table
-    from unet_export.verify import ParityReport
+    from unet_export.parity.gate import ParityReport
 
     exact = two_class_logits(0.5, shape=(1, 2, 4, 4))
     exact[0, 0, 0, 0], exact[0, 1, 0, 0] = 0.25, 0.25 + 2.0**-30
@@ -345,7 +345,7 @@ def test_parity_table_shows_ties_apart_from_class_changes():
 
 def test_a_failed_export_prints_each_failing_check_with_the_value_that_passes(tmp_path, monkeypatch):
     import unet_export.cli.render as render
-    from unet_export.verify import ParityReport
+    from unet_export.parity.gate import ParityReport
 
     exact = two_class_logits(0.5)
     eager = exact.float()

@@ -27,7 +27,7 @@ from unet_export.metrics import dice_score
 from unet_export.models import MODELS, create_model
 from unet_export.models.sizes import SizeRule
 from unet_export.predict import mask_to_image_array
-from unet_export.verify import FALLBACK_REL_ATOL, FP16, FP32, compare, loosest, tolerance_for
+from unet_export.parity.gate import FALLBACK_REL_ATOL, FP16, FP32, compare, loosest, tolerance_for
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 FEW = settings(FAST, max_examples=12, phases=[p for p in Phase if p is not Phase.explain])  # explain: slow on xfail

@@ -9,7 +9,7 @@ import torch
 from unet_export.api import export_artifact
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import UserError
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.models import MODELS, create_model, detect_model
 
 # name -> (constructor options for a small test instance, export size)
@@ -199,7 +199,7 @@ def test_train_other_models(name, size, tmp_path):
 
 def test_resume_keeps_a_variant_the_keys_cannot_tell(tmp_path):
     from unet_export.data.synth import make_synth
-    from unet_export.train import TrainConfig, train
+    from unet_export.flows.train import TrainConfig, train
 
     make_synth(tmp_path / "data", n=6, size=(64, 64), seed=0)
     cfg = TrainConfig(model="reflect-sigmoid", model_config={"width": 4}, epochs=1, batch_size=2, val_fraction=0.34,

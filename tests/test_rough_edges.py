@@ -156,7 +156,7 @@ def test_parity_table_keeps_the_input_column_whole_at_80_columns():
     from rich.console import Console
 
     from unet_export.cli.render import parity_table
-    from unet_export.verify import FP32, ParityReport, compare
+    from unet_export.parity.gate import FP32, ParityReport, compare
     import torch
 
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -338,7 +338,7 @@ def test_version_of_both_commands_is_the_installed_package_version():
 def test_counts_of_one_are_singular_in_what_commands_print(tmp_path):
     from tests.test_labelme import SHAPES, png_bytes, write_labelme
     from unet_export.cli.render import dice_table
-    from unet_export.realimages import real_images_for
+    from unet_export.parity.realimages import real_images_for
 
     synth = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--n", "1", "--size", "32x32"])
     assert synth.exit_code == 0 and "wrote 1 image and mask to" in " ".join(synth.stdout.split()), synth.output

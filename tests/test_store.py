@@ -19,7 +19,7 @@ from unet_export.cli.main import app
 from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.export import FORMATS
 from unet_export.fileio import sha256_file, sweep_stale_temps
-from unet_export.manifest import load_manifest, transaction
+from unet_export.workdir.manifest import load_manifest, transaction
 from tests.conftest import milesial_state_dict
 
 runner = CliRunner()
@@ -190,7 +190,7 @@ def test_disk_full_while_writing_exits_2_and_leaves_nothing(make_checkpoint, tmp
 
 
 def test_manifest_that_does_not_fit_leaves_no_unrecorded_artefact(make_checkpoint, tmp_path, monkeypatch):
-    import unet_export.manifest as store
+    import unet_export.workdir.manifest as store
 
     weights, out = make_checkpoint("v3"), tmp_path / "exports"
 

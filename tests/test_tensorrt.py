@@ -24,7 +24,7 @@ from unet_export.export.tensorrt_plan import (
     plan_build,
     resolve_profile,
 )
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
 ONNX_ENTRY = {"inputs": [{"name": "input", "shape": ["batch", 3, "height", "width"]}], "export_size": [256, 320],

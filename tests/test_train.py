@@ -12,21 +12,21 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from unet_export import train as train_module
+from unet_export.flows import train as train_module
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
 from unet_export.data.dataset import Preprocess, SegmentationDataset, find_samples, unique_mask_values
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import make_synth
-from unet_export.evaluate import evaluate, mean_dice
+from unet_export.flows.evaluate import evaluate, mean_dice
 from unet_export.export.onnx import read_metadata as onnx_metadata
 from unet_export.export.torchscript import read_metadata as torchscript_metadata
 from unet_export.fileio import sha256_file
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.models import create_model
 from unet_export.predict import predict
 from unet_export.runners import EagerRunner
-from unet_export.train import TrainConfig, train
+from unet_export.flows.train import TrainConfig, train
 
 runner = CliRunner()
 TINY = TrainConfig(model_config={"width": 8}, epochs=2, batch_size=2, lr=3e-3, val_fraction=0.25, device="cpu")

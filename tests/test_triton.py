@@ -34,7 +34,7 @@ from unet_export.data.dataset import Preprocess, image_to_tensor
 from unet_export.demo import DEMO_WEIGHTS
 from unet_export.errors import UserError
 from unet_export.fileio import pid_alive, sha256_file
-from unet_export.manifest import load_manifest, transaction, upsert_artifact
+from unet_export.workdir.manifest import load_manifest, transaction, upsert_artifact
 from unet_export.models.sizes import SizeRule
 from unet_export.runners.base import Runner
 from unet_export.serving import install, repository, triton_model

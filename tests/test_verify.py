@@ -6,7 +6,7 @@ import torch
 from unet_export.demo import random_milesial
 from unet_export.errors import UserError
 from unet_export.runners import EagerRunner
-from unet_export.verify import (
+from unet_export.parity.gate import (
     FALLBACK_REL_ATOL,
     FP16,
     FP32,

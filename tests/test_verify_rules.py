@@ -1,4 +1,4 @@
-"""verify.py's records and messages, pinned value by value (the gate's arithmetic is in
+"""parity/gate.py's records and messages, pinned value by value (the gate's arithmetic is in
 test_verify.py and test_promises_core.py; `make mutation` runs these against mutants)."""
 
 from dataclasses import replace
@@ -11,7 +11,7 @@ from unet_export.errors import UserError
 from unet_export.metrics import center_crop
 from unet_export.runners import EagerRunner
 from unet_export.runners.base import Runner
-from unet_export.verify import (
+from unet_export.parity.gate import (
     FP16,
     FP32,
     TOLERANCES,
@@ -194,7 +194,7 @@ def test_a_model_that_cannot_run_in_float64_is_an_input_error_not_a_failure():
 
 # --- the option value a failure suggests: the smallest 2-significant-digit value that passes -----
 
-from unet_export.verify import _error_failure, check_parity, loosest, seeded_inputs  # noqa: E402
+from unet_export.parity.gate import _error_failure, check_parity, loosest, seeded_inputs  # noqa: E402
 
 
 def _suggested(message: str, option: str) -> float:
@@ -341,7 +341,7 @@ def test_a_tie_is_within_twice_the_allowed_error_not_more():
 
 def _dice_failure(dice: float) -> str:
     case = CaseResult(shape=[1, 2, 4, 4], dice_vs_eager=dice)
-    from unet_export.verify import _judge
+    from unet_export.parity.gate import _judge
 
     _judge(case, FP16, None)
     (failure,) = case.failures
@@ -356,7 +356,7 @@ def test_the_suggested_min_dice_is_floored_at_four_digits():
 
 def test_the_suggested_max_class_change_is_the_value_itself_when_it_is_short():
     case = CaseResult(shape=[1, 2, 4, 4], argmax_disagreement=0.25, dice_vs_eager=1.0)
-    from unet_export.verify import _judge
+    from unet_export.parity.gate import _judge
 
     _judge(case, FP16, None)
     assert case.failures == ["25.0000% of pixels change class, ties excluded (allowed 0.1000%): would pass with "

@@ -11,8 +11,8 @@ case lives in the module named beside it.
     # the workdir's checkpoint (workdir/lookup.py), one entry's parity (parity/run.py), --device (device.py)
 """
 
-# Re-exports only. The underscored names are what export/openvino.py and export/quantize.py took
-# from here before workdir/publish.py held them; they stay importable.
+# Re-exports only. The underscored names are what export/openvino.py and export/quantize.py (now
+# flows/int8.py) took from here before workdir/publish.py held them; they stay importable.
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UnetExportError, UserError
@@ -33,7 +33,7 @@ from unet_export.flows.export import (
 from unet_export.models.sizes import SizeRule
 from unet_export.runners import EagerRunner, artifact_runner
 from unet_export.parity.run import run_parity
-from unet_export.verify import (
+from unet_export.parity.gate import (
     FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,
 )  # fmt: skip
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry

@@ -31,11 +31,11 @@ from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
-from unet_export.manifest import checked_path, load_manifest, tool_versions
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions
 from unet_export.models import get_spec
-from unet_export.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
+from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
 from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner, Unavailable
-from unet_export.verify import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
+from unet_export.parity.gate import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
 from unet_export.workdir.lookup import manifest_checkpoint
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from unet_export.export.quantize import quantize_int8
+from unet_export.flows.int8 import quantize_int8
 from unet_export.fileio import atomic_path
 from unet_export.models.milesial import UNet
 
@@ -59,7 +59,7 @@ def demo_calibration() -> list[Path]:
 def demo_int8(workdir: Path, device: str = "auto", on_result=None) -> list:
     """INT8 artefacts of the demo model (OpenVINO IR via NNCF, ONNX via ONNX Runtime), calibrated
     on demo_calibration() and gated on the rest of DEMO_VAL: class change and Dice vs eager, and
-    Dice vs ground truth within 0.005 of eager (export.quantize.quantize_int8)."""
+    Dice vs ground truth within 0.005 of eager (flows.int8.quantize_int8)."""
     height, width = DEMO_SIZE
     return quantize_int8(DEMO_WEIGHTS, demo_calibration(), workdir, val=DEMO_VAL, device=device, height=height,
                          width=width, on_result=on_result)  # fmt: skip

@@ -171,7 +171,7 @@ def check_toolchain() -> list[Check]:
 def _cxx_standard() -> tuple[int | None, list[Check]]:
     """Apart from the tools' rows, so a torch without headers still leaves cmake and c++ reported."""
     try:
-        from unet_export.cpp import required_cxx_standard
+        from unet_export.flows.cpp_check import required_cxx_standard
 
         standard = required_cxx_standard()
     except Exception as exc:
@@ -199,7 +199,7 @@ def check_cuda_toolkit() -> list[Check]:
     """Only a CUDA build of torch needs the toolkit; where it is looked for is cmake_args's business."""
     import torch
 
-    from unet_export.cpp import cmake_args
+    from unet_export.flows.cpp_check import cmake_args
 
     if not torch.version.cuda:
         return [Check("cuda toolkit", OK, "not needed: torch is a CPU-only build")]

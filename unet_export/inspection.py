@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unet_export.errors import UserError, require
 from unet_export.fileio import decode_metadata, sha256_file
-from unet_export.manifest import MANIFEST_NAME, is_file_name, load_manifest, workdir_file
+from unet_export.workdir.manifest import MANIFEST_NAME, is_file_name, load_manifest, workdir_file
 
 FORMATS = {".onnx": "onnx", ".ts": "torchscript", ".pt2": "aoti", ".xml": "openvino", ".engine": "tensorrt"}
 # export.openvino.RT_KEY (a test holds them equal): importing that module would import torch.

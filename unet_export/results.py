@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unet_export.device import cpu_name
 from unet_export.errors import UserError
-from unet_export.manifest import tool_versions, utc_now
+from unet_export.workdir.manifest import tool_versions, utc_now
 
 SCHEMA_VERSION = 1
 SCHEMAS = ("export", "verify", "evaluate", "doctor", "bench")

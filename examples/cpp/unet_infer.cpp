@@ -4,7 +4,7 @@
 //
 // MODEL is a TorchScript module (.ts, torch::jit::load) or an AOTInductor package (.pt2,
 // torch::inductor::AOTIModelPackageLoader). INPUT.tensor is a float32 NCHW batch in the simple
-// format unet-export writes (unet_export/cpp.py): 8 magic bytes "UNETTNS1", int32 dtype code,
+// format unet-export writes (unet_export/flows/cpp_check.py): 8 magic bytes "UNETTNS1", int32 dtype code,
 // int32 ndim, int64 dims[ndim], then the data. Writes OUT_PREFIX.logits.tensor (float32),
 // OUT_PREFIX.mask.tensor (uint8 class indices) and OUT_PREFIX.mask.pgm (the first image's mask,
 // classes spread over 0..255), and prints the mean and minimum latency per batch.

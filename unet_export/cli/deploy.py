@@ -1,5 +1,5 @@
 """`unet-export openvino|int8`: CPU deployment artefacts, thin commands over
-unet_export.flows.openvino and unet_export.export.quantize."""
+unet_export.flows.openvino and unet_export.flows.int8."""
 
 from enum import Enum
 from pathlib import Path
@@ -13,7 +13,7 @@ from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import export_report
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.flows.openvino import export_openvino
-from unet_export.export.quantize import quantize_int8
+from unet_export.flows.int8 import quantize_int8
 from unet_export.text import counted
 
 

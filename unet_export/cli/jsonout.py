@@ -16,7 +16,7 @@ import typer
 from unet_export.cli.common import exit_status
 from unet_export.errors import UserError
 from unet_export.fileio import write_json
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.results import artifact_record, check_writable, envelope, finish, with_floor_ratio
 
 JsonOpt = Annotated[
@@ -47,7 +47,7 @@ class Result:
             self.doc.setdefault("artifacts", []).append(artifact_record(result.entry) | {"seconds": round(result.seconds, 3)})
 
     def add_verify(self, report) -> None:
-        """verify's verdicts (a reverify.VerifyReport): this run's status and gate numbers per
+        """verify's verdicts (a flows.verify.VerifyReport): this run's status and gate numbers per
         artefact; one that was not judged here (unavailable, not_judged, changed) has no parity."""
         if self.path is None:
             return

@@ -22,15 +22,15 @@ from unet_export.cli.render import (
     bench_table, cpp_table, dice_table, doctor_table, export_report, row_line, verify_report,
 )
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
-from unet_export.cpp import cpp_check
+from unet_export.flows.cpp_check import cpp_check
 from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
 from unet_export.doctor import run_checks
-from unet_export.evaluate import evaluate
+from unet_export.flows.evaluate import evaluate
 from unet_export.export import FORMATS
 from unet_export.errors import UserError
 from unet_export.export.fp16 import check_fp32_layers
 from unet_export.export.onnx import DEFAULT_OPSET
-from unet_export.reverify import verify_workdir
+from unet_export.flows.verify import verify_workdir
 
 app = typer.Typer(
     help="Export U-Net checkpoints to verified deployment artefacts.",

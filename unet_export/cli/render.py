@@ -8,7 +8,7 @@ from rich.text import Text
 from unet_export.api import ExportResult
 from unet_export.cli.common import console
 from unet_export.text import counted
-from unet_export.verify import ParityReport
+from unet_export.parity.gate import ParityReport
 
 
 def whole_column(table: Table, header: str, cells, **kwargs) -> None:

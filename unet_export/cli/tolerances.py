@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from unet_export.errors import UserError
-from unet_export.verify import FP16, FP32
+from unet_export.parity.gate import FP16, FP32
 
 Rtol = Annotated[float | None, typer.Option(
     "--rtol", help=f"FP32 gate: allowed error against the float64 model, as a multiple of eager fp32's own "

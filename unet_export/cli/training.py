@@ -1,4 +1,4 @@
-"""`unet-export train|evaluate`: thin commands over unet_export.train and .evaluate."""
+"""`unet-export train|evaluate`: thin commands over unet_export.flows.train and .evaluate."""
 
 import inspect
 from pathlib import Path
@@ -12,10 +12,10 @@ from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, 
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import dice_table
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
-from unet_export.evaluate import evaluate, gate
+from unet_export.flows.evaluate import evaluate, gate
 from unet_export.errors import UserError
 from unet_export.models import get_spec
-from unet_export.train import TrainConfig, train
+from unet_export.flows.train import TrainConfig, train
 
 def model_options(model: str, **options) -> dict:
     """The options this architecture's constructor takes; a flag it has no use for is an error."""

@@ -20,7 +20,7 @@ from unet_export.export import onnx as onnx_export
 from unet_export.export import openvino as openvino_export
 from unet_export.export import torchscript as torchscript_export
 from unet_export.fileio import decode_metadata
-from unet_export.manifest import checked_path, load_manifest
+from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule

@@ -1,2 +1,3 @@
-"""The parity gate's use: run_parity (run.py) puts one artefact beside the eager model and asks the gate
-(verify.py, which moves here later) for the verdict."""
+"""The parity gate: gate.py holds the rules (data in, verdict out), run_parity (run.py) puts one
+artefact beside the eager model and asks the gate for the verdict, realimages.py finds the real
+images reduced precision is judged on."""

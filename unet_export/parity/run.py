@@ -5,7 +5,7 @@ from pathlib import Path
 
 from unet_export.errors import UnetExportError
 from unet_export.runners import EagerRunner, artifact_runner
-from unet_export.verify import ParityReport, Tolerance, check_parity
+from unet_export.parity.gate import ParityReport, Tolerance, check_parity
 
 
 def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:

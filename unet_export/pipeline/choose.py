@@ -13,8 +13,8 @@ import torch
 import unet_export.pipeline.remember as remember
 from unet_export.errors import UnetExportError, UserError
 from unet_export.inference.predictor import Predictor, entry_predictor, load_predictor, runtime_label
-from unet_export.manifest import load_manifest
-from unet_export.verify import seeded_inputs
+from unet_export.workdir.manifest import load_manifest
+from unet_export.parity.gate import seeded_inputs
 
 
 def open_model(model, device, runtime: str = "auto", architecture: str | None = None, *, measure: bool = True,

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.errors import UserError
-from unet_export.manifest import checked_path
+from unet_export.workdir.manifest import checked_path
 from unet_export.runners.aoti import AotiRunner
 from unet_export.runners.base import Runner
 from unet_export.runners.compiled import TorchCompileRunner

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
-from unet_export.manifest import checked_path, load_manifest, tool_versions, utc_now
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, utc_now
 from unet_export.runners.openvino import HINTS
 from unet_export.serving import configs
 from unet_export.serving.configs import NATIVE, PYTHON, VERSION

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from unet_export.errors import IntegrityError
 from unet_export.fileio import sha256_file
-from unet_export.manifest import transaction, workdir_file
+from unet_export.workdir.manifest import transaction, workdir_file
 
 PARKED_SUFFIX = ".pending"
 

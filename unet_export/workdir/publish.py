@@ -10,7 +10,7 @@ import torch
 
 from unet_export.errors import UserError
 from unet_export.fileio import claim_temp_path, ensure_free_space, sha256_file, sweep_stale_temps
-from unet_export.manifest import make_workdir, publish, tool_versions, utc_now
+from unet_export.workdir.manifest import make_workdir, publish, tool_versions, utc_now
 
 
 def estimated_bytes(net: torch.nn.Module) -> int:

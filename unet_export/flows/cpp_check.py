@@ -17,14 +17,14 @@ import torch
 from unet_export.checkpoint import build_model
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.manifest import checked_path, load_manifest
+from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.runners import EagerRunner
-from unet_export.verify import FP32, compare, seeded_inputs
+from unet_export.parity.gate import FP32, compare, seeded_inputs
 from unet_export.workdir.lookup import manifest_checkpoint
 
 MAGIC = b"UNETTNS1"
 DTYPES = {0: np.float32, 1: np.uint8}
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cpp"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cpp"
 
 
 def write_tensor(path: Path, tensor: torch.Tensor) -> None:

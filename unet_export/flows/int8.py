@@ -9,7 +9,7 @@ eager >= ``min_dice`` per batch (the FP16 defaults), and with masks Dice vs grou
 ``max_dice_drop`` below eager's. When the default quantisation fails, the fixes people apply by
 hand are tried in order (ATTEMPTS) and the manifest records each attempt and which one worked.
 
-    from unet_export.export.quantize import quantize_int8
+    from unet_export.flows.int8 import quantize_int8
     results = quantize_int8("weights.pth", "calib_imgs/", "exports", val="val_set/")
 """
 
@@ -43,12 +43,12 @@ from unet_export.export.openvino import ir_path, write_ir
 from unet_export.fileio import claim_temp_path, sha256_file
 from unet_export.flows.export import ExportResult
 from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
-from unet_export.manifest import checked_path, load_manifest, transaction
+from unet_export.workdir.manifest import checked_path, load_manifest, transaction
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
-from unet_export.realimages import IMAGES_PER_BATCH, image_record
+from unet_export.parity.realimages import IMAGES_PER_BATCH, image_record
 from unet_export.runners import EagerRunner, artifact_runner
-from unet_export.verify import ParityReport, Tolerance, compare, tolerance_for
+from unet_export.parity.gate import ParityReport, Tolerance, compare, tolerance_for
 from unet_export.workdir import publish
 from unet_export.workdir.ir import finish_pending_weights, ir_weights
 from unet_export.workdir.publish import record_artifact

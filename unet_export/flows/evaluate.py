@@ -8,7 +8,7 @@ from unet_export.data.dataset import Preprocess, SegmentationDataset, check_data
 from unet_export.device import resolve_device
 from unet_export.errors import IntegrityError, UnetExportError, UserError
 from unet_export.inference.predictor import TILE, TILE_HALO, run_tiled
-from unet_export.manifest import load_manifest
+from unet_export.workdir.manifest import load_manifest
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
 from unet_export.runners import EagerRunner, artifact_runner

@@ -53,6 +53,7 @@ def test_two_node_cluster_writes_the_local_pipelines_masks(cluster, images, tmp_
     on_ray = predict([DEMO_WEIGHTS, images, "--out", tmp_path / "ray", "--report", tmp_path / "ray.json",
                       "--ray-address", address, "--batch-size", "4"], env)  # fmt: skip
     assert on_ray.returncode == 0, on_ray.stderr
+    assert on_ray.stderr == ""  # issue 25: not even Ray's core_worker.cc line about actor restarts
     assert f"wrote {N_IMAGES} masks" in on_ray.stdout and ", ray)" in on_ray.stdout
     report, reference = json.loads((tmp_path / "ray.json").read_text()), json.loads((tmp_path / "local.json").read_text())
     assert report["engine"] == "ray" and report["written"] == N_IMAGES and report["failed"] == 0
@@ -148,6 +149,7 @@ def test_predict_on_a_local_ray_instance_with_an_empty_tmpdir(empty_tmpdir, tmp_
         runs[engine] = predict(args + (["--ray"] if engine == "ray" else []), env)
         assert runs[engine].returncode == 0, runs[engine].stderr
     assert "wrote 3 masks" in runs["ray"].stdout and ", ray)" in runs["ray"].stdout
+    assert runs["ray"].stderr == ""  # issue 25: not even Ray's core_worker.cc line about actor restarts
     report, reference = (json.loads((tmp_path / f"{e}.json").read_text()) for e in ("ray", "local"))
     assert report["engine"] == "ray" and report["masks"] == reference["masks"] and len(report["masks"]) == 3
 

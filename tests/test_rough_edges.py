@@ -738,3 +738,32 @@ def test_the_venv_build_drops_setuptools_editable_installation_box(tmp_path):
     assert "Editable installation" in stderr_of_a_build({})
     assert "Editable installation" not in stderr_of_a_build({"PYTHONWARNINGS": quiet})
 
+
+
+FILTERED = """import os, sys, time
+from unet_export.pipeline.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
+ray_line = (b"[2026-12-06 09:43:19,950 E 11329 11329] core_worker.cc:2465: Actor with class name: "
+            b"'MapWorker(MapBatches(_InferActor))' and ID: '748a' has constructor arguments in the object store "
+            b"and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
+            b"restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.\\n")
+with dropping_stderr_lines(RAY_ACTOR_RESTART_WARNING):
+    os.write(2, b"before\\n" + ray_line)
+    print("from python", file=sys.stderr)
+    os.write(2, b"[2026-12-06 09:43:20,000 E 1 1] core_worker.cc:99: another Ray error\\n")
+    for i in range(20000):  # more than a pipe holds: the copier must keep up, nothing blocks
+        os.write(2, b"line %d\\n" % i)
+    os.write(2, ray_line[:40])  # a line split across two writes
+    os.write(2, ray_line[40:])
+    os.write(2, b"no newline")
+os.write(2, b"|after\\n")
+"""
+
+
+def test_the_stderr_filter_drops_rays_actor_restart_line_and_keeps_every_other_line():
+    """Issue 25, rough edge 10 (b): Ray's C++ core worker writes this line straight to fd 2 on
+    every `predict --ray` (ray-project/ray#57733); tests/test_predict_ray.py checks the real run."""
+    result = subprocess.run([sys.executable, "-c", FILTERED], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = (b"before\nfrom python\n[2026-12-06 09:43:20,000 E 1 1] core_worker.cc:99: another Ray error\n"
+                + b"".join(b"line %d\n" % i for i in range(20000)) + b"no newline|after\n")  # fmt: skip
+    assert result.stderr == expected

@@ -24,6 +24,7 @@ from unet_export.pipeline.inputs import Job
 from unet_export.pipeline.local import stages_of
 from unet_export.pipeline.ray_local import pin_to_loopback
 from unet_export.pipeline.report import Report
+from unet_export.pipeline.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
 from unet_export.pipeline.stages import Loaded, Outcome, Stages, infer, load, write
 
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -32,33 +33,14 @@ TASK_CPUS = 0.5  # load and write tasks: an actor pool that takes every CPU woul
 
 def run_ray(prepared, address: str | None, tick) -> Report:
     ray = require("ray", extra="ray")
-    report, options = prepared.report, prepared.options
-    report.engine = "ray"
-    stages = stages_of(prepared.predictor, options)
+    prepared.report.engine = "ray"
+    stages = stages_of(prepared.predictor, prepared.options)
     started_here = _connect(ray, address)
     try:
-        nodes = [n for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("CPU", 0) >= 1]
-        report.extra["ray"] = {"address": address or "local", "nodes": len(nodes),
-                               "node_addresses": sorted({n["NodeManagerAddress"] for n in nodes})}  # fmt: skip
-        rows = [{"src": str(job.src), "rel": job.rel} for job in prepared.jobs]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * len(nodes) * report.batch_size)))
-        common = {"stages": stages, "out": str(prepared.out)}
-        ds = ds.map(_load_row, fn_kwargs={**common, "resume": options.resume}, num_cpus=TASK_CPUS)
-        ds = ds.map_batches(_InferActor, batch_size=report.batch_size, batch_format="pandas",
-                            fn_constructor_kwargs={"model": prepared.model, "runtime": report.runtime},
-                            compute=ray.data.ActorPoolStrategy(size=max(1, len(nodes))), num_cpus=1)  # fmt: skip
-        ds = ds.map(_write_row, fn_kwargs=common, num_cpus=TASK_CPUS)
-        per_node: dict[str, int] = {}
-        for row in ds.iter_rows():
-            outcome = _outcome(row, prepared.out)
-            if row.get("node"):
-                per_node[row["node"]] = per_node.get(row["node"], 0) + 1
-            report.add(outcome)
-            tick(outcome)
-        report.extra["ray"]["images_per_node"] = per_node
-        return report
+        with dropping_stderr_lines(RAY_ACTOR_RESTART_WARNING):
+            return _stream(ray, prepared, stages, address, tick)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI): the report says the run stopped short
-        report.interrupted = True
+        prepared.report.interrupted = True
         raise
     except Exception as exc:
         if type(exc).__module__.startswith("ray"):  # a task's error arrives wrapped: say what it was
@@ -67,6 +49,31 @@ def run_ray(prepared, address: str | None, tick) -> Report:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _stream(ray, prepared, stages: Stages, address: str | None, tick) -> Report:
+    """Load as tasks, infer in an actor pool (one per node), write as tasks; outcomes in order of arrival."""
+    report, options = prepared.report, prepared.options
+    nodes = [n for n in ray.nodes() if n["Alive"] and n.get("Resources", {}).get("CPU", 0) >= 1]
+    report.extra["ray"] = {"address": address or "local", "nodes": len(nodes),
+                           "node_addresses": sorted({n["NodeManagerAddress"] for n in nodes})}  # fmt: skip
+    rows = [{"src": str(job.src), "rel": job.rel} for job in prepared.jobs]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * len(nodes) * report.batch_size)))
+    common = {"stages": stages, "out": str(prepared.out)}
+    ds = ds.map(_load_row, fn_kwargs={**common, "resume": options.resume}, num_cpus=TASK_CPUS)
+    ds = ds.map_batches(_InferActor, batch_size=report.batch_size, batch_format="pandas",
+                        fn_constructor_kwargs={"model": prepared.model, "runtime": report.runtime},
+                        compute=ray.data.ActorPoolStrategy(size=max(1, len(nodes))), num_cpus=1)  # fmt: skip
+    ds = ds.map(_write_row, fn_kwargs=common, num_cpus=TASK_CPUS)
+    per_node: dict[str, int] = {}
+    for row in ds.iter_rows():
+        outcome = _outcome(row, prepared.out)
+        if row.get("node"):
+            per_node[row["node"]] = per_node.get(row["node"], 0) + 1
+        report.add(outcome)
+        tick(outcome)
+    report.extra["ray"]["images_per_node"] = per_node
+    return report
 
 
 def _connect(ray, address: str | None) -> bool:

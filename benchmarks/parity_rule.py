@@ -33,14 +33,14 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
-from unet_export.bench import device_info
-from unet_export.demo import DEMO_WEIGHTS, random_milesial
+from unet_export.bench.run import device_info
+from unet_export.flows.demo import DEMO_WEIGHTS, random_milesial
 from unet_export.workdir.manifest import tool_versions
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.export import FORMATS
+from unet_export.runtimes.formats import FORMATS
 from unet_export.models import create_model, get_spec
-from unet_export.runners import AotiRunner, EagerRunner, OnnxRuntimeRunner, TorchCompileRunner, TorchScriptRunner
-from unet_export.runners.openvino import OpenVinoRunner
+from unet_export.runtimes import AotiRunner, EagerRunner, OnnxRuntimeRunner, TorchCompileRunner, TorchScriptRunner
+from unet_export.runtimes.openvino.runner import OpenVinoRunner
 from unet_export.parity.gate import FP32, compare, seeded_inputs
 
 HERE = Path(__file__).resolve().parent

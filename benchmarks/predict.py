@@ -33,15 +33,16 @@ import torch
 from PIL import Image
 
 from unet_export.api import manifest_checkpoint
-from unet_export.bench import BenchConfig, bench_batch, device_info, image_paths, run_benchmark
+from unet_export.bench.run import BenchConfig, bench_batch, device_info, image_paths, run_benchmark
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import image_to_tensor, load_image
-from unet_export.demo import DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_WEIGHTS
 from unet_export.fileio import atomic_path
 from unet_export.workdir.manifest import load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.predict import fit_and_run, load_predictor, mask_to_image_array
-from unet_export.runners import BACKENDS, BackendContext, OnnxRuntimeRunner
+from unet_export.bench.backends import BackendContext, BACKENDS
+from unet_export.runtimes import OnnxRuntimeRunner
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "unet_export"]
@@ -151,7 +152,7 @@ def main() -> None:
         result["before"] = before(model, subset, tmp / "before")
         print(f"  {result['before']['img_per_s']:.2f} img/s", flush=True)
         if not args.no_ray:
-            from unet_export.pipeline.ray_local import loopback_cluster
+            from unet_export.predict.ray_local import loopback_cluster
 
             few = tmp / "ray_inputs.txt"
             few.write_text("".join(f"{p}\n" for p in sorted(images.iterdir())[: args.ray_n]))

@@ -31,7 +31,7 @@ def documents(tmp: Path) -> dict[str, str]:
     exports/ (git-ignored, removed afterwards), with relative paths as a user would type them."""
     from unet_export.cli.bench import app as bench_app
     from unet_export.cli.main import app
-    from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 
     os.chdir(ROOT)
     weights, work = str(DEMO_WEIGHTS.relative_to(ROOT)), "exports/json-examples"

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from unet_export.demo import random_milesial
+from unet_export.flows.demo import random_milesial
 
 # REFERENCE.md 1: the published releases, and what train.py writes.
 VARIANTS = {
@@ -34,7 +34,7 @@ def milesial_state_dict(variant: str, width: int = SMALL_WIDTH, seed: int = 0) -
 def wrong_torchscript(monkeypatch):
     """The torchscript writer swapped for one that scripts another model (width 8, other weights):
     an export that must fail its parity gate."""
-    from unet_export.export import FORMATS
+    from unet_export.runtimes.formats import FORMATS
 
     real = FORMATS["torchscript"]
 

@@ -1,5 +1,5 @@
 """A test double of TensorRT's Python API, per major version (10.x, 11.x): exactly the names the builder
-(unet_export/export/tensorrt.py) and the runner (unet_export/runners/tensorrt.py) use on that version, with
+(unet_export/runtimes/tensorrt/build.py) and the runner (unet_export/runtimes/tensorrt/runner.py) use on that version, with
 the real enum values. tests/test_tensorrt_api.py holds it to the real bindings (tests/data/tensorrt_api.json):
 each public name here exists in that version with the same kind and value, and the code uses each one.
 

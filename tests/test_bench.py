@@ -12,12 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from unet_export.api import export_artifact
-from unet_export.bench import BenchConfig, benchmark, exit_code, latency_stats, time_infer
+from unet_export.bench.run import BenchConfig, benchmark, exit_code, latency_stats, time_infer
 from unet_export.cli.bench import app
-from unet_export.demo import random_milesial, write_random_checkpoint
+from unet_export.flows.demo import random_milesial, write_random_checkpoint
 from unet_export.fileio import sha256_file
-from unet_export.results import ENVELOPE
-from unet_export.runners import BACKENDS, EagerRunner, Runner
+from unet_export.flows.results import ENVELOPE
+from unet_export.bench.backends import BACKENDS
+from unet_export.runtimes import EagerRunner, Runner
 from unet_export.parity.gate import FP32
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""The rules that decide what a benchmark row says (unet_export/bench_stats.py), pinned value by
+"""The rules that decide what a benchmark row says (unet_export/bench/stats.py), pinned value by
 value: these are the modules `make mutation` mutates."""
 
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from unet_export.bench_stats import (
+from unet_export.bench.stats import (
     CV_WARNING,
     BenchConfig,
     Row,

@@ -136,7 +136,7 @@ def test_sidecar_architecture_wins_over_key_detection(tmp_path):
 def test_sidecar_validation_folder_travels_into_the_model_record(tmp_path):
     import json
 
-    from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 
     assert load_checkpoint(DEMO_WEIGHTS).record()["validation"] == str(DEMO_VAL.resolve())
     weights = tmp_path / "m.pth"

@@ -121,7 +121,7 @@ import json  # noqa: E402
 import struct  # noqa: E402
 import zipfile  # noqa: E402
 
-from unet_export.demo import random_milesial  # noqa: E402
+from unet_export.flows.demo import random_milesial  # noqa: E402
 
 
 def test_validation_folder_is_relative_to_the_sidecar_through_a_symlink(tmp_path):

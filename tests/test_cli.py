@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from tests.conftest import milesial_state_dict
 from tests.test_checkpoint import BAD, _bad_files
 from unet_export.cli.main import app
-from unet_export.export import FORMATS
+from unet_export.runtimes.formats import FORMATS
 from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
@@ -189,7 +189,7 @@ def test_verify_fails_a_wrong_artefact_and_refuses_a_changed_one(exported, tmp_p
 def test_verify_and_bench_check_every_artefacts_bytes_before_any_work(exported, monkeypatch):
     """Issue 24: a changed file was found only when its turn came, after minutes of parity checks
     or timing of the others. Now the last artefact's changed bytes stop both before any of it."""
-    import unet_export.bench as bench
+    import unet_export.bench.run as bench
     import unet_export.flows.verify as verify_flow
     from unet_export.errors import IntegrityError
 

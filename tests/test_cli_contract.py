@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import unet_export.cli.main as cli_main
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.fileio import write_json
 from unet_export.workdir.manifest import load_manifest
 
@@ -77,7 +77,7 @@ def test_a_failed_write_leaves_nothing(tmp_path):
 def test_an_evaluate_gate_with_nothing_to_judge_is_an_error(tmp_path):
     """--max-delta with no artefact of this checkpoint in the workdir used to score eager alone
     and exit 0 without a word."""
-    from unet_export.demo import DEMO_VAL
+    from unet_export.flows.demo import DEMO_VAL
 
     empty = tmp_path / "exports"
     empty.mkdir()
@@ -97,8 +97,8 @@ def test_bench_judges_reduced_precision_on_the_recorded_validation_images(tmp_pa
     """The documented `unet-bench --batch 8` failed the trained demo model's bf16 rows on noise;
     without --data the held-out images its training recorded are the inputs."""
     from unet_export.api import export_artifact
-    from unet_export.bench import NOISE_NOTE, benchmark
-    from unet_export.demo import DEMO_VAL, write_random_checkpoint
+    from unet_export.bench.run import NOISE_NOTE, benchmark
+    from unet_export.flows.demo import DEMO_VAL, write_random_checkpoint
 
     assert export_artifact(DEMO_WEIGHTS, "torchscript", tmp_path / "demo", device="cpu", height=128, width=128).passed
     report = benchmark(tmp_path / "demo", backends=["eager", "eager-bf16"], device="cpu", batch=8, warmup=0, iters=1)
@@ -144,7 +144,7 @@ def test_the_release_ci_line_passes_on_a_plain_trained_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2"])
 def test_predict_on_a_corrupt_artefact_exits_2(tmp_path, suffix):
-    from unet_export.demo import DEMO_VAL
+    from unet_export.flows.demo import DEMO_VAL
 
     model = tmp_path / f"random{suffix}"
     model.write_bytes(bytes(range(256)) * 20)
@@ -160,7 +160,7 @@ def test_predict_on_an_onnx_model_unet_export_did_not_write_exits_2(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from unet_export.demo import DEMO_VAL
+    from unet_export.flows.demo import DEMO_VAL
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],

@@ -333,7 +333,7 @@ def _tiny_model(folder: Path, location: str, where: str) -> Path:
 @pytest.mark.parametrize("location", ["../x.bin", "/x.bin", "sub/../../x.bin", "", "x\0.bin", "ok.bin"])
 def test_every_tensor_of_an_onnx_model_keeps_its_data_beside_it(tmp_path, where, location):
     from unet_export.errors import IntegrityError
-    from unet_export.export.onnx import check_external_data
+    from unet_export.runtimes.onnx.export import check_external_data
 
     path = _tiny_model(tmp_path, location, where)
     if location == "ok.bin":

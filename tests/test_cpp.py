@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from unet_export.api import export_artifact
-from unet_export.bench import benchmark
+from unet_export.bench.run import benchmark
 from unet_export.flows.cpp_check import cpp_check
-from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.workdir.manifest import load_manifest
 from unet_export.predict import predict
 

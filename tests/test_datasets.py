@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from unet_export.cli.main import app
 from unet_export.data.dataset import find_samples, load_mask
 from unet_export.data.synth import make_synth
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import UserError
 from unet_export.flows.evaluate import evaluate
 from unet_export.predict import predict

@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from unet_export import doctor, lockcheck
+from unet_export import lockcheck
+from unet_export.flows import doctor
 from unet_export.cli.main import app
 from unet_export.flows.cpp_check import required_cxx_standard
 

@@ -10,9 +10,9 @@ import torch
 from tests.conftest import VARIANTS
 from unet_export.api import export_artifact
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.export import FORMATS
-from unet_export.export.onnx import read_metadata
-from unet_export.export.torchscript import read_metadata as read_ts_metadata
+from unet_export.runtimes.formats import FORMATS
+from unet_export.runtimes.onnx.export import read_metadata
+from unet_export.runtimes.torchscript.export import read_metadata as read_ts_metadata
 from unet_export.workdir.manifest import load_manifest
 
 
@@ -136,9 +136,9 @@ def test_torchscript_metadata_is_real_json_under_the_final_name(tmp_path):
     import json
     import zipfile
 
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
     from unet_export.fileio import decode_metadata
-    from unet_export.export.torchscript import read_metadata
+    from unet_export.runtimes.torchscript.export import read_metadata
 
     result = export_artifact(DEMO_WEIGHTS, "torchscript", tmp_path, device="cpu", height=64, width=64)
     names = zipfile.ZipFile(result.path).namelist()

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
 from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS, write_random_checkpoint
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS, write_random_checkpoint
 from unet_export.errors import UserError
 from unet_export.models import MODELS
 from unet_export.predict import fit_and_run, predict
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 
 runner = CliRunner()
 DEMO_IMAGE = DEMO_VAL / "imgs" / "synth_0000.png"

@@ -60,4 +60,4 @@ def test_all_modules_found():
         for p in root.rglob("*.py")
     } - {"unet_export.__main__", "unet_export"}
     assert set(MODULES) == on_disk
-    assert "unet_export.runners.onnxruntime" in MODULES and "unet_export.cli.main" in MODULES
+    assert "unet_export.runtimes.onnx.runner" in MODULES and "unet_export.cli.main" in MODULES

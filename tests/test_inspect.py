@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_WEIGHTS
 from unet_export.fileio import sha256_file
-from unet_export.inspection import inspect_artifact
+from unet_export.flows.inspect import inspect_artifact
 from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
@@ -76,8 +76,8 @@ def test_inspect_reads_torchscript_named_inside_its_workdir(demo_workdir):
 
 
 def test_inspect_reads_the_openvino_ir_and_its_weights(demo_workdir):
-    from unet_export.export.openvino import RT_KEY
-    from unet_export.inspection import IR_RECORD_KEY
+    from unet_export.runtimes.openvino.export import RT_KEY
+    from unet_export.flows.inspect import IR_RECORD_KEY
 
     assert IR_RECORD_KEY == RT_KEY  # inspection keeps its own copy so as not to import torch
     out = _inspect(demo_workdir / "demo_unet.xml")
@@ -166,7 +166,7 @@ def test_nothing_outside_the_workdir_is_read_through_it(demo_workdir, tmp_path):
 
 
 def test_inspect_imports_only_the_runtime_of_the_format_asked(demo_workdir):
-    code = ("import sys\nfrom unet_export.inspection import inspect_artifact\n"
+    code = ("import sys\nfrom unet_export.flows.inspect import inspect_artifact\n"
             "inspect_artifact(sys.argv[1])\n"
             "print(','.join(m for m in ('torch', 'onnx', 'openvino', 'onnxruntime') if m in sys.modules))")  # fmt: skip
     loaded = {}

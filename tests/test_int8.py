@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from unet_export.bench import benchmark
+from unet_export.bench.run import benchmark
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_calibration
+from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_calibration
 from unet_export.flows.evaluate import evaluate
 from unet_export.flows import int8 as quantize
 from unet_export.workdir.manifest import load_manifest
-from unet_export.runners import BACKENDS, BackendContext, Unavailable
+from unet_export.bench.backends import BackendContext, BACKENDS, Unavailable
 from unet_export.parity.gate import tolerance_for
 
 pytest.importorskip("openvino")

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from tests.conftest import milesial_state_dict
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.fileio import sha256_file
 from unet_export.workdir.manifest import load_manifest
-from unet_export.results import ARTIFACT, ENVELOPE, git_commit, schema_name
+from unet_export.flows.results import ARTIFACT, ENVELOPE, git_commit, schema_name
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "json.md"
@@ -262,7 +262,7 @@ def test_docs_show_a_real_example_of_each_schema(exported, demo_exported, tmp_pa
 
 
 def test_bench_exports_only_what_can_run_here(monkeypatch):
-    from unet_export import bench_prepare
+    from unet_export.bench import prepare as bench_prepare
 
     monkeypatch.setattr(bench_prepare, "installed", lambda module: module != "tensorrt")
     names = ["eager", "onnxruntime", "openvino", "torchscript", "tensorrt-fp16", "openvino-int8", "onnxruntime-cuda-fp16"]

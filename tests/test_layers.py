@@ -32,30 +32,20 @@ PLACES = {
     "unet_export.metrics": "base",
     "unet_export.lockcheck": "base",
     "unet_export.text": "base",
-    # runtimes: the format writers and the runners; they take paths, never manifest entries
-    "unet_export.export": "runtimes",
-    "unet_export.runners.*": "runtimes",
-    # workdir: everything that knows manifest.json. runners/__init__.py turns a manifest entry
-    # into a Runner (artifact_runner): the workdir's job (target: workdir/runners.py).
+    # runtimes: one folder per runtime, writer and runner side by side; paths, never manifest entries
+    "unet_export.runtimes": "runtimes",
+    # workdir: everything that knows manifest.json (runners.py: a manifest entry -> its Runner)
     "unet_export.workdir": "workdir",
-    "unet_export.runners": "workdir",
     # inference: one image through any artefact (predictor, tiling, masks)
     "unet_export.inference": "inference",
     # parity: the gate (gate.py), the real images it judges reduced precision on, run_parity
     "unet_export.parity": "parity",
-    # flows: one use case each, over a whole workdir
+    # flows: one use case each, over a whole workdir (and the --json documents of every command)
     "unet_export.flows": "flows",
-    "unet_export.demo": "flows",
-    "unet_export.doctor": "flows",
-    "unet_export.inspection": "flows",
-    "unet_export.results": "flows",  # the --json documents of every command
-    # bench
+    # bench: the harness (run.py), its row rules (stats.py), its rows (backends.py)
     "unet_export.bench": "bench",
-    "unet_export.bench_stats": "bench",
-    "unet_export.bench_prepare": "bench",
     # predict: batch prediction
     "unet_export.predict": "predict",
-    "unet_export.pipeline": "predict",
     "unet_export.serving": "serving",
     "unet_export.api": "api",
     "unet_export.cli": "cli",
@@ -194,24 +184,28 @@ def test_no_import_cycles():
     assert not loops, "modules that import each other in a loop:\n" + "\n".join(" <-> ".join(c) for c in loops)
 
 
+WRITERS = {"export", "fp16", "layers", "build", "plan", "formats"}  # last part of a runtimes module's name
+
+
 def test_writers_do_not_import_runners():
     """Within the runtimes layer one direction only: a runner may read its format's writer module
-    (metadata, engine plans), a writer never imports a runner (they move into one folder per
-    runtime later: runtimes/<name>/)."""
-    writers = [(m, line, t) for m, line, t in edges() if m.startswith("unet_export.export.")]
-    found = [(m, n, t) for m, n, t in writers if layer_of(m) == "runtimes" and t.startswith("unet_export.runners")]
+    (metadata, engine plans), a writer never imports a runner."""
+    runtimes = [(m, line, t) for m, line, t in edges() if layer_of(m) == "runtimes" == layer_of(t)]
+    found = [(m, line, t) for m, line, t in runtimes
+             if m.rsplit(".", 1)[-1] in WRITERS and t.rsplit(".", 1)[-1] not in WRITERS]  # fmt: skip
     assert not found, [f"{where(m, line)}: {m} imports {t}" for m, line, t in found]
+    assert any(t.endswith(".layers") for m, _, t in runtimes if m.endswith(".fp16"))  # the rule sees writers
 
 
 def test_the_rule_sees_function_local_and_relative_imports():
     """The parser resolves what the package's code uses: relative imports and imports inside a
     function count like top-level ones."""
-    tree = ast.parse("def f():\n    from ..errors import UserError\n    from . import base, artifact_runner\n")
+    tree = ast.parse("def f():\n    from ...errors import UserError\n    from .. import base, Runner\n")
     nodes = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert imported("unet_export.runners.eager", nodes[0], False) == ["unet_export.errors"]
-    assert imported("unet_export.runners.eager", nodes[1], False) == ["unet_export.runners", "unet_export.runners.base"]
+    assert imported("unet_export.runtimes.onnx.runner", nodes[0], False) == ["unet_export.errors"]
+    assert imported("unet_export.runtimes.onnx.runner", nodes[1], False) == ["unet_export.runtimes", "unet_export.runtimes.base"]
     found = {(m, t) for m, _, t in edges()}
-    assert ("unet_export.bench", "unet_export.parity.gate") in found  # a top-level import
-    assert ("unet_export.doctor", "unet_export.flows.cpp_check") in found  # one inside a function only
-    assert layer_of("unet_export.runners") == "workdir" and layer_of("unet_export.runners.base") == "runtimes"
-    assert layer_of("unet_export.flows.int8") == "flows" and layer_of("unet_export.export.onnx") == "runtimes"
+    assert ("unet_export.bench.run", "unet_export.parity.gate") in found  # a top-level import
+    assert ("unet_export.flows.doctor", "unet_export.flows.cpp_check") in found  # one inside a function only
+    assert layer_of("unet_export.workdir.runners") == "workdir" and layer_of("unet_export.bench.backends") == "bench" and layer_of("unet_export.runtimes.base") == "runtimes"
+    assert layer_of("unet_export.flows.int8") == "flows" and layer_of("unet_export.runtimes.onnx.export") == "runtimes"

@@ -12,15 +12,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from unet_export.bench import benchmark
+from unet_export.bench.run import benchmark
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import IntegrityError
 from unet_export.flows.evaluate import evaluate
 from unet_export.fileio import sha256_file
 from unet_export.workdir.manifest import load_manifest, transaction
-from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.runtimes import EagerRunner
+from unet_export.workdir.runners import artifact_runner
 
 pytest.importorskip("openvino")
 runner = CliRunner()
@@ -72,7 +73,7 @@ def test_ir_is_verified_and_both_files_recorded(ir_workdir):
 
 
 def test_ir_carries_the_model_record(ir_workdir):
-    from unet_export.export.openvino import read_metadata
+    from unet_export.runtimes.openvino.export import read_metadata
 
     record = {k: decode(v) for k, v in read_metadata(ir_workdir / "demo_unet.xml").items()}
     ckpt = load_checkpoint(DEMO_WEIGHTS)

@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 from unet_export.api import export_artifact
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.bench import app as bench_app
-from unet_export.demo import random_milesial, write_random_checkpoint
-from unet_export.export import FORMATS
+from unet_export.flows.demo import random_milesial, write_random_checkpoint
+from unet_export.runtimes.formats import FORMATS
 from unet_export.fileio import sha256_file
 from unet_export.workdir.manifest import load_manifest
-from unet_export.runners import EagerRunner, OnnxRuntimeRunner
+from unet_export.runtimes import EagerRunner, OnnxRuntimeRunner
 from unet_export.parity.gate import FALLBACK_REL_ATOL, FP32, compare, seeded_inputs
 
 SIZE = 64  # export size; the 2x3x250x375 case is checked as always

@@ -19,12 +19,13 @@ from typer.testing import CliRunner
 
 from tests.conftest import ignoring_sigint
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.pipeline import PredictOptions, choose, run_predict
-from unet_export.pipeline.remember import CACHE
-from unet_export.pipeline.inputs import collect_jobs
-from unet_export.pipeline.local import Batcher, prefetch
-from unet_export.pipeline.stages import Loaded
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.predict import choose
+from unet_export.predict.batch import PredictOptions, run_predict
+from unet_export.predict.remember import CACHE
+from unet_export.predict.inputs import collect_jobs
+from unet_export.predict.local import Batcher, prefetch
+from unet_export.predict.stages import Loaded
 from unet_export.predict import load_predictor, mask_to_image_array, predict_classes
 
 runner = CliRunner()
@@ -150,7 +151,7 @@ def test_resume_skips_complete_masks_and_redoes_damaged_ones(tree, tmp_path):
 
 
 def test_a_full_disk_ends_the_run_with_one_line_and_whole_files(tree, tmp_path, monkeypatch):
-    import unet_export.pipeline.stages as stages
+    import unet_export.predict.stages as stages
 
     real, calls = stages.save_atomic, []
 
@@ -210,7 +211,7 @@ def test_the_reported_peak_rss_is_the_run_s_own_not_its_parent_s():
     if not Path("/proc/self/status").is_file():
         pytest.skip("VmHWM is Linux's")
     ballast = np.ones(1536 * 2**20, dtype=np.uint8)  # 1.5 GB, every page touched
-    code = "from unet_export.pipeline.report import peak_rss_mb; print(peak_rss_mb())"
+    code = "from unet_export.predict.report import peak_rss_mb; print(peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert ballast.sum() == ballast.size
     assert float(child.stdout) < 1024, child.stdout
@@ -320,7 +321,7 @@ def test_resume_with_nothing_left_to_do_times_no_runtime(workdir, tree, tmp_path
 
 
 def test_an_unreachable_ray_address_is_refused_before_any_runtime_is_timed(workdir, tree, tmp_path, no_timing):
-    from unet_export.pipeline.ray_local import free_port
+    from unet_export.predict.ray_local import free_port
 
     address = f"127.0.0.1:{free_port()}"
     result = cli("predict", _own_copy(workdir, tmp_path), tree, "--out", tmp_path / "o", "--ray-address", address)
@@ -384,7 +385,7 @@ def test_a_runtime_cache_that_links_out_of_the_workdir_is_neither_read_nor_writt
 
 
 def test_a_remembered_choice_belongs_to_its_machine_and_its_artefacts(workdir):
-    from unet_export.pipeline import remember
+    from unet_export.predict import remember
 
     candidates = choose.runnable(json.loads((workdir / "manifest.json").read_text()), torch.device("cpu"))
     key = remember.key_of(torch.device("cpu"), candidates)
@@ -444,7 +445,8 @@ def test_a_ctrl_c_while_waiting_on_a_write_loses_no_mask_from_the_report(tmp_pat
     """Ctrl-C lands in the main thread at any bytecode. Here it comes while the main thread waits
     on a write it has already taken off its queue (as a SIGTERM test under load once did: 6 masks
     on disk, 5 in the report): every mask on disk is still in the report, once."""
-    from unet_export.pipeline import local, prepare, run
+    from unet_export.predict import local
+    from unet_export.predict.batch import prepare, run
 
     real, calls = local._written, []
 
@@ -485,7 +487,7 @@ def test_to_classes_is_logits_to_mask_with_ties_and_nan():
 @pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
 def test_reader_threads_preprocess_as_image_to_tensor(tmp_path, mode):
     from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
-    from unet_export.pipeline.stages import image_array
+    from unet_export.predict.stages import image_array
 
     rng = np.random.default_rng(0)
     if mode == "I;16":

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.pipeline.ray_local import SOCKET_ROOM, _sessions_dir, free_port, loopback_cluster, ray_env
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.predict.ray_local import SOCKET_ROOM, _sessions_dir, free_port, loopback_cluster, ray_env
 
 pytestmark = pytest.mark.ray
 N_IMAGES = 200

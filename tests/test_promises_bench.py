@@ -18,17 +18,18 @@ from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
-import unet_export.bench as bench
-from unet_export.bench import BenchConfig, bench_batch, benchmark, exit_code, image_paths, run_benchmark
+import unet_export.bench.run as bench
+from unet_export.bench.run import BenchConfig, bench_batch, benchmark, exit_code, image_paths, run_benchmark
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
 from unet_export.data.synth import make_synth
-from unet_export.demo import DEMO_WEIGHTS, write_random_checkpoint
+from unet_export.flows.demo import DEMO_WEIGHTS, write_random_checkpoint
 from unet_export.fileio import sha256_file
 from unet_export.workdir.manifest import set_model, transaction
 from unet_export.models import create_model
-from unet_export.runners import BACKENDS, BackendContext, EagerRunner, Runner
+from unet_export.bench.backends import BackendContext, BACKENDS
+from unet_export.runtimes import EagerRunner, Runner
 from unet_export.parity.gate import TOLERANCES, tolerance_for
 
 cli = CliRunner()

@@ -19,7 +19,7 @@ from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from unet_export.bench import latency_stats
+from unet_export.bench.run import latency_stats
 from unet_export.checkpoint import class_mask_values
 from unet_export.data.dataset import mask_to_classes
 from unet_export.errors import UserError

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from unet_export.demo import ASSETS
+from unet_export.flows.demo import ASSETS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -148,7 +148,7 @@ def test_predict_pads_images_to_a_size_the_model_takes(name, size, tmp_path):
     from PIL import Image
 
     from unet_export.predict import fit_and_run
-    from unet_export.runners import EagerRunner
+    from unet_export.runtimes import EagerRunner
 
     path, model = checkpoint(name, tmp_path)
     rule = MODELS[name].sizes(load_checkpoint(path, model=name).config)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unet_export.demo import DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_WEIGHTS
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "examples" / "ci" / "release.yml"
 TRT_MISSING = 'TensorRT is not installed: on a machine with an NVIDIA GPU, pip install "unet-export[trt]"'

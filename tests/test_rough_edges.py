@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_VAL
+from unet_export.flows.demo import DEMO_VAL
 
 runner = CliRunner()
 
@@ -65,7 +65,7 @@ def test_train_says_amp_does_nothing_on_the_cpu(tmp_path):
 
 
 def test_predict_counts_one_mask_in_the_singular(tmp_path):
-    from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 
     image = sorted((DEMO_VAL / "imgs").iterdir())[0]
     result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(image), "--out", str(tmp_path / "m"),
@@ -117,7 +117,7 @@ def test_a_static_onnx_model_pads_to_its_size_or_says_it_cannot(tmp_path):
     import torch
     from PIL import Image
 
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
     from unet_export.predict import load_predictor, predict_classes
     from unet_export.data.synth import make_synth
 
@@ -199,7 +199,7 @@ def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
 
     from rich.console import Console
 
-    from unet_export.bench_stats import Row
+    from unet_export.bench.stats import Row
     from unet_export.cli.render import bench_table
 
     rows = [Row(name, "fp32", "ok", img_per_s=10.0, latency_ms={"mean": 1.0, "p50": 1.0, "p99": 1.0}, cv=0.01,
@@ -214,7 +214,7 @@ def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
 
 def test_predict_on_a_dataset_folder_predicts_its_images_not_its_masks(tmp_path):
     from unet_export.data.synth import make_synth
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
 
     make_synth(tmp_path / "data", n=3, size=(32, 32), seed=0)
     out = tmp_path / "m"
@@ -230,7 +230,7 @@ def test_predict_on_a_dataset_folder_predicts_its_images_not_its_masks(tmp_path)
 def onnx_workdir(tmp_path_factory):
     """The demo model exported to ONNX at its training size, as tests/test_triton.py's demo_workdir."""
     from unet_export.api import export_artifact
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
 
     workdir = tmp_path_factory.mktemp("triton") / "exports"
     assert export_artifact(DEMO_WEIGHTS, "onnx", workdir, device="cpu", height=128, width=128).passed
@@ -357,7 +357,7 @@ def test_counts_of_one_are_singular_in_what_commands_print(tmp_path):
 
 
 def test_predict_lists_failures_on_stderr_and_counts_in_the_singular(tmp_path):
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
 
     (tmp_path / "in").mkdir()
     good = sorted((DEMO_VAL / "imgs").iterdir())[0]
@@ -425,7 +425,7 @@ def test_benchmark_script_without_a_gpu_exits_2_with_one_line(tmp_path):
 def _realistic_bench_report():
     from types import SimpleNamespace
 
-    from unet_export.bench_stats import Row
+    from unet_export.bench.stats import Row
 
     lat = {"mean": 12.3, "p50": 12.1, "p99": 15.9}
     parity = {"max_abs_err": 1.2e-5, "max_err_fp64": 2.3e-5, "noise_floor": 1.1e-5, "argmax_disagreement": 0.0001,
@@ -464,7 +464,7 @@ def test_bench_table_never_cuts_status_words_or_names_in_a_ci_log(width):
 
 @pytest.mark.parametrize("command", [["onnx"], ["torchscript"]])
 def test_a_workdir_that_is_a_file_is_one_clear_line(tmp_path, command):
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
 
     workdir = tmp_path / "exports"
     workdir.write_text("not a folder")
@@ -540,7 +540,7 @@ def test_a_long_step_prints_its_start_and_duration_in_a_ci_log(tmp_path):
     """CliRunner's stdout is no terminal, as a CI log is not: a spinner would show nothing there."""
     import re
 
-    from unet_export.demo import DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_WEIGHTS
 
     result = runner.invoke(app, ["torchscript", str(DEMO_WEIGHTS), "-w", str(tmp_path / "exports"), "--height", "32",
                                  "--width", "32", "--device", "cpu"])  # fmt: skip
@@ -741,7 +741,7 @@ def test_the_venv_build_drops_setuptools_editable_installation_box(tmp_path):
 
 
 FILTERED = """import os, sys, time
-from unet_export.pipeline.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
+from unet_export.predict.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
 ray_line = (b"[2026-12-06 09:43:19,950 E 11329 11329] core_worker.cc:2465: Actor with class name: "
             b"'MapWorker(MapBatches(_InferActor))' and ID: '748a' has constructor arguments in the object store "
             b"and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
-from unet_export.export import FORMATS
+from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
+from unet_export.runtimes.formats import FORMATS
 from unet_export.fileio import sha256_file, sweep_stale_temps
 from unet_export.workdir.manifest import load_manifest, transaction
 from tests.conftest import milesial_state_dict

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from unet_export.api import build_trt, export_artifact, export_fp16_onnx
 from unet_export.cli.main import app
-from unet_export.demo import DEMO_VAL, write_random_checkpoint
+from unet_export.flows.demo import DEMO_VAL, write_random_checkpoint
 from unet_export.errors import UserError
-from unet_export.export.tensorrt_plan import (
+from unet_export.runtimes.tensorrt.plan import (
     Profile,
     check_engine_compat,
     engine_path,
@@ -252,7 +252,7 @@ def test_real_engine_build_parity_and_manifest(workdir, precision):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
 def test_real_engine_refuses_a_record_from_another_version(workdir):
     pytest.importorskip("tensorrt")
-    from unet_export.runners import TensorRTRunner
+    from unet_export.runtimes import TensorRTRunner
 
     result = build_trt(workdir, precision="fp16")
     record = result.entry | {"tensorrt_version": "0.0.0"}
@@ -280,7 +280,7 @@ def fake_trt(monkeypatch):
 
 
 def _build(workdir, tmp_path, version, precision="fp16", fp32_layers=None):
-    from unet_export.export.tensorrt import build_engine
+    from unet_export.runtimes.tensorrt.build import build_engine
 
     source = workdir / "unet.onnx"
     plan = plan_build(version, precision, fp32_layers)
@@ -404,7 +404,7 @@ def test_bad_timing_cache_is_replaced_with_a_warning(workdir, tmp_path, fake_trt
 
 
 def test_build_goes_on_without_a_timing_cache_when_none_can_be_made(workdir, tmp_path, fake_trt):
-    from unet_export.export.tensorrt import _save_timing_cache
+    from unet_export.runtimes.tensorrt.build import _save_timing_cache
 
     trt = fake_trt(timing_cache_ok=False)
     with pytest.warns(UserWarning, match="could not create a timing cache: building without one"):
@@ -425,7 +425,7 @@ RECORD = {"path": "e.engine", "tensorrt_version": None, "gpu": "NVIDIA H100 80GB
 def engine_runner(tmp_path, fake_trt, monkeypatch):
     """A runner on an engine file, activated against the fake (version and knobs as given)."""
     from tests.fake_tensorrt import install_fake_cuda
-    from unet_export.runners.tensorrt import TensorRTRunner
+    from unet_export.runtimes.tensorrt.runner import TensorRTRunner
 
     def make(version=TRT10, plan=b"PLAN", **kwargs):
         trt = fake_trt(version=version, **kwargs)

@@ -24,9 +24,9 @@ from onnx import helper
 
 from tests.fake_tensorrt import MODULE, install_fake_cuda, make_fake_tensorrt
 from unet_export.errors import ArtifactError, UserError
-from unet_export.export.tensorrt import build_engine
-from unet_export.export.tensorrt_plan import Profile, plan_build
-from unet_export.runners.tensorrt import TensorRTRunner
+from unet_export.runtimes.tensorrt.build import build_engine
+from unet_export.runtimes.tensorrt.plan import Profile, plan_build
+from unet_export.runtimes.tensorrt.runner import TensorRTRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 API = json.loads((ROOT / "tests" / "data" / "tensorrt_api.json").read_text())

@@ -19,13 +19,13 @@ from unet_export.data.dataset import Preprocess, SegmentationDataset, find_sampl
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import make_synth
 from unet_export.flows.evaluate import evaluate, mean_dice
-from unet_export.export.onnx import read_metadata as onnx_metadata
-from unet_export.export.torchscript import read_metadata as torchscript_metadata
+from unet_export.runtimes.onnx.export import read_metadata as onnx_metadata
+from unet_export.runtimes.torchscript.export import read_metadata as torchscript_metadata
 from unet_export.fileio import sha256_file
 from unet_export.workdir.manifest import load_manifest
 from unet_export.models import create_model
 from unet_export.predict import predict
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 from unet_export.flows.train import TrainConfig, train
 
 runner = CliRunner()
@@ -298,7 +298,7 @@ def test_data_synth_cli(tmp_path):
 
 
 def test_shipped_demo_model_reaches_its_stated_dice():
-    from unet_export.demo import DEMO_VAL, DEMO_WEIGHTS
+    from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 
     report = evaluate(DEMO_WEIGHTS, DEMO_VAL, None, device="cpu")
     assert report["images"] == 24 and report["eager"]["dice"] >= 0.95

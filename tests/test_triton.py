@@ -31,12 +31,12 @@ from tests.conftest import ignoring_sigint
 from unet_export.api import export_artifact
 from unet_export.cli.main import app
 from unet_export.data.dataset import Preprocess, image_to_tensor
-from unet_export.demo import DEMO_WEIGHTS
+from unet_export.flows.demo import DEMO_WEIGHTS
 from unet_export.errors import UserError
 from unet_export.fileio import pid_alive, sha256_file
 from unet_export.workdir.manifest import load_manifest, transaction, upsert_artifact
 from unet_export.models.sizes import SizeRule
-from unet_export.runners.base import Runner
+from unet_export.runtimes.base import Runner
 from unet_export.serving import install, repository, triton_model
 from unet_export.serving.client import infer, make_client
 from unet_export.serving.repository import RECORD_NAME, write_repository

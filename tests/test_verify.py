@@ -3,9 +3,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from unet_export.demo import random_milesial
+from unet_export.flows.demo import random_milesial
 from unet_export.errors import UserError
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 from unet_export.parity.gate import (
     FALLBACK_REL_ATOL,
     FP16,

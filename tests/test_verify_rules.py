@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from unet_export.demo import random_milesial
+from unet_export.flows.demo import random_milesial
 from unet_export.errors import UserError
 from unet_export.metrics import center_crop
-from unet_export.runners import EagerRunner
-from unet_export.runners.base import Runner
+from unet_export.runtimes import EagerRunner
+from unet_export.runtimes.base import Runner
 from unet_export.parity.gate import (
     FP16,
     FP32,

@@ -11,13 +11,13 @@ case lives in the module named beside it.
     # the workdir's checkpoint (workdir/lookup.py), one entry's parity (parity/run.py), --device (device.py)
 """
 
-# Re-exports only. The underscored names are what export/openvino.py and export/quantize.py (now
-# flows/int8.py) took from here before workdir/publish.py held them; they stay importable.
+# Re-exports only. The underscored names are what the OpenVINO and INT8 exports (now
+# flows/openvino.py, flows/int8.py) took from here before workdir/publish.py held them; they stay importable.
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UnetExportError, UserError
-from unet_export.export import FORMATS
-from unet_export.export.onnx import DEFAULT_OPSET
+from unet_export.runtimes.formats import FORMATS
+from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.flows.export import (
     SECOND_PARITY_SHAPE,
     ExportResult,
@@ -31,7 +31,8 @@ from unet_export.flows.export import (
     require_real_images,
 )
 from unet_export.models.sizes import SizeRule
-from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.runtimes import EagerRunner
+from unet_export.workdir.runners import artifact_runner
 from unet_export.parity.run import run_parity
 from unet_export.parity.gate import (
     FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,

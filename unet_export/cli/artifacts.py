@@ -1,4 +1,4 @@
-"""`unet-export inspect`: a thin command over unet_export.inspection, and its plain-text report."""
+"""`unet-export inspect`: a thin command over unet_export.flows.inspect, and its plain-text report."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import typer
 
 from unet_export.cli.common import cli_errors, console
 from unet_export.cli.render import gate_rule
-from unet_export.inspection import FORMATS, ArtifactInfo, inspect_artifact
+from unet_export.flows.inspect import FORMATS, ArtifactInfo, inspect_artifact
 from unet_export.text import counted
 
 KIND = {"onnx": "ONNX", "torchscript": "TorchScript", "aoti": "AOTInductor package", "openvino": "OpenVINO IR",

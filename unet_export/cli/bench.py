@@ -5,17 +5,17 @@ from typing import Annotated
 
 import typer
 
-from unet_export.bench import benchmark, exit_code
+from unet_export.bench.run import benchmark, exit_code
 from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app, working
-from unet_export.bench_prepare import prepare_workdir
+from unet_export.bench.prepare import prepare_workdir
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import bench_markdown, bench_table, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
-from unet_export.results import artifact_record
-from unet_export.runners import BACKENDS
-from unet_export.runners.compiled import COMPILE_MODES
+from unet_export.flows.results import artifact_record
+from unet_export.bench.backends import BACKENDS
+from unet_export.runtimes.torch.compiled import COMPILE_MODES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -1,5 +1,5 @@
 """`--json PATH` for every command that judges something: the option, and the block that writes
-the result document (unet_export/results.py) when the command ends, however it ends.
+the result document (unet_export/flows/results.py) when the command ends, however it ends.
 
 Written temp + rename (never half a file), also on exit 1 (a failed gate is the result CI wants)
 and on exit 2/3 (the document then carries ``error``, the line printed on stderr, and whatever
@@ -17,7 +17,7 @@ from unet_export.cli.common import exit_status
 from unet_export.errors import UserError
 from unet_export.fileio import write_json
 from unet_export.workdir.manifest import load_manifest
-from unet_export.results import artifact_record, check_writable, envelope, finish, with_floor_ratio
+from unet_export.flows.results import artifact_record, check_writable, envelope, finish, with_floor_ratio
 
 JsonOpt = Annotated[
     Path | None,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from unet_export.api import build_trt, export_artifact, export_fp16_onnx, require_real_images, resolve_device
-from unet_export.bench import benchmark, exit_code
+from unet_export.bench.run import benchmark, exit_code
 from unet_export.cli.data import app as data_app
 from unet_export.cli.training import register as register_training
 from unet_export.cli.predict import register as register_predict
@@ -23,13 +23,13 @@ from unet_export.cli.render import (
 )
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.flows.cpp_check import cpp_check
-from unet_export.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
-from unet_export.doctor import run_checks
+from unet_export.flows.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
+from unet_export.flows.doctor import run_checks
 from unet_export.flows.evaluate import evaluate
-from unet_export.export import FORMATS
+from unet_export.runtimes.formats import FORMATS
 from unet_export.errors import UserError
-from unet_export.export.fp16 import check_fp32_layers
-from unet_export.export.onnx import DEFAULT_OPSET
+from unet_export.runtimes.onnx.fp16 import check_fp32_layers
+from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.flows.verify import verify_workdir
 
 app = typer.Typer(

@@ -1,4 +1,4 @@
-"""`unet-export predict`: thin command over unet_export.pipeline (local threads, or Ray Data)."""
+"""`unet-export predict`: thin command over unet_export.predict.batch (local threads, or Ray Data)."""
 
 import os
 import sys
@@ -13,8 +13,8 @@ from unet_export.api import resolve_device
 from unet_export.cli.common import ModelOpt, RunDeviceOpt, cli_errors, console, stop_on_signals, working
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
-from unet_export.pipeline import PredictOptions, prepare, run
-from unet_export.pipeline.report import Report
+from unet_export.predict.batch import PredictOptions, prepare, run
+from unet_export.predict.report import Report
 from unet_export.text import counted
 
 SHOWN_FAILURES = 20  # on the terminal; the report lists them all

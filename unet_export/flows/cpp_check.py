@@ -18,7 +18,7 @@ from unet_export.checkpoint import build_model
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
 from unet_export.workdir.manifest import checked_path, load_manifest
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 from unet_export.parity.gate import FP32, compare, seeded_inputs
 from unet_export.workdir.lookup import manifest_checkpoint
 

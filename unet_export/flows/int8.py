@@ -38,8 +38,8 @@ from unet_export.data.dataset import (
     open_image,
 )
 from unet_export.errors import ArtifactError, UnetExportError, UserError, require
-from unet_export.export.layers import module_path
-from unet_export.export.openvino import ir_path, write_ir
+from unet_export.runtimes.onnx.layers import module_path
+from unet_export.runtimes.openvino.export import ir_path, write_ir
 from unet_export.fileio import claim_temp_path, sha256_file
 from unet_export.flows.export import ExportResult
 from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
@@ -47,7 +47,8 @@ from unet_export.workdir.manifest import checked_path, load_manifest, transactio
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
 from unet_export.parity.realimages import IMAGES_PER_BATCH, image_record
-from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.runtimes import EagerRunner
+from unet_export.workdir.runners import artifact_runner
 from unet_export.parity.gate import ParityReport, Tolerance, compare, tolerance_for
 from unet_export.workdir import publish
 from unet_export.workdir.ir import finish_pending_weights, ir_weights

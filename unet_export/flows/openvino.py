@@ -1,5 +1,5 @@
 """The use case behind `unet-export openvino`: an OpenVINO IR (``<stem>.xml`` + ``<stem>.bin``)
-from the workdir's verified ONNX artefact (written by export/openvino.py), checked against the
+from the workdir's verified ONNX artefact (written by runtimes/openvino/export.py), checked against the
 eager model and published. An IR is two files: both are verified together under temp names and
 published together (``record_ir``), and the manifest records the .bin's sha256 beside the .xml's.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
-from unet_export.export.openvino import convert_onnx, ir_path
+from unet_export.runtimes.openvino.export import convert_onnx, ir_path
 from unet_export.fileio import sha256_file
 from unet_export.flows.export import ExportResult, export_artifact, require_real_images
 from unet_export.workdir.manifest import load_manifest, transaction

@@ -19,7 +19,7 @@ from unet_export.flows.evaluate import mean_dice
 from unet_export.fileio import atomic_path, loads_json, write_json
 from unet_export.metrics import center_crop
 from unet_export.models import create_model, get_spec
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 
 
 @dataclass

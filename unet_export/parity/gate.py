@@ -26,8 +26,8 @@ import torch
 
 from unet_export.errors import UserError
 from unet_export.metrics import decision_margin, dice_score, logits_to_mask
-from unet_export.runners.base import Runner
-from unet_export.runners.eager import EagerRunner
+from unet_export.runtimes.base import Runner
+from unet_export.runtimes.torch.eager import EagerRunner
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ the gate (verify.check_parity); a runtime that crashes is a failed check, not a 
 from pathlib import Path
 
 from unet_export.errors import UnetExportError
-from unet_export.runners import EagerRunner, artifact_runner
+from unet_export.runtimes import EagerRunner
+from unet_export.workdir.runners import artifact_runner
 from unet_export.parity.gate import ParityReport, Tolerance, check_parity
 
 

@@ -22,7 +22,7 @@ from unet_export.errors import UnetExportError, UserError
 from unet_export.metrics import decision_margin, dice_score
 from unet_export.models.sizes import SizeRule
 from unet_export.parity.realimages import HOW, judged_on_images_only, not_judged, real_images_for
-from unet_export.runners import EagerRunner, Runner
+from unet_export.runtimes import EagerRunner, Runner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, infer, make_client
 from unet_export.serving.install import TritonInstall
 from unet_export.serving.loadtest import LoadReport, load_test

@@ -1,6 +1,6 @@
 """Talking to a Triton server with tritonclient, over HTTP or gRPC, on 127.0.0.1.
 
-``TritonRunner`` is a Runner (unet_export.runners.base): a batch in, the served model's output
+``TritonRunner`` is a Runner (unet_export.runtimes.base): a batch in, the served model's output
 out, so the parity machinery that judges artefacts judges served models unchanged. One client
 per runner and per thread: the HTTP client is gevent-based and must stay on the thread that made
 it. Clients are always closed (an open HTTP client holds the server's shutdown for 30 s).
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from unet_export.errors import require
-from unet_export.runners.base import Runner
+from unet_export.runtimes.base import Runner
 
 PROTOCOLS = ("http", "grpc")
 

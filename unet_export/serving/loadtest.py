@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, batch_counts
 from unet_export.parity.gate import compare, seeded_inputs, tolerance_from_record
 

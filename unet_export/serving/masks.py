@@ -10,7 +10,7 @@ from unet_export.checkpoint import class_mask_values
 from unet_export.data.dataset import Preprocess
 from unet_export.inference.predictor import Predictor, mask_to_image_array, predict_classes
 from unet_export.models.sizes import SizeRule
-from unet_export.runners import EagerRunner
+from unet_export.runtimes import EagerRunner
 
 
 class _RecordingEager(EagerRunner):

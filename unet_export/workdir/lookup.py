@@ -5,7 +5,7 @@ from pathlib import Path
 
 from unet_export.checkpoint import Checkpoint, load_checkpoint
 from unet_export.errors import UserError
-from unet_export.export.onnx import check_external_data
+from unet_export.runtimes.onnx.export import check_external_data
 from unet_export.workdir.manifest import checked_path
 
 

@@ -1,0 +1,138 @@
+"""Which rows the benchmark has: ``BACKENDS``, every runtime it knows, each a function of the
+context that returns a runner or raises Unavailable with the reason (shown in its row). Runner
+modules import their runtime lazily, so importing this costs nothing."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from unet_export.runtimes import (
+    AotiRunner,
+    EagerRunner,
+    OnnxRuntimeRunner,
+    OpenVinoRunner,
+    Runner,
+    TensorRTRunner,
+    TorchCompileRunner,
+    TorchScriptRunner,
+)
+from unet_export.workdir.ir import ir_weights
+from unet_export.workdir.manifest import checked_path
+
+
+class Unavailable(Exception):
+    """This runtime cannot run here; the benchmark shows the reason in its row."""
+
+
+@dataclass
+class BackendContext:
+    model: nn.Module  # the eager fp32 model, on the CPU
+    workdir: Path
+    manifest: dict
+    device: torch.device
+    shape: tuple[int, int, int, int]
+    compile_mode: str = "default"
+
+    def entry(self, fmt: str, precision: str = "fp32") -> dict:
+        """The manifest entry of an artefact that can run at the benchmark shape."""
+        for entry in self.manifest["artifacts"]:
+            if entry["format"] == fmt and entry["precision"] == precision:
+                static = entry.get("size_rule", {}).get("static")
+                if static and entry["inputs"][0]["shape"] != list(self.shape):
+                    raise Unavailable(f"static {fmt} artefact takes {entry['inputs'][0]['shape']}, not {list(self.shape)}")
+                return entry
+        command = "unet-export trt" if fmt == "tensorrt" else f"unet-export {fmt}"
+        hint = f"{command} --{precision}" if precision != "fp32" or fmt == "tensorrt" else command
+        raise Unavailable(f"no {precision} {fmt} artefact in {self.workdir}/manifest.json (run {hint})")
+
+    def artifact(self, fmt: str, precision: str = "fp32") -> Path:
+        return checked_path(self.workdir, self.entry(fmt, precision))
+
+    def needs_cuda(self, what: str) -> None:
+        if self.device.type != "cuda":
+            raise Unavailable(f"{what} needs a CUDA GPU (benchmark device is {self.device})")
+
+
+def _eager_half(ctx: BackendContext) -> Runner:
+    ctx.needs_cuda("eager fp16")
+    return EagerRunner(ctx.model, ctx.device, "fp16", channels_last=True)
+
+
+def _ort_provider(provider: str, precision: str = "fp32"):
+    def make(ctx: BackendContext) -> Runner:
+        ctx.needs_cuda(f"ONNX Runtime's {provider} provider")
+        return OnnxRuntimeRunner(ctx.artifact("onnx", precision), ctx.device, precision, provider=provider)
+
+    return make
+
+
+def _aoti(ctx: BackendContext) -> Runner:
+    entry = ctx.entry("aoti")
+    if entry.get("device", "cpu") != ctx.device.type:
+        raise Unavailable(f"{entry['path']} is compiled for {entry.get('device')}, the benchmark runs on {ctx.device.type}")
+    return AotiRunner(checked_path(ctx.workdir, entry), ctx.device)
+
+
+def _openvino(precision: str):
+    """OpenVINO at ``precision`` (its inference precision hint), reading the FP32 IR when the workdir has one,
+    else the ONNX model."""
+
+    def make(ctx: BackendContext) -> Runner:
+        try:
+            entry = ctx.entry("openvino")
+        except Unavailable:
+            return OpenVinoRunner(ctx.artifact("onnx"), "cpu", precision)
+        path = checked_path(ctx.workdir, entry)
+        return OpenVinoRunner(path, "cpu", precision, weights=ir_weights(path, entry))
+
+    return make
+
+
+def _int8(fmt: str):
+    """The workdir's INT8 artefact of ``fmt`` (openvino IR or onnx), on the CPU."""
+
+    def make(ctx: BackendContext) -> Runner:
+        if not any(a["format"] == fmt and a["precision"] == "int8" for a in ctx.manifest["artifacts"]):
+            engine = "openvino" if fmt == "openvino" else "onnxruntime"
+            raise Unavailable(f"no int8 {fmt} artefact in {ctx.workdir}/manifest.json "
+                              f"(run unet-export int8 WEIGHTS --calib DIR --engine {engine})")  # fmt: skip
+        entry = ctx.entry(fmt, "int8")
+        path = checked_path(ctx.workdir, entry)
+        if fmt == "openvino":
+            return OpenVinoRunner(path, "cpu", "int8", weights=ir_weights(path, entry))
+        return OnnxRuntimeRunner(path, "cpu", "int8")
+
+    return make
+
+
+def _tensorrt(precision: str):
+    def make(ctx: BackendContext) -> Runner:
+        ctx.needs_cuda("TensorRT")
+        entry = ctx.entry("tensorrt", precision)
+        return TensorRTRunner(checked_path(ctx.workdir, entry), ctx.device, precision, record=entry)
+
+    return make
+
+
+# Order is the table's order; "eager" is the baseline every speed-up is relative to.
+BACKENDS = {
+    "eager": lambda ctx: EagerRunner(ctx.model, ctx.device),
+    "eager-channels-last": lambda ctx: EagerRunner(ctx.model, ctx.device, channels_last=True),
+    "eager-bf16": lambda ctx: EagerRunner(ctx.model, ctx.device, "bf16", channels_last=ctx.device.type == "cuda"),
+    "eager-fp16": _eager_half,
+    "torch.compile": lambda ctx: TorchCompileRunner(ctx.model, ctx.device, mode=ctx.compile_mode),
+    "torchscript": lambda ctx: TorchScriptRunner(ctx.artifact("torchscript"), ctx.device, freeze=True),
+    "aoti": lambda ctx: _aoti(ctx),
+    "onnxruntime": lambda ctx: OnnxRuntimeRunner(ctx.artifact("onnx"), "cpu"),
+    "onnxruntime-cuda": _ort_provider("cuda"),
+    "onnxruntime-cuda-fp16": _ort_provider("cuda", "fp16"),
+    "onnxruntime-trt": _ort_provider("tensorrt"),
+    "openvino": _openvino("fp32"),
+    "openvino-bf16": _openvino("bf16"),
+    "openvino-int8": _int8("openvino"),
+    "onnxruntime-int8": _int8("onnx"),
+    "tensorrt-fp16": _tensorrt("fp16"),
+    "tensorrt-fp32": _tensorrt("fp32"),
+}

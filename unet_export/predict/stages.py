@@ -1,0 +1,123 @@
+"""The three stages of batch prediction, shared by the local pipeline and the Ray job so that
+both write byte-identical masks: load (decode + preprocess, or skip a finished mask), infer (one
+batch of same-size images through the runner, back to class indices at each image's size) and
+write (PNG encode, temp + rename, sha256)."""
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unet_export.data.dataset import Preprocess, load_image
+from unet_export.errors import UserError
+from unet_export.fileio import atomic_path
+from unet_export.inference.predictor import fit_and_run, mask_to_image_array, overlay, to_classes
+from unet_export.predict.inputs import Job
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What loading and writing need of the model: plain data, picklable to Ray workers."""
+
+    preprocess: Preprocess
+    n_channels: int
+    mask_values: tuple
+    max_pixels: int | None = None
+    overlay: bool = False
+
+
+@dataclass
+class Loaded:
+    job: Job
+    x: np.ndarray  # CHW float32, preprocessed
+    size: tuple[int, int]  # the image's (width, height): the mask is written at this size
+    image: Image.Image | None = None  # kept for --overlay only
+
+
+@dataclass
+class Outcome:
+    """One input's end: written (mask, sha256), skipped (--resume found it done) or failed (reason)."""
+
+    job: Job
+    mask: Path | None = None
+    sha256: str | None = None
+    skipped: bool = False
+    reason: str | None = None
+
+
+def load(job: Job, stages: Stages, out: Path, resume: bool = False) -> Loaded | Outcome:
+    """Decode and preprocess one image; an image that cannot be read is this input's failure,
+    never the run's."""
+    if resume and is_complete(job, out, stages.overlay):
+        return Outcome(job, job.mask(out), skipped=True)
+    try:
+        img = load_image(job.src, stages.n_channels, stages.max_pixels)
+        x = image_array(img, stages.preprocess, stages.n_channels)
+    except UserError as exc:
+        return Outcome(job, reason=str(exc))
+    except OSError as exc:  # unreadable file (permissions, I/O error) after the header was read
+        return Outcome(job, reason=f"cannot read image {job.src}: {exc.strerror or exc}")
+    return Loaded(job, x, img.size, img if stages.overlay else None)
+
+
+def image_array(img: Image.Image, preprocess: Preprocess, n_channels: int) -> np.ndarray:
+    """image_to_tensor's CHW float32, the same values, in numpy only: a torch op here would wake
+    torch's OpenMP pool in a reader thread and fight the runtime's threads for the cores."""
+    arr = np.array(preprocess.resize(img, Image.BICUBIC), dtype=np.float32)
+    if arr.size and arr.max() > 1:
+        arr /= 255.0
+    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if n_channels == 3 and chw.shape[0] == 1:
+        chw = np.broadcast_to(chw, (3, *chw.shape[1:]))
+    return np.ascontiguousarray(chw)
+
+
+def is_complete(job: Job, out: Path, overlay: bool) -> bool:
+    """A mask that exists was renamed into place whole; verify() also reads its chunks' CRCs, so
+    a file truncated or damaged by something else is done again."""
+    paths = [job.mask(out)] + ([job.overlay(out)] if overlay else [])
+    try:
+        for path in paths:
+            with Image.open(path) as img:
+                img.verify()
+    except Exception:  # missing or damaged, whatever PIL raises
+        return False
+    return True
+
+
+def infer(predictor, batch: list[Loaded]) -> list[np.ndarray]:
+    """Class indices per pixel, at each image's own size, for images of one preprocessed size."""
+    x = torch.from_numpy(np.stack([item.x for item in batch]))
+    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed).float().cpu()
+    return [to_classes(logits[i : i + 1], item.size, predictor.preprocess) for i, item in enumerate(batch)]
+
+
+def mask_png(classes: np.ndarray, mask_values) -> bytes:
+    """The mask as milesial's predict.py stores it (grey levels or RGB triplets), PNG-encoded."""
+    return _png(Image.fromarray(mask_to_image_array(classes, list(mask_values))))
+
+
+def write(item: Loaded, classes: np.ndarray, stages: Stages, out: Path) -> Outcome:
+    """Write the mask (and overlay) under ``out``: temp + rename, so a killed run leaves whole
+    files or none. OSError (a full disk) is raised: it ends the run, not just this image."""
+    data = mask_png(classes, stages.mask_values)
+    dest = item.job.mask(out)
+    if stages.overlay:
+        save_atomic(item.job.overlay(out), _png(overlay(item.image, classes)))
+    save_atomic(dest, data)
+    return Outcome(item.job, dest, hashlib.sha256(data).hexdigest())
+
+
+def _png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_atomic(dest: Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)

@@ -1,0 +1,73 @@
+"""OpenVINO on the CPU, reading an OpenVINO IR (``.xml`` + its ``.bin``) or the ONNX artefact.
+Each new input shape is compiled static once (static kernels are faster than dynamic ones);
+``precision`` names what the artefact is (fp32, fp16, bf16, int8) and sets the inference
+precision hint: fp32 keeps full precision, bf16 uses the CPU's bf16 units where it has them
+(OpenVINO emulates them, slowly, on CPUs without avx512_bf16/AMX), int8 runs the quantised layers
+in INT8 (VNNI/AMX) and the layers left in FP32 in f32.
+
+An IR is two files: the runner takes both paths (workdir/ir.py finds and checks the .bin of a
+workdir's IR)."""
+
+from pathlib import Path
+
+import torch
+
+from unet_export.errors import UserError, require
+from unet_export.runtimes.onnx.export import refuse_outside_data
+from unet_export.runtimes.base import Runner
+
+HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+
+
+class OpenVinoRunner(Runner):
+    name = "openvino"
+
+    def __init__(self, path: str | Path, device="cpu", precision="fp32", weights: str | Path | None = None,
+                 hint: str | None = None):  # fmt: skip
+        super().__init__(device, precision)
+        if self.device.type != "cpu":
+            raise UserError("the OpenVINO runner runs on the CPU only")
+        if precision not in HINTS:
+            raise UserError(f"OpenVINO precision {precision!r}: choose one of {', '.join(HINTS)}")
+        self.path = Path(path)
+        self.weights = Path(weights) if weights else None
+        self.hint = hint or HINTS[precision]
+        self.requests = {}
+
+    def _activate_impl(self) -> None:
+        ov = require("openvino", extra="openvino")
+        if not self.path.is_file():
+            raise UserError(f"OpenVINO model not found: {self.path}")
+        self.core = ov.Core()
+        files = (str(self.path), str(self.weights)) if self.weights else (str(self.path),)
+        try:
+            self.model = self.core.read_model(*files)
+        except Exception:
+            if self.path.suffix == ".onnx":  # an ONNX model read by OpenVINO (no IR in the workdir)
+                refuse_outside_data(self.path)
+            raise
+        self.requests = {}
+
+    def _request(self, shape: tuple[int, ...]):
+        if shape not in self.requests:
+            model = self.model.clone()
+            model.reshape({model.input(0).get_any_name(): list(shape)})
+            config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY"}
+            compiled = self.core.compile_model(model, "CPU", config)
+            self.requests[shape] = (compiled.create_infer_request(), compiled.output(0))
+        return self.requests[shape]
+
+    def _infer_impl(self, x: torch.Tensor) -> torch.Tensor:
+        request, output = self._request(tuple(x.shape))
+        request.infer({0: x.detach().contiguous().numpy()})
+        return torch.from_numpy(request.get_tensor(output).data.copy())
+
+    def _deactivate_impl(self) -> None:
+        self.requests = {}
+        self.model = None
+
+    def describe(self) -> str:
+        source = ", IR" if self.path.suffix == ".xml" else ""
+        if self.precision == "int8":
+            return f"CPU{source}, INT8 ({self.hint} for the layers left in FP32)"
+        return f"CPU{source}, {self.hint} inference precision"

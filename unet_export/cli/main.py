@@ -10,11 +10,11 @@ import typer
 from unet_export.api import build_trt, export_artifact, export_fp16_onnx, require_real_images, resolve_device
 from unet_export.bench.run import benchmark, exit_code
 from unet_export.cli.data import app as data_app
-from unet_export.cli.training import register as register_training
+from unet_export.cli.train import register as register_training
 from unet_export.cli.predict import register as register_predict
 from unet_export.cli.serve import register as register_serving
-from unet_export.cli.deploy import register as register_deploy, shower
-from unet_export.cli.artifacts import register as register_inspect
+from unet_export.cli.export import register as register_deploy, shower
+from unet_export.cli.system import register as register_inspect
 from unet_export.cli.common import (Device, DeviceOpt, ModelOpt, VersionOpt, Weights, Workdir, cli_errors, console,
                                      fail, run_app, working)
 from unet_export.cli.jsonout import JsonOpt, json_result

@@ -35,7 +35,7 @@ import torch
 from unet_export.api import manifest_checkpoint
 from unet_export.bench.run import BenchConfig, BenchReport, bench_batch, benchmark, device_info, image_paths, run_benchmark
 from unet_export.checkpoint import build_model
-from unet_export.cli.render import bench_markdown
+from unet_export.cli.render_bench import bench_markdown
 from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS, demo_calibration, write_random_checkpoint
 from unet_export.workdir.manifest import load_manifest, tool_versions
 from unet_export.bench.backends import BackendContext, BACKENDS

@@ -21,7 +21,7 @@ from pathlib import Path
 from unet_export.api import resolve_device
 from unet_export.bench.run import benchmark
 from unet_export.cli.common import one_line
-from unet_export.cli.render import bench_markdown
+from unet_export.cli.render_bench import bench_markdown
 from unet_export.flows.demo import write_random_checkpoint
 from unet_export.errors import UserError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import unet_export.cli.main as cli_main
+import unet_export.cli.export as cli_export
 from unet_export.cli.main import app
 from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.fileio import write_json
@@ -44,7 +44,7 @@ def test_a_bug_exits_3_with_or_without_debug(monkeypatch, tmp_path, debug):
     def broken(*_, **__):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cli_main, "export_artifact", broken)
+    monkeypatch.setattr(cli_export, "export_artifact", broken)
     monkeypatch.setenv("UNET_EXPORT_DEBUG", debug)
     result = CliRunner().invoke(app, ["torchscript", str(DEMO_WEIGHTS), "-w", str(tmp_path)])
     assert result.exit_code == 3 and "ZeroDivisionError" in result.stderr

@@ -344,7 +344,7 @@ def test_parity_table_shows_ties_apart_from_class_changes():
 
 
 def test_a_failed_export_prints_each_failing_check_with_the_value_that_passes(tmp_path, monkeypatch):
-    import unet_export.cli.render as render
+    import unet_export.cli.render_export as render
     from unet_export.parity.gate import ParityReport
 
     exact = two_class_logits(0.5)
@@ -393,10 +393,10 @@ def test_debug_shows_the_traceback_and_an_internal_error_still_exits_3(make_chec
     """Through the real entry point (run_app), not Typer's test runner: the contract's 3, not 1."""
     code = (
         "import sys\n"
-        "import unet_export.cli.main as m\n"
+        "import unet_export.cli.export as e, unet_export.cli.main as m\n"
         "def broken(*a, **k):\n"
         "    raise ZeroDivisionError('a bug')\n"
-        "m.export_artifact = broken\n"
+        "e.export_artifact = broken\n"
         f"sys.argv = ['unet-export', 'torchscript', {str(make_checkpoint('v3'))!r}, '-w', {str(tmp_path / 'o')!r}]\n"
         "m.main()\n"
     )

@@ -170,7 +170,7 @@ def test_parity_table_keeps_the_input_column_whole_at_80_columns():
 
 
 def test_long_steps_show_a_status_on_a_terminal(monkeypatch, tmp_path):
-    from unet_export.cli import common, main
+    from unet_export.cli import common, export
     from unet_export.errors import UserError
 
     shown = []
@@ -180,7 +180,7 @@ def test_long_steps_show_a_status_on_a_terminal(monkeypatch, tmp_path):
     def stop(*args, **kwargs):
         raise UserError("stopped here")
 
-    monkeypatch.setattr(main, "export_artifact", stop)
+    monkeypatch.setattr(export, "export_artifact", stop)
     result = runner.invoke(app, ["aoti", str(tmp_path / "w.pth"), "-w", str(tmp_path / "x")])
     assert result.exit_code == 2 and shown == ["compiling the AOTInductor package and checking parity..."]
     assert "aoti:" not in result.stdout  # the spinner instead of the plain lines
@@ -200,7 +200,7 @@ def test_bench_table_keeps_backend_names_whole_in_a_ci_log():
     from rich.console import Console
 
     from unet_export.bench.stats import Row
-    from unet_export.cli.render import bench_table
+    from unet_export.cli.render_bench import bench_table
 
     rows = [Row(name, "fp32", "ok", img_per_s=10.0, latency_ms={"mean": 1.0, "p50": 1.0, "p99": 1.0}, cv=0.01,
                 speedup_vs_eager=1.0, peak_mem_mb=1000.0) for name in ("eager-channels-last", "onnxruntime-int8")]
@@ -337,7 +337,7 @@ def test_version_of_both_commands_is_the_installed_package_version():
 
 def test_counts_of_one_are_singular_in_what_commands_print(tmp_path):
     from tests.test_labelme import SHAPES, png_bytes, write_labelme
-    from unet_export.cli.render import dice_table
+    from unet_export.cli.render_verify import dice_table
     from unet_export.parity.realimages import real_images_for
 
     synth = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--n", "1", "--size", "32x32"])
@@ -449,7 +449,7 @@ def _realistic_bench_report():
 def test_bench_table_never_cuts_status_words_or_names_in_a_ci_log(width):
     from rich.console import Console
 
-    from unet_export.cli.render import bench_table
+    from unet_export.cli.render_bench import bench_table
 
     report = _realistic_bench_report()
     console = Console(width=width, record=True, file=open("/dev/null", "w"))

@@ -9,7 +9,7 @@ from unet_export.bench.run import benchmark, exit_code
 from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app, working
 from unet_export.bench.prepare import prepare_workdir
 from unet_export.cli.jsonout import JsonOpt, json_result
-from unet_export.cli.render import bench_markdown, bench_table, row_line
+from unet_export.cli.render_bench import bench_markdown, bench_table, export_line, prepared_lines, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
@@ -85,21 +85,6 @@ def bench(
         if json_path:
             console.print(f"wrote {json_path}")  # when the block ends, with the exit code
         raise typer.Exit(max(exit_code(report.rows, gate), 0 if exports_passed else 1))
-
-
-def export_line(result) -> None:
-    """One line per artefact exported before the benchmark (the export commands print a table)."""
-    verdict = "[green]verified[/]" if result.passed else f"[red]FAILED[/] ({'; '.join(result.parity.failures()[:2])})"
-    console.print(f"exported {result.path} ({result.entry['format']} {result.entry['precision']}): {verdict} "
-                  f"in {result.seconds:.1f} s")  # fmt: skip
-
-
-def prepared_lines(prepared, workdir: Path) -> None:
-    if prepared.reused:
-        names = ", ".join(entry["path"] for entry in prepared.reused)
-        console.print(f"reused from {workdir}/manifest.json (verified from this checkpoint): {names}")
-    if prepared.skipped:
-        console.print(f"not exported here: {'; '.join(prepared.skipped)}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from unet_export.errors import UnetExportError
+from unet_export.errors import UnetExportError, UserError
 from unet_export.fileio import ENVIRONMENT_ERRNOS, os_error_message
 from unet_export.models import MODELS
 
@@ -104,6 +104,26 @@ Weights = Annotated[Path, typer.Argument(help=(
     "U-Net, torchvision DeepLabV3; --model names them all."))]  # fmt: skip
 ModelOpt = Annotated[str | None, typer.Option("--model", help=(
     f"Architecture, when the keys cannot tell it: {', '.join(MODELS)}."))]  # fmt: skip
+# train and evaluate read the same datasets
+MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = masks/<image stem><suffix>.<ext>.")]
+MaxPixels = Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (width x height) than this, "
+                                        "checked from the header before decoding (decompression bombs).")]  # fmt: skip
+
+
+def parse_mask_values(text: str | None) -> list | None:
+    """'0,128,255' -> [0, 128, 255]; '0:0:0,255:0:0' -> [[0, 0, 0], [255, 0, 0]] (RGB masks)."""
+    if text is None:
+        return None
+    try:
+        values = [[int(c) for c in item.split(":")] if ":" in item else int(item) for item in text.split(",")]
+    except ValueError:
+        raise UserError(f"--mask-values {text!r}: give integers, e.g. 0,128,255 (or r:g:b for RGB masks)") from None
+    grey, rgb = all(isinstance(v, int) for v in values), all(isinstance(v, list) and len(v) == 3 for v in values)
+    if len(values) < 2 or not (grey or rgb):
+        raise UserError(f"--mask-values {text!r}: at least two values, all grey integers or all r:g:b triplets")
+    if len({str(v) for v in values}) != len(values):
+        raise UserError(f"--mask-values {text!r}: values must be distinct")
+    return values
 
 
 @contextmanager

@@ -56,3 +56,6 @@ def labelme_cmd(
     counts = ", ".join(f"{k} {v}" for k, v in summary.pixels_per_class.items())
     console.print(f"wrote {counted(summary.images, 'image')}, {counted(summary.shapes, 'shape')} to {out_dir}; "
                   f"pixels per class: {counts}")
+
+
+COMMANDS = {"data": app}  # a group: `unet-export data synth|labelme`

@@ -1,20 +1,36 @@
-"""`unet-export openvino|int8`: CPU deployment artefacts, thin commands over
-unet_export.flows.openvino and unet_export.flows.int8."""
+"""`unet-export onnx|torchscript|aoti|trt|openvino|int8`: the export commands, thin over
+unet_export.api (flows/export.py, openvino.py, int8.py); what they print is cli/render_export.py."""
 
+import functools
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from unet_export.api import ExportResult
-from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, console, working
+from unet_export.api import ExportResult, build_trt, export_artifact, export_fp16_onnx, require_real_images
+from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, working
 from unet_export.cli.jsonout import JsonOpt, json_result
-from unet_export.cli.render import export_report
+from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
-from unet_export.flows.openvino import export_openvino
+from unet_export.errors import UserError
 from unet_export.flows.int8 import quantize_int8
-from unet_export.text import counted
+from unet_export.flows.openvino import export_openvino
+from unet_export.runtimes.onnx.export import DEFAULT_OPSET
+from unet_export.runtimes.onnx.fp16 import check_fp32_layers
+
+Height = Annotated[int, typer.Option(help="Export and first parity size: height.")]
+Width = Annotated[int, typer.Option(help="Export and first parity size: width.")]
+
+# openvino and int8 convert an ONNX model; they export it first when DIR has none.
+SourceHeight = Annotated[int, typer.Option(help="Export size of the ONNX model when it has to be exported first: height.")]
+SourceWidth = Annotated[int, typer.Option(help="Export size of the ONNX model when it has to be exported first: width.")]
+
+FP32Layers = Annotated[
+    list[str] | None,
+    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
+                 "path, e.g. 'outc*' or Resize); repeatable."),
+]  # fmt: skip
 
 
 class Engine(str, Enum):
@@ -23,8 +39,142 @@ class Engine(str, Enum):
     all = "all"
 
 
-Height = Annotated[int, typer.Option(help="Export size of the ONNX model when it has to be exported first: height.")]
-Width = Annotated[int, typer.Option(help="Export size of the ONNX model when it has to be exported first: width.")]
+STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti": "compiling the AOTInductor package"}
+
+
+def _export(fmt: str, weights: Path, workdir: Path, json_path: Path | None, **options) -> None:
+    with json_result(json_path, "export", f"unet-export {fmt}", workdir) as out:
+        with working(fmt, f"{STEP[fmt]} and checking parity"):
+            result = export_artifact(weights, fmt, workdir, **options)
+        out.add_export(result)
+        export_report(result, workdir)
+        raise typer.Exit(0 if result.passed else 1)
+
+
+@cli_errors
+def onnx_cmd(
+    weights: Weights,
+    workdir: Workdir = Path("exports"),
+    opset: Annotated[int, typer.Option(help="ONNX opset (at most 18 keeps ORT's CUDA Resize).")] = DEFAULT_OPSET,
+    height: Height = 256,
+    width: Width = 256,
+    static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write DIR/<stem>.fp16.onnx (FP32 I/O), verified.")] = False,
+    fp32_layers: FP32Layers = None,
+    device: DeviceOpt = "auto",
+    model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
+    data: RealData = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
+    with json_result(json_path, "export", "unet-export onnx", workdir) as out:
+        _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
+              fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
+              max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+
+
+def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
+          max_class_change, min_dice, data) -> None:  # fmt: skip
+    if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
+        require_real_images("fp16", weights, model, data)
+    if fp32_layers and not fp16:
+        raise UserError("--fp32-layers applies to the FP16 model: add --fp16")
+    one_gate(fp16, max_class_change=max_class_change, min_dice=min_dice)  # --rtol/--atol: the FP32 model's gate
+    # Patterns that match no node are refused before the FP32 model is published, not after.
+    check = functools.partial(check_fp32_layers, fp32_layers=fp32_layers, name=f"{Path(weights).stem}.onnx") \
+        if fp32_layers else None
+    with working("onnx", f"{STEP['onnx']} and checking parity"):
+        result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
+                                 device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check)  # fmt: skip
+    out.add_export(result)
+    export_report(result, workdir)
+    passed = result.passed
+    if fp16 and passed:
+        with working("onnx --fp16", "converting to FP16 and checking parity"):
+            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data,
+                                    max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+        out.add_export(half)
+        export_report(half, workdir)
+        passed = half.passed
+    raise typer.Exit(0 if passed else 1)
+
+
+@cli_errors
+def torchscript_cmd(
+    weights: Weights,
+    workdir: Workdir = Path("exports"),
+    height: Height = 256,
+    width: Width = 256,
+    device: DeviceOpt = "auto",
+    model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
+    _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
+            rtol=rtol, atol=atol)  # fmt: skip
+
+
+@cli_errors
+def aoti_cmd(
+    weights: Weights,
+    workdir: Workdir = Path("exports"),
+    height: Height = 256,
+    width: Width = 256,
+    static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
+    device: DeviceOpt = "auto",
+    model: ModelOpt = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
+    _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
+            rtol=rtol, atol=atol)  # fmt: skip
+
+
+@cli_errors
+def trt_cmd(
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="Engine precision.")] = True,
+    workdir: Workdir = Path("exports"),
+    onnx: Annotated[Path | None, typer.Option(help="ONNX model (default: the FP32 ONNX in DIR/manifest.json).")] = None,
+    min_shape: Annotated[str | None, typer.Option(help="Profile minimum NxCxHxW (default batch 1, export size).")] = None,
+    opt_shape: Annotated[str | None, typer.Option(help="Profile optimum NxCxHxW (default batch 8, export size).")] = None,
+    max_shape: Annotated[str | None, typer.Option(help="Profile maximum NxCxHxW (default batch 16, export size).")] = None,
+    workspace: Annotated[float, typer.Option(help="Builder workspace in GiB.")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache reused across builds (default DIR/timing.cache).")] = None,
+    fp32_layers: FP32Layers = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    max_class_change: MaxClassChange = None,
+    min_dice: MinDice = None,
+    data: RealData = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
+    with json_result(json_path, "export", "unet-export trt", workdir) as out:
+        _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
+             workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
+             max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+
+
+def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
+         atol, max_class_change, min_dice, data) -> None:  # fmt: skip
+    one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
+             to_reduced="drop --fp32")  # fmt: skip
+    with working("trt", "building the TensorRT engine and checking parity"):
+        result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
+                           opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
+                           timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
+                           max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+    out.add_export(result)
+    export_report(result, workdir)
+    raise typer.Exit(0 if result.passed else 1)
 
 
 @cli_errors
@@ -32,8 +182,8 @@ def openvino_cmd(
     weights: Weights,
     workdir: Workdir = Path("exports"),
     fp16: Annotated[bool, typer.Option("--fp16", help="Compress the weights to FP16 (DIR/<stem>.fp16.xml).")] = False,
-    height: Height = 256,
-    width: Width = 256,
+    height: SourceHeight = 256,
+    width: SourceWidth = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -60,27 +210,6 @@ def openvino_cmd(
         export_report(result, workdir)
         weights_line(result)
         raise typer.Exit(0 if result.passed else 1)
-
-
-def shower(workdir: Path):
-    """What `int8` (and `demo`) print as each artefact lands: the export report, an IR's .bin,
-    and for INT8 the calibration, the attempts, the layers left in FP32 and Dice vs ground truth."""
-
-    def show(result: ExportResult) -> None:
-        export_report(result, workdir)
-        weights_line(result)
-        if result.entry["precision"] == "int8":
-            int8_report(result)
-
-    return show
-
-
-def weights_line(result: ExportResult) -> None:
-    """An IR is two files: export_report shows the .xml, this the .bin the manifest records with it."""
-    weights = result.entry.get("weights")
-    if weights:
-        console.print(f"weights {result.path.with_name(weights['path'])} ({weights['bytes'] / 1e6:.1f} MB, sha256 "
-                      f"{weights['sha256'][:12]}), OpenVINO {result.entry['openvino_version']}")  # fmt: skip
 
 
 @cli_errors
@@ -115,8 +244,8 @@ def int8_cmd(
     ] = True,
     workdir: Workdir = Path("exports"),
     mask_suffix: Annotated[str, typer.Option(help="--val in milesial's layout: masks/<stem><suffix>.<ext>.")] = "_mask",
-    height: Height = 256,
-    width: Width = 256,
+    height: SourceHeight = 256,
+    width: SourceWidth = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     json_path: JsonOpt = None,
@@ -138,30 +267,5 @@ def int8_cmd(
         raise typer.Exit(0 if all(r.passed for r in results) else 1)
 
 
-def int8_report(result: ExportResult) -> None:
-    """What was calibrated on, what was tried, which layers stayed FP32, Dice vs ground truth."""
-    q, accuracy = result.entry["quantization"], result.entry.get("accuracy")
-    calib = q["calibration"]
-    console.print(f"calibration: {counted(calib['count'], 'image')} of {calib['path']} "
-                  f"({calib['first']} .. {calib['last']}, "
-                  f"sha256 {calib['sha256'][:12]}); gate on {q['gate_images']}")  # fmt: skip
-    for attempt in q["attempts"]:
-        verdict = "[green]passed[/]" if attempt["passed"] else f"[red]failed[/] ({'; '.join(attempt['failures'][:2])})"
-        console.print(
-            f"  attempt {attempt['name']}: preset {attempt['preset']}, {attempt['fp32_nodes']} layers in FP32 -> {verdict}"
-        )
-    worked = f"[green]{q['worked']}[/]" if q["worked"] else "[red]none passed[/] (the last one is recorded as failed)"
-    control = ", with NNCF accuracy control on Dice" if q["accuracy_control"] else ""
-    console.print(
-        f"INT8: {q['int8_layers']} of {q['layers']} convolutions, preset {q['preset']}{control}; worked: {worked}"
-    )
-    fp32 = result.entry["fp32_nodes"]
-    console.print(f"stayed FP32: {', '.join(fp32) if fp32 else 'none'}")
-    if accuracy:
-        console.print(f"Dice vs ground truth on {accuracy['images']} held-out images: eager {accuracy['eager_dice']:.4f}, "
-                      f"int8 {accuracy['dice']:.4f} ({-accuracy['drop']:+.4f}; allowed drop {accuracy['max_drop']})")  # fmt: skip
-
-
-def register(app: typer.Typer) -> None:
-    app.command("openvino")(openvino_cmd)
-    app.command("int8")(int8_cmd)
+COMMANDS = {"onnx": onnx_cmd, "torchscript": torchscript_cmd, "aoti": aoti_cmd, "trt": trt_cmd,
+            "openvino": openvino_cmd, "int8": int8_cmd}

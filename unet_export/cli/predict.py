@@ -100,5 +100,4 @@ def _failures(failed: list) -> None:
         print(f"  ... and {len(failed) - SHOWN_FAILURES} more (all in the report)", file=sys.stderr)
 
 
-def register(app: typer.Typer) -> None:
-    app.command("predict")(predict_cmd)
+COMMANDS = {"predict": predict_cmd}

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from unet_export.cli.common import Workdir, cli_errors, console, stop_on_signals
-from unet_export.cli.render import triton_check_report, triton_repository_report
+from unet_export.cli.render_serve import triton_check_report, triton_repository_report
 
 Repo = Annotated[Path | None, typer.Option("--repo", help="Repository folder (default DIR/triton); replaces only one "
                                            "unet-export wrote.")]  # fmt: skip
@@ -87,6 +87,4 @@ def serve_cmd(
             console.print("stopping tritonserver")
 
 
-def register(app: typer.Typer) -> None:
-    app.command("triton")(triton_cmd)
-    app.command("serve")(serve_cmd)
+COMMANDS = {"triton": triton_cmd, "serve": serve_cmd}

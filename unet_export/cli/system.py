@@ -1,4 +1,6 @@
-"""`unet-export inspect`: a thin command over unet_export.flows.inspect, and its plain-text report."""
+"""`unet-export doctor|demo|inspect`: the machine, the whole job on the shipped model, one
+artefact described; thin over unet_export.flows (doctor, demo, inspect). `--version` is the app's
+own option (cli/common.py)."""
 
 import json
 from pathlib import Path
@@ -6,19 +8,77 @@ from typing import Annotated
 
 import typer
 
-from unet_export.cli.common import cli_errors, console
-from unet_export.cli.render import gate_rule
-from unet_export.flows.inspect import FORMATS, ArtifactInfo, inspect_artifact
-from unet_export.text import counted
+from unet_export.api import export_artifact, resolve_device
+from unet_export.bench.run import benchmark, exit_code
+from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.jsonout import json_result
+from unet_export.cli.render_bench import bench_table, row_line
+from unet_export.cli.render_export import export_report, shower
+from unet_export.cli.render_system import doctor_table, report_lines
+from unet_export.cli.render_verify import dice_table
+from unet_export.errors import UserError
+from unet_export.flows.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
+from unet_export.flows.doctor import run_checks
+from unet_export.flows.evaluate import evaluate
+from unet_export.flows.inspect import FORMATS as INSPECTABLE, inspect_artifact
+from unet_export.runtimes.formats import FORMATS
 
-KIND = {"onnx": "ONNX", "torchscript": "TorchScript", "aoti": "AOTInductor package", "openvino": "OpenVINO IR",
-        "tensorrt": "TensorRT engine"}  # fmt: skip
+# torch.compile's CPU build alone takes a minute on 2 cores: the demo leaves it to unet-bench.
+DEMO_CPU_BACKENDS = ["eager", "eager-channels-last", "eager-bf16", "torchscript", "aoti", "onnxruntime", "openvino",
+                     "openvino-bf16"]  # fmt: skip
+
+
+@cli_errors
+def doctor_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON on stdout, not a table; "
+                                          "--json PATH writes the unet-export.doctor document to PATH.")] = False,
+    json_path: Annotated[Path | None, typer.Argument(hidden=True, metavar="PATH")] = None,
+) -> None:
+    """What this machine can run and why not: torch/CUDA/GPUs, TensorRT, ONNX Runtime, OpenVINO,
+    the C++ toolchain, versions against the lock. Always exits 0."""
+    # `--json` alone prints the bare list of checks, as it always has; `--json PATH` (PATH read
+    # as doctor's one argument: Typer has no option with an optional value) writes the document.
+    if json_path is not None and not as_json:
+        raise UserError(f"doctor takes no argument: to write the checks to {json_path}, use --json {json_path}")
+    with json_result(json_path, "doctor", "unet-export doctor") as out:
+        rows = run_checks()
+        out["checks"] = [row.to_dict() for row in rows]
+        if json_path is not None:
+            console.print(f"wrote {json_path}")
+        elif as_json:
+            print(json.dumps([row.to_dict() for row in rows], indent=2))
+        else:
+            console.print(doctor_table(rows))
+
+
+@cli_errors
+def demo_cmd(workdir: Workdir = Path("exports/demo"), device: DeviceOpt = "auto") -> None:
+    """The whole job on the shipped default model, offline: export, verify, Dice, benchmark."""
+    sidecar = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
+    console.print(f"[bold]demo[/]: milesial U-Net (width {sidecar['config']['width']}, {sidecar['config']['n_classes']} "
+                  f"classes) trained for {sidecar['epoch']} epochs on synthetic shapes (scripts/train_demo_model.sh)")  # fmt: skip
+    height, width = DEMO_SIZE
+    passed = True
+    for fmt in FORMATS:
+        result = export_artifact(DEMO_WEIGHTS, fmt, workdir, device=device.value, height=height, width=width)
+        export_report(result, workdir)
+        passed &= result.passed
+    # INT8 (OpenVINO IR via NNCF, ONNX via ONNX Runtime): calibrated on half of the validation set,
+    # gated (and benchmarked) on the other half, which calibration never saw.
+    passed &= all(r.passed for r in demo_int8(workdir, device=device.value, on_result=shower(workdir)))
+    console.print(dice_table(evaluate(DEMO_WEIGHTS, DEMO_VAL, workdir, device=device.value), "the shipped validation set"))
+    cpu_rows = DEMO_CPU_BACKENDS + DEMO_INT8_BACKENDS
+    report = benchmark(workdir, batch=8, backends=None if resolve_device(device.value).type == "cuda" else cpu_rows,
+                       device=device.value, data=DEMO_VAL, warmup=2, min_time=2.0,
+                       on_row=lambda row: console.print(row_line(row)))  # fmt: skip
+    console.print(bench_table(report))
+    raise typer.Exit(0 if passed and exit_code(report.rows) == 0 else 1)
 
 
 @cli_errors
 def inspect_cmd(
     artefact: Annotated[Path, typer.Argument(metavar="ARTEFACT", help=(
-        f"An exported model ({', '.join(FORMATS)}), or a workdir: then NAME says which of its artefacts."))],
+        f"An exported model ({', '.join(INSPECTABLE)}), or a workdir: then NAME says which of its artefacts."))],
     name: Annotated[str | None, typer.Argument(metavar="NAME", help=(
         "The artefact's file name inside the workdir ARTEFACT, e.g. demo_unet.onnx."))] = None,
 ) -> None:  # fmt: skip
@@ -30,61 +90,4 @@ def inspect_cmd(
         console.print(line, markup=False)
 
 
-def report_lines(info: ArtifactInfo) -> list[str]:
-    head = [KIND[info.format], info.precision or "precision unknown"]
-    head += [f"opset {info.opset}"] if info.opset is not None else []
-    head += [counted(info.nodes, "op" if info.format == "openvino" else "node")] if info.nodes is not None else []
-    lines = [f"{info.path.name}: {', '.join(head)}",
-             f"file     {info.path} ({info.bytes / 1e6:.1f} MB), sha256 {info.sha256}"]  # fmt: skip
-    weights = (info.entry or {}).get("weights")
-    if weights:
-        lines.append(f"weights  {weights['path']} ({weights['bytes'] / 1e6:.1f} MB), sha256 {weights['sha256']}")
-    lines += [f"{role:<8} {t.name} {t.dtype} [{', '.join(map(str, t.shape))}]"
-              for role, tensors in (("input", info.inputs), ("output", info.outputs)) for t in tensors]  # fmt: skip
-    lines.append(f"dynamic  {_dynamic(info)}")
-    lines += _model_lines(info)
-    lines.append(f"verdict  {_verdict(info)}")
-    lines += [f"note     {note}" for note in info.notes]
-    return lines
-
-
-def _dynamic(info: ArtifactInfo) -> str:
-    axes = [f"{dim} (axis {i})" for t in info.inputs for i, dim in enumerate(t.shape) if isinstance(dim, str)]
-    return ", ".join(dict.fromkeys(axes)) or "none: static shapes"
-
-
-def _model_lines(info: ArtifactInfo) -> list[str]:
-    model, lines = info.model, []
-    if model.get("architecture"):
-        config = json.dumps(model.get("config", {}), separators=(", ", ": "))
-        size = model.get("export_size")
-        at = f", exported at {size[0]}x{size[1]}" if isinstance(size, list) and len(size) == 2 else ""
-        lines.append(f"model    {model['architecture']} {config}{at}")
-    rule = info.size_rule
-    if rule:
-        if rule.get("static"):
-            lines.append("sizes    static: the export size only")
-        else:
-            form = f"{rule['offset']} + {rule['multiple']}k" if rule.get("offset") else \
-                f"multiples of {rule['multiple']}" if rule.get("multiple", 1) > 1 else "any"  # fmt: skip
-            shrink = f"; output {rule['shrink']} smaller" if rule.get("shrink") else ""
-            lines.append(f"sizes    H and W: {form}, at least {rule['min']}{shrink}")
-    return lines
-
-
-def _verdict(info: ArtifactInfo) -> str:
-    entry = info.entry
-    if entry is None:
-        return "none recorded"
-    parity = entry.get("parity") or {}
-    runner, device = str(parity.get("runner") or ""), str(parity.get("device") or "")
-    where = f"checked with {runner}" if runner else ""
-    where += f" on {device}" if device and device not in runner else ""
-    rule = gate_rule(parity.get("limits"), parity.get("tolerance") or entry.get("precision", ""))
-    when = f", {entry['created']}" if entry.get("created") else ""
-    which = "" if info.verified_file else " (for another file: this one changed since)"
-    return f"{entry['status']}{which}: {rule}" + (f"; {where}" if where else "") + when
-
-
-def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect_cmd)
+COMMANDS = {"doctor": doctor_cmd, "demo": demo_cmd, "inspect": inspect_cmd}

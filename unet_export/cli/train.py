@@ -1,4 +1,4 @@
-"""`unet-export train|evaluate`: thin commands over unet_export.flows.train and .evaluate."""
+"""`unet-export train`: a thin command over unet_export.flows.train."""
 
 import inspect
 from pathlib import Path
@@ -8,14 +8,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unet_export.api import resolve_device
-from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, console, working
-from unet_export.cli.jsonout import JsonOpt, json_result
-from unet_export.cli.render import dice_table
+from unet_export.cli.common import MaskSuffix, MaxPixels, RunDeviceOpt, cli_errors, console, parse_mask_values, working
 from unet_export.data.dataset import DEFAULT_MAX_PIXELS
-from unet_export.flows.evaluate import evaluate, gate
 from unet_export.errors import UserError
-from unet_export.models import get_spec
 from unet_export.flows.train import TrainConfig, train
+from unet_export.models import get_spec
+
 
 def model_options(model: str, **options) -> dict:
     """The options this architecture's constructor takes; a flag it has no use for is an error."""
@@ -26,27 +24,6 @@ def model_options(model: str, **options) -> dict:
     if unused:
         raise UserError(f"--{unused[0].replace('_', '-')} does not apply to --model {model}")
     return {k: v for k, v in chosen.items() if k in params} | ({"width": options["width"]} if "width" in params else {})
-
-
-MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = masks/<image stem><suffix>.<ext>.")]
-MaxPixels = Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (width x height) than this, "
-                                        "checked from the header before decoding (decompression bombs).")]  # fmt: skip
-
-
-def parse_mask_values(text: str | None) -> list | None:
-    """'0,128,255' -> [0, 128, 255]; '0:0:0,255:0:0' -> [[0, 0, 0], [255, 0, 0]] (RGB masks)."""
-    if text is None:
-        return None
-    try:
-        values = [[int(c) for c in item.split(":")] if ":" in item else int(item) for item in text.split(",")]
-    except ValueError:
-        raise UserError(f"--mask-values {text!r}: give integers, e.g. 0,128,255 (or r:g:b for RGB masks)") from None
-    grey, rgb = all(isinstance(v, int) for v in values), all(isinstance(v, list) and len(v) == 3 for v in values)
-    if len(values) < 2 or not (grey or rgb):
-        raise UserError(f"--mask-values {text!r}: at least two values, all grey integers or all r:g:b triplets")
-    if len({str(v) for v in values}) != len(values):
-        raise UserError(f"--mask-values {text!r}: values must be distinct")
-    return values
 
 
 @cli_errors
@@ -106,37 +83,4 @@ def train_cmd(
         console.print(f"nothing to do: {resume} is already at epoch {epochs}")
 
 
-@cli_errors
-def evaluate_cmd(
-    weights: Annotated[Path, typer.Argument(help="Checkpoint (its .json sidecar gives the preprocessing).")],
-    data: Annotated[Path, typer.Argument(help="Labelled dataset (either layout).")],
-    workdir: Workdir = Path("exports"),
-    min_dice: Annotated[float | None, typer.Option(help="Gate: exit 1 if any Dice is below this.")] = None,
-    max_delta: Annotated[float | None, typer.Option(help="Gate: exit 1 if an artefact is this far below eager.")] = None,
-    mask_suffix: MaskSuffix = "_mask",
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    mask_values: Annotated[str | None, typer.Option(help="The classes' mask values, background first "
-                           "(0,255; r:g:b for RGB masks), for a checkpoint that records none. "
-                           "Default: the checkpoint's; else class indices 0,1,...")] = None,  # fmt: skip
-    model: ModelOpt = None,
-    device: RunDeviceOpt = "auto",
-    json_path: JsonOpt = None,
-) -> None:
-    """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
-    with json_result(json_path, "evaluate", "unet-export evaluate") as out:
-        out["workdir"], out["data"] = str(workdir), str(data)
-        report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
-                          mask_suffix=mask_suffix, model=model, max_pixels=max_pixels,
-                          mask_values=parse_mask_values(mask_values))  # fmt: skip
-        console.print(dice_table(report, data))
-        out.add_evaluate(report, workdir)
-        failures = gate(report, min_dice, max_delta)
-        out["gate"] = {"min_dice": min_dice, "max_delta": max_delta, "failures": failures}
-        for failure in failures:
-            console.print(f"[red]gate failed[/] {failure}")
-        raise typer.Exit(1 if failures else 0)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train_cmd)
-    app.command("evaluate")(evaluate_cmd)
+COMMANDS = {"train": train_cmd}

@@ -1,0 +1,84 @@
+"""What the export commands print (onnx, torchscript, aoti, trt, openvino, int8; demo too): the
+artefact and its parity table, the verdict, an IR's weights file, INT8's calibration and attempts."""
+
+from pathlib import Path
+
+from unet_export.api import ExportResult
+from unet_export.cli.common import console
+from unet_export.cli.render import dims, parity_table
+from unet_export.text import counted
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB"
+
+
+def export_report(result: ExportResult, workdir) -> None:
+    entry = result.entry
+    shape = "static" if not entry["dynamic_axes"] else "dynamic batch/height/width"
+    if "profile" in entry:  # a TensorRT engine: what built it, for which GPU, for which shapes
+        p = entry["profile"]
+        shape = (f"TensorRT {entry['tensorrt_version']}, {entry['gpu']} (sm {entry['compute_capability']}), "
+                 f"profile min {dims(p['min'])} opt {dims(p['opt'])} max {dims(p['max'])}")  # fmt: skip
+    opset = f", opset {entry['opset']}" if "opset" in entry else ""
+    label = f"{entry['format']} {entry['precision']}"
+    console.print(f"[bold]{label}[/] {result.path} ({_mb(entry['bytes'])}{opset}, {shape})")
+    if entry.get("fp32_nodes"):
+        nodes = entry["fp32_nodes"]
+        console.print(f"kept in FP32: {counted(len(nodes), 'node')} ({', '.join(nodes[:6])})")
+    if result.dropped:
+        dropped = counted(result.dropped, "entry", "entries")
+        console.print(f"manifest: new checkpoint, {dropped} of the previous one dropped")
+    if result.parity.cases:
+        console.print(parity_table(result))
+    if result.passed:
+        console.print(f"[green]verified[/] in {result.seconds:.1f} s, recorded in {workdir / 'manifest.json'}")
+    else:
+        for failure in result.parity.failures():
+            console.print(f"[red]parity failed[/] {failure}")
+        console.print(f"[red]FAILED[/]: {result.path} recorded as failed in {workdir / 'manifest.json'}")
+
+
+def shower(workdir: Path):
+    """What `int8` (and `demo`) print as each artefact lands: the export report, an IR's .bin,
+    and for INT8 the calibration, the attempts, the layers left in FP32 and Dice vs ground truth."""
+
+    def show(result: ExportResult) -> None:
+        export_report(result, workdir)
+        weights_line(result)
+        if result.entry["precision"] == "int8":
+            int8_report(result)
+
+    return show
+
+
+def weights_line(result: ExportResult) -> None:
+    """An IR is two files: export_report shows the .xml, this the .bin the manifest records with it."""
+    weights = result.entry.get("weights")
+    if weights:
+        console.print(f"weights {result.path.with_name(weights['path'])} ({weights['bytes'] / 1e6:.1f} MB, sha256 "
+                      f"{weights['sha256'][:12]}), OpenVINO {result.entry['openvino_version']}")  # fmt: skip
+
+
+def int8_report(result: ExportResult) -> None:
+    """What was calibrated on, what was tried, which layers stayed FP32, Dice vs ground truth."""
+    q, accuracy = result.entry["quantization"], result.entry.get("accuracy")
+    calib = q["calibration"]
+    console.print(f"calibration: {counted(calib['count'], 'image')} of {calib['path']} "
+                  f"({calib['first']} .. {calib['last']}, "
+                  f"sha256 {calib['sha256'][:12]}); gate on {q['gate_images']}")  # fmt: skip
+    for attempt in q["attempts"]:
+        verdict = "[green]passed[/]" if attempt["passed"] else f"[red]failed[/] ({'; '.join(attempt['failures'][:2])})"
+        console.print(
+            f"  attempt {attempt['name']}: preset {attempt['preset']}, {attempt['fp32_nodes']} layers in FP32 -> {verdict}"
+        )
+    worked = f"[green]{q['worked']}[/]" if q["worked"] else "[red]none passed[/] (the last one is recorded as failed)"
+    control = ", with NNCF accuracy control on Dice" if q["accuracy_control"] else ""
+    console.print(
+        f"INT8: {q['int8_layers']} of {q['layers']} convolutions, preset {q['preset']}{control}; worked: {worked}"
+    )
+    fp32 = result.entry["fp32_nodes"]
+    console.print(f"stayed FP32: {', '.join(fp32) if fp32 else 'none'}")
+    if accuracy:
+        console.print(f"Dice vs ground truth on {accuracy['images']} held-out images: eager {accuracy['eager_dice']:.4f}, "
+                      f"int8 {accuracy['dice']:.4f} ({-accuracy['drop']:+.4f}; allowed drop {accuracy['max_drop']})")  # fmt: skip

@@ -28,7 +28,8 @@ from unet_export.bench.stats import (  # noqa: F401 (CV_WARNING, exit_code, late
     vm_hwm_mb,
 )
 from unet_export.checkpoint import build_model
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
 from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions

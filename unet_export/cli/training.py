@@ -11,7 +11,7 @@ from unet_export.api import resolve_device
 from unet_export.cli.common import ModelOpt, RunDeviceOpt, Workdir, cli_errors, console, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render import dice_table
-from unet_export.data.dataset import DEFAULT_MAX_PIXELS
+from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.flows.evaluate import evaluate, gate
 from unet_export.errors import UserError
 from unet_export.models import get_spec

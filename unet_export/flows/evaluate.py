@@ -4,7 +4,7 @@ during training and `evaluate`, and every artefact in a workdir's manifest."""
 import torch
 
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import Preprocess, SegmentationDataset, check_dataset, find_samples
+from unet_export.data.dataset import check_dataset, find_samples, Preprocess, SegmentationDataset
 from unet_export.device import resolve_device
 from unet_export.errors import IntegrityError, UnetExportError, UserError
 from unet_export.inference.predictor import TILE, TILE_HALO, run_tiled

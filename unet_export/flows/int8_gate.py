@@ -12,16 +12,14 @@ import torch
 
 from unet_export.checkpoint import class_mask_values
 from unet_export.data.dataset import (
-    IMAGE_EXTS,
-    Preprocess,
-    SegmentationDataset,
     check_dataset,
     find_samples,
-    image_channels,  # fmt: skip
+    IMAGE_EXTS,
     image_to_tensor,
-    load_image,
-    open_image,
+    Preprocess,
+    SegmentationDataset,
 )
+from unet_export.data.images import image_channels, load_image, open_image
 from unet_export.errors import UnetExportError, UserError
 from unet_export.fileio import sha256_file
 from unet_export.metrics import center_crop, dice_score, logits_to_mask

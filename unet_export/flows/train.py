@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.data.dataset import DEFAULT_MAX_PIXELS, Preprocess, SegmentationDataset, check_dataset, data_hash, find_samples
+from unet_export.data.dataset import check_dataset, data_hash, find_samples, Preprocess, SegmentationDataset
+from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
 from unet_export.flows.evaluate import mean_dice

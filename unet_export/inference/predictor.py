@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UserError, require
 from unet_export.runtimes.aoti import export as aoti_export
 from unet_export.runtimes.onnx import export as onnx_export

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import IMAGE_EXTS, image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UserError
 from unet_export.fileio import sha256_file
 from unet_export.models.sizes import SizeRule

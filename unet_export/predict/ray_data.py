@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_export.data.dataset import load_image
+from unet_export.data.images import load_image
 from unet_export.errors import UserError, require
 from unet_export.predict.choose import open_model
 from unet_export.predict.inputs import Job

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from unet_export.checkpoint import build_model, class_mask_values
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
+from unet_export.data.dataset import image_to_tensor, mask_to_classes, Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UnetExportError, UserError
 from unet_export.metrics import decision_margin, dice_score
 from unet_export.models.sizes import SizeRule

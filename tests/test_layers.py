@@ -24,6 +24,7 @@ PLACES = {
     "unet_export.data": "base",
     "unet_export.models": "base",
     "unet_export.checkpoint": "base",
+    "unet_export.checkpoint_archive": "base",
     "unet_export.pickled": "base",
     "unet_export.device": "base",
     "unet_export.assets": "base",

@@ -19,8 +19,8 @@ from unet_export.checkpoint import load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
 from unet_export.flows.export import ExportResult, build_trt, export_artifact, export_fp16_onnx
-from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.parity.realimages import folder_record
+from unet_export.workdir.manifest import checked_path, load_manifest
 
 # backend -> the artefact (format, precision) its row runs; rows absent here need none (eager,
 # torch.compile) or calibration images (INT8).

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from unet_export.bench.backends import BackendContext, BACKENDS, Unavailable
 from unet_export.bench.stats import (  # noqa: F401 (CV_WARNING, exit_code, latency_stats: the bench API)
     CV_WARNING,
     BenchConfig,
@@ -32,13 +33,12 @@ from unet_export.data.dataset import image_to_tensor, Preprocess
 from unet_export.data.images import load_image
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
-from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions
 from unet_export.models import get_spec
-from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
-from unet_export.bench.backends import BackendContext, BACKENDS, Unavailable
-from unet_export.runtimes import EagerRunner, Runner
 from unet_export.parity.gate import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
+from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
+from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.lookup import manifest_checkpoint
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions
 
 
 def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]:

@@ -16,8 +16,8 @@ from unet_export.data.dataset import check_dataset, data_hash, find_samples, Pre
 from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.flows.evaluate import mean_dice
 from unet_export.fileio import atomic_path, loads_json, write_json
+from unet_export.flows.evaluate import mean_dice
 from unet_export.metrics import center_crop
 from unet_export.models import create_model, get_spec
 from unet_export.runtimes import EagerRunner

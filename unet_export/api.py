@@ -48,8 +48,6 @@ from unet_export.flows.evaluate import evaluate
 from unet_export.flows.export import (
     SECOND_PARITY_SHAPE,
     ExportResult,
-    _engine_entry,
-    _refuse_concurrent_model,
     build_trt,
     export_artifact,
     export_fp16_onnx,

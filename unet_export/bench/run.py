@@ -233,7 +233,7 @@ def benchmark(
     for option, least in (("iters", 1), ("warmup", 0), ("min_time", 0)):
         if timing.get(option) is not None and timing[option] < least:
             raise UserError(f"--{option.replace('_', '-')} must be at least {least}, got {timing[option]}")
-    names = _backend_names(backends)
+    names = backend_names(backends)
     limits = dict(rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     tolerances = {precision: tolerance_for(precision, **limits) for precision in TOLERANCES}
     net, dev = build_model(ckpt), resolve_device(device)
@@ -275,7 +275,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _backend_names(backends: list[str] | None) -> list[str]:
+def backend_names(backends: list[str] | None) -> list[str]:
     names = list(backends or BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:

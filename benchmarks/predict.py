@@ -35,7 +35,8 @@ from PIL import Image
 from unet_export.api import manifest_checkpoint
 from unet_export.bench.run import BenchConfig, bench_batch, device_info, image_paths, run_benchmark
 from unet_export.checkpoint import build_model
-from unet_export.data.dataset import image_to_tensor, load_image
+from unet_export.data.dataset import image_to_tensor
+from unet_export.data.images import load_image
 from unet_export.flows.demo import DEMO_WEIGHTS
 from unet_export.fileio import atomic_path
 from unet_export.workdir.manifest import load_manifest

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unet_export import checkpoint as ck
+from unet_export import checkpoint_archive as archive
 from unet_export.errors import UserError
 
 P = Path("/data/w.pth")
@@ -85,7 +86,7 @@ def test_detail_drops_torchs_boilerplate():
         "(1) In PyTorch 2.6, we changed the default.\n\n"
         "Unsupported operand 118 in the pickle stream of this file. More text follows here.\n\n"
         "Check the documentation of torch.load to learn more about types accepted by default.")
-    assert ck._detail(exc) == "Unsupported operand 118 in the pickle stream of this file"
+    assert archive.error_detail(exc) == "Unsupported operand 118 in the pickle stream of this file"
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_detail_drops_torchs_boilerplate():
     ],
 )
 def test_detail(exc, detail):
-    assert ck._detail(exc) == detail
+    assert archive.error_detail(exc) == detail
 
 
 def test_unreadable_names_the_file_and_the_detail():
@@ -110,8 +111,8 @@ def test_unreadable_names_the_file_and_the_detail():
 
 
 def test_corrupt_message():
-    assert str(ck._corrupt(P, "member x is truncated")) == f"{P} is corrupt: member x is truncated; re-download or re-save it"
-    assert isinstance(ck._corrupt(P, "x"), UserError)
+    assert str(archive.corrupt(P, "member x is truncated")) == f"{P} is corrupt: member x is truncated; re-download or re-save it"
+    assert isinstance(archive.corrupt(P, "x"), UserError)
 
 
 # --- sidecar, model building, unwrap, the storage scan, zip data descriptors ---------------------
@@ -181,7 +182,7 @@ class _Typed:
 
 
 def test_storage_scan_records_only_storage_references():
-    scan = ck._StorageScan(io.BytesIO(b""))
+    scan = archive._StorageScan(io.BytesIO(b""))
     scan.persistent_load(("storage", _Typed, "0", "cpu", 10))
     scan.persistent_load((b"storage", _Typed, "1", "cpu", 3))  # protocol 0-2 pickles give bytes
     scan.persistent_load(("storage", object(), "2", "cpu", 4))  # a type the scan did not make
@@ -193,10 +194,10 @@ def test_storage_scan_records_only_storage_references():
 
 
 def test_storage_scan_types_only_torch_globals():
-    scan = ck._StorageScan(io.BytesIO(b""))
+    scan = archive._StorageScan(io.BytesIO(b""))
     assert scan.find_class("torch", "FloatStorage").storage == "FloatStorage"
     assert scan.find_class("mymodule", "FloatStorage").storage is None
-    assert issubclass(scan.find_class("torch", "x"), ck._Inert)
+    assert issubclass(scan.find_class("torch", "x"), archive._Inert)
 
 
 def _info(crc=0x12345678, csize=3_000_000_000, usize=3_500_000_000):
@@ -208,19 +209,19 @@ def _info(crc=0x12345678, csize=3_000_000_000, usize=3_500_000_000):
 def test_data_descriptor_forms():
     info = _info()
     short = struct.pack("<III", info.CRC, info.compress_size, info.file_size)  # 12 bytes, sizes above 2 GiB
-    assert ck._descriptor_matches(short, info)
-    assert not ck._descriptor_matches(short[:11], info)
-    assert not ck._descriptor_matches(struct.pack("<III", info.CRC + 1, info.compress_size, info.file_size), info)
-    assert not ck._descriptor_matches(struct.pack("<III", info.CRC, info.compress_size, 5), info)
+    assert archive._descriptor_matches(short, info)
+    assert not archive._descriptor_matches(short[:11], info)
+    assert not archive._descriptor_matches(struct.pack("<III", info.CRC + 1, info.compress_size, info.file_size), info)
+    assert not archive._descriptor_matches(struct.pack("<III", info.CRC, info.compress_size, 5), info)
     zip64 = struct.pack("<IQQ", info.CRC, info.compress_size, info.file_size)  # exactly 20 bytes
-    assert ck._descriptor_matches(zip64, info)
-    assert ck._descriptor_matches(zip64 + b"PK\x03\x04", info)  # the next header follows: 24 bytes read
-    assert not ck._descriptor_matches(struct.pack("<IQQ", info.CRC, info.compress_size, 1), info)
-    assert not ck._descriptor_matches(struct.pack("<IQ", info.CRC, info.compress_size) + b"\0" * 4, _info(csize=9))
+    assert archive._descriptor_matches(zip64, info)
+    assert archive._descriptor_matches(zip64 + b"PK\x03\x04", info)  # the next header follows: 24 bytes read
+    assert not archive._descriptor_matches(struct.pack("<IQQ", info.CRC, info.compress_size, 1), info)
+    assert not archive._descriptor_matches(struct.pack("<IQ", info.CRC, info.compress_size) + b"\0" * 4, _info(csize=9))
 
 
 def test_detail_keeps_a_short_message_whole():
-    assert ck._detail(ValueError("ends in X")) == "ValueError: ends in X"
+    assert archive.error_detail(ValueError("ends in X")) == "ValueError: ends in X"
 
 
 # --- the zip container, byte by byte (load_checkpoint's corruption tests are in test_checkpoint_corrupt)
@@ -255,14 +256,14 @@ def _patch(path: Path, at: int, fmt: str, value) -> None:
 
 
 def test_both_zip_layouts_pass_the_container_check(saved, tmp_path):
-    assert ck._check_zip(saved) == "w"  # torch's: data descriptors after each member
-    assert ck._check_zip(_plain_zip(saved, tmp_path / "plain.pth")) == "w"  # sizes in the local headers
+    assert archive.check_zip(saved) == "w"  # torch's: data descriptors after each member
+    assert archive.check_zip(_plain_zip(saved, tmp_path / "plain.pth")) == "w"  # sizes in the local headers
 
 
 def test_a_zip_cut_before_its_directory(saved):
     saved.write_bytes(saved.read_bytes()[:100])
     with pytest.raises(UserError) as err:
-        ck._check_zip(saved)
+        archive.check_zip(saved)
     assert str(err.value) == (f"{saved} is corrupt: the zip archive is truncated or its directory is damaged "
                               "(no end-of-archive record); re-download or re-save it")  # fmt: skip
 
@@ -270,7 +271,7 @@ def test_a_zip_cut_before_its_directory(saved):
 def test_a_member_outside_the_archive_folder(saved, tmp_path):
     stray = _plain_zip(saved, tmp_path / "stray.pth", first="other/readme.txt")
     with pytest.raises(UserError) as err:
-        ck._check_zip(stray)
+        archive.check_zip(stray)
     assert str(err.value) == f"{stray} is corrupt: member w/data.pkl lies outside the archive folder other/; " \
                              "re-download or re-save it"
 
@@ -283,14 +284,14 @@ def test_a_member_written_twice(saved, tmp_path):
         with pytest.warns(UserWarning):
             zout.writestr("w/version", b"3\n")
     with pytest.raises(UserError) as err:
-        ck._check_zip(twice)
+        archive.check_zip(twice)
     assert str(err.value) == f"{twice} is corrupt: member w/version appears twice; re-download or re-save it"
 
 
 def test_a_damaged_local_header_magic(saved):
     _patch(saved, _local_offset(saved, 1), "<4s", b"PK\x09\x09")
     with pytest.raises(UserError) as err:
-        ck._check_zip(saved)
+        archive.check_zip(saved)
     assert str(err.value) == (f"{saved} is corrupt: member w/.format_version is damaged (Bad magic number for file "
                               "header); re-download or re-save it")  # fmt: skip
 
@@ -302,7 +303,7 @@ def test_a_local_header_that_disagrees_with_the_directory(saved, tmp_path, field
     (value,) = struct.unpack_from(fmt, plain.read_bytes(), at)
     _patch(plain, at, fmt, value ^ flip)
     with pytest.raises(UserError) as err:
-        ck._check_zip(plain)
+        archive.check_zip(plain)
     assert str(err.value) == (f"{plain} is corrupt: the local header of member w/data.pkl disagrees with the zip "
                               "directory; re-download or re-save it")  # fmt: skip
 
@@ -315,7 +316,7 @@ def test_a_local_crc_or_size_that_disagrees(saved, tmp_path, offset, zero):
     (value,) = struct.unpack_from("<I", plain.read_bytes(), at)
     _patch(plain, at, "<I", 0 if zero else value ^ 0x1)
     with pytest.raises(UserError) as err:
-        ck._check_zip(plain)
+        archive.check_zip(plain)
     assert str(err.value) == (f"{plain} is corrupt: the CRC or size in the local header of member w/data.pkl "
                               "disagrees with the zip directory; re-download or re-save it")  # fmt: skip
 
@@ -329,7 +330,7 @@ def test_a_deflated_zip_passes_the_container_check(saved, tmp_path):
     with zipfile.ZipFile(deflated) as zf:  # compressed and stored sizes now differ
         assert any(i.compress_size != i.file_size for i in zf.infolist())
     with pytest.raises(UserError, match="storage w/data/0 holds 88 bytes but w/data.pkl declares 24"):
-        ck._check_zip(deflated)  # the headers pass; the storage size check is what fails
+        archive.check_zip(deflated)  # the headers pass; the storage size check is what fails
 
 
 def test_a_data_descriptor_whose_signature_is_damaged(saved):
@@ -342,32 +343,32 @@ def test_a_data_descriptor_whose_signature_is_damaged(saved):
     data[at : at + 4] = b"JUNK"  # the CRC and sizes after it are intact
     saved.write_bytes(bytes(data))
     with pytest.raises(UserError) as err:
-        ck._check_zip(saved)
+        archive.check_zip(saved)
     assert str(err.value) == (f"{saved} is corrupt: the data descriptor of member w/data.pkl disagrees with the zip "
                               "directory (CRC or size); re-download or re-save it")  # fmt: skip
 
 
 def test_container_kinds(saved, tmp_path):
-    assert ck._container(saved, saved.read_bytes()[:64]) == "zip"
-    assert ck._container(saved, b"PK") == "zip"  # a zip cut inside its first header
+    assert archive.container(saved, saved.read_bytes()[:64]) == "zip"
+    assert archive.container(saved, b"PK") == "zip"  # a zip cut inside its first header
     legacy = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
-    assert ck._container(saved, legacy[:3]) == "legacy"  # the shortest head that tells
-    assert ck._container(tmp_path / "none", legacy[:2]) is None
+    assert archive.container(saved, legacy[:3]) == "legacy"  # the shortest head that tells
+    assert archive.container(tmp_path / "none", legacy[:2]) is None
     damaged = bytearray(saved.read_bytes())
     damaged[:4] = b"XXXX"  # the first bytes are gone, the directory at the end is intact
     (tmp_path / "d.pth").write_bytes(bytes(damaged))
-    assert ck._container(tmp_path / "d.pth", bytes(damaged[:64])) == "zip"
+    assert archive.container(tmp_path / "d.pth", bytes(damaged[:64])) == "zip"
     (tmp_path / "t.txt").write_text("hello there, not a checkpoint")
-    assert ck._container(tmp_path / "t.txt", b"hello there") is None
+    assert archive.container(tmp_path / "t.txt", b"hello there") is None
 
 
 def test_the_storage_scan_reads_data_pkl_up_to_its_limit(saved, monkeypatch):
     with zipfile.ZipFile(saved) as zf:
         size = zf.getinfo("w/data.pkl").file_size
-        monkeypatch.setattr(ck, "_SCAN_LIMIT", size)
-        assert ck._declared_storages(zf, "w/data.pkl") == {"0": ("FloatStorage", 6)}
-        monkeypatch.setattr(ck, "_SCAN_LIMIT", size - 1)
-        assert ck._declared_storages(zf, "w/data.pkl") is None
+        monkeypatch.setattr(archive, "_SCAN_LIMIT", size)
+        assert archive._declared_storages(zf, "w/data.pkl") == {"0": ("FloatStorage", 6)}
+        monkeypatch.setattr(archive, "_SCAN_LIMIT", size - 1)
+        assert archive._declared_storages(zf, "w/data.pkl") is None
 
 
 # --- load_checkpoint: which architecture, and what it says when none fits -------------------------
@@ -488,10 +489,10 @@ def test_a_deflated_member_that_does_not_inflate(saved, tmp_path):
     data[start : start + 4] = b"\xff\xff\xff\xff"  # an invalid deflate block header
     path.write_bytes(bytes(data))
     with pytest.raises(UserError) as err:
-        ck._check_zip(path)
+        archive.check_zip(path)
     with zipfile.ZipFile(path) as zf, pytest.raises(Exception) as raw:
         zf.read("w/data.pkl")  # what zipfile says about it
-    assert str(err.value) == (f"{path} is corrupt: member w/data.pkl cannot be read ({ck._detail(raw.value)}); "
+    assert str(err.value) == (f"{path} is corrupt: member w/data.pkl cannot be read ({archive.error_detail(raw.value)}); "
                               "re-download or re-save it")  # fmt: skip
     assert "CRC" not in str(err.value) and "NoneType" not in str(err.value)
 
@@ -509,7 +510,7 @@ def _with_members(saved: Path, dst: Path, drop=(), add=()) -> Path:
 def test_a_torchscript_archive_is_named(saved, tmp_path):
     code_only = _with_members(saved, tmp_path / "ts.pth", add=["w/code/__torch__.py"])
     with pytest.raises(UserError) as err:
-        ck._check_zip(code_only)
+        archive.check_zip(code_only)
     assert str(err.value) == (f"{code_only} is a TorchScript archive (torch.jit.save), not a checkpoint: pass the "
                               "state_dict (.pth) it was made from")  # fmt: skip
 
@@ -517,7 +518,7 @@ def test_a_torchscript_archive_is_named(saved, tmp_path):
 def test_an_archive_without_its_version_record(saved, tmp_path):
     path = _with_members(saved, tmp_path / "nov.pth", drop=["w/version", "w/.data/version"])
     with pytest.raises(UserError) as err:
-        ck._check_zip(path)
+        archive.check_zip(path)
     assert str(err.value) == f"{path} is corrupt: w/version is missing; re-download or re-save it"
 
 
@@ -529,9 +530,9 @@ def test_a_zip_whose_central_directory_is_damaged(saved):
     with pytest.raises(zipfile.BadZipFile) as raw:
         zipfile.ZipFile(saved)
     with pytest.raises(UserError) as err:
-        ck._check_zip(saved)
+        archive.check_zip(saved)
     assert str(err.value) == (f"{saved} is corrupt: the zip archive is truncated or its directory is damaged "
-                              f"({ck._detail(raw.value)}); re-download or re-save it")  # fmt: skip
+                              f"({archive.error_detail(raw.value)}); re-download or re-save it")  # fmt: skip
     assert "no end-of-archive record" not in str(err.value)
 
 
@@ -547,7 +548,7 @@ def test_a_member_that_runs_past_the_end_of_the_file_is_truncated(saved, tmp_pat
         struct.pack_into("<I", data, header + usize_at, 10**8)
     plain.write_bytes(bytes(data))
     with pytest.raises(UserError) as err:
-        ck._check_zip(plain)
+        archive.check_zip(plain)
     assert str(err.value) == f"{plain} is corrupt: member w/data.pkl is truncated; re-download or re-save it"
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from unet_export.cli.main import app
-from unet_export.data.dataset import find_samples, load_mask
+from unet_export.data.dataset import find_samples
+from unet_export.data.images import load_mask
 from unet_export.data.synth import make_synth
 from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.errors import UserError

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS, write_random_checkpoint
 from unet_export.errors import UserError
 from unet_export.models import MODELS

@@ -486,7 +486,8 @@ def test_to_classes_is_logits_to_mask_with_ties_and_nan():
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
 def test_reader_threads_preprocess_as_image_to_tensor(tmp_path, mode):
-    from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+    from unet_export.data.dataset import image_to_tensor, Preprocess
+    from unet_export.data.images import load_image
     from unet_export.predict.stages import image_array
 
     rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ from unet_export.runtimes.tensorrt.runner import TensorRTRunner
 ROOT = Path(__file__).resolve().parent.parent
 API = json.loads((ROOT / "tests" / "data" / "tensorrt_api.json").read_text())
 MAJORS = ("10", "11")
-SOURCES = [ROOT / "unet_export" / "export" / "tensorrt.py", ROOT / "unet_export" / "runners" / "tensorrt.py"]
+SOURCES = [ROOT / "unet_export" / "runtimes" / "tensorrt" / "build.py", ROOT / "unet_export" / "runtimes" / "tensorrt" / "runner.py"]
 # The names the two modules give TensorRT objects, so the source can be read without running it.
 ROOTS = {"trt": MODULE, "self.trt": MODULE, "builder": "Builder", "network": "INetworkDefinition",
          "parser": "OnnxParser", "err": "ParserError", "config": "IBuilderConfig", "layer": "ILayer",

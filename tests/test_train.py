@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from unet_export.flows import train as train_module
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
-from unet_export.data.dataset import Preprocess, SegmentationDataset, find_samples, unique_mask_values
+from unet_export.data.dataset import find_samples, Preprocess, SegmentationDataset, unique_mask_values
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import make_synth
 from unet_export.flows.evaluate import evaluate, mean_dice

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from tests.conftest import ignoring_sigint
 from unet_export.api import export_artifact
 from unet_export.cli.main import app
-from unet_export.data.dataset import Preprocess, image_to_tensor
+from unet_export.data.dataset import image_to_tensor, Preprocess
 from unet_export.flows.demo import DEMO_WEIGHTS
 from unet_export.errors import UserError
 from unet_export.fileio import pid_alive, sha256_file

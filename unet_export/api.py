@@ -1,28 +1,53 @@
-"""The library's public face: checkpoint in, verified artefact out. Re-exports only; each use
-case lives in the module named beside it.
+"""The library's public face: every use case of the CLI, one import away. Re-exports only; each
+use case lives in the module named beside its example, and the CLI calls the same functions.
 
-    from unet_export.api import export_artifact, export_fp16_onnx, build_trt
-    result = export_artifact("weights.pth", "onnx", workdir="exports")   # flows/export.py
+    from pathlib import Path
+    from unet_export import api
+
+    # Export and gate (flows/export.py): checkpoint -> verified artefact, recorded in the workdir
+    result = api.export_artifact("weights.pth", "onnx", workdir="exports")
     assert result.passed, result.parity.failures()
-    export_fp16_onnx("exports")                  # then from the workdir's manifest
-    build_trt("exports", precision="fp16")       # on an NVIDIA GPU
+    api.export_fp16_onnx("exports")                       # FP16 ONNX from the workdir's manifest
+    api.build_trt("exports", precision="fp16")            # TensorRT engine, on an NVIDIA GPU
+    api.export_openvino("weights.pth", "exports")         # OpenVINO IR (flows/openvino.py)
+    api.quantize_int8("weights.pth", "calib_imgs/", "exports", val="val_set/")  # flows/int8.py
 
-    from unet_export.api import manifest_checkpoint, run_parity, resolve_device
-    # the workdir's checkpoint (workdir/lookup.py), one entry's parity (parity/run.py), --device (device.py)
+    # Prove it again, score it, time it (flows/verify.py, flows/evaluate.py, bench/run.py)
+    assert api.verify_workdir("exports").exit_code() == 0
+    scores = api.evaluate("weights.pth", "val_set/", "exports")   # Dice of eager and every artefact
+    report = api.benchmark("exports", batch=8)                     # parity-gated rows, side by side
+
+    # Use it (predict/, serving/repository.py, flows/cpp_check.py)
+    masks = api.predict("exports/model.onnx", [Path("images/")], Path("masks"))
+    api.write_repository("exports", "triton_repo")       # a Triton model repository
+    api.cpp_check("exports")                              # the TorchScript/AOTI models from C++
+
+    # Train, make data, look around (flows/train.py, data/, flows/doctor.py, flows/inspect.py)
+    api.train("data/", "runs/", api.TrainConfig(epochs=5))
+    api.make_synth(Path("data/"), n=64)
+    api.convert_labelme(Path("json/"), Path("data/"), ["background", "cat"])
+    rows = api.run_checks()                               # what `unet-export doctor` checks
+    info = api.inspect_artifact("exports/model.onnx")
+
+    # The pieces: the workdir's checkpoint (workdir/lookup.py), one entry's parity (parity/run.py),
+    # the gate itself (parity/gate.py), a runner for an entry (workdir/runners.py), --device
+    api.manifest_checkpoint, api.run_parity, api.check_parity, api.artifact_runner, api.resolve_device
 """
 
 # Re-exports only. The underscored names are what the OpenVINO and INT8 exports (now
 # flows/openvino.py, flows/int8.py) took from here before workdir/publish.py held them; they stay importable.
+from unet_export.bench.run import benchmark
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
+from unet_export.data.labelme import convert_labelme
+from unet_export.data.synth import make_synth
 from unet_export.device import resolve_device
 from unet_export.errors import UnetExportError, UserError
-from unet_export.runtimes.formats import FORMATS
-from unet_export.runtimes.onnx.export import DEFAULT_OPSET
+from unet_export.flows.cpp_check import cpp_check
+from unet_export.flows.doctor import run_checks
+from unet_export.flows.evaluate import evaluate
 from unet_export.flows.export import (
     SECOND_PARITY_SHAPE,
     ExportResult,
-    _engine_entry,
-    _refuse_concurrent_model,
     build_trt,
     export_artifact,
     export_fp16_onnx,
@@ -30,24 +55,38 @@ from unet_export.flows.export import (
     parity_shapes,
     require_real_images,
 )
+from unet_export.flows.inspect import inspect_artifact
+from unet_export.flows.int8 import quantize_int8
+from unet_export.flows.openvino import export_openvino
+from unet_export.flows.train import TrainConfig, train
+from unet_export.flows.verify import verify_workdir
 from unet_export.models.sizes import SizeRule
-from unet_export.runtimes import EagerRunner
-from unet_export.workdir.runners import artifact_runner
-from unet_export.parity.run import run_parity
 from unet_export.parity.gate import (
     FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,
 )  # fmt: skip
+from unet_export.parity.run import run_parity
+from unet_export.predict import predict
+from unet_export.runtimes import EagerRunner
+from unet_export.runtimes.formats import FORMATS
+from unet_export.runtimes.onnx.export import DEFAULT_OPSET
+from unet_export.serving.repository import write_repository
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.publish import created_dir as _created_dir
 from unet_export.workdir.publish import estimated_bytes as _estimated_bytes
 from unet_export.workdir.publish import record_artifact
 from unet_export.workdir.publish import same_model as _same_model
 from unet_export.workdir.publish import staged as _staged
+from unet_export.workdir.runners import artifact_runner
 
 __all__ = [
+    # use cases
+    "benchmark", "build_trt", "convert_labelme", "cpp_check", "evaluate", "export_artifact", "export_fp16_onnx",
+    "export_openvino", "inspect_artifact", "make_synth", "predict", "quantize_int8", "run_checks", "train",
+    "TrainConfig", "verify_workdir", "write_repository",
+    # pieces
     "DEFAULT_OPSET", "FORMATS", "FP16", "FP32", "SECOND_PARITY_SHAPE", "TOLERANCES", "Checkpoint", "EagerRunner",
     "ExportResult", "ParityReport", "SizeRule", "Tolerance", "UnetExportError", "UserError", "artifact_runner",
-    "build_model", "build_trt", "check_parity", "export_artifact", "export_fp16_onnx", "load_checkpoint",
+    "build_model", "check_parity", "load_checkpoint",
     "manifest_checkpoint", "model_record", "onnx_entry", "parity_shapes", "record_artifact", "require_real_images",
     "resolve_device", "run_parity", "seeded_inputs", "tolerance_for",
 ]  # fmt: skip

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from unet_export.bench.run import _backend_names
+from unet_export.bench.run import backend_names
 from unet_export.checkpoint import load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
 from unet_export.flows.export import ExportResult, build_trt, export_artifact, export_fp16_onnx
-from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.parity.realimages import folder_record
+from unet_export.workdir.manifest import checked_path, load_manifest
 
 # backend -> the artefact (format, precision) its row runs; rows absent here need none (eager,
 # torch.compile) or calibration images (INT8).
@@ -63,7 +63,7 @@ def prepare_workdir(weights: str | Path, workdir: str | Path = "exports", *, bac
     workdir, dev = Path(workdir), resolve_device(device)
     _refuse_other_checkpoint(load_manifest(workdir), ckpt.sha256, workdir)
     real_images = data is not None or folder_record(ckpt.validation) is not None
-    wanted, prepared = plan(_backend_names(backends), dev.type, real_images)
+    wanted, prepared = plan(backend_names(backends), dev.type, real_images)
     size = dict(height=height or 256, width=width or 256)  # the export commands' default size
     for fmt, precision in wanted:
         entry = _verified_entry(load_manifest(workdir), workdir, fmt, precision)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from unet_export.bench.backends import BackendContext, BACKENDS, Unavailable
 from unet_export.bench.stats import (  # noqa: F401 (CV_WARNING, exit_code, latency_stats: the bench API)
     CV_WARNING,
     BenchConfig,
@@ -28,16 +29,16 @@ from unet_export.bench.stats import (  # noqa: F401 (CV_WARNING, exit_code, late
     vm_hwm_mb,
 )
 from unet_export.checkpoint import build_model
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
-from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions
 from unet_export.models import get_spec
-from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
-from unet_export.bench.backends import BackendContext, BACKENDS, Unavailable
-from unet_export.runtimes import EagerRunner, Runner
 from unet_export.parity.gate import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
+from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
+from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.lookup import manifest_checkpoint
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions
 
 
 def time_infer(runner: Runner, x: torch.Tensor, cfg: BenchConfig) -> list[float]:
@@ -232,7 +233,7 @@ def benchmark(
     for option, least in (("iters", 1), ("warmup", 0), ("min_time", 0)):
         if timing.get(option) is not None and timing[option] < least:
             raise UserError(f"--{option.replace('_', '-')} must be at least {least}, got {timing[option]}")
-    names = _backend_names(backends)
+    names = backend_names(backends)
     limits = dict(rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     tolerances = {precision: tolerance_for(precision, **limits) for precision in TOLERANCES}
     net, dev = build_model(ckpt), resolve_device(device)
@@ -274,7 +275,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _backend_names(backends: list[str] | None) -> list[str]:
+def backend_names(backends: list[str] | None) -> list[str]:
     names = list(backends or BACKENDS)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from unet_export.api import resolve_device
 from unet_export.cli.common import ModelOpt, RunDeviceOpt, cli_errors, console, stop_on_signals, working
-from unet_export.data.dataset import DEFAULT_MAX_PIXELS
+from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
 from unet_export.predict.batch import PredictOptions, prepare, run
 from unet_export.predict.report import Report

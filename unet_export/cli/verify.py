@@ -12,7 +12,7 @@ from unet_export.cli.common import (Device, DeviceOpt, MaskSuffix, MaxPixels, Mo
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render_verify import cpp_table, dice_table, verify_report
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol
-from unet_export.data.dataset import DEFAULT_MAX_PIXELS
+from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.flows.cpp_check import cpp_check
 from unet_export.flows.evaluate import evaluate, gate
 from unet_export.flows.verify import verify_workdir

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from unet_export.data.dataset import DEFAULT_MAX_PIXELS, pil_pixel_limit
+from unet_export.data.images import DEFAULT_MAX_PIXELS, pil_pixel_limit
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path, loads_json
 

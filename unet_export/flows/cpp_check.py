@@ -17,10 +17,10 @@ import torch
 from unet_export.checkpoint import build_model
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.workdir.manifest import checked_path, load_manifest
-from unet_export.runtimes import EagerRunner
 from unet_export.parity.gate import FP32, compare, seeded_inputs
+from unet_export.runtimes import EagerRunner
 from unet_export.workdir.lookup import manifest_checkpoint
+from unet_export.workdir.manifest import checked_path, load_manifest
 
 MAGIC = b"UNETTNS1"
 DTYPES = {0: np.float32, 1: np.uint8}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from unet_export.flows.int8 import quantize_int8
 from unet_export.fileio import atomic_path
+from unet_export.flows.int8 import quantize_int8
 from unet_export.models.milesial import UNet
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # unet_export/assets

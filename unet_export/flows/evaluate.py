@@ -4,16 +4,16 @@ during training and `evaluate`, and every artefact in a workdir's manifest."""
 import torch
 
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import Preprocess, SegmentationDataset, check_dataset, find_samples
+from unet_export.data.dataset import check_dataset, find_samples, Preprocess, SegmentationDataset
 from unet_export.device import resolve_device
 from unet_export.errors import IntegrityError, UnetExportError, UserError
 from unet_export.inference.predictor import TILE, TILE_HALO, run_tiled
-from unet_export.workdir.manifest import load_manifest
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec
 from unet_export.runtimes import EagerRunner
-from unet_export.workdir.runners import artifact_runner
 from unet_export.runtimes.base import Runner
+from unet_export.workdir.manifest import load_manifest
+from unet_export.workdir.runners import artifact_runner
 
 
 def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1, halo: int | None = None) -> float:

@@ -18,20 +18,20 @@ import torch
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.runtimes.formats import FORMATS
-from unet_export.runtimes.onnx.fp16 import convert_onnx_fp16
-from unet_export.runtimes.onnx.export import DEFAULT_OPSET, metadata_json
-from unet_export.runtimes.tensorrt.build import build_engine, import_tensorrt
-from unet_export.runtimes.tensorrt.plan import engine_path, plan_build, resolve_profile
-from unet_export.workdir.manifest import checked_path, load_manifest, set_model, transaction
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
-from unet_export.parity.run import run_parity
-from unet_export.parity.realimages import HOW, folder_record, gate_images
-from unet_export.runtimes.tensorrt.runner import gpu_identity
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
+from unet_export.parity.realimages import HOW, folder_record, gate_images
+from unet_export.parity.run import run_parity
+from unet_export.runtimes.formats import FORMATS
+from unet_export.runtimes.onnx.export import DEFAULT_OPSET, metadata_json
+from unet_export.runtimes.onnx.fp16 import convert_onnx_fp16
+from unet_export.runtimes.tensorrt.build import build_engine, import_tensorrt
+from unet_export.runtimes.tensorrt.plan import engine_path, plan_build, resolve_profile
+from unet_export.runtimes.tensorrt.runner import gpu_identity
 from unet_export.workdir import publish
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
+from unet_export.workdir.manifest import checked_path, load_manifest, set_model, transaction
 from unet_export.workdir.publish import record_artifact
 
 # The second parity size is deliberately not a multiple of 16 (milesial pads odd sizes).

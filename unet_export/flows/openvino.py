@@ -13,16 +13,16 @@ from pathlib import Path
 
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
-from unet_export.runtimes.openvino.export import convert_onnx, ir_path
 from unet_export.fileio import sha256_file
 from unet_export.flows.export import ExportResult, export_artifact, require_real_images
-from unet_export.workdir.manifest import load_manifest, transaction
-from unet_export.parity.run import run_parity
-from unet_export.parity.realimages import gate_images
 from unet_export.parity.gate import seeded_inputs, tolerance_for
+from unet_export.parity.realimages import gate_images
+from unet_export.parity.run import run_parity
+from unet_export.runtimes.openvino.export import convert_onnx, ir_path
 from unet_export.workdir import publish
 from unet_export.workdir.ir import finish_pending_weights, parked_name
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
+from unet_export.workdir.manifest import load_manifest, transaction
 from unet_export.workdir.publish import record_artifact
 
 

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.data.dataset import DEFAULT_MAX_PIXELS, Preprocess, SegmentationDataset, check_dataset, data_hash, find_samples
+from unet_export.data.dataset import check_dataset, data_hash, find_samples, Preprocess, SegmentationDataset
+from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.flows.evaluate import mean_dice
 from unet_export.fileio import atomic_path, loads_json, write_json
+from unet_export.flows.evaluate import mean_dice
 from unet_export.metrics import center_crop
 from unet_export.models import create_model, get_spec
 from unet_export.runtimes import EagerRunner

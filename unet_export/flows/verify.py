@@ -19,8 +19,7 @@ from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
-from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
-from unet_export.parity.run import run_parity
+from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
 from unet_export.parity.realimages import (
     IMAGES,
     fitted,
@@ -29,8 +28,9 @@ from unet_export.parity.realimages import (
     not_judged,
     real_images_for,
 )
-from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
+from unet_export.parity.run import run_parity
 from unet_export.workdir.lookup import manifest_checkpoint
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
 
 
 @dataclass

@@ -13,18 +13,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unet_export.checkpoint import build_model, class_mask_values, load_checkpoint
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UserError, require
-from unet_export.runtimes.aoti import export as aoti_export
-from unet_export.runtimes.onnx import export as onnx_export
-from unet_export.runtimes.openvino import export as openvino_export
-from unet_export.runtimes.torchscript import export as torchscript_export
 from unet_export.fileio import decode_metadata
-from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.metrics import logits_to_mask
 from unet_export.models import get_spec
 from unet_export.models.sizes import SizeRule
 from unet_export.runtimes import AotiRunner, EagerRunner, OnnxRuntimeRunner, OpenVinoRunner, Runner, TorchScriptRunner
+from unet_export.runtimes.aoti import export as aoti_export
+from unet_export.runtimes.onnx import export as onnx_export
+from unet_export.runtimes.openvino import export as openvino_export
+from unet_export.runtimes.torchscript import export as torchscript_export
+from unet_export.workdir.manifest import checked_path, load_manifest
 from unet_export.workdir.runners import artifact_runner
 
 OVERLAY_COLOURS = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]])

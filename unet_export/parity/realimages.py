@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unet_export.data.dataset import IMAGE_EXTS, Preprocess, image_to_tensor, load_image
+from unet_export.data.dataset import IMAGE_EXTS, image_to_tensor, Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UserError
 from unet_export.fileio import sha256_file
 from unet_export.models.sizes import SizeRule
@@ -148,7 +149,7 @@ def fitted(batches: list[torch.Tensor], entry: dict) -> list[torch.Tensor]:
 def takes_size(entry: dict, height: int, width: int) -> bool:
     """Whether a dynamic artefact runs images at their own size: judged at the scale the model
     was trained on, not rescaled to the export size (reduced precision on rescaled images is a
-    false alarm; see bench._bench_size)."""
+    false alarm; see bench.run._bench_size)."""
     rule = {k: v for k, v in entry.get("size_rule", {}).items() if k in ("min", "multiple", "offset", "shrink")}
     if entry.get("size_rule", {}).get("static") or not rule:
         return False

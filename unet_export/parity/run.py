@@ -4,9 +4,9 @@ the gate (verify.check_parity); a runtime that crashes is a failed check, not a 
 from pathlib import Path
 
 from unet_export.errors import UnetExportError
+from unet_export.parity.gate import ParityReport, Tolerance, check_parity
 from unet_export.runtimes import EagerRunner
 from unet_export.workdir.runners import artifact_runner
-from unet_export.parity.gate import ParityReport, Tolerance, check_parity
 
 
 def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:

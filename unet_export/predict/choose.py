@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-import unet_export.predict.remember as remember
 from unet_export.errors import UnetExportError, UserError
 from unet_export.inference.predictor import Predictor, entry_predictor, load_predictor, runtime_label
-from unet_export.workdir.manifest import load_manifest
 from unet_export.parity.gate import seeded_inputs
+import unet_export.predict.remember as remember
+from unet_export.workdir.manifest import load_manifest
 
 
 def open_model(model, device, runtime: str = "auto", architecture: str | None = None, *, measure: bool = True,

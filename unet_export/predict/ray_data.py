@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_export.data.dataset import load_image
+from unet_export.data.images import load_image
 from unet_export.errors import UserError, require
 from unet_export.predict.choose import open_model
 from unet_export.predict.inputs import Job
 from unet_export.predict.local import stages_of
 from unet_export.predict.ray_local import pin_to_loopback
 from unet_export.predict.report import Report
-from unet_export.predict.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
 from unet_export.predict.stages import Loaded, Outcome, Stages, infer, load, write
+from unet_export.predict.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
 
 LOOPBACK = ("127.0.0.1", "localhost")
 TASK_CPUS = 0.5  # load and write tasks: an actor pool that takes every CPU would starve them (deadlock)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unet_export.data.dataset import Preprocess, load_image
+from unet_export.data.dataset import Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
 from unet_export.inference.predictor import fit_and_run, mask_to_image_array, overlay, to_classes

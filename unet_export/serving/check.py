@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from unet_export.checkpoint import build_model, class_mask_values
-from unet_export.data.dataset import Preprocess, image_to_tensor, load_image, mask_to_classes
+from unet_export.data.dataset import image_to_tensor, mask_to_classes, Preprocess
+from unet_export.data.images import load_image
 from unet_export.errors import UnetExportError, UserError
 from unet_export.metrics import decision_margin, dice_score
 from unet_export.models.sizes import SizeRule
+from unet_export.parity.gate import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
 from unet_export.parity.realimages import HOW, judged_on_images_only, not_judged, real_images_for
 from unet_export.runtimes import EagerRunner, Runner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, infer, make_client
@@ -30,7 +32,6 @@ from unet_export.serving.masks import expected_mask
 from unet_export.serving.server import TritonServer, repository_server
 from unet_export.serving.validate import read_record
 from unet_export.text import counted
-from unet_export.parity.gate import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
 from unet_export.workdir.lookup import manifest_checkpoint
 
 MAX_IMAGES = 8  # real images sent per check: enough for a batch and a few pipeline calls

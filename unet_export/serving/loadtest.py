@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from unet_export.parity.gate import compare, seeded_inputs, tolerance_from_record
 from unet_export.runtimes import EagerRunner
 from unet_export.serving.client import PROTOCOLS, TritonRunner, batch_counts
-from unet_export.parity.gate import compare, seeded_inputs, tolerance_from_record
 
 POOL = 4  # distinct inputs cycled through, so a wrong answer for one input cannot hide
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
-from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, utc_now
 from unet_export.runtimes.openvino.runner import HINTS
 from unet_export.serving import configs
 from unet_export.serving.configs import NATIVE, PYTHON, VERSION
@@ -32,6 +31,7 @@ from unet_export.serving.plan import MODEL_SOURCE, RECORD_NAME, ModelPlan
 from unet_export.serving.selection import RuntimeChoice, choose_cpu_runtime, parse_formats, select
 from unet_export.serving.validate import check_repository
 from unet_export.workdir.ir import ir_weights
+from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, utc_now
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_BATCH_LIMIT = 1024

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unet_export.errors import UnetExportError, UserError
-from unet_export.workdir.manifest import checked_path
-from unet_export.runtimes import OpenVinoRunner
-from unet_export.workdir.runners import artifact_runner
-from unet_export.serving.configs import NATIVE
 from unet_export.parity.gate import seeded_inputs
+from unet_export.runtimes import OpenVinoRunner
+from unet_export.serving.configs import NATIVE
+from unet_export.workdir.manifest import checked_path
+from unet_export.workdir.runners import artifact_runner
 
 PYTHON_FORMAT = "python"
 # Formats Triton could take but this repository does not publish, and why.

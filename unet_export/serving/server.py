@@ -246,7 +246,7 @@ def max_input_bytes(configs_by_name: dict, served: list[str]) -> int:
     """The largest input a served model takes: its max batch of images of DEFAULT_MAX_PIXELS (the
     largest image any unet-export command decodes) where H and W are free, at least the later
     releases' default limit. Passed as --http-max-input-size where the binary has it."""
-    from unet_export.data.dataset import DEFAULT_MAX_PIXELS  # loads torch: not at the server's import
+    from unet_export.data.images import DEFAULT_MAX_PIXELS  # loads torch: not at the server's import
 
     largest = HTTP_DEFAULT_MAX_INPUT
     pb, _ = configs.protobuf()

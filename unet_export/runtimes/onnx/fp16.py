@@ -5,9 +5,9 @@ CUDA provider runs it directly. The converter ships inside the onnxruntime wheel
 from pathlib import Path
 
 from unet_export.errors import ArtifactError, UserError, require
-from unet_export.runtimes.onnx.layers import describe_nodes, select_nodes
-from unet_export.runtimes.onnx.export import io_record
 from unet_export.fileio import atomic_path
+from unet_export.runtimes.onnx.export import io_record
+from unet_export.runtimes.onnx.layers import describe_nodes, select_nodes
 
 FP16_MAX = 65504.0  # clamp weights to FP16's finite range, not the 1e4 some converters default to
 

@@ -9,8 +9,8 @@ import torch
 
 from unet_export.device import physical_cores
 from unet_export.errors import UserError, require
-from unet_export.runtimes.onnx.export import refuse_outside_data
 from unet_export.runtimes.base import Runner
+from unet_export.runtimes.onnx.export import refuse_outside_data
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 

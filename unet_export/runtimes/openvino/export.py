@@ -9,8 +9,8 @@ The IR keeps the ONNX model's dynamic batch, height and width, and carries the m
 from pathlib import Path
 
 from unet_export.errors import ArtifactError, require
-from unet_export.runtimes.onnx.export import read_metadata as read_onnx_metadata
 from unet_export.fileio import fsync_file
+from unet_export.runtimes.onnx.export import read_metadata as read_onnx_metadata
 
 RT_KEY = "unet_export"  # the IR's runtime-info section holding the model record
 SUFFIXES = {"fp32": ".xml", "fp16": ".fp16.xml", "int8": ".int8.xml"}

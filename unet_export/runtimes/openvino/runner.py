@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from unet_export.errors import UserError, require
-from unet_export.runtimes.onnx.export import refuse_outside_data
 from unet_export.runtimes.base import Runner
+from unet_export.runtimes.onnx.export import refuse_outside_data
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 

@@ -5,9 +5,9 @@ import warnings
 from pathlib import Path
 
 from unet_export.errors import ArtifactError, UserError, require
+from unet_export.fileio import atomic_path
 from unet_export.runtimes.onnx.layers import select_nodes
 from unet_export.runtimes.tensorrt.plan import BuildPlan, Profile, parser_error_message
-from unet_export.fileio import atomic_path
 
 
 def import_tensorrt():

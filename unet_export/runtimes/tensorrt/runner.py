@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from unet_export.errors import UserError
+from unet_export.runtimes.base import Runner
 from unet_export.runtimes.tensorrt.build import import_tensorrt, make_logger
 from unet_export.runtimes.tensorrt.plan import Profile, check_engine_compat
-from unet_export.runtimes.base import Runner
 
 
 def gpu_identity(device: torch.device) -> tuple[str, str]:

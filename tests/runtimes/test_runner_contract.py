@@ -1,0 +1,74 @@
+"""One contract, every runtime (as segmentation_models_pytorch runs one base test over every
+architecture): each benchmark row that can run here is built the way the benchmark builds it
+(bench.backends.BACKENDS) and must keep the Runner promises that the gate, the benchmark, predict
+and serving rely on (runtimes/base.py). A row that cannot run here (no CUDA, no artefact) is
+skipped with its reason, so a machine with a GPU runs the TensorRT and CUDA rows too."""
+
+import pytest
+import torch
+
+from unet_export.bench.backends import BACKENDS, BackendContext, Unavailable
+from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.flows.demo import write_random_checkpoint
+from unet_export.runtimes import EagerRunner, Runner
+from unet_export.workdir.manifest import load_manifest
+
+SIZE = 64
+REDUCED = {"eager-bf16", "eager-fp16", "openvino-bf16", "openvino-int8", "onnxruntime-int8", "tensorrt-fp16",
+           "onnxruntime-cuda-fp16"}  # fmt: skip
+SLOW = {"aoti": "compiling the AOTInductor package takes about a minute here",
+        "torch.compile": "compiling takes tens of seconds here"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    """A small model exported to every format the CPU writes (AOTInductor only when asked for)."""
+    from unet_export.api import export_artifact
+    from unet_export.flows.openvino import export_openvino
+
+    root = tmp_path_factory.mktemp("contract")
+    weights = write_random_checkpoint(root / "small.pth", width=8)
+    for fmt in ("onnx", "torchscript"):
+        assert export_artifact(weights, fmt, root / "exports", device="cpu", height=SIZE, width=SIZE).passed
+    assert export_openvino(weights, root / "exports", device="cpu", height=SIZE, width=SIZE).passed
+    model = build_model(load_checkpoint(weights))
+    return root, weights, model
+
+
+def _ctx(context, name) -> BackendContext:
+    root, weights, model = context
+    if name == "aoti":
+        from unet_export.api import export_artifact
+
+        assert export_artifact(weights, "aoti", root / "exports", device="cpu", height=SIZE, width=SIZE).passed
+    workdir = root / "exports"
+    return BackendContext(model, workdir, load_manifest(workdir), torch.device("cpu"), (2, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in BACKENDS])
+def test_every_runner_keeps_the_runner_contract(context, name):
+    try:
+        runner = BACKENDS[name](_ctx(context, name))
+    except Unavailable as exc:
+        pytest.skip(f"{name}: {exc}")
+    assert isinstance(runner, Runner) and not runner.is_active  # construction loads nothing
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="activate"):
+        runner.infer(x)
+    with runner as active:
+        assert active is runner and runner.is_active
+        assert runner.activate() is runner  # activating twice loads once
+        out = runner.infer(x)
+        runner.synchronize()
+        assert out.dtype == torch.float32 and out.device == runner.device
+        assert tuple(out.shape) == (2, 2, SIZE, SIZE)  # float32 logits, NCHW, two classes
+        assert torch.isfinite(out).all()
+        single = runner.infer(x[:1])  # the batch axis is dynamic
+        assert tuple(single.shape) == (1, 2, SIZE, SIZE)
+        assert isinstance(runner.describe(), str) and runner.describe()
+    assert not runner.is_active
+    runner.deactivate()  # deactivating twice is harmless
+    if name not in REDUCED:  # FP32 matches eager on this seeded input; reduced precision is judged on real images only
+        with EagerRunner(context[2]) as eager:
+            expected = eager.infer(x)
+        torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)

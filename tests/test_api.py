@@ -21,7 +21,7 @@ USE_CASES = {  # name -> where it lives
     "write_repository": "unet_export.serving.repository", "cpp_check": "unet_export.flows.cpp_check",
     "train": "unet_export.flows.train", "make_synth": "unet_export.data.synth",
     "convert_labelme": "unet_export.data.labelme", "run_checks": "unet_export.flows.doctor",
-    "inspect_artifact": "unet_export.flows.inspect",
+    "inspect_artifact": "unet_export.flows.inspect", "prepare_workdir": "unet_export.bench.prepare",
 }  # fmt: skip
 
 

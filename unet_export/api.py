@@ -16,6 +16,7 @@ use case lives in the module named beside its example, and the CLI calls the sam
     assert api.verify_workdir("exports").exit_code() == 0
     scores = api.evaluate("weights.pth", "val_set/", "exports")   # Dice of eager and every artefact
     report = api.benchmark("exports", batch=8)                     # parity-gated rows, side by side
+    api.prepare_workdir("weights.pth", "exports")         # unet-bench WEIGHTS: export what is missing
 
     # Use it (predict/, serving/repository.py, flows/cpp_check.py)
     masks = api.predict("exports/model.onnx", [Path("images/")], Path("masks"))
@@ -36,6 +37,7 @@ use case lives in the module named beside its example, and the CLI calls the sam
 
 # Re-exports only. The underscored names are what the OpenVINO and INT8 exports (now
 # flows/openvino.py, flows/int8.py) took from here before workdir/publish.py held them; they stay importable.
+from unet_export.bench.prepare import prepare_workdir
 from unet_export.bench.run import benchmark
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.data.labelme import convert_labelme
@@ -81,7 +83,7 @@ from unet_export.workdir.runners import artifact_runner
 __all__ = [
     # use cases
     "benchmark", "build_trt", "convert_labelme", "cpp_check", "evaluate", "export_artifact", "export_fp16_onnx",
-    "export_openvino", "inspect_artifact", "make_synth", "predict", "quantize_int8", "run_checks", "train",
+    "export_openvino", "inspect_artifact", "make_synth", "predict", "prepare_workdir", "quantize_int8", "run_checks", "train",
     "TrainConfig", "verify_workdir", "write_repository",
     # pieces
     "DEFAULT_OPSET", "FORMATS", "FP16", "FP32", "SECOND_PARITY_SHAPE", "TOLERANCES", "Checkpoint", "EagerRunner",

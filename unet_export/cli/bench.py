@@ -5,16 +5,16 @@ from typing import Annotated
 
 import typer
 
-from unet_export.bench.run import benchmark, exit_code
+from unet_export.api import benchmark, prepare_workdir
+from unet_export.bench.backends import BACKENDS
+from unet_export.bench.run import exit_code
 from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app, working
-from unet_export.bench.prepare import prepare_workdir
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render_bench import bench_markdown, bench_table, export_line, prepared_lines, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
 from unet_export.flows.results import artifact_record
-from unet_export.bench.backends import BACKENDS
 from unet_export.runtimes.torch.compiled import COMPILE_MODES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
+from unet_export.api import convert_labelme, make_synth
 from unet_export.cli.common import cli_errors, console
-from unet_export.data.labelme import convert_labelme
-from unet_export.data.synth import MAX_IMAGES, MAX_SIDE, make_synth
+from unet_export.data.synth import MAX_IMAGES, MAX_SIDE
 from unet_export.errors import UserError
 from unet_export.text import counted
 

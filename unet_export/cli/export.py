@@ -8,14 +8,20 @@ from typing import Annotated
 
 import typer
 
-from unet_export.api import ExportResult, build_trt, export_artifact, export_fp16_onnx, require_real_images
+from unet_export.api import (
+    build_trt,
+    export_artifact,
+    export_fp16_onnx,
+    export_openvino,
+    ExportResult,
+    quantize_int8,
+    require_real_images,
+)
 from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError
-from unet_export.flows.int8 import quantize_int8
-from unet_export.flows.openvino import export_openvino
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.runtimes.onnx.fp16 import check_fp32_layers
 

@@ -16,8 +16,8 @@ import typer
 from unet_export.cli.common import exit_status
 from unet_export.errors import UserError
 from unet_export.fileio import write_json
-from unet_export.workdir.manifest import load_manifest
 from unet_export.flows.results import artifact_record, check_writable, envelope, finish, with_floor_ratio
+from unet_export.workdir.manifest import load_manifest
 
 JsonOpt = Annotated[
     Path | None,

@@ -40,7 +40,7 @@ def triton_cmd(
 ) -> None:
     """The workdir's verified artefacts -> a Triton model repository (every config checked); with
     --check, proven on a running server."""
-    from unet_export.serving.repository import write_repository
+    from unet_export.api import write_repository
 
     def startable(staged: Path) -> None:  # bad --check input (exit 2) must leave any --repo as it was
         from unet_export.serving.check import check_inputs

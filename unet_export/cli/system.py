@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from unet_export.api import export_artifact, resolve_device
-from unet_export.bench.run import benchmark, exit_code
+from unet_export.api import benchmark, evaluate, export_artifact, inspect_artifact, resolve_device, run_checks
+from unet_export.bench.run import exit_code
 from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
 from unet_export.cli.jsonout import json_result
 from unet_export.cli.render_bench import bench_table, row_line
@@ -18,9 +18,7 @@ from unet_export.cli.render_system import doctor_table, report_lines
 from unet_export.cli.render_verify import dice_table
 from unet_export.errors import UserError
 from unet_export.flows.demo import DEMO_INT8_BACKENDS, DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_int8
-from unet_export.flows.doctor import run_checks
-from unet_export.flows.evaluate import evaluate
-from unet_export.flows.inspect import FORMATS as INSPECTABLE, inspect_artifact
+from unet_export.flows.inspect import FORMATS as INSPECTABLE
 from unet_export.runtimes.formats import FORMATS
 
 # torch.compile's CPU build alone takes a minute on 2 cores: the demo leaves it to unet-bench.

@@ -1,10 +1,15 @@
-"""Checkpoints saved the way milesial/Pytorch-UNet's releases and train.py save them.
+"""Checkpoints saved the way milesial/Pytorch-UNet's releases and train.py save them, and the
+exports every module shares.
 
 A reduced width (8 instead of 64) keeps the suite fast; the keys are the same and the
-full-size model has its own tests.
+full-size model has its own tests. Exporting takes seconds and copying a workdir milliseconds: a
+workdir a test needs is exported once per session (``exports``) and each test gets its own copy.
 """
 
+import shutil
 import signal
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +66,68 @@ def ignoring_sigint() -> None:
     """Popen's preexec_fn for a child started as a launcher starts a background command (`cmd &`
     in a script, some CI runners): SIGINT ignored, so Python installs no Ctrl-C handler of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --- exports made once per session ---------------------------------------------------------------
+
+
+@dataclass
+class Export:
+    """One ``unet-export FORMAT WEIGHTS -w WORKDIR --json JSON`` run: the workdir it left (the
+    session's original: copy it before changing anything), its stdout and its --json document."""
+
+    workdir: Path
+    stdout: str
+    json: Path
+
+
+@dataclass
+class ExportCache:
+    """Workdirs exported once per session, each keyed by checkpoint, formats and size.
+
+    ``formats`` are exported in order, each by the CLI command of its name (onnx, torchscript, aoti,
+    openvino), into a copy of the workdir of the formats before it: ("onnx", "torchscript") is the
+    ("onnx",) workdir plus a real `unet-export torchscript` run in it, as a user exporting one format
+    after the other gets. So modules that want different sets still share the exports they have in
+    common."""
+
+    root: Path
+    runs: dict = field(default_factory=dict)
+
+    def checkpoint(self, name: str, variant: str = "v3", seed: int = 0, write=None) -> Path:
+        """``name`` in the cache, saved once: ``milesial_state_dict(variant, seed=seed)`` unless ``write(path)``
+        writes it."""
+        path = self.root / "weights" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path) if write else torch.save(milesial_state_dict(variant, seed=seed), path)
+        return path
+
+    def run(self, weights: Path, formats: tuple[str, ...], height: int, width: int) -> Export:
+        """The run that exported the last of ``formats`` (and, before it, the rest), made once."""
+        from typer.testing import CliRunner
+
+        from unet_export.cli.main import app
+
+        key = (str(weights), tuple(formats), height, width)
+        if key not in self.runs:
+            before = self.run(weights, formats[:-1], height, width).workdir if len(formats) > 1 else None
+            dest = self.root / f"w{len(self.runs)}"
+            workdir = dest / "exports"
+            if before:
+                shutil.copytree(before, workdir)
+            args = [formats[-1], str(weights), "-w", str(workdir), "--height", str(height), "--width", str(width),
+                    "--device", "cpu", "--json", str(dest / f"{formats[-1]}.json")]  # fmt: skip
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+            self.runs[key] = Export(workdir, result.stdout, dest / f"{formats[-1]}.json")
+        return self.runs[key]
+
+    def copy(self, dest: Path, weights: Path, formats: tuple[str, ...], height: int, width: int) -> Path:
+        """A copy at ``dest`` of the workdir with ``formats`` exported, that a test may change."""
+        return Path(shutil.copytree(self.run(weights, formats, height, width).workdir, dest))
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> ExportCache:
+    return ExportCache(tmp_path_factory.mktemp("exports-cache"))

@@ -11,10 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from unet_export.api import export_artifact
 from unet_export.bench.run import BenchConfig, benchmark, exit_code, latency_stats, time_infer
 from unet_export.cli.bench import app
-from unet_export.flows.demo import random_milesial, write_random_checkpoint
+from unet_export.flows.demo import random_milesial
 from unet_export.fileio import sha256_file
 from unet_export.flows.results import ENVELOPE
 from unet_export.bench.backends import BACKENDS
@@ -26,13 +25,11 @@ FAST = dict(batch=2, warmup=1, iters=2)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A workdir with a small model exported to ONNX and TorchScript (shared: exporting is slow)."""
-    root = tmp_path_factory.mktemp("bench")
-    weights = write_random_checkpoint(root / "small.pth", width=8)
-    for fmt in ("onnx", "torchscript"):
-        assert export_artifact(weights, fmt, root / "exports", device="cpu", height=64, width=64).passed
-    return root / "exports"
+def workdir(exports, tmp_path_factory):
+    """A workdir with a small model exported to ONNX and TorchScript (this module's copy of the
+    session's export: exporting is slow)."""
+    weights = exports.checkpoint("unet_v3.pth")
+    return exports.copy(tmp_path_factory.mktemp("bench") / "exports", weights, ("onnx", "torchscript"), 64, 64)
 
 
 def by_backend(report):
@@ -80,20 +77,19 @@ def test_missing_artefact_is_unavailable_not_fatal(workdir, tmp_path):
     assert rows["torchscript"].status == "ok"
 
 
-def test_wrong_artefact_is_timed_but_flagged_parity_failed(workdir, tmp_path):
+def test_wrong_artefact_is_timed_but_flagged_parity_failed(workdir, exports, tmp_path):
     wrong = tmp_path / "exports"
     shutil.copytree(workdir, wrong)
-    other = write_random_checkpoint(tmp_path / "other.pth", seed=1, width=8)
-    export_artifact(other, "onnx", tmp_path / "other", device="cpu", height=64, width=64)
-    shutil.copy(tmp_path / "other" / "other.onnx", wrong / "small.onnx")  # same name, other weights
+    other = exports.run(exports.checkpoint("other.pth", seed=1), ("onnx",), 64, 64).workdir
+    shutil.copy(other / "other.onnx", wrong / "unet_v3.onnx")  # same name, other weights
 
     args = ["-w", str(wrong), "--backends", "onnxruntime", "--batch", "2", "--iters", "2", "--warmup", "1"]
     swapped = runner.invoke(app, args)  # the file is not the one that was verified: refused outright
     assert swapped.exit_code == 2 and "changed since it was verified" in swapped.stderr
     # An exporter that recorded the wrong file's hash: only the parity check can catch that.
     manifest = json.loads((wrong / "manifest.json").read_text())
-    entry = next(a for a in manifest["artifacts"] if a["path"] == "small.onnx")
-    entry |= {"sha256": sha256_file(wrong / "small.onnx"), "bytes": (wrong / "small.onnx").stat().st_size}
+    entry = next(a for a in manifest["artifacts"] if a["path"] == "unet_v3.onnx")
+    entry |= {"sha256": sha256_file(wrong / "unet_v3.onnx"), "bytes": (wrong / "unet_v3.onnx").stat().st_size}
     (wrong / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, args + ["--json", str(tmp_path / "r.json")])
     assert result.exit_code == 1, result.output
@@ -187,7 +183,7 @@ def test_missing_manifest_exits_2(tmp_path):
     assert result.exit_code == 2 and "run `unet-export onnx" in result.stderr
 
 
-def test_moved_checkpoint_needs_weights_flag(workdir, tmp_path):
+def test_moved_checkpoint_needs_weights_flag(workdir, exports, tmp_path):
     moved = tmp_path / "exports"
     shutil.copytree(workdir, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
@@ -196,7 +192,7 @@ def test_moved_checkpoint_needs_weights_flag(workdir, tmp_path):
     result = runner.invoke(app, ["-w", str(moved), "--backends", "eager", "--iters", "1"])
     assert result.exit_code == 2 and "--weights" in result.stderr
     result = runner.invoke(app, ["-w", str(moved), "--backends", "eager", "--iters", "1", "--batch", "1",
-                                 "--weights", str(workdir.parent / "small.pth")])  # fmt: skip
+                                 "--weights", str(exports.checkpoint("unet_v3.pth"))])  # fmt: skip
     assert result.exit_code == 0, result.output
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import milesial_state_dict
 from tests.test_checkpoint import BAD, _bad_files
 from unet_export.cli.main import app
 from unet_export.runtimes.formats import FORMATS
@@ -109,31 +108,21 @@ def test_tolerances_are_options_and_recorded_with_the_verdict(make_checkpoint, t
 
 
 @pytest.fixture(scope="module")
-def exported_once(tmp_path_factory):
-    """ONNX and TorchScript of a small model, and a folder of real images for it (made once)."""
-    import torch
-
-    from tests.conftest import milesial_state_dict
+def real_images(tmp_path_factory):
+    """A folder of real images for the small model (made once)."""
     from unet_export.data.synth import make_synth
 
-    root = tmp_path_factory.mktemp("verify")
-    out, weights = root / "exports", root / "unet_v3.pth"
-    torch.save(milesial_state_dict("v3"), weights)
-    for fmt in ("onnx", "torchscript"):
-        args = [fmt, str(weights), "-w", str(out), "--height", "64", "--width", "64", "--device", "cpu"]
-        assert runner.invoke(app, args).exit_code == 0
-    make_synth(root / "data", n=3, size=(48, 80), seed=1)
-    return out, root / "data"
+    data = tmp_path_factory.mktemp("verify") / "data"
+    make_synth(data, n=3, size=(48, 80), seed=1)
+    return data
 
 
 @pytest.fixture
-def exported(exported_once, tmp_path):
-    """A copy each test may change."""
-    import shutil
-
-    out, data = exported_once
-    shutil.copytree(out, tmp_path / "exports")
-    return tmp_path / "exports", data
+def exported(exports, real_images, tmp_path):
+    """A copy each test may change of ONNX and TorchScript of a small model (exported once per
+    session), and the images."""
+    weights = exports.checkpoint("unet_v3.pth")
+    return exports.copy(tmp_path / "exports", weights, ("onnx", "torchscript"), 64, 64), real_images
 
 
 def test_verify_rechecks_every_artefact_and_records_where(exported):
@@ -161,16 +150,13 @@ def test_verify_rechecks_every_artefact_and_records_where(exported):
         assert record["parity"]["cases"][2]["label"] == "images"
 
 
-def test_verify_fails_a_wrong_artefact_and_refuses_a_changed_one(exported, tmp_path):
+def test_verify_fails_a_wrong_artefact_and_refuses_a_changed_one(exported, exports, tmp_path):
     import json
 
     from unet_export.fileio import sha256_file
 
     out, _ = exported
-    other = tmp_path / "other"
-    torch.save(milesial_state_dict("v3", seed=1), tmp_path / "other.pth")
-    assert runner.invoke(app, ["onnx", str(tmp_path / "other.pth"), "-w", str(other), "--height", "64", "--width", "64",
-                               "--device", "cpu"]).exit_code == 0  # fmt: skip
+    other = exports.run(exports.checkpoint("other.pth", seed=1), ("onnx",), 64, 64).workdir  # another model's
     onnx_file = out / "unet_v3.onnx"
     onnx_file.write_bytes((other / "other.onnx").read_bytes())
     changed = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])

@@ -93,36 +93,31 @@ def test_an_evaluate_gate_with_nothing_to_judge_is_an_error(tmp_path):
     assert failing.exit_code == 1 and "gate failed" in failing.stdout
 
 
-def test_bench_judges_reduced_precision_on_the_recorded_validation_images(tmp_path):
+def test_bench_judges_reduced_precision_on_the_recorded_validation_images(exports, tmp_path):
     """The documented `unet-bench --batch 8` failed the trained demo model's bf16 rows on noise;
     without --data the held-out images its training recorded are the inputs."""
-    from unet_export.api import export_artifact
     from unet_export.bench.run import NOISE_NOTE, benchmark
-    from unet_export.flows.demo import DEMO_VAL, write_random_checkpoint
+    from unet_export.flows.demo import DEMO_VAL
 
-    assert export_artifact(DEMO_WEIGHTS, "torchscript", tmp_path / "demo", device="cpu", height=128, width=128).passed
-    report = benchmark(tmp_path / "demo", backends=["eager", "eager-bf16"], device="cpu", batch=8, warmup=0, iters=1)
-    recorded = load_manifest(tmp_path / "demo")["model"]["heldout"]["images"]
+    demo = exports.copy(tmp_path / "demo", DEMO_WEIGHTS, ("onnx", "torchscript"), 128, 128)
+    report = benchmark(demo, backends=["eager", "eager-bf16"], device="cpu", batch=8, warmup=0, iters=1)
+    recorded = load_manifest(demo)["model"]["heldout"]["images"]
     assert len(recorded) == 24 and all(Path(i["path"]).parent == (DEMO_VAL / "imgs").resolve() for i in recorded)
     assert report.config["inputs"] == "24 held-out images (recorded)"
     assert [r.status for r in report.rows] == ["ok", "ok"]
-    other = write_random_checkpoint(tmp_path / "random.pth", seed=1, width=8)
-    export_artifact(other, "torchscript", tmp_path / "random", device="cpu", height=64, width=64)
-    noise = benchmark(tmp_path / "random", backends=["eager"], device="cpu", batch=2, warmup=0, iters=1)
+    random = exports.copy(tmp_path / "random", exports.checkpoint("other.pth", seed=1), ("onnx",), 64, 64)
+    noise = benchmark(random, backends=["eager"], device="cpu", batch=2, warmup=0, iters=1)
     assert noise.config["inputs"].startswith(NOISE_NOTE)
 
 
-def test_the_release_ci_line_passes_on_a_plain_trained_checkpoint(tmp_path):
+def test_the_release_ci_line_passes_on_a_plain_trained_checkpoint(exports, tmp_path):
     """Issue 24: `unet-export onnx weights.pth` + `unet-bench --batch 8` on the trained demo
     checkpoint without its training sidecar exited 1: eager-bf16 (0.56%) and openvino-bf16 (0.31%)
-    were judged on seeded noise. Without real images they are timed, not judged; FP32 still gates."""
-    weights = tmp_path / "weights.pth"
-    shutil.copy(DEMO_WEIGHTS, weights)
+    were judged on seeded noise. Without real images they are timed, not judged; FP32 still gates.
+    The exports (`unet-export onnx|torchscript weights.pth`, exit 0) are the session's, copied to ./exports."""
+    weights = exports.checkpoint("weights.pth", write=lambda path: shutil.copy(DEMO_WEIGHTS, path))  # no sidecar
+    exports.copy(tmp_path / "exports", weights, ("onnx", "torchscript"), 128, 128)
     env = os.environ | {"UNET_BENCH_ITERS": "1", "UNET_BENCH_WARMUP": "0", "COLUMNS": "250"}
-    for fmt in ("onnx", "torchscript"):
-        proc = subprocess.run([*UNET_EXPORT, fmt, str(weights), "--device", "cpu", "--height", "128", "--width", "128"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
     backends = "eager,eager-bf16,onnxruntime,openvino,openvino-bf16,torchscript"
     proc = subprocess.run([*UNET_BENCH, "--batch", "8", "--device", "cpu", "--backends", backends, "--json", "b.json"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)  # fmt: skip

@@ -4,7 +4,7 @@ file name it records must be a plain name inside the workdir, links in it that l
 refused where a command opens them, and the lock is opened without following a link. A manifest
 that breaks this is bad input: exit 2, one line naming the field, nothing touched.
 
-One small ONNX + OpenVINO IR export is made per module and copied into a sandbox per test; the
+One small ONNX + OpenVINO IR export is made per session (tests/conftest.py) and copied into a sandbox per test; the
 sandbox holds the workdir and the files an attacker aims at beside it."""
 
 import hashlib
@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
 from unet_export.fileio import sha256_file
-from tests.conftest import milesial_state_dict
 
 pytest.importorskip("openvino")
 runner = CliRunner()
@@ -32,16 +30,10 @@ VICTIM = b"the user's own file, outside the workdir\n"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """unet.pth and its verified ONNX model and FP32 OpenVINO IR in exports/, made once."""
-    from unet_export.api import export_artifact
-    from unet_export.flows.openvino import export_openvino
-
-    root = tmp_path_factory.mktemp("confine")
-    torch.save(milesial_state_dict("v3"), root / "unet.pth")
-    assert export_artifact(root / "unet.pth", "onnx", root / "exports", height=64, width=64, device="cpu").passed
-    assert export_openvino(root / "unet.pth", root / "exports", height=64, width=64, device="cpu").passed
-    return root
+def exported(exports):
+    """unet_v3.pth and its verified ONNX model and FP32 OpenVINO IR, exported once per session (read only)."""
+    weights = exports.checkpoint("unet_v3.pth")
+    return weights, exports.run(weights, ("onnx", "openvino"), 64, 64).workdir
 
 
 @dataclass
@@ -69,14 +61,15 @@ class Sandbox:
 def sandbox(exported, tmp_path) -> Sandbox:
     root = tmp_path / "sandbox"
     root.mkdir()
-    shutil.copy(exported / "unet.pth", root / "unet.pth")
-    shutil.copytree(exported / "exports", root / "W")
-    box = Sandbox(root, root / "W", root / "unet.pth", root / "img.png", root / "victim.txt", root / "outside.onnx",
+    weights, workdir = exported
+    shutil.copy(weights, root / "unet_v3.pth")
+    shutil.copytree(workdir, root / "W")
+    box = Sandbox(root, root / "W", root / "unet_v3.pth", root / "img.png", root / "victim.txt", root / "outside.onnx",
                   tmp_path / "out")  # fmt: skip
     box.edit(lambda m: m["model"]["checkpoint"].update(path=str(box.weights)))
     Image.new("RGB", (64, 64), (120, 40, 200)).save(box.image)
     box.victim.write_bytes(VICTIM)
-    shutil.copy(box.workdir / "unet.onnx", box.outside)
+    shutil.copy(box.workdir / "unet_v3.onnx", box.outside)
     return box
 
 
@@ -125,7 +118,7 @@ def run_command(box: Sandbox, name: str):
 def staged_redo(box: Sandbox, target: str) -> Path:
     """The ONNX entry renamed to ``target`` with a redo record (``pending``) of attacker content:
     recovery would rename the staged file onto ``target``."""
-    staged = box.workdir / ".unet.999999.tmp.onnx"
+    staged = box.workdir / ".unet_v3.999999.tmp.onnx"
     staged.write_bytes(b"attacker content")
 
     def change(manifest):
@@ -155,7 +148,7 @@ def test_a_redo_record_cannot_overwrite_a_file_outside(sandbox, where, command):
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_a_pending_ir_weights_record_cannot_delete_a_file_outside(sandbox, where):
     target = "../victim.txt" if where == "relative" else str(sandbox.victim)
-    (sandbox.workdir / "unet.bin").unlink()  # the reader then finishes the "pending" rename
+    (sandbox.workdir / "unet_v3.bin").unlink()  # the reader then finishes the "pending" rename
     sandbox.edit(lambda m: sandbox.entry(m, "openvino")["weights"].update(pending=target))
     result = run_command(sandbox, "predict-openvino")
     assert sandbox.victim.read_bytes() == VICTIM
@@ -165,7 +158,7 @@ def test_a_pending_ir_weights_record_cannot_delete_a_file_outside(sandbox, where
 
 def test_ir_weights_named_outside_the_workdir_exit_2(sandbox):
     """Was `ValueError: Invalid name` from Path.with_name, exit 3."""
-    shutil.copy(sandbox.workdir / "unet.bin", sandbox.root / "outside.bin")
+    shutil.copy(sandbox.workdir / "unet_v3.bin", sandbox.root / "outside.bin")
     sandbox.edit(lambda m: sandbox.entry(m, "openvino")["weights"].update(path="../outside.bin"))
     result = run_command(sandbox, "predict-openvino")
     assert result.exit_code == 2, result.output
@@ -186,9 +179,9 @@ def test_an_artefact_path_outside_the_workdir_is_not_read(sandbox, where, comman
     assert not (sandbox.out / "repo").exists()
 
 
-OPENED = [("verify", "unet.onnx"), ("verify", "unet.bin"), ("predict", "unet.onnx"), ("predict-openvino", "unet.xml"),
-          ("predict-openvino", "unet.bin"), ("unet-bench", "unet.onnx"), ("triton", "unet.onnx"),
-          ("triton", "unet.bin")]  # fmt: skip
+OPENED = [("verify", "unet_v3.onnx"), ("verify", "unet_v3.bin"), ("predict", "unet_v3.onnx"),
+          ("predict-openvino", "unet_v3.xml"), ("predict-openvino", "unet_v3.bin"), ("unet-bench", "unet_v3.onnx"),
+          ("triton", "unet_v3.onnx"), ("triton", "unet_v3.bin")]  # fmt: skip
 
 
 @pytest.mark.parametrize("command, link", OPENED)
@@ -214,14 +207,14 @@ def test_an_ir_without_a_weights_record_reads_no_bin_through_a_link(sandbox, com
     beside the .xml is still the workdir's own file, never one a link leads to."""
     sandbox.edit(lambda m: sandbox.entry(m, "openvino").pop("weights"))
     outside = sandbox.root / "outside.bin"
-    shutil.move(sandbox.workdir / "unet.bin", outside)
-    (sandbox.workdir / "unet.bin").symlink_to(outside)
+    shutil.move(sandbox.workdir / "unet_v3.bin", outside)
+    (sandbox.workdir / "unet_v3.bin").symlink_to(outside)
     result = run_command(sandbox, command)
     assert result.exit_code == 2, result.output
-    assert f"{sandbox.workdir / 'unet.bin'} is a link to {outside}, outside the workdir" in one_error_line(result)
+    assert f"{sandbox.workdir / 'unet_v3.bin'} is a link to {outside}, outside the workdir" in one_error_line(result)
     assert not (sandbox.out / "repo").exists()
-    (sandbox.workdir / "unet.bin").unlink()
-    shutil.move(outside, sandbox.workdir / "unet.bin")  # the file itself: served as before
+    (sandbox.workdir / "unet_v3.bin").unlink()
+    shutil.move(outside, sandbox.workdir / "unet_v3.bin")  # the file itself: served as before
     assert run_command(sandbox, command).exit_code == 0
 
 
@@ -268,7 +261,7 @@ def test_onnx_external_data_outside_the_model_folder_exits_2(sandbox, where):
     folder = sandbox.root / "model"
     folder.mkdir()
     model = folder / "model.onnx"
-    shutil.copy(sandbox.workdir / "unet.onnx", model)
+    shutil.copy(sandbox.workdir / "unet_v3.onnx", model)
     secret = sandbox.root / "secret.bin"
     location = {"relative": "../secret.bin", "absolute": str(secret), "link": "weights.bin"}[where]
     name = _external(model, location, secret)
@@ -285,7 +278,7 @@ def test_onnx_external_data_outside_the_model_folder_exits_2(sandbox, where):
 @pytest.mark.parametrize("command", ["verify", "predict", "unet-bench"])
 def test_a_recorded_onnx_model_with_data_outside_the_workdir_exits_2(sandbox, command):
     """The workdir's ONNX model (its sha256 recorded to match) keeps a tensor in ../secret.bin."""
-    model = sandbox.workdir / "unet.onnx"
+    model = sandbox.workdir / "unet_v3.onnx"
     name = _external(model, "../secret.bin", sandbox.root / "secret.bin")
     sandbox.edit(lambda m: sandbox.entry(m, "onnx").update(sha256=sha256_file(model), bytes=model.stat().st_size))
     result = run_command(sandbox, command)
@@ -298,7 +291,7 @@ def test_onnx_external_data_inside_the_model_folder_still_runs(sandbox):
     folder = sandbox.root / "model"
     folder.mkdir()
     model = folder / "model.onnx"
-    shutil.copy(sandbox.workdir / "unet.onnx", model)
+    shutil.copy(sandbox.workdir / "unet_v3.onnx", model)
     _external(model, "weights.bin", folder / "weights.bin")
     result = runner.invoke(app, ["predict", str(model), str(sandbox.image), "--device", "cpu", "--out",
                                  str(sandbox.out / "masks")])  # fmt: skip
@@ -352,7 +345,7 @@ def _hostile(box: Sandbox, kind: str) -> None:
     elif kind == "overwrite-absolute":
         staged_redo(box, str(box.victim))
     elif kind == "delete":
-        (box.workdir / "unet.bin").unlink()
+        (box.workdir / "unet_v3.bin").unlink()
         box.edit(lambda m: box.entry(m, "openvino")["weights"].update(pending=str(box.victim)))
     elif kind == "read":
         box.edit(lambda m: box.entry(m, "onnx").update(path="../outside.onnx"))

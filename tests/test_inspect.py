@@ -17,21 +17,16 @@ from unet_export.flows.inspect import inspect_artifact
 from unet_export.workdir.manifest import load_manifest
 
 runner = CliRunner()
-SIZE = 64  # the export (and first parity) size: small keeps the module fixture quick
+SIZE = 128  # the export (and first parity) size: the demo's, as the workdir the triton tests share
 
 
 @pytest.fixture(scope="module")
-def demo_workdir(tmp_path_factory):
-    """The shipped demo checkpoint exported to ONNX, TorchScript and an OpenVINO IR, verified."""
+def demo_workdir(exports, tmp_path_factory):
+    """The shipped demo checkpoint exported to ONNX, TorchScript and an OpenVINO IR, verified (this
+    module's copy of the session's export)."""
     pytest.importorskip("openvino")
-    from unet_export.api import export_artifact
-    from unet_export.flows.openvino import export_openvino
-
-    workdir = tmp_path_factory.mktemp("inspect") / "exports"
-    for fmt in ("onnx", "torchscript"):
-        assert export_artifact(DEMO_WEIGHTS, fmt, workdir, device="cpu", height=SIZE, width=SIZE).passed
-    assert export_openvino(DEMO_WEIGHTS, workdir, device="cpu", height=SIZE, width=SIZE).passed
-    return workdir
+    formats = ("onnx", "torchscript", "openvino")
+    return exports.copy(tmp_path_factory.mktemp("inspect") / "exports", DEMO_WEIGHTS, formats, SIZE, SIZE)
 
 
 def _inspect(*args):

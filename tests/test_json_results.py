@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import milesial_state_dict
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
 from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
@@ -42,17 +41,12 @@ def read_result(path: Path, schema: str, exit_code: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """ONNX and TorchScript of a small checkpoint, exported with --json (made once)."""
-    root = tmp_path_factory.mktemp("json")
-    weights = root / "unet_v3.pth"
-    torch.save(milesial_state_dict("v3"), weights)
-    docs = {}
-    for fmt in ("onnx", "torchscript"):
-        docs[fmt] = root / f"{fmt}.json"
-        result = runner.invoke(app, [fmt, str(weights), "-w", str(root / "exports"), *SMALL, "--json", str(docs[fmt])])
-        assert result.exit_code == 0, result.output
-    return weights, root / "exports", docs
+def exported(exports):
+    """ONNX and TorchScript of a small checkpoint, each exported with --json into the workdir of the
+    formats before it (the session's exports: read only): the checkpoint, the last workdir, each run."""
+    weights, formats = exports.checkpoint("unet_v3.pth"), ("onnx", "torchscript")
+    runs = {fmt: exports.run(weights, formats[: i + 1], 64, 64) for i, fmt in enumerate(formats)}
+    return weights, runs["torchscript"].workdir, runs
 
 
 @pytest.fixture
@@ -63,8 +57,9 @@ def workdir(exported, tmp_path):
 
 
 def test_an_export_writes_its_verdict_and_gate_numbers(exported):
-    weights, out, docs = exported
-    doc = read_result(docs["onnx"], "export", 0)
+    weights, _, runs = exported
+    out = runs["onnx"].workdir
+    doc = read_result(runs["onnx"].json, "export", 0)
     assert doc["command"] == "unet-export onnx" and doc["workdir"] == str(out)
     [artifact] = doc["artifacts"]
     assert artifact["path"] == "unet_v3.onnx" and artifact["status"] == "verified"
@@ -137,7 +132,7 @@ def test_bad_input_writes_the_error_and_an_unwritable_path_is_refused_first(make
         assert not (tmp_path / "w").exists()  # refused before anything was exported
 
 
-def test_verify_json_carries_each_verdict_and_a_damaged_artefact_fails(exported, workdir, tmp_path):
+def test_verify_json_carries_each_verdict_and_a_damaged_artefact_fails(exported, exports, workdir, tmp_path):
     path = tmp_path / "verify.json"
     ok = runner.invoke(app, ["verify", "-w", str(workdir), "--device", "cpu", "--json", str(path)])
     assert ok.exit_code == 0, ok.output
@@ -145,9 +140,7 @@ def test_verify_json_carries_each_verdict_and_a_damaged_artefact_fails(exported,
     assert {a["path"]: a["status"] for a in doc["artifacts"]} == {"unet_v3.onnx": "verified", "unet_v3.ts": "verified"}
     assert all(a["parity"]["passed"] and a["parity"]["cases"][0]["floor_ratio"] for a in doc["artifacts"])
     # Another model's ONNX under this name, its hash recorded: only the parity check can catch it.
-    other = tmp_path / "other"
-    torch.save(milesial_state_dict("v3", seed=1), tmp_path / "other.pth")
-    assert runner.invoke(app, ["onnx", str(tmp_path / "other.pth"), "-w", str(other), *SMALL]).exit_code == 0
+    other = exports.run(exports.checkpoint("other.pth", seed=1), ("onnx",), 64, 64).workdir
     onnx_file = workdir / "unet_v3.onnx"
     onnx_file.write_bytes((other / "other.onnx").read_bytes())
     changed = runner.invoke(app, ["verify", "-w", str(workdir), "--device", "cpu", "--json", str(path)])
@@ -248,7 +241,7 @@ def test_docs_show_a_real_example_of_each_schema(exported, demo_exported, tmp_pa
         examples[doc["schema"]] = doc
     assert set(examples) == {schema_name(s) for s in ("export", "verify", "evaluate", "doctor", "bench")}
     written = {
-        "export": json.loads(exported[2]["onnx"].read_text()),
+        "export": json.loads(exported[2]["onnx"].json.read_text()),
         "bench": json.loads((demo_exported[0] / "b.json").read_text()),
         "doctor": json.loads(_doctor_document(tmp_path).read_text()),
     }

@@ -35,14 +35,16 @@ def ir_entry(workdir, precision="fp32"):
 
 
 @pytest.fixture(scope="module")
-def ir_workdir(tmp_path_factory):
-    """The demo model's ONNX model and FP32 IR, exported once through the CLI."""
-    out = tmp_path_factory.mktemp("ov") / "exports"
-    result = runner.invoke(app, ["openvino", str(DEMO_WEIGHTS), "-w", str(out), "--height", str(HEIGHT),
-                                 "--width", str(WIDTH), "--device", "cpu"])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "onnx fp32" in result.stdout and "openvino fp32" in result.stdout and "demo_unet.bin" in result.stdout
-    return out
+def ir_workdir(exports, tmp_path_factory):
+    """The demo model's ONNX model and FP32 IR, exported once through the CLI (this module's copy of
+    the session's export)."""
+    return exports.copy(tmp_path_factory.mktemp("ov") / "exports", DEMO_WEIGHTS, ("openvino",), HEIGHT, WIDTH)
+
+
+def test_openvino_prints_both_artefacts_it_wrote(exports):
+    """`unet-export openvino` on an empty workdir: the ONNX model it converts and the IR, with its .bin."""
+    stdout = exports.run(DEMO_WEIGHTS, ("openvino",), HEIGHT, WIDTH).stdout
+    assert "onnx fp32" in stdout and "openvino fp32" in stdout and "demo_unet.bin" in stdout
 
 
 def decode(value: str):

@@ -41,12 +41,9 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The demo model's verified ONNX model and OpenVINO IR."""
-    out = tmp_path_factory.mktemp("pipe") / "exports"
-    result = cli("openvino", DEMO_WEIGHTS, "-w", out, "--height", 128, "--width", 128, "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    return out
+def workdir(exports, tmp_path_factory):
+    """The demo model's verified ONNX model and OpenVINO IR (this module's copy of the session's export)."""
+    return exports.copy(tmp_path_factory.mktemp("pipe") / "exports", DEMO_WEIGHTS, ("openvino",), 128, 128)
 
 
 @pytest.fixture
@@ -399,19 +396,28 @@ def test_a_remembered_choice_belongs_to_its_machine_and_its_artefacts(workdir):
 # --- interruption -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def many_small(tmp_path_factory):
+    """200 small images (the run must still be going when a signal comes) and the masks an
+    uninterrupted run writes for them (made once: each killed run is checked against them)."""
+    folder = tmp_path_factory.mktemp("many") / "in"
+    folder.mkdir()
+    small = [Image.open(path).convert("RGB").resize((64, 64)) for path in VAL_IMAGES]
+    for i in range(200):
+        small[i % len(small)].save(folder / f"im{i:03d}.png")
+    reference = run_predict(DEMO_WEIGHTS, [folder], folder.parent / "ref", PredictOptions(), device="cpu")
+    return folder, {o.job.rel: o.sha256 for o in reference.written}
+
+
 # SIGKILL (14 s) in make test-all: SIGINT and SIGTERM cover the same whole-mask and resume promise in make test
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
                          ids=lambda sig: sig.name)
-def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
+def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, many_small, tmp_path):
     """Ctrl-C and SIGTERM stop cleanly (exit 128 + the signal, the report written), also when the
     launcher left SIGINT ignored (the run went on to the end: a flaky test found it); a kill -9
     leaves at most hidden temp files; either way every *_mask.png is whole and --resume writes
-    exactly the rest."""
-    folder, n = tmp_path / "in", 200  # many small images: the run must still be going when the signal comes
-    folder.mkdir()
-    small = [Image.open(path).convert("RGB").resize((64, 64)) for path in VAL_IMAGES]
-    for i in range(n):
-        small[i % len(small)].save(folder / f"im{i:03d}.png")
+    exactly the rest, the masks of an uninterrupted run."""
+    (folder, reference), n = many_small, 200
     out, report = tmp_path / "o", tmp_path / "report.json"
     command = [sys.executable, "-m", "unet_export", "predict", str(DEMO_WEIGHTS), str(folder), "--out", str(out),
                "--batch-size", "2", "--workers", "1", "--device", "cpu", "--report", str(report)]  # fmt: skip
@@ -437,8 +443,7 @@ def test_a_killed_run_leaves_whole_masks_and_resume_finishes_it(sig, tmp_path):
     resumed = run_predict(DEMO_WEIGHTS, [folder], out, PredictOptions(resume=True), device="cpu")
     assert len(resumed.skipped) == len(masks) and len(resumed.written) == n - len(masks)
     assert not list(out.glob(".*"))  # a killed writer's temp files are swept
-    reference = run_predict(DEMO_WEIGHTS, [folder], tmp_path / "ref", PredictOptions(), device="cpu")
-    assert {o.job.rel: o.sha256 for o in reference.written} == {p.name[: -len("_mask.png")]: sha(p) for p in out.glob("*_mask.png")}
+    assert reference == {p.name[: -len("_mask.png")]: sha(p) for p in out.glob("*_mask.png")}
 
 
 def test_a_ctrl_c_while_waiting_on_a_write_loses_no_mask_from_the_report(tmp_path, monkeypatch):

@@ -227,14 +227,11 @@ def test_predict_on_a_dataset_folder_predicts_its_images_not_its_masks(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def onnx_workdir(tmp_path_factory):
-    """The demo model exported to ONNX at its training size, as tests/test_triton.py's demo_workdir."""
-    from unet_export.api import export_artifact
+def onnx_workdir(exports, tmp_path_factory):
+    """The demo model exported to ONNX at its training size (a copy of the session's export)."""
     from unet_export.flows.demo import DEMO_WEIGHTS
 
-    workdir = tmp_path_factory.mktemp("triton") / "exports"
-    assert export_artifact(DEMO_WEIGHTS, "onnx", workdir, device="cpu", height=128, width=128).passed
-    return workdir
+    return exports.copy(tmp_path_factory.mktemp("triton") / "exports", DEMO_WEIGHTS, ("onnx",), 128, 128)
 
 
 def _tree(folder):

@@ -5,7 +5,6 @@ and the environment's errors (disk full, read-only, a file where a folder should
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +35,11 @@ def small_export(weights, workdir, fmt="onnx", **kw):
     return cli(fmt, weights, "-w", workdir, "--height", 64, "--width", 64, "--device", "cpu", **kw)
 
 
-@pytest.fixture(scope="module")
-def onnx_workdir(tmp_path_factory):
-    """A small checkpoint and its verified ONNX export, made once (in-process) for tests that copy it."""
-    from unet_export.api import export_artifact
-
-    root = tmp_path_factory.mktemp("store")
-    torch.save(milesial_state_dict("v3"), root / "unet.pth")
-    assert export_artifact(root / "unet.pth", "onnx", root / "exports", height=64, width=64, device="cpu").passed
-    return root
+@pytest.fixture
+def onnx_workdir(exports, tmp_path):
+    """A small checkpoint (the session's: read only) and a copy of its verified ONNX export."""
+    weights = exports.checkpoint("unet_v3.pth")
+    return weights, exports.copy(tmp_path / "exports", weights, ("onnx",), 64, 64)
 
 
 def one_error_line(proc) -> str:
@@ -130,9 +125,8 @@ def test_stale_temp_files_of_dead_processes_are_swept(tmp_path):
     assert live.exists() and not stale.exists()
 
 
-def test_changed_or_missing_artefact_is_an_error_everywhere(tmp_path):
-    weights, out = DEMO_WEIGHTS, tmp_path / "exports"
-    assert small_export(weights, out, "torchscript").returncode == 0
+def test_changed_or_missing_artefact_is_an_error_everywhere(exports, tmp_path):
+    weights, out = DEMO_WEIGHTS, exports.copy(tmp_path / "exports", DEMO_WEIGHTS, ("torchscript",), 64, 64)
     ts = out / "demo_unet.ts"
     data = bytearray(ts.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit differs
@@ -157,8 +151,7 @@ def test_changed_or_missing_artefact_is_an_error_everywhere(tmp_path):
      "artifacts[0].precision is missing"),
 ])  # fmt: skip
 def test_manifest_structure_is_validated_before_writing(onnx_workdir, tmp_path, damage, field):
-    weights, out = onnx_workdir / "unet.pth", tmp_path / "exports"
-    shutil.copytree(onnx_workdir / "exports", out)
+    weights, out = onnx_workdir
     manifest = out / "manifest.json"
     manifest.write_text(json.dumps(damage(json.loads(manifest.read_text()))))
     before = sorted(p.name for p in out.iterdir())

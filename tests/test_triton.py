@@ -28,7 +28,6 @@ from tritonclient.utils import InferenceServerException
 from typer.testing import CliRunner
 
 from tests.conftest import ignoring_sigint
-from unet_export.api import export_artifact
 from unet_export.cli.main import app
 from unet_export.data.dataset import image_to_tensor, Preprocess
 from unet_export.flows.demo import DEMO_WEIGHTS
@@ -48,12 +47,10 @@ MODELS = ["demo_unet_onnx", "demo_unet_pipeline", "demo_unet_postprocess", "demo
 
 
 @pytest.fixture(scope="module")
-def demo_workdir(tmp_path_factory):
-    """The shipped demo model exported to ONNX and TorchScript at its training size, verified."""
-    workdir = tmp_path_factory.mktemp("triton") / "exports"
-    for fmt in ("onnx", "torchscript"):
-        assert export_artifact(DEMO_WEIGHTS, fmt, workdir, device="cpu", height=128, width=128).passed
-    return workdir
+def demo_workdir(exports, tmp_path_factory):
+    """The shipped demo model exported to ONNX and TorchScript at its training size, verified
+    (this module's copy of the session's export)."""
+    return exports.copy(tmp_path_factory.mktemp("triton") / "exports", DEMO_WEIGHTS, ("onnx", "torchscript"), 128, 128)
 
 
 @pytest.fixture
@@ -247,10 +244,9 @@ def test_tensorrt_config_stays_inside_the_engine_profile(workdir, tmp_path):
         check_repository(tmp_path / "repo")
 
 
-def test_openvino_ir_is_served_by_the_openvino_backend_with_its_weights(workdir, tmp_path):
-    from unet_export.flows.openvino import export_openvino
-
-    assert export_openvino(DEMO_WEIGHTS, workdir, device="cpu", height=128, width=128).passed
+def test_openvino_ir_is_served_by_the_openvino_backend_with_its_weights(exports, tmp_path):
+    """The demo workdir with its FP32 IR exported after the ONNX model and TorchScript."""
+    workdir = exports.copy(tmp_path / "exports", DEMO_WEIGHTS, ("onnx", "torchscript", "openvino"), 128, 128)
     entry = next(e for e in load_manifest(workdir)["artifacts"] if e["format"] == "openvino")
     write_repository(workdir, tmp_path / "repo", formats="openvino,python:fp32", python_runtime="openvino")
     found = check_repository(tmp_path / "repo")
@@ -542,13 +538,11 @@ def test_triton_check_serves_the_repository_and_matches_eager(tritonserver, work
     assert not pid_alive(pid)
 
 
-def test_triton_check_counts_what_it_really_checked(tritonserver, tmp_path):
+def test_triton_check_counts_what_it_really_checked(tritonserver, exports, tmp_path):
     """Issue 24: on a plain checkpoint (no training sidecar, so no real images) `--check` ended with
     "served models match eager" though 3 of 4 models were not checked. Its last line now counts."""
-    weights = tmp_path / "weights.pth"
-    shutil.copy(DEMO_WEIGHTS, weights)
-    for fmt in ("onnx", "torchscript"):
-        assert export_artifact(weights, fmt, tmp_path / "w", device="cpu", height=128, width=128).passed
+    weights = exports.checkpoint("weights.pth", write=lambda path: shutil.copy(DEMO_WEIGHTS, path))  # no sidecar
+    exports.copy(tmp_path / "w", weights, ("onnx", "torchscript"), 128, 128)
     args = ["triton", "-w", str(tmp_path / "w"), "--repo", str(tmp_path / "repo"), "--with-pipeline", "--check",
             "--clients", "2", "--requests", "3", "--python-runtime", "onnxruntime"]  # fmt: skip
     result = runner.invoke(app, args)

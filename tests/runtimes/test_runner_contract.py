@@ -9,7 +9,6 @@ import torch
 
 from unet_export.bench.backends import BACKENDS, BackendContext, Unavailable
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.flows.demo import write_random_checkpoint
 from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.manifest import load_manifest
 
@@ -21,18 +20,13 @@ SLOW = {"aoti": "compiling the AOTInductor package takes about a minute here",
 
 
 @pytest.fixture(scope="module")
-def context(tmp_path_factory):
-    """A small model exported to every format the CPU writes (AOTInductor only when asked for)."""
-    from unet_export.api import export_artifact
-    from unet_export.flows.openvino import export_openvino
-
+def context(exports, tmp_path_factory):
+    """The session's small model, exported to ONNX, TorchScript and an OpenVINO IR (AOTInductor only
+    when asked for), in a copy this module may add to."""
+    weights = exports.checkpoint("unet_v3.pth")
     root = tmp_path_factory.mktemp("contract")
-    weights = write_random_checkpoint(root / "small.pth", width=8)
-    for fmt in ("onnx", "torchscript"):
-        assert export_artifact(weights, fmt, root / "exports", device="cpu", height=SIZE, width=SIZE).passed
-    assert export_openvino(weights, root / "exports", device="cpu", height=SIZE, width=SIZE).passed
-    model = build_model(load_checkpoint(weights))
-    return root, weights, model
+    exports.copy(root / "exports", weights, ("onnx", "torchscript", "openvino"), SIZE, SIZE)
+    return root, weights, build_model(load_checkpoint(weights))
 
 
 def _ctx(context, name) -> BackendContext:

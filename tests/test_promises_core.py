@@ -4,7 +4,7 @@ Each test fails when the behaviour it names breaks: the FP32 bound's max(1, |log
 judged by float64's margin (not the artefact's), every gate rule alone and both sides of each
 threshold, "new checkpoint" decided by sha256, atomic writes, the parity table's tie count and
 failure hints, exit 1 for an artefact that could not be exported, and UNET_EXPORT_DEBUG (a DeepLabV3
-checkpoint without aux_classifier: tests/test_registry.py). About 10 s on 2 cores: most of it three
+checkpoint without aux_classifier: tests/runtimes/test_registry.py). About 10 s on 2 cores: most of it three
 exports of a width-8 model at 32x32 and one CLI subprocess; the rest is milliseconds.
 """
 

@@ -39,7 +39,7 @@ def test_synth_size_errors_speak_of_height_x_width(tmp_path):
 
 
 def test_labelme_refuses_a_shape_drawn_with_the_background_label(tmp_path):
-    from tests.test_labelme import SHAPES, png_bytes, write_labelme
+    from tests.flows.test_labelme import SHAPES, png_bytes, write_labelme
 
     (tmp_path / "a.png").write_bytes(png_bytes())
     write_labelme(tmp_path, "a", SHAPES, image_path="a.png")
@@ -333,7 +333,7 @@ def test_version_of_both_commands_is_the_installed_package_version():
 
 
 def test_counts_of_one_are_singular_in_what_commands_print(tmp_path):
-    from tests.test_labelme import SHAPES, png_bytes, write_labelme
+    from tests.flows.test_labelme import SHAPES, png_bytes, write_labelme
     from unet_export.cli.render import dice_table
     from unet_export.parity.realimages import real_images_for
 
@@ -758,7 +758,7 @@ os.write(2, b"|after\\n")
 
 def test_the_stderr_filter_drops_rays_actor_restart_line_and_keeps_every_other_line():
     """Issue 25, rough edge 10 (b): Ray's C++ core worker writes this line straight to fd 2 on
-    every `predict --ray` (ray-project/ray#57733); tests/test_predict_ray.py checks the real run."""
+    every `predict --ray` (ray-project/ray#57733); tests/predict/test_predict_ray.py checks the real run."""
     result = subprocess.run([sys.executable, "-c", FILTERED], capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = (b"before\nfrom python\n[2026-12-06 09:43:20,000 E 1 1] core_worker.cc:99: another Ray error\n"

@@ -1,5 +1,5 @@
 """parity/gate.py's records and messages, pinned value by value (the gate's arithmetic is in
-test_verify.py and test_promises_core.py; `make mutation` runs these against mutants)."""
+test_gate.py and tests/test_promises_core.py; `make mutation` runs these against mutants)."""
 
 from dataclasses import replace
 

@@ -1,6 +1,6 @@
 """The manifest store (unet_export/workdir/manifest.py) in-process: validation messages, the transaction's
 save/recover/sweep steps, publish, the model record and the artefact checks. The crash and
-concurrency cases with real processes are in test_store.py."""
+concurrency cases with real processes are in tests/e2e/test_store.py."""
 
 import json
 import os

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_checkpoint import BAD, _bad_files
+from tests.unit.test_checkpoint import BAD, _bad_files
 from unet_export.cli.main import app
 from unet_export.runtimes.formats import FORMATS
 from unet_export.workdir.manifest import load_manifest

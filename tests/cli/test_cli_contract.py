@@ -17,6 +17,7 @@ from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
 from unet_export.fileio import write_json
 from unet_export.workdir.manifest import load_manifest
 
+runner = CliRunner()
 UNET_EXPORT = [sys.executable, "-m", "unet_export"]
 UNET_BENCH = [sys.executable, "-c", "from unet_export.cli.bench import main; main()"]
 
@@ -164,3 +165,225 @@ def test_predict_on_an_onnx_model_unet_export_did_not_write_exits_2(tmp_path):
     image = next((DEMO_VAL / "imgs").iterdir())
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "other.onnx"), str(image), "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "carries no unet-export model record" in result.stderr
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def _help(*command):
+    result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.replace("│", " ").split())
+
+
+def test_help_texts_say_what_each_option_does_for_its_command():
+    for command in ("train", "evaluate", "predict"):
+        assert "Where parity runs" not in _help(command) and "Where the model runs" in _help(command), command
+    assert "Where parity runs" in _help("onnx")
+    cpp = _help("cpp-check")
+    assert "[default: cpu]" in cpp and "CUDA when there is a GPU" not in cpp
+    train = _help("train")
+    assert "manifest.json" not in train and "Directory for the checkpoints" in train
+    assert "polygon, rectangle, circle" in _help("data", "labelme")
+
+
+def test_help_shows_flags_without_a_type_and_arguments_as_click_does():
+    """Typer 0.29 printed `<bool>` beside every flag and `{weights}` in usage lines."""
+    from unet_export.cli.bench import app as bench_app
+
+    predict = _help("predict")
+    assert "predict [OPTIONS] MODEL INPUTS..." in predict
+    assert "onnx [OPTIONS] WEIGHTS" in _help("onnx")
+    assert "--overlay Also write the mask" in predict and "--batch-size <int range>" in predict
+    bench = runner.invoke(bench_app, ["--help"], terminal_width=200)
+    assert bench.exit_code == 0 and "Usage:" in bench.stdout, bench.output
+    bench = bench.stdout
+    for text in (predict, _help("onnx"), _help("train"), _help("data", "synth"), bench):
+        assert "<bool>" not in text and "{" not in text.split("Options")[0]
+
+
+def test_long_steps_show_a_status_on_a_terminal(monkeypatch, tmp_path):
+    from unet_export.cli import common, main
+    from unet_export.errors import UserError
+
+    shown = []
+    monkeypatch.setattr(common.console, "_force_terminal", True)  # as on a terminal: a CI log gets plain lines
+    monkeypatch.setattr(common.console, "status", lambda what, **kw: (shown.append(what), _Null())[1])
+
+    def stop(*args, **kwargs):
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(main, "export_artifact", stop)
+    result = runner.invoke(app, ["aoti", str(tmp_path / "w.pth"), "-w", str(tmp_path / "x")])
+    assert result.exit_code == 2 and shown == ["compiling the AOTInductor package and checking parity..."]
+    assert "aoti:" not in result.stdout  # the spinner instead of the plain lines
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# Issue 25 (helper i25a): a closed pipe, --version, counts in the singular, failures on stderr
+# (was tests/test_rough_edges.py).
+
+
+CLI = "from unet_export.cli.main import main; main()"
+BENCH = "from unet_export.cli.bench import main; main()"
+
+
+def _into_a_closed_pipe(entry: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a CLI with stdout a pipe whose reader has already gone: the worst case of
+    `| head -c 10`, where the reader leaves before the first write rather than by luck after it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-c", entry, *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+
+
+def test_a_closed_pipe_ends_commands_quietly_with_exit_0():
+    for entry, args in ((CLI, ["doctor", "--json"]), (CLI, ["--help"]), (CLI, ["predict", "--help"]),
+                        (BENCH, ["--help"])):  # fmt: skip
+        result = _into_a_closed_pipe(entry, *args)
+        assert (result.returncode, result.stderr) == (0, ""), (args, result.returncode, result.stderr)
+
+
+def test_a_gate_cut_short_by_a_closed_pipe_keeps_its_verdict(make_checkpoint, tmp_path):
+    """`unet-bench | head`: the reader leaving is no error (no traceback, no exit 3), but it must not
+    turn a failing gate into exit 0: the run goes on, its output to devnull, to its own exit code."""
+    weights = make_checkpoint("v3")
+    args = ["onnx", str(weights), "-w", str(tmp_path / "w"), "--height", "32", "--width", "32", "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 0
+    # a zero tolerance fails even eager's own float32 noise against float64: a gate that fails
+    bench = ["-w", str(tmp_path / "w"), "--backends", "eager,onnxruntime", "--device", "cpu", "--iters", "1",
+             "--warmup", "0", "--rtol", "0", "--atol", "0"]  # fmt: skip
+    failing = _into_a_closed_pipe(BENCH, *bench)
+    assert (failing.returncode, failing.stderr) == (1, ""), (failing.returncode, failing.stderr)
+    passing = _into_a_closed_pipe(BENCH, *bench[:-4])
+    assert (passing.returncode, passing.stderr) == (0, ""), (passing.returncode, passing.stderr)
+
+
+def test_doctor_json_into_head_exits_0_under_pipefail():
+    script = f"set -o pipefail; {sys.executable} -c '{CLI}' doctor --json | head -c 10 >/dev/null"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_version_of_both_commands_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    for entry in (CLI, BENCH):
+        result = subprocess.run([sys.executable, "-c", entry, "--version"], capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"unet-export {version('unet-export')}\n", "")
+
+
+def test_counts_of_one_are_singular_in_what_commands_print(tmp_path):
+    from tests.flows.test_labelme import SHAPES, png_bytes, write_labelme
+    from unet_export.cli.render import dice_table
+    from unet_export.parity.realimages import real_images_for
+
+    synth = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--n", "1", "--size", "32x32"])
+    assert synth.exit_code == 0 and "wrote 1 image and mask to" in " ".join(synth.stdout.split()), synth.output
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "a.png").write_bytes(png_bytes())
+    write_labelme(tmp_path / "lm", "a", SHAPES[:1], image_path="a.png")
+    labelme = runner.invoke(app, ["data", "labelme", str(tmp_path / "lm"), str(tmp_path / "voc"),
+                                  "--labels", "background,cat,dog,bird"])  # fmt: skip
+    assert labelme.exit_code == 0 and "wrote 1 image, 1 shape to" in " ".join(labelme.stdout.split()), labelme.output
+    (tmp_path / "one").mkdir()
+    image = sorted((DEMO_VAL / "imgs").iterdir())[0]
+    (tmp_path / "one" / image.name).write_bytes(image.read_bytes())
+    assert real_images_for({}, None, tmp_path / "one", 8)[1] == f"1 image from --data {tmp_path / 'one'}"
+    table = dice_table({"images": 1, "eager": {"dice": 0.5}, "artifacts": []}, "val")
+    assert table.title == "Dice on val (1 image, milesial's definition)"
+
+
+# Issue 25, rough edge 5: long steps say when they start and how long they took, off a terminal
+# (was tests/test_rough_edges.py).
+
+
+def test_a_long_step_prints_its_start_and_duration_in_a_ci_log(tmp_path):
+    """CliRunner's stdout is no terminal, as a CI log is not: a spinner would show nothing there."""
+    import re
+
+    from unet_export.flows.demo import DEMO_WEIGHTS
+
+    result = runner.invoke(app, ["torchscript", str(DEMO_WEIGHTS), "-w", str(tmp_path / "exports"), "--height", "32",
+                                 "--width", "32", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "torchscript: scripting TorchScript and checking parity ...", result.stdout
+    assert any(re.fullmatch(r"torchscript: done in \d+\.\d s", line) for line in lines[1:]), result.stdout
+    assert result.stderr == ""
+
+
+def test_a_long_step_that_fails_keeps_the_one_error_line_on_stderr(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["aoti", str(bad), "-w", str(tmp_path / "exports"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines()[0] == "aoti: compiling the AOTInductor package and checking parity ..."
+    assert result.stdout.splitlines()[1].startswith("aoti: stopped after ")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+# Issue 25, rough edge 8: help texts (helper i25-help; was tests/test_rough_edges.py).
+
+
+def _every_command():
+    """(app, argv prefix, click command) for every command and group of unet-export and unet-bench."""
+    import typer
+
+    from unet_export.cli.bench import app as bench_app
+
+    def walk(cli_app, command, path):
+        yield cli_app, path, command
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            yield from walk(cli_app, sub, [*path, name])
+
+    for cli_app in (app, bench_app):
+        yield from walk(cli_app, typer.main.get_command(cli_app), [])
+
+
+def test_every_help_speaks_to_users_not_python_or_the_seeds():
+    """predict --help read "(extra unet-export)" (Rich ate [ray]), `<list[Path]>` and `<list[str]>`
+    leaked Python types, exporters said the checkpoint comes "from milesial/Pytorch-UNet or
+    unet-export train" though nine architectures load, the train help spoke of "seed 003"."""
+    import re
+
+    seen = set()
+    for cli_app, path, command in _every_command():
+        result = runner.invoke(cli_app, [*path, "--help"], terminal_width=200, env={"COLUMNS": "1000"})
+        assert result.exit_code == 0, (path, result.output)
+        text = " ".join(result.stdout.replace("│", " ").split())
+        where = " ".join(path) or "(top)"
+        assert "<list[" not in text and "list[" not in text, where
+        assert "(extra unet-export)" not in text, where
+        assert not re.search(r"seed 00\d", text), where
+        assert "Pytorch-UNet or unet-export train" not in text, where
+        # Square brackets in a help text are words the user needs, not Rich markup to drop.
+        for param in command.params:
+            for bracketed in re.findall(r"\w[\w-]*\[[\w,-]+\]", getattr(param, "help", None) or ""):
+                assert bracketed in text, (where, bracketed)
+        seen.add(" ".join(path))
+    assert {"", "onnx", "openvino", "predict", "data", "data synth", "serve", "triton"} <= seen  # groups too
+    predict = _help("predict")
+    assert "unet-export[ray]" in predict and "inputs... <path>" in predict
+    onnx = _help("onnx")
+    assert "--fp32-layers <pattern>" in onnx
+    for name in ("milesial", "valid", "resnet50", "deeplabv3"):  # the architectures that load are named
+        assert name in onnx, name
+
+
+def test_model_descriptions_name_the_architecture_not_the_seed():
+    from unet_export.models import MODELS
+
+    for name, spec in MODELS.items():
+        assert "seed" not in spec.description, (name, spec.description)
+    assert "2015 U-Net" in MODELS["valid"].description and "unpadded" in MODELS["valid"].description

@@ -68,7 +68,7 @@ def deeplab_realistic_bn(n_classes: int = 21) -> nn.Module:
 
 
 def registry_model(name: str, **config) -> nn.Module:
-    torch.manual_seed(0)  # as tests/test_registry.py builds them
+    torch.manual_seed(0)  # as tests/runtimes/test_registry.py builds them
     return create_model(name, **config)
 
 

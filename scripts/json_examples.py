@@ -4,7 +4,7 @@ checkpoint in a temporary folder and paste the documents it wrote between the ma
 
     PYTHONPATH=. .venv/bin/python scripts/json_examples.py        # about two minutes on 2 cores
 
-tests/test_json_results.py checks that each example has the keys the code writes now.
+tests/cli/test_json_results.py checks that each example has the keys the code writes now.
 """
 
 import os

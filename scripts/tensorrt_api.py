@@ -1,5 +1,5 @@
 """Regenerate tests/data/tensorrt_api.json: the real TensorRT Python API (names, kinds, enum values) of the
-bindings wheels tests/test_tensorrt_api.py holds the code and tests/fake_tensorrt.py to.
+bindings wheels tests/runtimes/test_tensorrt_api.py holds the code and tests/fake_tensorrt.py to.
 
 TensorRT cannot be installed here, but its bindings wheels can be downloaded: each holds the real pybind11
 module (tensorrt_bindings/tensorrt.so). The module only links against libnvinfer, libnvinfer_plugin and

@@ -25,6 +25,7 @@ VARIANTS = {
     "v4-rgb": dict(config=dict(n_classes=2, bilinear=False, conv_bias=False), mask_values=[[0, 0, 0], [255, 0, 0]]),
 }
 SMALL_WIDTH = 8
+REPO = Path(__file__).resolve().parent.parent  # the repository root, wherever a test file sits under tests/
 
 
 def milesial_state_dict(variant: str, width: int = SMALL_WIDTH, seed: int = 0) -> dict:

@@ -1,6 +1,6 @@
 """A test double of TensorRT's Python API, per major version (10.x, 11.x): exactly the names the builder
 (unet_export/runtimes/tensorrt/build.py) and the runner (unet_export/runtimes/tensorrt/runner.py) use on that version, with
-the real enum values. tests/test_tensorrt_api.py holds it to the real bindings (tests/data/tensorrt_api.json):
+the real enum values. tests/runtimes/test_tensorrt_api.py holds it to the real bindings (tests/data/tensorrt_api.json):
 each public name here exists in that version with the same kind and value, and the code uses each one.
 
 Public names are TensorRT's; names starting with "_" are the tests' bookkeeping. Every public name read from

@@ -503,3 +503,121 @@ def test_reader_threads_preprocess_as_image_to_tensor(tmp_path, mode):
     img = load_image(tmp_path / "im.png", 3)
     for preprocess in (Preprocess(), Preprocess(scale=0.5), Preprocess(square=64)):
         assert np.array_equal(image_array(img, preprocess, 3), image_to_tensor(img, preprocess, 3).numpy())
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def test_predict_counts_one_mask_in_the_singular(tmp_path):
+    from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
+
+    image = sorted((DEMO_VAL / "imgs").iterdir())[0]
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(image), "--out", str(tmp_path / "m"),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote 1 mask to {tmp_path / 'm'}" in " ".join(result.stdout.split())
+
+
+def test_a_static_onnx_model_pads_to_its_size_or_says_it_cannot(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from unet_export.flows.demo import DEMO_WEIGHTS
+    from unet_export.predict import load_predictor, predict_classes
+    from unet_export.data.synth import make_synth
+
+    out = tmp_path / "exports"
+    exported = runner.invoke(app, ["onnx", str(DEMO_WEIGHTS), "-w", str(out), "--static", "--height", "128",
+                                   "--width", "128", "--device", "cpu"])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    onnx_path = out / f"{DEMO_WEIGHTS.stem}.onnx"
+    small = tmp_path / "small.png"
+    Image.new("RGB", (120, 100), (90, 40, 200)).save(small)  # 100x120: fits in 128x128
+    pad = runner.invoke(app, ["predict", str(onnx_path), str(small), "--out", str(tmp_path / "m"), "--device", "cpu"])
+    assert pad.exit_code == 0, pad.output
+    with Image.open(tmp_path / "m" / "small_mask.png") as mask:
+        assert mask.size == (120, 100)
+    # the same padding through the eager model gives the same classes
+    static, eager = load_predictor(onnx_path, torch.device("cpu")), load_predictor(DEMO_WEIGHTS, torch.device("cpu"))
+    assert static.fixed == (128, 128) and eager.fixed is None
+    eager.fixed = static.fixed
+    with static.runner, eager.runner:
+        assert np.array_equal(predict_classes(static, small)[0], predict_classes(eager, small)[0])
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 150), (90, 40, 200)).save(big)
+    # streaming predict (issue 18): the image it cannot take is that image's failure, the rest run
+    refused = runner.invoke(app, ["predict", str(onnx_path), str(small), str(big), "--out", str(tmp_path / "n"),
+                                  "--batch-size", "4", "--device", "cpu"])  # fmt: skip
+    assert refused.exit_code == 1 and "wrote 1 mask " in refused.stdout and "batch 1," in refused.stdout
+    assert "big.png: the model is static at 128x128 and the image is 150x200" in refused.stderr
+    make_synth(tmp_path / "data", n=2, size=(96, 96), classes=3, seed=0)
+    evaluated = runner.invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(tmp_path / "data"), "-w", str(out),
+                                    "--device", "cpu"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "static artefact takes 1x3x128x128, the images are 96x96" in " ".join(evaluated.stdout.split())
+
+
+def test_predict_on_a_dataset_folder_predicts_its_images_not_its_masks(tmp_path):
+    from unet_export.data.synth import make_synth
+    from unet_export.flows.demo import DEMO_WEIGHTS
+
+    make_synth(tmp_path / "data", n=3, size=(32, 32), seed=0)
+    out = tmp_path / "m"
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(tmp_path / "data"), "--out", str(out),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == [f"synth_000{i}_mask.png" for i in range(3)]
+    assert f"wrote 3 masks to {out}" in " ".join(result.stdout.split())
+
+
+# Issue 25 (helper i25a): a closed pipe, --version, counts in the singular, failures on stderr
+# (was tests/test_rough_edges.py).
+
+
+def test_predict_lists_failures_on_stderr_and_counts_in_the_singular(tmp_path):
+    from unet_export.flows.demo import DEMO_WEIGHTS
+
+    (tmp_path / "in").mkdir()
+    good = sorted((DEMO_VAL / "imgs").iterdir())[0]
+    (tmp_path / "in" / good.name).write_bytes(good.read_bytes())
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    result = runner.invoke(app, ["predict", str(DEMO_WEIGHTS), str(tmp_path / "in"), "--out", str(tmp_path / "m"),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "1 failed:" in result.stderr and "broken.png" in result.stderr
+    assert "failed" not in result.stdout and "broken.png" not in result.stdout
+    assert f"wrote 1 mask to {tmp_path / 'm'}" in " ".join(result.stdout.split())
+
+
+# predict --ray: Ray's actor-restart line held back (ray-project/ray#57733; was tests/test_rough_edges.py).
+
+
+FILTERED = """import os, sys, time
+from unet_export.predict.stderr_filter import RAY_ACTOR_RESTART_WARNING, dropping_stderr_lines
+ray_line = (b"[2026-12-06 09:43:19,950 E 11329 11329] core_worker.cc:2465: Actor with class name: "
+            b"'MapWorker(MapBatches(_InferActor))' and ID: '748a' has constructor arguments in the object store "
+            b"and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
+            b"restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.\\n")
+with dropping_stderr_lines(RAY_ACTOR_RESTART_WARNING):
+    os.write(2, b"before\\n" + ray_line)
+    print("from python", file=sys.stderr)
+    os.write(2, b"[2026-12-06 09:43:20,000 E 1 1] core_worker.cc:99: another Ray error\\n")
+    for i in range(20000):  # more than a pipe holds: the copier must keep up, nothing blocks
+        os.write(2, b"line %d\\n" % i)
+    os.write(2, ray_line[:40])  # a line split across two writes
+    os.write(2, ray_line[40:])
+    os.write(2, b"no newline")
+os.write(2, b"|after\\n")
+"""
+
+
+def test_the_stderr_filter_drops_rays_actor_restart_line_and_keeps_every_other_line():
+    """Issue 25, rough edge 10 (b): Ray's C++ core worker writes this line straight to fd 2 on
+    every `predict --ray` (ray-project/ray#57733); tests/predict/test_predict_ray.py checks the real run."""
+    result = subprocess.run([sys.executable, "-c", FILTERED], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = (b"before\nfrom python\n[2026-12-06 09:43:20,000 E 1 1] core_worker.cc:99: another Ray error\n"
+                + b"".join(b"line %d\n" % i for i in range(20000)) + b"no newline|after\n")  # fmt: skip
+    assert result.stderr == expected

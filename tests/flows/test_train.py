@@ -1,4 +1,5 @@
-"""Train, evaluate, predict and the data commands, end to end on tiny synthetic sets."""
+"""Train, evaluate, predict and the data commands, end to end on tiny synthetic sets; and the README
+promises of train (issue 14): RMSprop as milesial, gradient clipping, --encoder-weights."""
 
 import copy
 import json
@@ -10,6 +11,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
 from unet_export.flows import train as train_module
@@ -305,3 +307,166 @@ def test_shipped_demo_model_reaches_its_stated_dice():
     sidecar = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
     assert sidecar["config"] == {"n_channels": 3, "n_classes": 3, "width": 16, "bilinear": False}
     assert DEMO_WEIGHTS.stat().st_size < 10e6  # a few MB, shipped inside the package
+
+
+# --- README promises of `unet-export train` that had no test able to fail (issue 14; these were
+# tests/test_promises_bench.py): RMSprop as milesial, gradient clipping, --encoder-weights.
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    make_synth(tmp_path / "data", n=4, size=(32, 32), classes=3, seed=3)
+    return tmp_path / "data"
+
+
+def test_rmsprop_is_milesials_and_every_step_clips_at_1(tiny_data, tmp_path, monkeypatch):
+    """`--optimizer rmsprop` builds RMSprop with milesial's settings (REFERENCE: lr 1e-5,
+    weight_decay 1e-8, momentum 0.999), and every step clips the whole model's gradients to norm
+    1.0 after backward and before the optimiser step."""
+    events, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        assert all(p.grad is not None for p in parameters), "clipped before backward"
+        total = real_clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])).item()
+        events.append(("clip", max_norm, len(parameters), float(total), after))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: events.append(("step", type(opt).__name__)))
+    try:
+        result = runner.invoke(app, ["train", str(tiny_data), "--width", "4", "--epochs", "1", "--batch-size", "2",
+                                  "--val-fraction", "0.25", "--optimizer", "rmsprop", "--lr", "1e-5",
+                                  "-w", str(tmp_path / "run"), "--device", "cpu"])  # fmt: skip
+    finally:
+        hook.remove()
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "run" / "checkpoint_epoch1.state.pt", weights_only=True)["optimizer"]
+    group = state["param_groups"][0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-5, 0.999, 1e-8)
+    assert (group["alpha"], group["eps"], group["centered"]) == (0.99, 1e-8, False)  # torch's defaults, as milesial
+    assert {"square_avg", "momentum_buffer"} <= set(state["state"][0])  # RMSprop's state, not Adam's exp_avg
+    n_params = len(list(create_model("milesial", n_channels=3, n_classes=3, width=4).parameters()))
+    assert [e[0] for e in events] == ["clip", "step"] * 2  # 3 training images, batches of 2
+    for clipped, step in zip(events[::2], events[1::2]):
+        assert clipped[1] == 1.0 and clipped[2] == n_params and step[1] == "RMSprop"
+        assert clipped[4] <= 1.0 + 1e-4 and (clipped[3] <= 1.0 or clipped[4] == pytest.approx(1.0, rel=1e-4))
+    assert any(clipped[3] > 1.0 for clipped in events[::2])  # the clip did cut (norms 2.1 and 1.8 here)
+
+
+def _resnet50_state_file(path):
+    """A torchvision ResNet-50 state_dict in which tensor i holds the value i everywhere (stored as
+    one expanded element, so the file is a few KB)."""
+    from torchvision.models import resnet50
+
+    shapes = {k: (v.shape, v.dtype) for k, v in resnet50(weights=None).state_dict().items()}
+    state = {k: torch.tensor(i, dtype=dtype).expand(shape) for i, (k, (shape, dtype)) in enumerate(shapes.items())}
+    torch.save(state, path)
+    return {k: i for i, k in enumerate(shapes)}
+
+
+def test_encoder_weights_start_the_resnet50_encoder_from_the_local_file(tmp_path):
+    """Every encoder tensor of the U-Net (conv1/bn1 -> input_block, layerN -> down_blocks) is the
+    file's; the file's fc head is not used."""
+    values = _resnet50_state_file(tmp_path / "resnet50.pth")
+    model = create_model("resnet50", n_classes=2, encoder_weights=str(tmp_path / "resnet50.pth"))
+    prefix = {"conv1": "input_block.0", "bn1": "input_block.1",
+              **{f"layer{i}": f"down_blocks.{i - 1}" for i in range(1, 5)}}  # fmt: skip
+    ours = model.state_dict()
+    checked = 0
+    for key, value in values.items():
+        head, rest = key.split(".", 1)
+        if head == "fc":
+            continue  # the classifier head is not part of the U-Net
+        tensor = ours[f"{prefix[head]}.{rest}"]
+        assert (tensor == value).all(), key
+        checked += 1
+    assert checked == len(values) - 2
+
+
+def test_bad_encoder_weights_are_exit_2_before_training(tmp_path, tiny_data):
+    """Offline, from the CLI: a file that is not a ResNet-50 state_dict, or no file, is exit 2 in
+    one line and nothing is written; the option means nothing to another model."""
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")  # a shape mismatch: was exit 3
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")  # not a dict: was exit 3
+    not_resnet = "is not a torchvision ResNet-50 state_dict"
+    for weights, fragment in (("other.pth", not_resnet), ("tensor.pth", not_resnet), ("missing.pth", "cannot load")):
+        result = runner.invoke(app, ["train", str(tiny_data), "--model", "resnet50", "--encoder-weights",
+                                  str(tmp_path / weights), "--epochs", "1", "-w", str(tmp_path / "run"),
+                                  "--device", "cpu"])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert f"--encoder-weights {tmp_path / weights}" in result.stderr and fragment in result.stderr
+        assert result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+    result = runner.invoke(app, ["train", str(tiny_data), "--encoder-weights", str(tmp_path / "other.pth")])
+    assert result.exit_code == 2 and "--encoder-weights does not apply to --model milesial" in result.stderr
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def test_synth_refuses_a_folder_that_holds_a_dataset_unless_told_to_overwrite(tmp_path):
+    out = tmp_path / "s"
+    first = runner.invoke(app, ["data", "synth", str(out), "--n", "3", "--size", "32x32"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["data", "synth", str(out), "--n", "2", "--size", "32x32"])
+    assert again.exit_code == 2 and "already holds a dataset (6 files in imgs/ and masks/)" in again.stderr
+    assert len(list((out / "imgs").iterdir())) == 3  # untouched
+    replaced = runner.invoke(app, ["data", "synth", str(out), "--n", "2", "--size", "32x32", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in (out / "imgs").iterdir()) == ["synth_0000.png", "synth_0001.png"]
+    assert len(list((out / "masks").iterdir())) == 2
+
+
+def test_synth_size_errors_speak_of_height_x_width(tmp_path):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "s"), "--size", "128"])
+    assert result.exit_code == 2 and "--size '128' is not HxW, e.g. 128x128" in result.stderr
+    assert "NxCxHxW" not in result.stderr
+
+
+def test_train_says_amp_does_nothing_on_the_cpu(tmp_path):
+    from unet_export.data.synth import make_synth
+
+    make_synth(tmp_path / "data", n=4, size=(32, 32), classes=2, seed=0)
+    args = ["train", str(tmp_path / "data"), "--width", "8", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
+            "-w", str(tmp_path / "runs"), "--val-fraction", "0.25"]  # fmt: skip
+    result = runner.invoke(app, args + ["--amp"])
+    assert result.exit_code == 0, result.output
+    assert "--amp: mixed precision runs on CUDA only; training in FP32 on the CPU" in result.stdout
+    assert "nan" not in result.stdout
+
+
+# Issue 25 (helper i25a): a closed pipe, --version, counts in the singular, failures on stderr
+# (was tests/test_rough_edges.py).
+
+
+def test_evaluate_scores_a_plain_checkpoint_against_0_255_masks_with_mask_values(make_checkpoint, tmp_path):
+    from unet_export.data.synth import make_synth
+
+    weights = make_checkpoint("v3")  # 2 classes, no mask_values: milesial's early releases
+    make_synth(tmp_path / "d", n=2, size=(32, 32), classes=2)  # masks hold 0 and 255
+    args = ["evaluate", str(weights), str(tmp_path / "d"), "-w", str(tmp_path / "none"), "--device", "cpu"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--mask-values 0,255" in refused.stderr
+    scored = runner.invoke(app, [*args, "--mask-values", "0,255"])
+    assert scored.exit_code == 0, scored.output
+    assert "Dice" in scored.stdout and "eager" in scored.stdout
+    bad = runner.invoke(app, [*args, "--mask-values", "0,x"])
+    assert bad.exit_code == 2 and "--mask-values '0,x'" in bad.stderr
+
+
+def test_evaluate_refuses_mask_values_that_differ_from_the_checkpoints(make_checkpoint, tmp_path):
+    from unet_export.data.synth import make_synth
+
+    data = tmp_path / "d"
+    make_synth(data, n=2, size=(32, 32), classes=2)
+    train = runner.invoke(app, ["train", str(data), "--width", "8", "--epochs", "1", "--batch-size", "1",
+                                "--val-fraction", "0.5", "-w", str(tmp_path / "run"), "--device", "cpu"])  # fmt: skip
+    assert train.exit_code == 0, train.output
+    weights = sorted((tmp_path / "run").glob("*.pth"))[-1]
+    args = ["evaluate", str(weights), str(data), "-w", str(tmp_path / "none"), "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--mask-values", "0,255"]).exit_code == 0
+    differ = runner.invoke(app, [*args, "--mask-values", "0,128"])
+    assert differ.exit_code == 2 and len(differ.stderr.strip().splitlines()) == 1, differ.output
+    assert "[0, 128]" in differ.stderr and "[0, 255]" in differ.stderr

@@ -262,7 +262,7 @@ def test_real_engine_refuses_a_record_from_another_version(workdir):
 
 # --- the builder's decisions, against a test double of TensorRT's API ---------------------------
 # tests/fake_tensorrt.py has, per major version, only the names the real bindings have there (with their
-# enum values; tests/test_tensorrt_api.py checks that), so a 10.x-only call on an 11.x path fails here.
+# enum values; tests/runtimes/test_tensorrt_api.py checks that), so a 10.x-only call on an 11.x path fails here.
 
 TRT10, TRT11 = "10.13.0.35", "11.4.0.106"
 

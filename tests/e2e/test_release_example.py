@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from unet_export.flows.demo import DEMO_WEIGHTS
 
-WORKFLOW = Path(__file__).resolve().parent.parent / "examples" / "ci" / "release.yml"
+WORKFLOW = REPO / "examples" / "ci" / "release.yml"
 TRT_MISSING = 'TensorRT is not installed: on a machine with an NVIDIA GPU, pip install "unet-export[trt]"'
 
 

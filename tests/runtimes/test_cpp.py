@@ -6,13 +6,17 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from unet_export.api import export_artifact
 from unet_export.bench.run import benchmark
+from unet_export.cli.main import app
 from unet_export.flows.cpp_check import cpp_check
 from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.workdir.manifest import load_manifest
 from unet_export.predict import predict
+
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +67,12 @@ def test_predict_from_a_package_prints_no_toolchain_noise(workdir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and len(result.stdout.strip().splitlines()) == 1
     assert result.stdout.startswith(f"wrote 1 mask to {tmp_path / 'm'} in ") and ", aoti, batch 8, local)" in result.stdout
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def test_cpp_check_without_artefacts_names_the_formats_it_runs(tmp_path):
+    result = runner.invoke(app, ["cpp-check", "-w", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "unet-export torchscript WEIGHTS" in result.stderr
+    assert "unet-export onnx" not in result.stderr

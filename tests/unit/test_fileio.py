@@ -4,12 +4,15 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections import namedtuple
 
 import pytest
 
 from unet_export import fileio
 from unet_export.errors import UserError
+from unet_export.fileio import atomic_path, sweep_stale_temps, temp_path
 
 
 def test_temp_path_keeps_the_suffix_last_and_names_the_pid(tmp_path):
@@ -233,3 +236,61 @@ def test_pid_alive_only_asks_it_never_signals(tmp_path):
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=10)
+
+
+# Atomic writes: issue 14 pinned the proof value by value (these were tests/test_promises_core.py, section B).
+
+# B: atomic writes --------------------------------------------------------------------------
+
+
+def test_temp_files_are_hidden_beside_the_destination_with_pid_and_real_suffix(tmp_path):
+    pid = os.getpid()
+    assert temp_path(tmp_path / "model.onnx") == tmp_path / f".model.{pid}.tmp.onnx"
+    assert temp_path(tmp_path / "weights.fp16.onnx") == tmp_path / f".weights.fp16.{pid}.tmp.onnx"
+    assert temp_path(tmp_path / "manifest") == tmp_path / f".manifest.{pid}.tmp"
+    with atomic_path(tmp_path / "model.pt2") as tmp:
+        assert tmp == tmp_path / f".model.{pid}.tmp.pt2" and tmp.parent == tmp_path
+        tmp.write_bytes(b"new")
+    assert (tmp_path / "model.pt2").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+
+
+def test_an_error_inside_the_block_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    dest = tmp_path / "model.onnx"
+    dest.write_bytes(b"old, verified")
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"half writ")
+            raise RuntimeError("exporter crashed")
+    assert dest.read_bytes() == b"old, verified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_an_os_error_names_the_destination_not_the_temp_file(tmp_path):
+    dest = tmp_path / "model.onnx"
+    with pytest.raises(OSError) as info:
+        with atomic_path(dest) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert info.value.filename == str(dest) and info.value.errno == errno.ENOSPC
+    dest.mkdir()  # the rename itself fails: a folder (not empty) is in the way
+    (dest / "keep").write_text("x")
+    with pytest.raises(OSError) as info:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"new")
+    assert info.value.filename == str(dest) and ".tmp" not in str(info.value.filename)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # the folder; no temp left
+    assert (dest / "keep").read_text() == "x"
+
+
+def test_sweep_removes_a_dead_writers_temp_and_keeps_a_live_ones_and_other_files(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".model.{dead_pid}.tmp.onnx"
+    live = tmp_path / f".model.{os.getpid()}.tmp.onnx"
+    keep = [tmp_path / "model.onnx", tmp_path / f"model.{dead_pid}.tmp.onnx", tmp_path / ".manifest.lock"]
+    for path in (stale, live, *keep):
+        path.write_bytes(b"x")
+    (tmp_path / f".dir.{dead_pid}.tmp").mkdir()  # only files are swept
+    assert sweep_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and all(p.exists() for p in keep)
+    assert (tmp_path / f".dir.{dead_pid}.tmp").is_dir()

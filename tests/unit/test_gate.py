@@ -1,3 +1,7 @@
+"""The parity gate (unet_export/parity/gate.py) decides "verified": its arithmetic, the FP32 bound,
+ties, every rule alone on both sides of its threshold, and the tolerances and their records."""
+
+import math
 from dataclasses import replace
 
 import pytest
@@ -233,3 +237,189 @@ def test_a_model_that_cannot_run_in_float64_is_an_input_error_not_a_failed_artef
     with EagerRunner(model) as reference, EagerRunner(model, channels_last=True) as other:
         with pytest.raises(UserError, match="does not run in float64 .*float32 kernels only"):
             check_parity(other, reference, seeded_inputs([(1, 3, 8, 8)]))
+
+
+# The FP32 bound, ties and each gate rule alone: issue 14 pinned the proof value by value (these were tests/test_promises_core.py, section A1-A4).
+
+# ---------------------------------------------------------------------------------------------
+# Logits built from values float32 holds exactly, so that the noise floor and every error below
+# are exact numbers (powers of two), not whatever rounding happens to give.
+
+U = 2.0**-20  # a step float32 represents exactly next to +-0.5
+
+
+def two_class_logits(high: float = 0.5, shape=(1, 2, 8, 8)) -> torch.Tensor:
+    """float64 logits: class 0 at +high, class 1 at -high everywhere (margin 2 x high, no tie)."""
+    exact = torch.empty(shape, dtype=torch.float64)
+    exact[:, 0], exact[:, 1] = high, -high
+    return exact
+
+
+def only_failure(case) -> str:
+    assert len(case.failures) == 1, case.failures
+    return case.failures[0]
+
+
+# A1: the FP32 bound is rtol x floor + atol x max(1, max |float64 logit|) ---------------------
+
+
+def test_fp32_bound_uses_max_1_when_every_logit_is_below_1():
+    """With logits under 1 the allowance is atol x 1, not atol x max|logit| (which would be half)."""
+    exact = two_class_logits(0.5)
+    eager = exact.float()  # the noise floor is exactly 0: only the atol term is left
+    exact[0, 1, 3, 3] = eager[0, 1, 3, 3] = 0.0  # a logit near 0, where float32 resolves 1e-8
+    within, beyond = eager.clone(), eager.clone()
+    within[0, 1, 3, 3] = 0.9e-7
+    beyond[0, 1, 3, 3] = 1.1e-7
+    ok = compare(within, eager, FP32, exact=exact)
+    assert ok.noise_floor == 0.0 and ok.max_abs_ref == 0.5
+    assert ok.atol == FP32.rel_atol * 1.0  # max(1, 0.5) = 1
+    assert 0.5e-7 < ok.max_err_fp64 < 1e-7
+    assert ok.passed, ok.failures  # 0.9e-7 <= 1e-7 x max(1, 0.5); 1e-7 x 0.5 would fail it
+    bad = compare(beyond, eager, FP32, exact=exact)
+    assert 1e-7 < bad.max_err_fp64 < 1.2e-7
+    assert "max error vs float64" in only_failure(bad)
+
+
+def test_fp32_bound_scales_with_the_largest_float64_logit_above_1():
+    exact = two_class_logits(4.0)
+    eager = exact.float()
+    exact[0, 1, 3, 3] = eager[0, 1, 3, 3] = 0.0
+    within, beyond = eager.clone(), eager.clone()
+    within[0, 1, 3, 3] = 3.6e-7
+    beyond[0, 1, 3, 3] = 4.4e-7
+    ok = compare(within, eager, FP32, exact=exact)
+    assert ok.atol == pytest.approx(FP32.rel_atol * 4.0, rel=1e-12)
+    assert ok.passed, ok.failures  # a bound of 1e-7 x 1 would fail it
+    assert not compare(beyond, eager, FP32, exact=exact).passed
+
+
+# A3: ties are where float64's own top two logits are close, whatever the artefact says ------
+
+
+def test_a_tie_is_decided_by_float64s_margin_not_the_artefacts():
+    exact = two_class_logits(0.5, shape=(1, 2, 4, 4))
+    # pixels (0, 0) and (0, 1): float64 barely prefers class 1 (margin 2^-30); the artefact
+    # prefers class 0 by 0.25. Pixel (1, 1): float64 prefers class 0 by 1.0; the artefact flips it
+    # by a hair (margin 2^-24). Judged by float64's margin: 2 ties and 1 class change; by the
+    # artefact's it would be the other way round.
+    exact[0, 0, 0, :2], exact[0, 1, 0, :2] = 0.25, 0.25 + 2.0**-30
+    eager = exact.float()  # (0, 0) and (0, 1) round to exact ties in float32; the floor is 2^-30
+    out = eager.clone()
+    out[0, 0, 0, :2] = 0.5
+    out[0, 0, 1, 1], out[0, 1, 1, 1] = 0.0, 2.0**-24
+    case = compare(out, eager, FP16, exact=exact)
+    margin_bound = 2 * FP32.allowed(case.noise_floor, 1.0)  # FP16 has no error bound: ties use FP32's
+    assert case.noise_floor == 2.0**-30 and 2.0**-24 <= margin_bound < 0.25
+    assert case.differing_pixels == 3
+    assert case.tie_pixels == 2  # float64 cannot decide (0, 0) and (0, 1); (1, 1) is a real class change
+    assert case.argmax_disagreement == 1 / 16
+
+
+# A4: each gate rule alone, and both sides of every threshold -------------------------------
+
+
+def test_fp32_error_bound_alone_fails_with_no_class_change():
+    exact = two_class_logits(0.5)
+    eager = exact.float()
+    out = eager.clone()
+    out[0, 0, 2, 2] += 16 * U  # far beyond 1e-7, far from changing the class (margin 1.0)
+    case = compare(out, eager, FP32, exact=exact)
+    assert case.differing_pixels == 0 and case.argmax_disagreement == 0.0
+    assert "max error vs float64" in only_failure(case)
+
+
+def test_fp32_class_change_alone_fails_when_the_error_bound_is_off():
+    exact = two_class_logits(0.5)
+    eager = exact.float()
+    out = eager.clone()
+    out[0, 1, 2, 2] = 0.75  # one pixel of 64 now class 1; float64 says class 0 by 1.0
+    no_bound = Tolerance("fp32", rel_atol=None, max_disagreement=0.0, min_dice=None, rtol=None)
+    case = compare(out, eager, no_bound, exact=exact)
+    assert case.atol is None and case.argmax_disagreement == 1 / 64 and case.tie_pixels == 0
+    assert "change class" in only_failure(case)
+    assert compare(eager.clone(), eager, no_bound, exact=exact).passed
+
+
+def test_rtol_exactly_at_the_limit_passes_and_just_below_fails():
+    exact = two_class_logits(0.5)
+    eager = exact.float()
+    eager[0, 0, 0, 0] += U  # the noise floor: exactly 2^-20
+    out = exact.float()
+    out[0, 1, 5, 5] += 3 * U  # exactly 3 x the floor
+    at = compare(out, eager, tolerance_for("fp32", rtol=3.0, atol=0.0), exact=exact)
+    assert at.noise_floor == U and at.max_err_fp64 == 3 * U and at.atol == 3 * U
+    assert at.passed, at.failures
+    below = compare(out, eager, tolerance_for("fp32", rtol=math.nextafter(3.0, 0), atol=0.0), exact=exact)
+    message = only_failure(below)
+    assert "would pass with --rtol 3 " in message  # the limit that passed, never the one in force
+
+
+def test_atol_exactly_at_the_limit_passes_and_just_below_fails():
+    exact = two_class_logits(0.5)
+    eager = exact.float()  # floor 0; max(1, 0.5) = 1: the bound is atol itself
+    out = eager.clone()
+    out[0, 1, 5, 5] += 3 * U
+    assert compare(out, eager, tolerance_for("fp32", atol=3 * U), exact=exact).passed
+    below = compare(out, eager, tolerance_for("fp32", atol=math.nextafter(3 * U, 0)), exact=exact)
+    assert "max error vs float64" in only_failure(below)
+
+
+def _flipped(n_flipped: int, foreground_rows: int, size: int = 100):
+    """(out, eager, exact) for a 2-class 1 x size x size image: class 1 on the top
+    ``foreground_rows`` rows (margin 2, no ties), ``n_flipped`` of its pixels turned to class 0."""
+    exact = torch.zeros(1, 2, size, size, dtype=torch.float64)
+    exact[0, 1, :foreground_rows], exact[0, 0, foreground_rows:] = 1.0, 1.0
+    exact[0, 0, :foreground_rows] = exact[0, 1, foreground_rows:] = -1.0
+    eager = exact.float()
+    out = eager.clone()
+    flat = out[0, 0].view(-1)
+    flat[:n_flipped] = 5.0  # the first n pixels of row 0 (foreground) become class 0
+    return out, eager, exact
+
+
+def test_max_class_change_exactly_at_the_limit_passes_and_just_below_fails():
+    out, eager, exact = _flipped(5, foreground_rows=90)
+    free_dice = dict(min_dice=0.0)
+    case = compare(out, eager, tolerance_for("fp16", max_class_change=1.0, **free_dice), exact=exact)
+    limit = case.argmax_disagreement
+    assert limit == 5 / 10_000 and case.tie_pixels == 0
+    assert compare(out, eager, tolerance_for("fp16", max_class_change=limit, **free_dice), exact=exact).passed
+    below = compare(out, eager, tolerance_for("fp16", max_class_change=math.nextafter(limit, 0), **free_dice),
+                    exact=exact)  # fmt: skip
+    assert "change class" in only_failure(below)
+
+
+def test_min_dice_exactly_at_the_limit_passes_and_just_above_fails():
+    out, eager, exact = _flipped(5, foreground_rows=90)
+    free = dict(max_class_change=1.0)
+    dice = compare(out, eager, tolerance_for("fp16", min_dice=0.0, **free), exact=exact).dice_vs_eager
+    assert dice == pytest.approx(2 * 8995 / (8995 + 9000), abs=1e-6) and dice < 1
+    assert compare(out, eager, tolerance_for("fp16", min_dice=dice, **free), exact=exact).passed
+    above = compare(out, eager, tolerance_for("fp16", min_dice=math.nextafter(dice, 1), **free), exact=exact)
+    message = only_failure(above)
+    assert "Dice vs eager" in message
+    hint = float(message.split("--min-dice ")[1])  # rounded down, so it passes
+    assert hint <= dice and compare(out, eager, tolerance_for("fp16", min_dice=hint, **free), exact=exact).passed
+
+
+# A4 continued: a failure hint is an option that really passes with the gate that failed ------
+
+
+def test_every_option_an_fp32_failure_names_makes_it_pass():
+    """A failure names the option value that would have passed: for FP32 only --rtol/--atol,
+    which the FP32 gate applies (it ignores --max-class-change, and the commands refuse it)."""
+    exact = two_class_logits(0.5)
+    eager = exact.float()
+    eager[0, 0, 0, 0] += U  # a non-zero floor, so that --rtol is offered too
+    out = exact.float()
+    out[0, 1, 2, 2] = 0.75  # a class change, and an error of 1.25: both FP32 checks fail
+    case = compare(out, eager, FP32, exact=exact)
+    assert len(case.failures) == 2 and "change class" in case.failures[1]
+    hints = [h for f in case.failures if "would pass with " in f for h in f.split("would pass with ")[1].split(" or ")]
+    assert [h.split()[0] for h in hints] == ["--rtol", "--atol"]
+    assert "--max-class-change" not in " ".join(case.failures) and "--min-dice" not in " ".join(case.failures)
+    for hint in hints:
+        option, value = hint.split()
+        fixed = compare(out, eager, tolerance_for("fp32", **{option.removeprefix("--"): float(value)}), exact=exact)
+        assert fixed.passed, f"{hint} does not pass: {fixed.failures}"

@@ -1,16 +1,21 @@
 """The manifest store (unet_export/workdir/manifest.py) in-process: validation messages, the transaction's
 save/recover/sweep steps, publish, the model record and the artefact checks. The crash and
-concurrency cases with real processes are in test_store.py."""
+concurrency cases with real processes are in tests/e2e/test_store.py."""
 
 import json
 import os
+import shutil
 from datetime import datetime
 
 import pytest
+import torch
 
+from tests.conftest import milesial_state_dict
+from unet_export.api import export_artifact
 from unet_export.workdir import manifest as m
 from unet_export.errors import IntegrityError, UserError
 from unet_export.fileio import sha256_file
+from unet_export.workdir.manifest import load_manifest, set_model
 
 
 def _model(sha="a" * 64):
@@ -392,3 +397,51 @@ def test_the_lock_is_never_opened_through_a_link(tmp_path):
         with m.transaction(tmp_path / "w"):
             pass
     assert not target.exists() and not (tmp_path / "w" / "manifest.json").exists()
+
+
+# A new checkpoint is a new sha256: issue 14 pinned the proof value by value (these were tests/test_promises_core.py, section A5).
+
+# A5: a new checkpoint is a new sha256, not a new path ----------------------------------------
+
+
+def _record(path: str, sha: str) -> dict:
+    return {"architecture": "milesial", "config": {}, "checkpoint": {"path": path, "sha256": sha}}
+
+
+def _manifest_with_two_artefacts(path: str, sha: str) -> dict:
+    entries = [{"format": fmt, "path": f"m.{fmt}", "precision": "fp32"} for fmt in ("onnx", "torchscript")]
+    return {"schema": 1, "model": _record(path, sha), "artifacts": entries}
+
+
+def test_set_model_keeps_artefacts_of_the_same_sha256_at_another_path():
+    manifest = _manifest_with_two_artefacts("/a/model.pth", "aaa")
+    assert set_model(manifest, _record("/elsewhere/copy.pth", "aaa")) == 0
+    assert [a["format"] for a in manifest["artifacts"]] == ["onnx", "torchscript"]
+    assert manifest["model"]["checkpoint"]["path"] == "/elsewhere/copy.pth"  # the record is the new one
+
+
+def test_set_model_drops_artefacts_when_the_same_path_holds_new_content():
+    manifest = _manifest_with_two_artefacts("/a/model.pth", "aaa")
+    assert set_model(manifest, _record("/a/model.pth", "bbb")) == 2
+    assert manifest["artifacts"] == [] and manifest["model"]["checkpoint"]["sha256"] == "bbb"
+    first = {"schema": 1, "model": None, "artifacts": []}
+    assert set_model(first, _record("/a/model.pth", "aaa")) == 0 and first["model"]["checkpoint"]["sha256"] == "aaa"
+
+
+def test_export_decides_a_new_checkpoint_by_content(tmp_path):
+    """The same bytes at another path are the same model (nothing dropped); new bytes at the same
+    path are a new one (its predecessor's artefacts dropped)."""
+    small = dict(device="cpu", height=32, width=32, static=True)
+    out, original, copy = tmp_path / "out", tmp_path / "a" / "model.pth", tmp_path / "b" / "model.pth"
+    original.parent.mkdir()
+    copy.parent.mkdir()
+    torch.save(milesial_state_dict("v3"), original)
+    shutil.copy(original, copy)
+    assert export_artifact(original, "torchscript", out, **small).dropped == 0
+    assert export_artifact(copy, "torchscript", out, **small).dropped == 0  # same bytes, another path
+    assert load_manifest(out)["model"]["checkpoint"] == {"path": str(copy.resolve()), "sha256": sha256_file(original)}
+    torch.save(milesial_state_dict("v3", seed=5), copy)  # same path, new weights
+    assert export_artifact(copy, "torchscript", out, **small).dropped == 1
+    manifest = load_manifest(out)
+    assert [a["path"] for a in manifest["artifacts"]] == ["model.ts"]
+    assert manifest["model"]["checkpoint"]["sha256"] == sha256_file(copy) != sha256_file(original)

@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import typer
 
+from tests.conftest import REPO
 from unet_export.flows.demo import ASSETS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT / "scripts"))

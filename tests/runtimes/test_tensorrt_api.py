@@ -22,13 +22,14 @@ import pytest
 import torch
 from onnx import helper
 
+from tests.conftest import REPO
 from tests.fake_tensorrt import MODULE, install_fake_cuda, make_fake_tensorrt
 from unet_export.errors import ArtifactError, UserError
 from unet_export.runtimes.tensorrt.build import build_engine
 from unet_export.runtimes.tensorrt.plan import Profile, plan_build
 from unet_export.runtimes.tensorrt.runner import TensorRTRunner
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 API = json.loads((ROOT / "tests" / "data" / "tensorrt_api.json").read_text())
 MAJORS = ("10", "11")
 SOURCES = [ROOT / "unet_export" / "runtimes" / "tensorrt" / "build.py", ROOT / "unet_export" / "runtimes" / "tensorrt" / "runner.py"]
@@ -167,7 +168,7 @@ def exercise(version: str, root: Path) -> set[tuple[str, str]]:
     ]  # fmt: skip
     for path, kwargs, knobs in paths:
         with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the timing-cache warnings; tests/test_tensorrt.py checks them
+            warnings.simplefilter("ignore")  # the timing-cache warnings; tests/runtimes/test_tensorrt.py checks them
             trt = make_fake_tensorrt(version, **knobs)
             mp.setitem(sys.modules, "tensorrt", trt)
             install_fake_cuda(mp)

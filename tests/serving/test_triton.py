@@ -745,3 +745,54 @@ def test_the_python_model_serves_fp32_unless_asked():
     manifest = {"artifacts": entries}
     assert {e["precision"] for e, _ in cpu_candidates(manifest)} == {"fp32"}
     assert {e["path"] for e, _ in cpu_candidates(manifest, precision="int8")} >= {"m.int8.onnx"}
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+@pytest.fixture(scope="module")
+def onnx_workdir(exports, tmp_path_factory):
+    """The demo model exported to ONNX at its training size (a copy of the session's export)."""
+    from unet_export.flows.demo import DEMO_WEIGHTS
+
+    return exports.copy(tmp_path_factory.mktemp("triton") / "exports", DEMO_WEIGHTS, ("onnx",), 128, 128)
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _never_running_tritonserver(folder):
+    """A tritonserver that is found (an executable beside a Python backend) but never runs."""
+    binary = folder / "bin/tritonserver"
+    for backend in ("python", "onnxruntime"):
+        (folder / "backends" / backend).mkdir(parents=True)
+    (folder / "backends/python/triton_python_backend_stub").touch()
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\nexit 1\n")
+    binary.chmod(0o755)
+    return binary
+
+
+BAD_CHECK_INPUT = [
+    (["--tritonserver", "/nonexistent"], "not an executable file"),
+    (["--data", "/nonexistent"], "--data /nonexistent: not a folder"),
+    (["--weights", "/nonexistent.pth"], "/nonexistent.pth is gone"),
+]
+
+
+@pytest.mark.parametrize("bad, fragment", BAD_CHECK_INPUT)
+def test_triton_check_that_cannot_start_writes_no_repository(onnx_workdir, tmp_path, monkeypatch, bad, fragment):
+    monkeypatch.setenv("UNET_EXPORT_TRITONSERVER", str(_never_running_tritonserver(tmp_path / "server")))  # never fetched
+    monkeypatch.chdir(tmp_path)
+    made = runner.invoke(app, ["triton", "-w", str(onnx_workdir), "--repo", "old"])
+    assert made.exit_code == 0, made.output
+    before = _tree(tmp_path / "old")
+    for repo in ("new", "old"):
+        result = runner.invoke(app, ["triton", "-w", str(onnx_workdir), "--repo", repo, "--check", *bad])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert fragment in result.stderr
+    assert not (tmp_path / "new").exists()
+    assert _tree(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "server"]  # no staged or old copies left

@@ -7,9 +7,13 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from unet_export.cli.main import app
 from unet_export.data.labelme import convert_labelme, voc_palette
 from unet_export.errors import UserError
+
+runner = CliRunner()
 
 LABELS = ["_background_", "cat", "dog", "bird"]
 W, H = 40, 30
@@ -221,3 +225,18 @@ def test_deeply_nested_json_is_exit_2_naming_the_file(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and str(src / "deep.json") in proc.stderr and "nested" in proc.stderr
     assert not (tmp_path / "voc").exists()
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def test_labelme_refuses_a_shape_drawn_with_the_background_label(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    write_labelme(tmp_path, "a", SHAPES, image_path="a.png")
+    result = runner.invoke(app, ["data", "labelme", str(tmp_path), str(tmp_path / "voc"), "--labels", "cat,dog,bird"])
+    assert result.exit_code == 2
+    assert "labelled 'cat', the first of --labels, which is class 0, the background" in result.stderr
+    assert "--labels background,cat,dog,bird" in result.stderr and not (tmp_path / "voc").exists()
+    named = runner.invoke(app, ["data", "labelme", str(tmp_path), str(tmp_path / "ok"),
+                                "--labels", "sky,cat,dog,bird"])  # fmt: skip
+    assert named.exit_code == 0, named.output  # any background name no shape uses is fine

@@ -1,6 +1,7 @@
 """The CLI contract: exit 0 verified, 1 parity failed, 2 bad input; one line, no traceback,
 nothing left in the workdir after a bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.test_checkpoint import BAD, _bad_files
+from tests.unit.test_checkpoint import BAD, _bad_files
+from unet_export.api import export_artifact
 from unet_export.cli.main import app
+from unet_export.errors import ArtifactError
+from unet_export.flows.demo import DEMO_VAL
 from unet_export.runtimes.formats import FORMATS
 from unet_export.workdir.manifest import load_manifest
 
@@ -196,3 +200,105 @@ def test_verify_and_bench_check_every_artefacts_bytes_before_any_work(exported, 
 def test_verify_without_artefacts_exits_2(tmp_path):
     result = runner.invoke(app, ["verify", "-w", str(tmp_path)])
     assert result.exit_code == 2 and "run `unet-export onnx" in result.stderr
+
+
+# Exit codes at the CLI boundary: issue 14 pinned the proof value by value (these were tests/test_promises_core.py, section B).
+
+# B: exit codes at the CLI boundary ----------------------------------------------------------
+
+
+def test_an_artefact_that_cannot_be_exported_exits_1_and_publishes_nothing(make_checkpoint, tmp_path, monkeypatch):
+    def cannot_script(*_, **__):
+        raise RuntimeError("Python builtin <built-in function id> is currently not supported in Torchscript")
+
+    monkeypatch.setattr(torch.jit, "script", cannot_script)
+    weights = make_checkpoint("v3")
+    with pytest.raises(ArtifactError, match="torch.jit.script failed: RuntimeError") as info:
+        export_artifact(weights, "torchscript", tmp_path / "lib", device="cpu", height=32, width=32, static=True)
+    assert info.value.exit_code == 1
+    out = tmp_path / "exports"
+    args = ["torchscript", str(weights), "-w", str(out), "--height", "32", "--width", "32", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: torch.jit.script failed")
+    assert "Traceback" not in result.output
+    assert not list(out.glob("*.ts")) and not list(out.glob(".*tmp*"))  # nothing published, no temp left
+    assert not out.exists() or load_manifest(out)["artifacts"] == []
+
+
+def test_debug_shows_the_traceback_and_an_internal_error_still_exits_3(make_checkpoint, tmp_path):
+    """Through the real entry point (run_app), not Typer's test runner: the contract's 3, not 1."""
+    code = (
+        "import sys\n"
+        "import unet_export.cli.export as e, unet_export.cli.main as m\n"
+        "def broken(*a, **k):\n"
+        "    raise ZeroDivisionError('a bug')\n"
+        "e.export_artifact = broken\n"
+        f"sys.argv = ['unet-export', 'torchscript', {str(make_checkpoint('v3'))!r}, '-w', {str(tmp_path / 'o')!r}]\n"
+        "m.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"UNET_EXPORT_DEBUG": "1"})  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: internal error: ZeroDivisionError: a bug")
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def test_fp32_layers_that_match_nothing_write_nothing(make_checkpoint, tmp_path):
+    weights, out = make_checkpoint("v3"), tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--fp16", "--fp32-layers", "nomatch*",
+                                 "--height", "64", "--width", "64", "--device", "cpu", "--data", str(DEMO_VAL)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--fp32-layers nomatch* matches no node of unet_v3.onnx" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() or sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+
+
+# Issue 25, rough edges 4 and 9 (a, b) (was tests/test_rough_edges.py).
+
+
+@pytest.mark.parametrize("command", [["onnx"], ["torchscript"]])
+def test_a_workdir_that_is_a_file_is_one_clear_line(tmp_path, command):
+    from unet_export.flows.demo import DEMO_WEIGHTS
+
+    workdir = tmp_path / "exports"
+    workdir.write_text("not a folder")
+    result = runner.invoke(app, [*command, str(DEMO_WEIGHTS), "-w", str(workdir), "--height", "32", "--width", "32",
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: --workdir {workdir} is a file, not a folder", result.stderr
+    assert workdir.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["exports"]
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2", ".xml"])
+def test_an_exported_model_passed_as_a_checkpoint_is_named_for_what_it_is(tmp_path, suffix):
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = tmp_path / f"model{suffix}"
+    if suffix == ".onnx":
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+        onnx.save(helper.make_model(graph), model)
+    elif suffix == ".xml":
+        model.write_text('<?xml version="1.0"?>\n<net name="unet" version="11"></net>\n')
+    else:  # TorchScript and AOTI packages are zips, as torch.save's checkpoints are
+        import zipfile
+
+        with zipfile.ZipFile(model, "w") as z:
+            z.writestr("model/data.pkl" if suffix == ".ts" else "model/archive_format", b"x")
+    out = tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(model), "-w", str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    kind = {".onnx": "an ONNX model", ".ts": "a TorchScript model", ".pt2": "an AOTInductor package",
+            ".xml": "an OpenVINO model"}[suffix]  # fmt: skip
+    assert result.stderr.startswith(f"error: {model} is {kind}, not a checkpoint: pass it to predict or unet-bench"), (
+        result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

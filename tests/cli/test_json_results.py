@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import REPO
 from unet_export.cli.bench import app as bench_app
 from unet_export.cli.main import app
 from unet_export.flows.demo import DEMO_VAL, DEMO_WEIGHTS
@@ -19,7 +20,7 @@ from unet_export.workdir.manifest import load_manifest
 from unet_export.flows.results import ARTIFACT, ENVELOPE, git_commit, schema_name
 
 runner = CliRunner()
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "json.md"
+DOCS = REPO / "docs" / "json.md"
 SMALL = ["--height", "64", "--width", "64", "--device", "cpu"]
 QUICK_BENCH = {"UNET_BENCH_WARMUP": "1", "UNET_BENCH_ITERS": "2"}
 

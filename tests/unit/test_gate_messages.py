@@ -1,11 +1,15 @@
 """parity/gate.py's records and messages, pinned value by value (the gate's arithmetic is in
-test_verify.py and test_promises_core.py; `make mutation` runs these against mutants)."""
+test_gate.py; `make mutation` runs these against mutants)."""
 
+import io
 from dataclasses import replace
 
 import pytest
 import torch
+from rich.console import Console
 
+from tests.unit.test_gate import U, two_class_logits
+from unet_export.api import ExportResult
 from unet_export.flows.demo import random_milesial
 from unet_export.errors import UserError
 from unet_export.metrics import center_crop
@@ -361,3 +365,76 @@ def test_the_suggested_max_class_change_is_the_value_itself_when_it_is_short():
     _judge(case, FP16, None)
     assert case.failures == ["25.0000% of pixels change class, ties excluded (allowed 0.1000%): would pass with "
                              "--max-class-change 0.25"]  # fmt: skip
+
+
+# The parity table and failure hints as printed: issue 14 pinned the proof value by value (these were tests/test_promises_core.py, section B).
+
+# B: the parity table's tie count and the failure hints as printed ---------------------------
+
+
+def _rendered(renderable) -> str:
+    console = Console(file=io.StringIO(), width=300, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_parity_table_shows_ties_apart_from_class_changes():
+    from unet_export.cli.render import parity_table
+    from unet_export.parity.gate import ParityReport
+
+    exact = two_class_logits(0.5, shape=(1, 2, 4, 4))
+    exact[0, 0, 0, 0], exact[0, 1, 0, 0] = 0.25, 0.25 + 2.0**-30
+    eager = exact.float()
+    out = eager.clone()
+    out[0, 0, 0, 0] += 2.0**-25
+    tied = compare(out, eager, FP32, exact=exact)
+    plain = two_class_logits(0.5, shape=(1, 2, 4, 4))
+    clean = compare(plain.float(), plain.float(), FP32, exact=plain)
+    tied.shape, clean.shape = [1, 3, 4, 4], [2, 3, 4, 4]
+    text = _rendered(parity_table(ParityReport("onnxruntime (cpu)", "fp32", [tied, clean], limits=FP32.to_dict())))
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    assert "0.0000% (+1 ties)" in rows["1x3x4x4"] and "pass" in rows["1x3x4x4"]
+    assert "ties" not in rows["2x3x4x4"]
+
+
+def test_a_failed_export_prints_each_failing_check_with_the_value_that_passes(tmp_path, monkeypatch):
+    import unet_export.cli.render_export as render
+    from unet_export.parity.gate import ParityReport
+
+    exact = two_class_logits(0.5)
+    eager = exact.float()
+    eager[0, 0, 0, 0] += U
+    out = exact.float()
+    out[0, 1, 5, 5] += 40 * U
+    case = compare(out, eager, FP32, exact=exact)
+    parity = ParityReport("torchscript (cpu)", "fp32", [case], limits=FP32.to_dict())
+    entry = {"format": "torchscript", "precision": "fp32", "bytes": 10**6, "dynamic_axes": {}}
+    buffer = Console(file=io.StringIO(), width=300, color_system=None)
+    monkeypatch.setattr(render, "console", buffer)
+    render.export_report(ExportResult(tmp_path / "m.ts", entry, parity, 0.1), tmp_path)
+    text = buffer.file.getvalue()
+    assert "parity failed (1, 2, 8, 8): max error vs float64" in " ".join(text.split())
+    rtol = float(text.split("would pass with --rtol ")[1].split()[0])
+    assert rtol == 40.0  # (40 U - 1e-7) / U = 39.9, rounded up at two digits
+    assert compare(out, eager, tolerance_for("fp32", rtol=rtol), exact=exact).passed
+    assert f"FAILED: {tmp_path / 'm.ts'} recorded as failed" in text
+
+
+# Issue 15: a rough edge a new user hit, reproduced before it was fixed (was tests/test_rough_edges.py).
+
+
+def test_parity_table_keeps_the_input_column_whole_at_80_columns():
+    from rich.console import Console
+
+    from unet_export.cli.render import parity_table
+    from unet_export.parity.gate import FP32, ParityReport, compare
+    import torch
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    cases = [compare(x.float(), x.float(), FP32, exact=x) for _ in range(2)]
+    cases[0].shape, cases[1].shape = [1, 3, 256, 256], [2, 3, 250, 375]
+    report = ParityReport("onnxruntime (cpu)", "fp32", cases, limits=FP32.to_dict())
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(parity_table(report))
+    text = console.export_text()
+    assert "1x3x256x256" in text and "2x3x250x375" in text

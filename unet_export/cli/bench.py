@@ -8,8 +8,9 @@ import typer
 from unet_export.api import benchmark, prepare_workdir
 from unet_export.bench.backends import BACKENDS
 from unet_export.bench.run import exit_code
-from unet_export.cli.common import DeviceOpt, VersionOpt, Workdir, cli_errors, console, run_app, working
+from unet_export.cli.common import cli_errors, console, run_app, working
 from unet_export.cli.jsonout import JsonOpt, json_result
+from unet_export.cli.options import DeviceOpt, VersionOpt, Workdir
 from unet_export.cli.render_bench import bench_markdown, bench_table, export_line, prepared_lines, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.errors import UserError

@@ -17,8 +17,9 @@ from unet_export.api import (
     quantize_int8,
     require_real_images,
 )
-from unet_export.cli.common import DeviceOpt, ModelOpt, Weights, Workdir, cli_errors, working
+from unet_export.cli.common import cli_errors, working
 from unet_export.cli.jsonout import JsonOpt, json_result
+from unet_export.cli.options import DeviceOpt, ModelOpt, Weights, Workdir
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError

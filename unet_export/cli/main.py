@@ -5,7 +5,8 @@ there, what they print in cli/render_<family>.py."""
 import typer
 
 from unet_export.cli import data, export, predict, serve, system, train, verify
-from unet_export.cli.common import VersionOpt, run_app
+from unet_export.cli.common import run_app
+from unet_export.cli.options import VersionOpt
 
 app = typer.Typer(
     help="Export U-Net checkpoints to verified deployment artefacts.",

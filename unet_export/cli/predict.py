@@ -10,7 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from unet_export.api import resolve_device
-from unet_export.cli.common import ModelOpt, RunDeviceOpt, cli_errors, console, stop_on_signals, working
+from unet_export.cli.common import cli_errors, console, stop_on_signals, working
+from unet_export.cli.options import ModelOpt, RunDeviceOpt
 from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
 from unet_export.predict.batch import PredictOptions, prepare, run

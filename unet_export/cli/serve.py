@@ -5,7 +5,8 @@ from typing import Annotated
 
 import typer
 
-from unet_export.cli.common import Workdir, cli_errors, console, stop_on_signals
+from unet_export.cli.common import cli_errors, console, stop_on_signals
+from unet_export.cli.options import Workdir
 from unet_export.cli.render_serve import triton_check_report, triton_repository_report
 
 Repo = Annotated[Path | None, typer.Option("--repo", help="Repository folder (default DIR/triton); replaces only one "

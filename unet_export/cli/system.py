@@ -10,8 +10,9 @@ import typer
 
 from unet_export.api import benchmark, evaluate, export_artifact, inspect_artifact, resolve_device, run_checks
 from unet_export.bench.run import exit_code
-from unet_export.cli.common import DeviceOpt, Workdir, cli_errors, console
+from unet_export.cli.common import cli_errors, console
 from unet_export.cli.jsonout import json_result
+from unet_export.cli.options import DeviceOpt, Workdir
 from unet_export.cli.render_bench import bench_table, row_line
 from unet_export.cli.render_export import export_report, shower
 from unet_export.cli.render_system import doctor_table, report_lines

@@ -8,7 +8,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from unet_export.api import resolve_device, train, TrainConfig
-from unet_export.cli.common import MaskSuffix, MaxPixels, RunDeviceOpt, cli_errors, console, parse_mask_values, working
+from unet_export.cli.common import cli_errors, console, working
+from unet_export.cli.options import MaskSuffix, MaxPixels, parse_mask_values, RunDeviceOpt
 from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.errors import UserError
 from unet_export.models import get_spec

@@ -8,9 +8,18 @@ from typing import Annotated
 import typer
 
 from unet_export.api import cpp_check, evaluate, verify_workdir
-from unet_export.cli.common import (Device, DeviceOpt, MaskSuffix, MaxPixels, ModelOpt, RunDeviceOpt, Workdir,
-                                     cli_errors, console, fail, parse_mask_values, working)
+from unet_export.cli.common import cli_errors, console, fail, working
 from unet_export.cli.jsonout import JsonOpt, json_result
+from unet_export.cli.options import (
+    Device,
+    DeviceOpt,
+    MaskSuffix,
+    MaxPixels,
+    ModelOpt,
+    parse_mask_values,
+    RunDeviceOpt,
+    Workdir,
+)
 from unet_export.cli.render_verify import cpp_table, dice_table, verify_report
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol
 from unet_export.data.images import DEFAULT_MAX_PIXELS

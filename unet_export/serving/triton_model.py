@@ -2,8 +2,9 @@
 
 Standalone on purpose: it needs numpy, onnxruntime or openvino (role "model") and Pillow (role
 "preprocess", only when the training preprocessing resizes), never unet_export, so the repository
-runs in Triton's own container too. The role and its settings are the config's parameter
-"unet_export" (JSON), written from the workdir's manifest:
+runs in Triton's own container too: hence one file, longer than the ~300 lines of the rest. The
+role and its settings are the config's parameter "unet_export" (JSON), written from the
+workdir's manifest:
 
 - model: float32 NCHW batch -> logits, running the verified ONNX/OpenVINO artefact in this folder;
   requests of one shape that dynamic batching delivered together run as one batch.

@@ -181,7 +181,7 @@ def stop_on_signals():
     """Inside the block Ctrl-C and SIGTERM (kill PID, docker stop, a CI job cancelled) stop a long
     run the way Ctrl-C does: started writes finish, the report is written, exit 128 + signal.
     Installed explicitly: a launcher that starts us with SIGINT ignored (`cmd &` in a script)
-    leaves Python no Ctrl-C handler, and predict then ran to the end (tests/test_predict_pipeline.py)."""
+    leaves Python no Ctrl-C handler, and predict then ran to the end (tests/predict/test_predict_pipeline.py)."""
 
     def stop(signum, _frame):
         raise Stopped(signum)

@@ -15,7 +15,7 @@ def _click_style_usage() -> None:
     """Typer 0.29 prints `<bool>` beside every flag (a flag takes no value) and required
     arguments as `{weights}` in usage lines; both puzzled users. Help here shows flags bare and
     arguments as Click does (WEIGHTS, [OPTIONAL], INPUTS...). Private Typer methods: if a Typer
-    upgrade renames them, help falls back to Typer's own style (tests/test_rough_edges.py notices)."""
+    upgrade renames them, help falls back to Typer's own style (tests/cli/test_cli_contract.py notices)."""
     from typer import core
     option, argument = getattr(core, "TyperOption", None), getattr(core, "TyperArgument", None)
     if not (hasattr(option, "display_type_rich") and hasattr(argument, "_usage_display_name")):

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from unet_export.api import write_repository
 from unet_export.cli.common import cli_errors, console, stop_on_signals
 from unet_export.cli.options import Workdir
 from unet_export.cli.render_serve import triton_check_report, triton_repository_report
@@ -41,7 +42,6 @@ def triton_cmd(
 ) -> None:
     """The workdir's verified artefacts -> a Triton model repository (every config checked); with
     --check, proven on a running server."""
-    from unet_export.api import write_repository
 
     def startable(staged: Path) -> None:  # bad --check input (exit 2) must leave any --repo as it was
         from unet_export.serving.check import check_inputs

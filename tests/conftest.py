@@ -132,3 +132,37 @@ class ExportCache:
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> ExportCache:
     return ExportCache(tmp_path_factory.mktemp("exports-cache"))
+
+
+@dataclass
+class Int8Run:
+    """`unet-export int8` of the shipped demo model: the workdir it left (the session's original:
+    copy it before changing anything), its stdout and the folder of calibration images it read."""
+
+    workdir: Path
+    stdout: str
+    calib: Path
+
+
+@pytest.fixture(scope="session")
+def int8_demo(tmp_path_factory) -> Int8Run:
+    """The demo model quantized once per session (NNCF and ONNX Runtime; the slowest export the suite
+    makes): calibrated on copies of the demo's calibration images (the last 12 of demo_val; --val is
+    the whole of demo_val and the copies must still be recognised, by content, and left out of it)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from typer.testing import CliRunner
+
+    from unet_export.cli.main import app
+    from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_calibration
+
+    calib = tmp_path_factory.mktemp("calib")
+    for path in demo_calibration():
+        shutil.copy(path, calib / path.name)
+    out = tmp_path_factory.mktemp("int8") / "exports"
+    height, width = DEMO_SIZE
+    result = CliRunner().invoke(app, ["int8", str(DEMO_WEIGHTS), "--calib", str(calib), "--val", str(DEMO_VAL),
+                                      "-w", str(out), "--height", str(height), "--width", str(width),
+                                      "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return Int8Run(out, result.stdout, calib)

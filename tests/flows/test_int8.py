@@ -34,23 +34,16 @@ def int8_entry(workdir, fmt):
     return next(a for a in load_manifest(workdir)["artifacts"] if a["format"] == fmt and a["precision"] == "int8")
 
 
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory):
-    """Copies of the demo's calibration images (the last 12 of demo_val): --val is the whole of
-    demo_val, and the copies must still be recognised (by content) and left out of it."""
-    folder = tmp_path_factory.mktemp("calib")
-    for path in demo_calibration():
-        shutil.copy(path, folder / path.name)
-    return folder
+@pytest.fixture
+def calib_dir(int8_demo):
+    """Copies of the demo's calibration images that the session's int8 run read (conftest.int8_demo)."""
+    return int8_demo.calib
 
 
-@pytest.fixture(scope="module")
-def int8_run(tmp_path_factory, calib_dir):
-    out = tmp_path_factory.mktemp("int8") / "exports"
-    result = runner.invoke(app, ["int8", str(DEMO_WEIGHTS), "--calib", str(calib_dir), "--val", str(DEMO_VAL), "-w", str(out),
-                                 "--height", str(HEIGHT), "--width", str(WIDTH), "--device", "cpu"])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out, result.stdout
+@pytest.fixture
+def int8_run(int8_demo):
+    """The session's `unet-export int8` of the demo: (workdir, stdout); copy the workdir to change it."""
+    return int8_demo.workdir, int8_demo.stdout
 
 
 @pytest.mark.parametrize("fmt", ["openvino", "onnx"])

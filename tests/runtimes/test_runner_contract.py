@@ -2,19 +2,23 @@
 architecture): each benchmark row that can run here is built the way the benchmark builds it
 (bench.backends.BACKENDS) and must keep the Runner promises that the gate, the benchmark, predict
 and serving rely on (runtimes/base.py). A row that cannot run here (no CUDA, no artefact) is
-skipped with its reason, so a machine with a GPU runs the TensorRT and CUDA rows too."""
+skipped with its reason, so a machine with a GPU runs the TensorRT and CUDA rows too. The INT8 rows
+run on the session's `unet-export int8` of the demo model (conftest.int8_demo), the only INT8
+artefacts the suite makes."""
 
 import pytest
 import torch
 
 from unet_export.bench.backends import BACKENDS, BackendContext, Unavailable
 from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.flows.demo import DEMO_SIZE, DEMO_WEIGHTS
 from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.manifest import load_manifest
 
 SIZE = 64
 REDUCED = {"eager-bf16", "eager-fp16", "openvino-bf16", "openvino-int8", "onnxruntime-int8", "tensorrt-fp16",
            "onnxruntime-cuda-fp16"}  # fmt: skip
+INT8 = {"openvino-int8", "onnxruntime-int8"}
 SLOW = {"aoti": "compiling the AOTInductor package takes about a minute here",
         "torch.compile": "compiling takes tens of seconds here"}  # fmt: skip
 
@@ -29,24 +33,31 @@ def context(exports, tmp_path_factory):
     return root, weights, build_model(load_checkpoint(weights))
 
 
-def _ctx(context, name) -> BackendContext:
-    root, weights, model = context
-    if name == "aoti":
-        from unet_export.api import export_artifact
+def _ctx(context, name, request) -> tuple[BackendContext, torch.nn.Module, int]:
+    """The benchmark's context for row ``name``, the eager model it must match and the input size."""
+    if name in INT8:
+        workdir = request.getfixturevalue("int8_demo").workdir
+        model, size = build_model(load_checkpoint(DEMO_WEIGHTS)), DEMO_SIZE[0]
+    else:
+        root, weights, model = context
+        workdir, size = root / "exports", SIZE
+        if name == "aoti":
+            from unet_export.api import export_artifact
 
-        assert export_artifact(weights, "aoti", root / "exports", device="cpu", height=SIZE, width=SIZE).passed
-    workdir = root / "exports"
-    return BackendContext(model, workdir, load_manifest(workdir), torch.device("cpu"), (2, 3, SIZE, SIZE))
+            assert export_artifact(weights, "aoti", workdir, device="cpu", height=SIZE, width=SIZE).passed
+    ctx = BackendContext(model, workdir, load_manifest(workdir), torch.device("cpu"), (2, 3, size, size))
+    return ctx, model, size
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in BACKENDS])
-def test_every_runner_keeps_the_runner_contract(context, name):
+def test_every_runner_keeps_the_runner_contract(context, name, request):
+    ctx, model, size = _ctx(context, name, request)
     try:
-        runner = BACKENDS[name](_ctx(context, name))
+        runner = BACKENDS[name](ctx)
     except Unavailable as exc:
         pytest.skip(f"{name}: {exc}")
     assert isinstance(runner, Runner) and not runner.is_active  # construction loads nothing
-    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="activate"):
         runner.infer(x)
     with runner as active:
@@ -55,14 +66,14 @@ def test_every_runner_keeps_the_runner_contract(context, name):
         out = runner.infer(x)
         runner.synchronize()
         assert out.dtype == torch.float32 and out.device == runner.device
-        assert tuple(out.shape) == (2, 2, SIZE, SIZE)  # float32 logits, NCHW, two classes
+        assert tuple(out.shape) == (2, model.n_classes, size, size)  # float32 logits, NCHW, a channel per class
         assert torch.isfinite(out).all()
         single = runner.infer(x[:1])  # the batch axis is dynamic
-        assert tuple(single.shape) == (1, 2, SIZE, SIZE)
+        assert tuple(single.shape) == (1, model.n_classes, size, size)
         assert isinstance(runner.describe(), str) and runner.describe()
     assert not runner.is_active
     runner.deactivate()  # deactivating twice is harmless
     if name not in REDUCED:  # FP32 matches eager on this seeded input; reduced precision is judged on real images only
-        with EagerRunner(context[2]) as eager:
+        with EagerRunner(model) as eager:
             expected = eager.infer(x)
         torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -91,6 +92,20 @@ def test_bench_int8_rows_pass_the_reduced_precision_gate_on_images(int8_run):
     for name in ("openvino-int8", "onnxruntime-int8"):
         assert rows[name].status == "ok" and rows[name].precision == "int8", rows[name]
         assert rows[name].parity["argmax_disagreement"] <= 1e-3
+
+
+INT8_ROWS = ("openvino-int8", "onnxruntime-int8")
+
+
+@pytest.mark.parametrize("name", INT8_ROWS)
+def test_int8_runners_keep_the_runner_contract(int8_run, name):
+    """tests/runtimes/test_runner_contract.py's contract, for the rows it leaves to this module."""
+    from tests.runtimes.test_runner_contract import assert_keeps_the_runner_contract
+
+    out, _ = int8_run
+    model = build_model(load_checkpoint(DEMO_WEIGHTS))
+    ctx = BackendContext(model, out, load_manifest(out), torch.device("cpu"), (2, 3, HEIGHT, WIDTH))
+    assert_keeps_the_runner_contract(name, ctx, model, HEIGHT)
 
 
 def test_bench_int8_rows_say_how_to_make_the_artefact(int8_run, tmp_path):

@@ -3,15 +3,15 @@ architecture): each benchmark row that can run here is built the way the benchma
 (bench.backends.BACKENDS) and must keep the Runner promises that the gate, the benchmark, predict
 and serving rely on (runtimes/base.py). A row that cannot run here (no CUDA, no artefact) is
 skipped with its reason, so a machine with a GPU runs the TensorRT and CUDA rows too. The INT8 rows
-run on the session's `unet-export int8` of the demo model (conftest.int8_demo), the only INT8
-artefacts the suite makes."""
+run the same contract (assert_keeps_the_runner_contract) in tests/flows/test_int8.py, on the demo
+model's `unet-export int8` run, the only INT8 artefacts the suite makes: there they share that
+run (and its pytest-xdist worker) with the other INT8 tests instead of quantizing a second time."""
 
 import pytest
 import torch
 
 from unet_export.bench.backends import BACKENDS, BackendContext, Unavailable
 from unet_export.checkpoint import build_model, load_checkpoint
-from unet_export.flows.demo import DEMO_SIZE, DEMO_WEIGHTS
 from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.manifest import load_manifest
 
@@ -33,25 +33,32 @@ def context(exports, tmp_path_factory):
     return root, weights, build_model(load_checkpoint(weights))
 
 
-def _ctx(context, name, request) -> tuple[BackendContext, torch.nn.Module, int]:
-    """The benchmark's context for row ``name``, the eager model it must match and the input size."""
-    if name in INT8:
-        workdir = request.getfixturevalue("int8_demo").workdir
-        model, size = build_model(load_checkpoint(DEMO_WEIGHTS)), DEMO_SIZE[0]
-    else:
-        root, weights, model = context
-        workdir, size = root / "exports", SIZE
-        if name == "aoti":
-            from unet_export.api import export_artifact
+def _ctx(context, name) -> BackendContext:
+    root, weights, model = context
+    if name == "aoti":
+        from unet_export.api import export_artifact
 
-            assert export_artifact(weights, "aoti", workdir, device="cpu", height=SIZE, width=SIZE).passed
-    ctx = BackendContext(model, workdir, load_manifest(workdir), torch.device("cpu"), (2, 3, size, size))
-    return ctx, model, size
+        assert export_artifact(weights, "aoti", root / "exports", device="cpu", height=SIZE, width=SIZE).passed
+    workdir = root / "exports"
+    return BackendContext(model, workdir, load_manifest(workdir), torch.device("cpu"), (2, 3, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in BACKENDS])
-def test_every_runner_keeps_the_runner_contract(context, name, request):
-    ctx, model, size = _ctx(context, name, request)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in BACKENDS if n not in INT8])  # fmt: skip
+def test_every_runner_keeps_the_runner_contract(context, name):
+    assert_keeps_the_runner_contract(name, _ctx(context, name), context[2], SIZE)
+
+
+def test_the_int8_rows_are_checked_where_the_int8_artefacts_are_made():
+    from tests.flows import test_int8
+
+    assert INT8 <= set(BACKENDS) and INT8 == set(test_int8.INT8_ROWS)
+    assert test_int8.test_int8_runners_keep_the_runner_contract.__module__ == "tests.flows.test_int8"
+
+
+def assert_keeps_the_runner_contract(name: str, ctx: BackendContext, model: torch.nn.Module, size: int) -> None:
+    """The Runner promises, for benchmark row ``name`` built from ``ctx``; ``model`` is the eager
+    model the artefact was exported from, ``size`` the square input size it takes."""
     try:
         runner = BACKENDS[name](ctx)
     except Unavailable as exc:

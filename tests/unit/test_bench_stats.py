@@ -1,6 +1,7 @@
 """The rules that decide what a benchmark row says (unet_export/bench/stats.py), pinned value by
 value: these are the modules `make mutation` mutates."""
 
+import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,9 @@ from unet_export.bench.stats import (
     parity_record,
     record_timing,
     set_speedups,
+    vm_hwm_mb,
 )
+from unet_export.bench import stats
 
 
 def test_latency_stats_values():
@@ -139,3 +142,41 @@ def test_row_to_dict_has_every_field():
     d = row.to_dict()
     assert d["backend"] == "eager" and d["precision"] == "fp32" and d["status"] == "ok" and d["reason"] == "r"
     assert d["iters"] == 3 and d["warnings"] == ["w"] and d["peak_mem_mb"] is None and len(d) == 15
+
+
+def _vm_hwm_kb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+def test_vm_hwm_mb_is_this_process_high_water_mark_in_mb():
+    """The kB figure Linux reports, in MB (2**10 kB), read between two independent reads of it."""
+    before = _vm_hwm_kb()
+    mb = vm_hwm_mb()
+    after = _vm_hwm_kb()
+    assert (mb * 1024).is_integer() and before <= mb * 1024 <= after
+    assert 1 < mb < 1024 * 1024  # a Python process: more than 1 MB, less than 1 TB
+
+
+@pytest.mark.parametrize(
+    "status, mb",
+    [
+        ("Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t    2560 kB\nVmRSS:\t    1024 kB\n", 2.5),
+        ("VmHWM:\t7340032 kB\n", 7168.0),
+        ("Name:\tpython\nvmhwm:\t2048 kB\nVMHWM:\t2048 kB\nVmRSS:\t2048 kB\n", None),  # no VmHWM line
+        ("", None),
+    ],
+)
+def test_vm_hwm_mb_reads_the_vmhwm_line_of_proc_self_status(monkeypatch, status, mb):
+    opened = []
+    monkeypatch.setattr(stats, "open", lambda path: (opened.append(path), io.StringIO(status))[1], raising=False)
+    assert vm_hwm_mb() == mb
+    assert opened == ["/proc/self/status"]
+
+
+def test_vm_hwm_mb_is_none_where_proc_has_no_status(monkeypatch):
+    def no_proc(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(stats, "open", no_proc, raising=False)
+    assert vm_hwm_mb() is None

@@ -53,6 +53,30 @@ def test_a_temp_name_taken_before_the_write_is_cleared_never_written_through(tmp
     assert fileio.claim_temp_path(dest) == tmp and not tmp.is_symlink() and victim.read_text() == "mine"
 
 
+@pytest.mark.parametrize("leftover", ["file", "dangling link", "link to a file", "none"])
+def test_claim_temp_path_removes_any_leftover_at_the_name(tmp_path, leftover):
+    """Whatever a dead process (or a planted link) left at this process's temp name is gone, and
+    nothing else is touched; a folder there (never written by a writer) stays."""
+    dest, victim = tmp_path / "manifest.json", tmp_path / "victim"
+    victim.write_text("mine")
+    tmp = fileio.temp_path(dest)
+    if leftover == "file":
+        tmp.write_text("a dead process's half write")
+    elif leftover == "dangling link":
+        tmp.symlink_to(tmp_path / "absent")
+    elif leftover == "link to a file":
+        tmp.symlink_to(victim)
+    assert fileio.claim_temp_path(dest) == tmp
+    assert not tmp.exists() and not tmp.is_symlink() and victim.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
+
+
+def test_claim_temp_path_leaves_a_folder_at_the_name(tmp_path):
+    tmp = fileio.temp_path(tmp_path / "model.pt2")
+    tmp.mkdir()
+    assert fileio.claim_temp_path(tmp_path / "model.pt2") == tmp and tmp.is_dir()
+
+
 def test_atomic_path_flushes_before_the_rename(tmp_path, monkeypatch):
     order = []
     monkeypatch.setattr(fileio, "fsync_file", lambda p: order.append(("fsync", p.name)))
@@ -99,6 +123,34 @@ def test_write_json_is_indented_with_a_final_newline(tmp_path):
     assert (tmp_path / "a.json").read_text() == json.dumps({"b": [1, 2]}, indent=2) + "\n"
 
 
+def test_loads_json_parses_like_json_loads():
+    assert fileio.loads_json('{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+    with pytest.raises(json.JSONDecodeError) as err:
+        fileio.loads_json('{"a": ')
+    assert (err.value.msg, err.value.pos) == ("Expecting value", 6)
+
+
+def test_json_nested_too_deeply_is_a_decode_error_at_its_start():
+    """RecursionError becomes the JSONDecodeError every caller handles, pointing at the first
+    character (the message a user sees names the place)."""
+    with pytest.raises(json.JSONDecodeError) as err:
+        fileio.loads_json("[" * 200_000)
+    assert (err.value.msg, err.value.doc, err.value.pos) == ("nested too deeply to parse", "[", 0)
+    assert (err.value.lineno, err.value.colno) == (1, 1)
+    assert str(err.value) == "nested too deeply to parse: line 1 column 1 (char 0)"
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no RecursionError traceback
+
+
+def test_decode_metadata_turns_json_strings_back_into_values():
+    metadata = {"classes": "[0, 1]", "config": '{"bilinear": false}', "scale": "0.5", "architecture": "milesial",
+                "empty": "", "decoded": [0, 1], "height": 256}  # fmt: skip
+    assert fileio.decode_metadata(metadata) == {
+        "classes": [0, 1], "config": {"bilinear": False}, "scale": 0.5,
+        "architecture": "milesial",  # not JSON: a plain string stays a string
+        "empty": "", "decoded": [0, 1], "height": 256}  # fmt: skip
+    assert fileio.decode_metadata({}) == {}
+
+
 def test_write_bytes_checked(tmp_path):
     fileio.write_bytes_checked(tmp_path / "b", b"\x00\x01")
     fileio.write_bytes_checked(tmp_path / "b", b"\x02")  # replaces, never appends
@@ -121,6 +173,12 @@ def test_pid_alive(monkeypatch):
 
     monkeypatch.setattr(fileio.os, "kill", denied)
     assert fileio.pid_alive(1) is True  # alive, owned by someone else
+
+
+def test_pid_alive_sends_its_own_process_no_signal():
+    """Signal 0 only asks: a real one (SIGHUP) to this process fails the test (tests/unit/conftest.py)
+    instead of hanging it up."""
+    assert fileio.pid_alive(os.getpid()) is True
 
 
 def test_sweep_removes_only_dead_writers_temp_files(tmp_path):

@@ -321,6 +321,59 @@ def test_ir_weights_must_be_a_record_with_a_path(tmp_path, weights):
         m.load_manifest(tmp_path)
 
 
+def test_a_null_path_is_not_a_cleared_redo_record(tmp_path):
+    """null clears only a redo record (``pending``); the IR weights' ``path`` names its file and must be one."""
+    _write(tmp_path, {"artifacts": [_entry("openvino", weights={"path": None, "pending": None})]})
+    with pytest.raises(UserError) as err:
+        m.load_manifest(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'manifest.json'}: artifacts[0].weights.path None is not a file name "
+                              "inside the workdir; delete it and export again")  # fmt: skip
+
+
+def test_workdir_file_refuses_a_name_that_is_not_a_plain_file_name(tmp_path):
+    assert m.workdir_file(tmp_path, "weights.onnx") == tmp_path / "weights.onnx"
+    with pytest.raises(UserError) as err:
+        m.workdir_file(tmp_path, "../victim.txt")
+    assert str(err.value) == f"'../victim.txt' is not a file name inside the workdir {tmp_path}"
+
+
+def test_a_workdir_that_is_a_file_is_a_user_error_when_read(tmp_path):
+    (tmp_path / "w").write_text("not a folder")
+    with pytest.raises(UserError) as err:
+        m.load_manifest(tmp_path / "w")
+    assert str(err.value) == f"--workdir {tmp_path / 'w'} is a file, not a folder"
+
+
+def test_make_workdir_creates_the_folders_and_names_a_file_in_the_way(tmp_path):
+    m.make_workdir(tmp_path / "a" / "b")
+    m.make_workdir(tmp_path / "a" / "b")  # already there: nothing to do
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError) as err:
+        m.make_workdir(tmp_path / "f")
+    assert str(err.value) == f"--workdir {tmp_path / 'f'} is a file, not a folder"
+    with pytest.raises(UserError) as err:
+        m.make_workdir(tmp_path / "f" / "sub" / "w")  # the file is a parent: named after the workdir
+    assert str(err.value) == f"--workdir {tmp_path / 'f' / 'sub' / 'w'}: {tmp_path / 'f'} is a file, not a folder"
+    (tmp_path / "dangling").symlink_to(tmp_path / "absent")  # a link to nothing is in the way too
+    with pytest.raises(UserError) as err:
+        m.make_workdir(tmp_path / "dangling")
+    assert str(err.value) == f"--workdir {tmp_path / 'dangling'} is a file, not a folder"
+    assert not (tmp_path / "absent").exists()
+
+
+def test_the_lock_file_is_created_readable_and_writable_never_executable(tmp_path):
+    """Mode 0o666 less the umask, as for any file the user creates (the umask decides who else may
+    open it): never executable."""
+    old = os.umask(0o022)
+    try:
+        fd = m._open_lock(tmp_path)
+    finally:
+        os.umask(old)
+    os.close(fd)
+    assert (tmp_path / ".manifest.lock").stat().st_mode & 0o7777 == 0o644
+
+
 def test_plain_names_and_cleared_redo_records_load(tmp_path):
     entry = _entry(path="w.int8.xml", pending=None, source="w.onnx", weights={"path": "w.int8.bin", "pending": None})
     _write(tmp_path, {"artifacts": [entry, _entry("tensorrt", path="w.fp16.engine", source_onnx="w.fp16.onnx")]})

@@ -574,3 +574,84 @@ def test_a_pickled_whole_model_is_told_whether_its_state_dict_would_load(tmp_pat
         "that could run code, of an architecture unet-export does not support yet: its weights (keys 0.weight, "
         f"0.bias, ...) fit none of {', '.join(MODELS)} (see --model), so re-saving its state_dict would not help "
         "either")
+
+
+class _Declared:
+    """Pickles as torch.save pickles a tensor, rebuilt from a 4-byte storage with the shape given
+    here: what a damaged or hostile file can declare."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+
+    def __reduce__(self):
+        args = (torch.zeros(1).untyped_storage(), 0, self.shape, (self.shape[1], 1), False, {})
+        return torch._utils._rebuild_tensor_v2, args
+
+
+def test_whole_models_are_judged_by_their_weights_read_without_allocating_them(tmp_path):
+    """The keys of a whole pickled model decide the advice: a network held as `.module` beside a
+    parameter-free loss is a milesial model (no other family shares its keys, so no "or ..."); a
+    model of no known family is named by its first three keys, or "none" when it has no weights.
+    The shapes become meta tensors: a 2**52-element weight the file declares is never allocated."""
+    from unet_export.models import create_model
+
+    path = tmp_path / "whole.pth"
+    net = create_model("milesial", n_channels=3, n_classes=2, width=4)
+    torch.save(torch.nn.ModuleDict({"module": net, "loss": torch.nn.CrossEntropyLoss()}), path)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == (
+        f"refusing to load {path}: it pickles a whole model (torch.nn.modules.container.ModuleDict), Python objects "
+        "that could run code. Its weights are a milesial model, which unet-export supports: load it in the project "
+        "that made it and re-save only the weights with torch.save(model.state_dict(), 'weights.pth'), then pass "
+        "weights.pth")
+    huge = torch.nn.Linear(1, 1)
+    huge._parameters["weight"] = _Declared((2**26, 2**26))  # 16 PiB of float32 if it were ever allocated
+    for model, keys in ((torch.nn.Sequential(huge, torch.nn.Conv2d(3, 2, 1)), "0.weight, 0.bias, 1.weight"),
+                        (torch.nn.ReLU(), "none")):  # fmt: skip
+        torch.save(model, path)
+        with pytest.raises(UserError) as err:
+            ck.load_checkpoint(path)
+        assert str(err.value) == (
+            f"refusing to load {path}: it pickles a whole model ({type(model).__module__}.{type(model).__name__}), "
+            "Python objects that could run code, of an architecture unet-export does not support yet: its weights "
+            f"(keys {keys}, ...) fit none of {', '.join(MODELS)} (see --model), so re-saving its state_dict would "
+            "not help either")
+
+
+def _onnx_bytes() -> bytes:
+    import onnx
+
+    return onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])).SerializeToString()
+
+
+_IR = b'<?xml version="1.0"?>\n<net name="unet" version="11">\n</net>\n'
+
+
+@pytest.mark.parametrize("name, content, what", [
+    ("m.onnx", b"anything", "an ONNX model"), ("M.ONNX", b"anything", "an ONNX model"),
+    ("m.ts", b"PK\x03\x04", "a TorchScript model"), ("m.pt2", b"PK\x03\x04", "an AOTInductor package"),
+    ("m.xml", b"anything", "an OpenVINO model"), ("m.engine", b"ftrt", "a TensorRT engine"),
+    ("renamed.pth", "onnx", "an ONNX model"), ("renamed.pth", _IR, "an OpenVINO model"),
+    ("renamed.pth", b"\n \t" + _IR[_IR.index(b"<net"):], "an OpenVINO model"),
+])  # fmt: skip
+def test_an_exported_model_passed_as_a_checkpoint_is_named(tmp_path, name, content, what):
+    """By its suffix whatever its bytes, or by its first bytes when renamed: ONNX's protobuf begins
+    0x08, OpenVINO's IR <?xml or <net (after any whitespace)."""
+    path = tmp_path / name
+    path.write_bytes(_onnx_bytes() if content == "onnx" else content)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == (f"{path} is {what}, not a checkpoint: pass it to predict or unet-bench, or export from "
+                              "the checkpoint it came from")  # fmt: skip
+
+
+@pytest.mark.parametrize("first", [b"\x08", b"<net", b"<?xml"])
+def test_a_checkpoint_zip_whose_first_bytes_look_exported_is_corrupt(saved, first):
+    """The zip's directory still says checkpoint: damage that happens to begin like ONNX or an
+    OpenVINO IR is reported as damage, not as an exported model."""
+    _patch(saved, 0, f"<{len(first)}s", first)
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(saved)
+    assert str(err.value) == (f"{saved} is corrupt: member w/data.pkl is damaged (Bad magic number for file header); "
+                              "re-download or re-save it")  # fmt: skip

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from unet_export.checkpoint_archive import check_zip, container, corrupt, error_detail, exported_model
-from unet_export.errors import UserError
+from unet_export.checkpoint_archive import check_zip, container, corrupt, error_detail, exported_model, is_safetensors
+from unet_export.errors import UserError, require
 from unet_export.fileio import loads_json, sha256_file
 from unet_export.models import MODELS, create_model, detect_model
 from unet_export.pickled import read_pickled_model
@@ -118,6 +118,8 @@ def _torch_load(path: Path):
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not head:
         raise UserError(f"{path} is empty (0 bytes): re-download or re-save it")
+    if is_safetensors(path, head):
+        return _safetensors_load(path)
     kind = container(path, head)
     exported = exported_model(path, head, kind)
     if exported:
@@ -131,6 +133,24 @@ def _torch_load(path: Path):
     except Exception as exc:  # torch.load of damaged bytes raises anything (KeyError, EOFError, ...)
         failure = exc
     raise _load_failure(path, kind, prefix, failure)
+
+
+def _safetensors_load(path: Path) -> dict:
+    """A .safetensors file holds tensors and string metadata only: nothing in it can run. A
+    milesial ``mask_values`` (a list, not a tensor) travels as JSON in that metadata."""
+    st = require("safetensors.torch", pip_name="safetensors")
+    try:
+        state = st.load_file(str(path), device="cpu")
+        with st.safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own SafetensorError for any damage
+        raise corrupt(path, f"it is not a readable safetensors file: {error_detail(exc)}") from None
+    if "mask_values" in metadata:
+        try:
+            state["mask_values"] = loads_json(metadata["mask_values"])
+        except json.JSONDecodeError as exc:
+            raise corrupt(path, f"its metadata mask_values is not JSON: {exc.msg}") from None
+    return state
 
 
 # weights_only names the global it refuses: "GLOBAL x.y was not an allowed global by default" or

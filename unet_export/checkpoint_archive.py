@@ -1,5 +1,5 @@
 """What a checkpoint file is, found before torch.load reads it: torch.save's zip or legacy
-container, an exported model passed by mistake, and a zip whose bytes are damaged (every CRC,
+container, a safetensors file, an exported model passed by mistake, and a zip whose bytes are damaged (every CRC,
 header and data descriptor checked, and the storages data.pkl declares against the files there:
 torch checks none of this, and damaged bytes fail in it obscurely or not at all)."""
 
@@ -24,6 +24,17 @@ _LEGACY_MAGICS = tuple(
 # What this tool (and others) write; a checkpoint is .pth/.pt, so the suffix alone tells them apart.
 _EXPORTED_SUFFIXES = {".onnx": "an ONNX model", ".ts": "a TorchScript model", ".pt2": "an AOTInductor package",
                       ".xml": "an OpenVINO model", ".engine": "a TensorRT engine"}  # fmt: skip
+
+
+def is_safetensors(path: Path, head: bytes) -> bool:
+    """The safetensors format (Hugging Face's; segmentation_models_pytorch's save_pretrained): an
+    8-byte little-endian header length, then the JSON header. Told by suffix, or by content for a
+    renamed file; asked before the ONNX sniff, which a header length ending in 0x08 would fool."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8
 
 
 def exported_model(path: Path, head: bytes, kind: str | None) -> str | None:

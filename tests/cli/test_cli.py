@@ -28,6 +28,26 @@ def test_onnx_command_verifies_and_exits_zero(make_checkpoint, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "manifest.json", "unet_v4.onnx"]
 
 
+def test_a_safetensors_checkpoint_exports_verifies_and_reverifies(tmp_path):
+    """issue 27, item 3: `unet-export onnx weights.safetensors` as for a .pth, and `verify` reloads
+    it from the path the manifest records."""
+    from safetensors.torch import save_file
+
+    from tests.conftest import milesial_state_dict
+
+    weights = tmp_path / "unet.safetensors"
+    save_file(milesial_state_dict("v3"), str(weights))
+    out = tmp_path / "exports"
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--height", "64", "--width", "64", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    entry = load_manifest(out)["artifacts"][0]
+    assert (entry["path"], entry["status"]) == ("unet.onnx", "verified")
+    assert load_manifest(out)["model"]["architecture"] == "milesial"
+    again = runner.invoke(app, ["verify", "-w", str(out), "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert load_manifest(out)["artifacts"][0]["status"] == "verified"
+
+
 def test_torchscript_command_with_custom_size(make_checkpoint, tmp_path):
     args = ["torchscript", str(make_checkpoint("v2")), "-w", str(tmp_path), "--height", "96", "--width", "72"]
     result = runner.invoke(app, args)

@@ -10,6 +10,7 @@ import torch
 from unet_export import checkpoint as ck
 from unet_export import checkpoint_archive as archive
 from unet_export.errors import UserError
+from unet_export.fileio import sha256_file
 
 P = Path("/data/w.pth")
 
@@ -655,3 +656,110 @@ def test_a_checkpoint_zip_whose_first_bytes_look_exported_is_corrupt(saved, firs
         ck.load_checkpoint(saved)
     assert str(err.value) == (f"{saved} is corrupt: member w/data.pkl is damaged (Bad magic number for file header); "
                               "re-download or re-save it")  # fmt: skip
+
+
+# --- safetensors (issue 27, item 3: the format segmentation_models_pytorch and Hugging Face save) ---
+
+
+def _save_safetensors(path: Path, state: dict, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.SAFETENSORS", "renamed.pth"])
+def test_a_safetensors_checkpoint_loads_as_its_pth_does(tmp_path, name):
+    """By suffix, or by content for a renamed file: the same tensors, the same architecture, and
+    milesial's mask_values carried as JSON in the header's metadata."""
+    state = milesial_state_dict("v4")
+    mask_values = state.pop("mask_values")
+    path = _save_safetensors(tmp_path / name, state, {"mask_values": json.dumps(mask_values)})
+    loaded = ck.load_checkpoint(path)
+    assert (loaded.architecture, loaded.config["n_classes"], loaded.mask_values) == ("milesial", 3, [0, 127, 255])
+    assert loaded.state_dict.keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in state.items())
+    assert loaded.sha256 == sha256_file(path)
+    ck.build_model(loaded)  # strict load_state_dict: every key fits
+
+
+def test_a_renamed_safetensors_file_is_never_taken_for_onnx(tmp_path):
+    """safetensors pads its header to 8 bytes: a header length ending in 0x08 begins the file with
+    the byte an ONNX model begins with, and must still be read as safetensors."""
+    state = milesial_state_dict("v3")
+    for pad in range(0, 512, 8):
+        path = _save_safetensors(tmp_path / "w.pth", state, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x08:
+            break
+    assert path.read_bytes()[0] == 0x08
+    assert ck.load_checkpoint(path).architecture == "milesial"
+
+
+def test_a_safetensors_file_of_no_tensors_is_sniffed_and_said_to_hold_none(tmp_path):
+    """The header may fill the file (length == size - 8): still safetensors, with no weights."""
+    path = _save_safetensors(tmp_path / "empty.pth", {})
+    assert int.from_bytes(path.read_bytes()[:8], "little") == path.stat().st_size - 8
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value) == f"{path} holds no tensors: it is not a model checkpoint"
+
+
+def test_bytes_that_only_look_like_a_safetensors_header_are_not_one(tmp_path):
+    """A '{' at byte 8 with a header length past the end of the file is no safetensors file."""
+    path = tmp_path / "w.pth"
+    path.write_bytes((1000).to_bytes(8, "little") + b"{}" + b" " * 6)
+    assert not archive.is_safetensors(path, path.read_bytes()[:64])
+    path.write_bytes((8).to_bytes(8, "little") + b"{}" + b" " * 6)
+    assert archive.is_safetensors(path, path.read_bytes()[:64])
+    assert not archive.is_safetensors(path, path.read_bytes()[:8])
+
+
+def test_a_damaged_safetensors_file_is_corrupt(tmp_path):
+    state = milesial_state_dict("v3")
+    whole = _save_safetensors(tmp_path / "whole.safetensors", state).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(cut)
+    assert str(err.value) == (
+        f"{cut} is corrupt: it is not a readable safetensors file: Error while deserializing header: incomplete "
+        "metadata, file not fully covered; re-download or re-save it"
+    )
+    bad = _save_safetensors(tmp_path / "bad.safetensors", state, {"mask_values": "[0, 127"})
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(bad)
+    assert str(err.value) == (f"{bad} is corrupt: its metadata mask_values is not JSON: Expecting ',' delimiter; "
+                              "re-download or re-save it")  # fmt: skip
+
+
+def test_safetensors_is_told_at_the_edges_of_its_header(tmp_path):
+    """The suffix alone decides (a stub named .safetensors is a damaged one); otherwise the 9th byte
+    must open the JSON header and the declared length fit the file."""
+
+    def sniff(data: bytes, name: str = "w.pth") -> bool:
+        target = tmp_path / name
+        target.write_bytes(data)
+        return archive.is_safetensors(target, data[:64])
+
+    assert sniff((0).to_bytes(8, "little") + b"{")  # 9 bytes: an empty header still fits
+    assert not sniff((0).to_bytes(8, "little") + b"[" + b" " * 7)  # no JSON object
+    assert not sniff((1).to_bytes(8, "little"))  # too short to say
+    assert sniff((8).to_bytes(8, "little") + b"{}" + b" " * 6)  # length == size - 8
+    assert not sniff((9).to_bytes(8, "little") + b"{}" + b" " * 6)  # one byte past the end
+    assert not sniff((2**63 + 8).to_bytes(8, "little") + b"{}" + b" " * 6)  # unsigned, not negative
+    assert sniff(b"PK\x03\x04", "x.SAFETENSORS")
+    stub = tmp_path / "stub.safetensors"
+    stub.write_bytes(b"PK\x03\x04")
+    with pytest.raises(UserError, match=r"stub\.safetensors is corrupt: it is not a readable safetensors file: "):
+        ck.load_checkpoint(stub)
+
+
+def test_without_the_safetensors_package_the_install_line_is_named(tmp_path, monkeypatch):
+    import sys
+
+    path = _save_safetensors(tmp_path / "w.safetensors", milesial_state_dict("v3"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import raises ImportError
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(path)
+    assert str(err.value).startswith("safetensors.torch is not installed (")
+    assert str(err.value).endswith("); install it with: pip install safetensors")

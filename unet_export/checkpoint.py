@@ -139,9 +139,9 @@ def _safetensors_load(path: Path) -> dict:
     """A .safetensors file holds tensors and string metadata only: nothing in it can run. A
     milesial ``mask_values`` (a list, not a tensor) travels as JSON in that metadata."""
     st = require("safetensors.torch", pip_name="safetensors")
-    try:
-        state = st.load_file(str(path), device="cpu")
-        with st.safe_open(str(path), framework="pt") as fh:
+    try:  # one open for tensors and metadata (load_file would parse the header a second time)
+        with st.safe_open(str(path), framework="pt", device="cpu") as fh:
+            state = {key: fh.get_tensor(key) for key in fh.keys()}
             metadata = fh.metadata() or {}
     except Exception as exc:  # safetensors raises its own SafetensorError for any damage
         raise corrupt(path, f"it is not a readable safetensors file: {error_detail(exc)}") from None

@@ -1,7 +1,7 @@
 """What a checkpoint file is, found before torch.load reads it: torch.save's zip or legacy
-container, a safetensors file, an exported model passed by mistake, and a zip whose bytes are damaged (every CRC,
-header and data descriptor checked, and the storages data.pkl declares against the files there:
-torch checks none of this, and damaged bytes fail in it obscurely or not at all)."""
+container, a safetensors file, an exported model passed by mistake, and a zip whose bytes are
+damaged (every CRC, header and data descriptor checked, and the storages data.pkl declares against
+the files there: torch checks none of this, and damaged bytes fail in it obscurely or not at all)."""
 
 import pickle
 import struct

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.runtimes.test_runner_contract import INT8, assert_keeps_the_runner_contract
 from unet_export.bench.run import benchmark
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.cli.main import app
-from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS, demo_calibration
+from unet_export.flows.demo import DEMO_SIZE, DEMO_VAL, DEMO_WEIGHTS
 from unet_export.flows.evaluate import evaluate
 from unet_export.flows import int8 as quantize
 from unet_export.workdir.manifest import load_manifest
@@ -94,14 +95,9 @@ def test_bench_int8_rows_pass_the_reduced_precision_gate_on_images(int8_run):
         assert rows[name].parity["argmax_disagreement"] <= 1e-3
 
 
-INT8_ROWS = ("openvino-int8", "onnxruntime-int8")
-
-
-@pytest.mark.parametrize("name", INT8_ROWS)
+@pytest.mark.parametrize("name", sorted(INT8))
 def test_int8_runners_keep_the_runner_contract(int8_run, name):
     """tests/runtimes/test_runner_contract.py's contract, for the rows it leaves to this module."""
-    from tests.runtimes.test_runner_contract import assert_keeps_the_runner_contract
-
     out, _ = int8_run
     model = build_model(load_checkpoint(DEMO_WEIGHTS))
     ctx = BackendContext(model, out, load_manifest(out), torch.device("cpu"), (2, 3, HEIGHT, WIDTH))

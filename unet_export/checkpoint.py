@@ -1,6 +1,7 @@
 """Safe checkpoint loading: weights_only=True always, every milesial release format, and one-line
 errors for everything that is not a usable checkpoint."""
 
+import hashlib
 import json
 import pickle
 import re
@@ -14,7 +15,7 @@ import torch.nn as nn
 from unet_export.checkpoint_archive import check_zip, container, corrupt, error_detail, exported_model, is_safetensors
 from unet_export.errors import UserError, require
 from unet_export.fileio import loads_json, sha256_file
-from unet_export.models import MODELS, create_model, detect_model
+from unet_export.models import MODELS, ModelChoice, create_model, detect_model, get_spec, smp
 from unet_export.pickled import read_pickled_model
 
 # Dicts that wrap a state_dict, as saved by training scripts and Lightning-style loops.
@@ -44,24 +45,78 @@ class Checkpoint:
         }
 
 
-def load_checkpoint(path: str | Path, model: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, model: str | ModelChoice | None = None) -> Checkpoint:
     """Read a checkpoint and work out its architecture: ``model`` if given, else the one its
-    training sidecar records (a variant such as valid-same has its family's keys), else the keys."""
-    path = Path(path)
-    raw = _torch_load(path)
+    training sidecar records (a variant such as valid-same has its family's keys), else the keys.
+    A ModelChoice's options configure a family the keys cannot name (smp: --arch, --encoder, ...);
+    a save_pretrained folder names its own."""
+    choice = ModelChoice.of(model)
+    path, options = Path(path), dict(choice.options)
+    model = choice.name or implied_model(options)
+    if path.is_dir():
+        raw, sha256, model = _pretrained(path, model, options)
+    else:
+        raw, sha256 = _torch_load(path), None
     state_dict, mask_values = _unwrap(raw, path)
     sidecar = read_sidecar(path)
     recorded = sidecar.get("model") if isinstance(sidecar.get("model"), str) else None
-    found = detect_model(state_dict, model or recorded)
-    if found is None:
-        sample = ", ".join(list(state_dict)[:3]) or "none"
-        target = f"a {model or recorded!r} model" if model or recorded else f"a known architecture ({', '.join(MODELS)})"
-        source = f" (as its sidecar {path.with_suffix('.json').name} says)" if recorded and not model else ""
-        raise UserError(f"{path} is not a checkpoint of {target}{source}: its keys begin {sample}")
-    name, config = found
+    spec = get_spec(model or recorded) if model or recorded else None
     preprocess = sidecar.get("preprocess") if isinstance(sidecar.get("preprocess"), dict) else None
-    return Checkpoint(path, sha256_file(path), name, config, state_dict, mask_values, preprocess,
+    if spec is not None and spec.configure is not None:
+        name, config = model or recorded, dict(spec.configure(state_dict, options))
+        state_dict, preprocess = spec.weights(state_dict), preprocess or config.pop("preprocess", None)
+    else:
+        name, config = _detected(path, state_dict, model, recorded)
+    return Checkpoint(path, sha256 or sha256_file(path), name, config, state_dict, mask_values, preprocess,
                       _validation_dir(path, sidecar))  # fmt: skip
+
+
+def implied_model(options: dict) -> str | None:
+    """--arch or --encoder without --model means an smp model."""
+    return "smp" if options.get("arch") or options.get("encoder") else None
+
+
+def _detected(path: Path, state_dict: dict, model: str | None, recorded: str | None) -> tuple[str, dict]:
+    found = detect_model(state_dict, model or recorded)
+    if found is not None:
+        return found
+    sample = ", ".join(list(state_dict)[:3]) or "none"
+    if not (model or recorded) and smp.looks_like(state_dict):
+        raise UserError(f"{path} looks like a segmentation_models_pytorch state_dict (keys {sample}, ...): pass "
+                        "--arch ARCH --encoder NAME (its classes and channels are read from the weights), or "
+                        "save the model with model.save_pretrained(DIR) and pass DIR")  # fmt: skip
+    known = [name for name, spec in MODELS.items() if spec.configure is None]
+    target = f"a {model or recorded!r} model" if model or recorded else f"a known architecture ({', '.join(known)})"
+    source = f" (as its sidecar {path.with_suffix('.json').name} says)" if recorded and not model else ""
+    raise UserError(f"{path} is not a checkpoint of {target}{source}: its keys begin {sample}")
+
+
+# A save_pretrained folder (Hugging Face's ModelHubMixin, which smp uses): config.json + weights.
+PRETRAINED_CONFIG, PRETRAINED_WEIGHTS = "config.json", ("model.safetensors", "pytorch_model.bin")
+
+
+def _pretrained(path: Path, model: str | None, options: dict) -> tuple[dict, str, str | None]:
+    """(raw weights, sha256 over config and weights, model) of a save_pretrained folder; smp's
+    config names its class, which makes the folder an smp model with no flags."""
+    weights = next((path / name for name in PRETRAINED_WEIGHTS if (path / name).is_file()), None)
+    config_file = path / PRETRAINED_CONFIG
+    if weights is None or not config_file.is_file():
+        raise UserError(f"{path} is a directory: pass the checkpoint file (.pth, .pt, .safetensors) inside it, or a "
+                        f"save_pretrained folder ({PRETRAINED_CONFIG} + {PRETRAINED_WEIGHTS[0]})")  # fmt: skip
+    try:
+        config = loads_json(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise corrupt(config_file, f"it is not JSON: {error_detail(exc)}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {config_file}: {exc.strerror or exc}") from None
+    if not isinstance(config, dict) or not isinstance(config.get(smp.CLASS_KEY), str):
+        if model is None:
+            raise UserError(f"{config_file} does not name a segmentation_models_pytorch class ({smp.CLASS_KEY}): "
+                            "pass --model NAME for the weights in it")  # fmt: skip
+        config = {}
+    options.setdefault("config_json", config)
+    digest = hashlib.sha256((sha256_file(config_file) + sha256_file(weights)).encode()).hexdigest()
+    return _torch_load(weights), digest, model or ("smp" if config else None)
 
 
 def _validation_dir(path: Path, sidecar: dict) -> str | None:
@@ -94,14 +149,31 @@ def class_mask_values(mask_values: list | None, n_classes: int) -> list:
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """The eager model with the checkpoint's weights, in eval mode on the CPU."""
     model = create_model(ckpt.architecture, **ckpt.config)
-    try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as exc:
+    try:  # a copy: smp's load_state_dict renames keys in the dict it is given
+        result = model.load_state_dict(dict(ckpt.state_dict), strict=False)
+    except RuntimeError as exc:  # shapes that differ
         detail = " ".join(str(exc).split())
-        raise UserError(
-            f"{ckpt.path} does not fit the {ckpt.architecture} model {ckpt.config}: {detail[:300]}"
-        ) from None
+        raise UserError(f"{ckpt.path} does not fit the {_named(ckpt)} model: {detail[:300]}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(f"{ckpt.path} does not fit the {_named(ckpt)} model: {_key_mismatch(result)}")
     return model.eval()
+
+
+def _named(ckpt: Checkpoint) -> str:
+    """smp Unet (resnet34): the family and what configured it, where it is not the keys."""
+    init = ckpt.config.get("init") if isinstance(ckpt.config.get("init"), dict) else {}
+    return f"{ckpt.architecture} {ckpt.config['arch']} ({init.get('encoder_name')})" if "arch" in ckpt.config \
+        else ckpt.architecture
+
+
+def _key_mismatch(result) -> str:
+    """load_state_dict(strict=True)'s complaint, shortened to the first keys of each kind."""
+    parts = []
+    for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {what} keys ({', '.join(keys[:3])}{more})")
+    return "; ".join(parts)
 
 
 def _torch_load(path: Path):
@@ -183,6 +255,10 @@ def _refused(path: Path, kind: str | None, prefix: str | None, refused: str) -> 
     running it: re-saving its state_dict is advised only when those weights are an architecture
     that loads here; otherwise the user hears it is not supported, not sent round in a circle."""
     whole = read_pickled_model(path, kind, prefix)
+    if whole is not None and whole.cls.startswith("segmentation_models_pytorch."):
+        return UserError(f"refusing to load {path}: it pickles a whole segmentation_models_pytorch model "
+                         f"({whole.cls}), Python objects that could run code. Save it with "
+                         "model.save_pretrained(DIR) (config and weights, no code) and pass DIR")  # fmt: skip
     if whole is None or not whole.complete:
         return UserError(f"refusing to load {path}: it pickles Python objects that could run code ({refused}). "
                          f"Load it in the project that made it and re-save the weights with {_RESAVE}")  # fmt: skip

@@ -94,7 +94,8 @@ def _bad_files(tmp_path):
     state = milesial_state_dict("v3")
     del state["down2.maxpool_conv.1.double_conv.0.weight"]
     torch.save(state, tmp_path / "missing_key.pth")
-    cases["missing key"] = (tmp_path / "missing_key.pth", "Missing key")
+    cases["missing key"] = (tmp_path / "missing_key.pth",
+                           "does not fit the milesial model: 1 missing keys")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     cases["not a dict"] = (tmp_path / "list.pth", "not a state_dict")
     torch.save({"epoch": 3}, tmp_path / "empty.pth")

@@ -19,7 +19,9 @@ from unet_export.api import (
 )
 from unet_export.cli.common import cli_errors, working
 from unet_export.cli.jsonout import JsonOpt, json_result
-from unet_export.cli.options import DeviceOpt, ModelOpt, Weights, Workdir
+from unet_export.cli.options import (
+    ArchOpt, DeviceOpt, EncoderOpt, MeanOpt, ModelArgOpt, ModelOpt, StdOpt, Weights, Workdir, model_choice,
+)  # fmt: skip
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError
@@ -70,6 +72,11 @@ def onnx_cmd(
     fp32_layers: FP32Layers = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    arch: ArchOpt = None,
+    encoder: EncoderOpt = None,
+    model_arg: ModelArgOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -78,6 +85,7 @@ def onnx_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
+    model = model_choice(model, arch, encoder, model_arg, mean, std)
     with json_result(json_path, "export", "unet-export onnx", workdir) as out:
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
@@ -118,11 +126,17 @@ def torchscript_cmd(
     width: Width = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    arch: ArchOpt = None,
+    encoder: EncoderOpt = None,
+    model_arg: ModelArgOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
+    model = model_choice(model, arch, encoder, model_arg, mean, std)
     _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
@@ -136,11 +150,17 @@ def aoti_cmd(
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    arch: ArchOpt = None,
+    encoder: EncoderOpt = None,
+    model_arg: ModelArgOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
+    model = model_choice(model, arch, encoder, model_arg, mean, std)
     _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
@@ -193,6 +213,11 @@ def openvino_cmd(
     width: SourceWidth = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    arch: ArchOpt = None,
+    encoder: EncoderOpt = None,
+    model_arg: ModelArgOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -202,6 +227,7 @@ def openvino_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on
     the CPU. The gate options judge the IR; an ONNX model exported first is judged as `onnx` judges it."""
+    model = model_choice(model, arch, encoder, model_arg, mean, std)
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="drop --fp16")
     with json_result(json_path, "export", "unet-export openvino", workdir) as out:
 
@@ -255,10 +281,16 @@ def int8_cmd(
     width: SourceWidth = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
+    arch: ArchOpt = None,
+    encoder: EncoderOpt = None,
+    model_arg: ModelArgOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
+    model = model_choice(model, arch, encoder, model_arg, mean, std)
     with json_result(json_path, "export", "unet-export int8", workdir) as out:
         show = shower(workdir)
 

@@ -1,6 +1,7 @@
 """The option types every command shares, defined once as Annotated aliases, the version option,
 and the help style (flags without a type, arguments as Click shows them)."""
 
+import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -8,7 +9,7 @@ from typing import Annotated
 import typer
 
 from unet_export.errors import UserError
-from unet_export.models import MODELS
+from unet_export.models import MODELS, ModelChoice
 
 
 def _click_style_usage() -> None:
@@ -84,11 +85,59 @@ Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Directory for ar
 DeviceOpt = Annotated[Device, typer.Option(help="Where parity runs: CUDA when there is a GPU, else CPU.")]
 RunDeviceOpt = Annotated[Device, typer.Option("--device", help="Where the model runs: CUDA when there is a GPU, else CPU.")]
 Weights = Annotated[Path, typer.Argument(help=(
-    "Checkpoint (.pth, a state_dict) of a supported architecture, found from its keys: milesial/Pytorch-UNet's "
-    "U-Net (what unet-export train writes), the 2015 U-Net, the bilibili tutorial's, a plain one, a ResNet-50 "
-    "U-Net, torchvision DeepLabV3; --model names them all."))]  # fmt: skip
+    "Checkpoint (.pth or .safetensors, a state_dict) of a supported architecture, found from its keys: "
+    "milesial/Pytorch-UNet's U-Net (what unet-export train writes), the 2015 U-Net, the bilibili tutorial's, a plain "
+    "one, a ResNet-50 U-Net, torchvision DeepLabV3; --model names them all. Or a segmentation_models_pytorch "
+    "model: its save_pretrained folder, or its state_dict with --arch and --encoder."))]  # fmt: skip
 ModelOpt = Annotated[str | None, typer.Option("--model", help=(
     f"Architecture, when the keys cannot tell it: {', '.join(MODELS)}."))]  # fmt: skip
+ArchOpt = Annotated[str | None, typer.Option("--arch", rich_help_panel="segmentation_models_pytorch", help=(
+    "The smp architecture of a bare state_dict (Unet, UnetPlusPlus or Unet++, FPN, DeepLabV3Plus, Segformer, ...; "
+    "what the installed smp offers); implies --model smp."))]  # fmt: skip
+EncoderOpt = Annotated[str | None, typer.Option("--encoder", rich_help_panel="segmentation_models_pytorch",
+                                                help="The smp encoder of a bare state_dict (resnet34, mit_b0, "
+                                                "tu-<timm name>, ...); built without downloading weights.")]  # fmt: skip
+ModelArgOpt = Annotated[list[str] | None, typer.Option("--model-arg", rich_help_panel="segmentation_models_pytorch",
+                        metavar="KEY=VALUE", help="Another smp constructor argument of a bare state_dict (VALUE as "
+                        "JSON, else text), e.g. decoder_channels=[128,64,32,16,8]; repeatable. Classes and input "
+                        "channels are read from the weights.")]  # fmt: skip
+MeanOpt = Annotated[str | None, typer.Option("--mean", rich_help_panel="segmentation_models_pytorch", metavar="R,G,B",
+                    help="Normalise images to (x/255 - mean) / std with this mean (default: the smp encoder's).")]
+StdOpt = Annotated[str | None, typer.Option("--std", rich_help_panel="segmentation_models_pytorch", metavar="R,G,B",
+                   help="... and this std (default: the smp encoder's).")]  # fmt: skip
+
+
+def model_choice(model: str | None, arch: str | None = None, encoder: str | None = None,
+                 model_arg: list[str] | None = None, mean: str | None = None, std: str | None = None) -> ModelChoice:
+    """--model and the smp flags as one ModelChoice (what load_checkpoint takes)."""
+    options = {"arch": arch, "encoder": encoder, "smp_args": _model_args(model_arg),
+               "mean": _floats("--mean", mean), "std": _floats("--std", std)}  # fmt: skip
+    return ModelChoice(model, {k: v for k, v in options.items() if v})
+
+
+def _model_args(items: list[str] | None) -> dict:
+    args = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserError(f"--model-arg {item!r}: give KEY=VALUE, e.g. encoder_depth=4")
+        try:
+            args[key] = json.loads(text)
+        except json.JSONDecodeError:
+            args[key] = text
+    return args
+
+
+def _floats(flag: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give numbers, one per channel, e.g. 0.485,0.456,0.406") from None
+    if flag == "--std" and any(v <= 0 for v in values):
+        raise UserError(f"--std {text!r}: every value must be above 0")
+    return values
 # train and evaluate read the same datasets
 MaskSuffix = Annotated[str, typer.Option(help="milesial layout: mask file = masks/<image stem><suffix>.<ext>.")]
 MaxPixels = Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (width x height) than this, "

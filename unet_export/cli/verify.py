@@ -11,11 +11,17 @@ from unet_export.api import cpp_check, evaluate, verify_workdir
 from unet_export.cli.common import cli_errors, console, fail, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import (
+    ArchOpt,
     Device,
     DeviceOpt,
+    EncoderOpt,
     MaskSuffix,
     MaxPixels,
+    MeanOpt,
+    ModelArgOpt,
     ModelOpt,
+    StdOpt,
+    model_choice,
     parse_mask_values,
     RunDeviceOpt,
     Workdir,
@@ -68,10 +74,16 @@ def evaluate_cmd(
                            "(0,255; r:g:b for RGB masks), for a checkpoint that records none. "
                            "Default: the checkpoint's; else class indices 0,1,...")] = None,  # fmt: skip
     model: ModelOpt = None,
+    arch: ArchOpt = None,
+    encoder: EncoderOpt = None,
+    model_arg: ModelArgOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: RunDeviceOpt = "auto",
     json_path: JsonOpt = None,
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
+    model = model_choice(model, arch, encoder, model_arg, mean, std)
     with json_result(json_path, "evaluate", "unet-export evaluate") as out:
         out["workdir"], out["data"] = str(workdir), str(data)
         report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,

@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 
 from unet_export.errors import UserError
-from unet_export.models import deeplab, milesial, plain, reflect, resnet50, valid
+from unet_export.models import deeplab, milesial, plain, reflect, resnet50, smp, valid
 from unet_export.models.sizes import SizeRule
 
 
@@ -18,6 +18,23 @@ class ModelSpec:
     description: str
     sizes: Callable[[dict], SizeRule] = lambda config: SizeRule()  # input sizes, given the config
     defaults: dict = field(default_factory=dict)  # config a variant fixes (e.g. sigmoid=True)
+    # A family whose keys alone cannot name the model (smp, a user's factory): its config comes from
+    # the checkpoint's folder, the command line or the manifest, never from auto-detection.
+    configure: Callable[[dict, dict], dict] | None = None
+    weights: Callable[[dict], dict] = lambda state_dict: state_dict  # the keys the built model loads
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """--model, with what configures a family its keys cannot name (smp's --arch, --encoder,
+    --model-arg, --mean, --std; a recorded config). A plain name (or None) means the same."""
+
+    name: str | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: "str | ModelChoice | None") -> "ModelChoice":
+        return model if isinstance(model, ModelChoice) else cls(model)
 
 
 def _variant(family: ModelSpec, description: str, **fixed) -> ModelSpec:
@@ -28,6 +45,11 @@ def _variant(family: ModelSpec, description: str, **fixed) -> ModelSpec:
         return None if config is None else config | fixed
 
     return ModelSpec(family.build, detect, description, family.sizes, fixed)
+
+
+def _recorded_sizes(config: dict) -> SizeRule:
+    """The size rule asked of the model when it was configured, as recorded."""
+    return SizeRule(**config["sizes"])
 
 
 MULTIPLE_OF_16 = SizeRule(min=16, multiple=16)
@@ -59,6 +81,10 @@ MODELS["reflect-sigmoid"] = _variant(MODELS["reflect"], "the bilibili tutorial's
 MODELS["valid-pad"] = _variant(MODELS["valid"], "2015 U-Net, unpadded, decoder padded to the skips (any size >= 188)",
                                concat=1)  # fmt: skip
 MODELS["valid-same"] = _variant(MODELS["valid"], "2015 U-Net with padding=1 convs (output the input's size)", concat=2)
+MODELS["smp"] = ModelSpec(smp.build, lambda state_dict: None,
+                          "a segmentation_models_pytorch model (a save_pretrained folder, or a state_dict with "
+                          "--arch and --encoder); its input sizes are the model's", _recorded_sizes,
+                          configure=smp.configure, weights=smp.weights)  # fmt: skip
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -79,7 +105,7 @@ def create_model(name: str, **config) -> nn.Module:
 
 def detect_model(state_dict: dict, name: str | None = None) -> tuple[str, dict] | None:
     """(name, config) of the first family whose detector recognises the keys; ``name`` forces one."""
-    names = [name] if name else list(MODELS)
+    names = [name] if name else [key for key, spec in MODELS.items() if spec.configure is None]
     for candidate in names:
         config = get_spec(candidate).detect(state_dict)
         if config is not None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from unet_export.checkpoint import Checkpoint, load_checkpoint
 from unet_export.errors import UserError
+from unet_export.models import ModelChoice, get_spec
 from unet_export.runtimes.onnx.export import check_external_data
 from unet_export.workdir.manifest import checked_path
 
@@ -17,7 +18,9 @@ def manifest_checkpoint(manifest: dict, weights: str | Path | None = None) -> Ch
     path = Path(weights or record["checkpoint"]["path"])
     if not path.exists():
         raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
-    ckpt = load_checkpoint(path, record["architecture"])
+    # A family configured from outside its keys (smp) is rebuilt from the config recorded for it.
+    configured = get_spec(record["architecture"]).configure is not None
+    ckpt = load_checkpoint(path, ModelChoice(record["architecture"], {"recorded": record["config"]} if configured else {}))
     if ckpt.sha256 != record["checkpoint"]["sha256"]:
         raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
     return ckpt

@@ -61,6 +61,13 @@ MODELS["valid-pad"] = _variant(MODELS["valid"], "2015 U-Net, unpadded, decoder p
 MODELS["valid-same"] = _variant(MODELS["valid"], "2015 U-Net with padding=1 convs (output the input's size)", concat=2)
 
 
+def mask_threshold(config: dict) -> float:
+    """Where a one-class output turns into class 1: a logit at 0, a sigmoid probability at 0.5,
+    or what the config records. With more classes the mask is the argmax, which a monotonic
+    activation (sigmoid, softmax) does not change, so the threshold only matters for one class."""
+    return float(config.get("threshold", 0.5 if config.get("sigmoid") else 0.0))
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]

@@ -54,6 +54,19 @@ def test_predict_decides_a_sigmoid_output_at_one_half(case):
     assert np.array_equal(classes, expected)
 
 
+def test_the_predict_command_writes_the_mask_decided_at_one_half(case, tmp_path):
+    """The streaming path (batches through predict.stages), as a user runs it."""
+    from typer.testing import CliRunner
+
+    from unet_export.cli.main import app
+
+    weights, image, expected, _ = case
+    args = ["predict", weights, image, "--out", tmp_path / "out", "--model", "reflect-sigmoid", "--device", "cpu"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "image_mask.png")), expected)
+
+
 def test_evaluate_scores_the_mask_decided_at_one_half(case, tmp_path):
     weights, image, expected, _ = case
     data = tmp_path / "data"
@@ -66,7 +79,10 @@ def test_evaluate_scores_the_mask_decided_at_one_half(case, tmp_path):
 
 
 def test_the_gate_counts_class_changes_at_one_half(case, tmp_path, monkeypatch):
-    """An artefact of other weights: the pixels whose probability crosses 0.5 change class."""
+    """An artefact of other weights: the pixels whose probability crosses 0.5 change class, in
+    the export's gate, in verify's and in the benchmark's."""
+    from unet_export.bench.run import benchmark
+    from unet_export.flows.verify import verify_workdir
     from unet_export.runtimes.formats import FORMATS
 
     weights, image, _, model = case
@@ -84,3 +100,9 @@ def test_the_gate_counts_class_changes_at_one_half(case, tmp_path, monkeypatch):
         changed = int(((model(x) > 0.5) != (other(x) > 0.5)).sum())
     assert changed > 0.01 * x[:, 0].numel()
     assert first.differing_pixels == changed
+    (verdict,) = verify_workdir(tmp_path / "exports", device="cpu").verdicts
+    assert verdict.parity.cases[0].shape == first.shape and verdict.parity.cases[0].differing_pixels == changed
+    rows = benchmark(tmp_path / "exports", batch=1, height=SIZE, width=SIZE, backends=["eager", "torchscript"],
+                     device="cpu", iters=1, warmup=0).rows  # fmt: skip
+    changes = rows[1].parity["argmax_disagreement"] + rows[1].parity["tie_pixels"] / x[:, 0].numel()
+    assert changes == pytest.approx(changed / x[:, 0].numel())  # the same seeded batch as the gate's first

@@ -6,17 +6,19 @@ import torch.nn.functional as F
 EPSILON = 1e-6
 
 
-def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) logits -> (N, H, W) class indices: argmax, or sigmoid > 0.5 for one class."""
+def logits_to_mask(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """(N, C, H, W) outputs -> (N, H, W) class indices: argmax, or output > ``threshold`` for one
+    class (0 for a logit, i.e. sigmoid > 0.5; 0.5 for a sigmoid output: models.mask_threshold)."""
     if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
+        return (logits[:, 0] > threshold).long()
     return logits.argmax(dim=1)
 
 
-def decision_margin(logits: torch.Tensor) -> torch.Tensor:
-    """How far each pixel's decision is from flipping: top-1 minus top-2 logit (|logit| for one class)."""
+def decision_margin(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """How far each pixel's decision is from flipping: top-1 minus top-2 output (|output - threshold|
+    for one class)."""
     if logits.shape[1] == 1:
-        return logits[:, 0].abs()
+        return (logits[:, 0] - threshold).abs()
     top2 = logits.topk(2, dim=1).values
     return top2[:, 0] - top2[:, 1]
 

@@ -105,6 +105,7 @@ def test_pipeline_ensemble_chains_preprocess_model_postprocess(written):
     assert ensemble.input[0].data_type == ensemble.output[0].data_type == model_config_pb2.TYPE_UINT8
     post = json.loads(found["demo_unet_postprocess"].parameters["unet_export"].string_value)
     assert post["mask_values"] == [0, 128, 255] and post["preprocess"] == {"scale": 1.0, "square": None}
+    assert post["threshold"] == 0.0  # the demo model's one output per class is a logit
 
 
 def test_the_python_model_runs_the_faster_runtime_measured_here(workdir, tmp_path):
@@ -304,6 +305,35 @@ def test_pipeline_steps_match_predict(tmp_path, pp, rule):
         logits = model.infer(torch.from_numpy(x)).numpy()
     classes = triton_model.classes_of(logits[0], sizes[0], settings)
     assert classes.shape == (75, 130) and (classes != expected).mean() < 1e-3
+
+
+ANY_SIZE = {"min": 1, "multiple": 1, "offset": 0, "shrink": 0}
+
+
+def test_postprocess_decides_one_class_at_the_recorded_threshold():
+    """A sigmoid output is class 1 above 0.5; a repository written before the threshold was
+    recorded holds logits, class 1 above 0."""
+    probs = np.array([[[0.2, 0.6], [0.4, 0.9]]], dtype=np.float32)
+    settings, size = {"preprocess": {"scale": 1.0, "square": None}, "size_rule": ANY_SIZE}, np.array([2, 2, 2, 2])
+    assert triton_model.classes_of(probs, size, settings | {"threshold": 0.5}).tolist() == [[0, 1], [0, 1]]
+    assert triton_model.classes_of(probs, size, settings).tolist() == [[1, 1], [1, 1]]
+    logits = np.array([[[-1.0, 0.5]], [[0.0, 2.0]]], dtype=np.float32)  # two classes: argmax, any threshold
+    assert triton_model.classes_of(logits, np.array([1, 2, 1, 2]), settings | {"threshold": 0.5}).tolist() == [[1, 1]]
+
+
+def test_pipeline_postprocess_records_a_sigmoid_models_threshold():
+    from unet_export.serving import configs
+    from unet_export.serving.ensemble import pipeline_plans
+    from unet_export.serving.plan import ModelPlan
+
+    inputs = [{"name": "input", "dtype": "FP32", "dims": [3, -1, -1]}]
+    outputs = [{"name": "output", "dtype": "FP32", "dims": [1, -1, -1]}]
+    model = ModelPlan("m_python", "python", configs.new_config("m_python", configs.PYTHON, 4, inputs, outputs), {},
+                      {"artifact": {"size_rule": ANY_SIZE | {"static": False}}})  # fmt: skip
+    config = {"n_channels": 3, "n_classes": 1, "width": 4, "transpose": False, "sigmoid": True}  # reflect-sigmoid's
+    plans = pipeline_plans([model], {"model": {"config": config}}, "m", 1)
+    post = next(p for p in plans if p.kind == "postprocess")
+    assert json.loads(post.config.parameters["unet_export"].string_value)["threshold"] == 0.5
 
 
 @pytest.mark.parametrize("size, out", [((7, 9), (16, 5)), ((128, 128), (75, 130)), ((33, 20), (33, 20))])

@@ -34,3 +34,26 @@ def test_masks_and_margins_for_one_and_many_classes():
     many = torch.tensor([[[[1.0]], [[3.0]], [[2.5]]]])
     assert logits_to_mask(many).tolist() == [[[1]]]
     assert decision_margin(many).tolist() == [[[0.5]]]
+
+
+def test_one_class_is_decided_at_the_threshold_and_its_margin_measured_from_it():
+    probs = torch.tensor([[[[0.2, 0.5, 0.7]]]])
+    assert logits_to_mask(probs, 0.5).tolist() == [[[0, 0, 1]]]  # at the threshold is no foreground
+    assert logits_to_mask(probs).tolist() == [[[1, 1, 1]]]  # read as logits: every pixel above 0
+    assert decision_margin(probs, 0.5)[0, 0].tolist() == pytest.approx([0.3, 0.0, 0.2])
+    many = torch.tensor([[[[0.1]], [[0.7]], [[0.2]]]])  # more classes: argmax, whatever the threshold
+    assert logits_to_mask(many, 0.5).tolist() == logits_to_mask(many).tolist() == [[[1]]]
+    assert decision_margin(many, 0.5).item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("config, threshold", [
+    ({"n_classes": 1}, 0.0),  # logits
+    ({"n_classes": 1, "sigmoid": False}, 0.0),
+    ({"n_classes": 1, "sigmoid": True}, 0.5),  # reflect-sigmoid: probabilities
+    ({"n_classes": 1, "threshold": 0.5}, 0.5),  # what the config records wins
+    ({"n_classes": 1, "sigmoid": True, "threshold": 0.3}, 0.3),
+])  # fmt: skip
+def test_mask_threshold_of_a_config(config, threshold):
+    from unet_export.models import mask_threshold
+
+    assert mask_threshold(config) == threshold

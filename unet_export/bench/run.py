@@ -33,7 +33,7 @@ from unet_export.data.dataset import image_to_tensor, Preprocess
 from unet_export.data.images import load_image
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
-from unet_export.models import get_spec
+from unet_export.models import get_spec, mask_threshold
 from unet_export.parity.gate import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
 from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
 from unet_export.runtimes import EagerRunner, Runner
@@ -103,10 +103,11 @@ class PeakMemory:
 
 def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference: torch.Tensor, cfg: BenchConfig, *,
               exact: torch.Tensor | None = None, tolerances: dict[str, Tolerance] | None = None,
-              no_images: str = "") -> Row:  # fmt: skip
+              no_images: str = "", threshold: float = 0.0) -> Row:  # fmt: skip
     """Build, parity-check and time one runtime; every outcome is a row, nothing raises. ``exact``:
     the eager model's float64 logits on ``x``; ``tolerances``: the gate per precision; ``no_images``:
-    why ``x`` is not real images ("" when it is): FP16/BF16/INT8 rows are then timed, not judged."""
+    why ``x`` is not real images ("" when it is): FP16/BF16/INT8 rows are then timed, not judged.
+    ``threshold``: where the model's one-class output turns into class 1 (models.mask_threshold)."""
     try:
         runner = make()
     except IntegrityError:
@@ -119,7 +120,8 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
             row.runs_on = runner.describe()
             x_dev = x.to(runner.device)
             out = runner.infer(x_dev)
-            _judge_row(row, out, reference, (tolerances or TOLERANCES)[runner.precision], exact, no_images)
+            _judge_row(row, out, reference, (tolerances or TOLERANCES)[runner.precision], exact, no_images,
+                       threshold)  # fmt: skip
             _time_into(row, runner, x_dev, out, cfg)
         row.peak_mem_mb = memory.mb
     except IntegrityError:
@@ -131,14 +133,15 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
     return row
 
 
-def _judge_row(row: Row, out: torch.Tensor, reference: torch.Tensor, tol: Tolerance, exact, no_images: str) -> None:
+def _judge_row(row: Row, out: torch.Tensor, reference: torch.Tensor, tol: Tolerance, exact, no_images: str,
+               threshold: float) -> None:  # fmt: skip
     """The parity verdict of a row. On noise a reduced-precision row is not judged (class changes
     there say nothing), but a wrong shape or NaN/Inf says something on any input."""
     if no_images and judged_on_images_only(row.precision):
         if out.shape == reference.shape and bool(torch.isfinite(out.float()).all()):
             row.status, row.reason = "not_judged", not_judged(row.precision, no_images)
             return
-    case = compare(out, reference, tol, exact=exact)
+    case = compare(out, reference, tol, exact=exact, threshold=threshold)
     row.parity = parity_record(case)
     if not case.passed:
         row.status, row.reason = "parity_failed", "; ".join(case.failures)
@@ -164,10 +167,11 @@ def bench_batch(cfg: BenchConfig, channels: int, images: list[Path] | None = Non
 
 def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Runner, cfg: BenchConfig,
                   x: torch.Tensor, on_row: Callable[[Row], None] | None = None, *,
-                  tolerances: dict[str, Tolerance] | None = None, no_images: str = "") -> list[Row]:  # fmt: skip
+                  tolerances: dict[str, Tolerance] | None = None, no_images: str = "",
+                  threshold: float = 0.0) -> list[Row]:  # fmt: skip
     """Bench every runner in ``makers`` (the first, "eager", is the baseline) on the batch ``x``,
     each gated against the reference's output and its float64 run (when it is an eager model);
-    ``no_images``: why ``x`` is not real images, "" when it is (see bench_row)."""
+    ``no_images``: why ``x`` is not real images, "" when it is; ``threshold``: see bench_row."""
     with reference_runner:
         reference = reference_runner.infer(x.to(reference_runner.device)).cpu()
     exact = None
@@ -176,7 +180,8 @@ def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Run
             exact = twin.infer(x)
     rows = []
     for name, make in makers.items():
-        rows.append(bench_row(name, make, x, reference, cfg, exact=exact, tolerances=tolerances, no_images=no_images))
+        rows.append(bench_row(name, make, x, reference, cfg, exact=exact, tolerances=tolerances, no_images=no_images,
+                              threshold=threshold))  # fmt: skip
         if on_row:
             on_row(rows[-1])
     set_speedups(rows)
@@ -242,7 +247,7 @@ def benchmark(
     ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
     rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images), on_row,
-                         tolerances=tolerances, no_images=why)  # fmt: skip
+                         tolerances=tolerances, no_images=why, threshold=mask_threshold(ckpt.config))  # fmt: skip
     config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
                             "inputs": source if images else f"{NOISE_NOTE} ({why})", "model": manifest["model"],
                             "tolerances": {p: t.to_dict() for p, t in tolerances.items()}}  # fmt: skip

@@ -9,22 +9,25 @@ from unet_export.device import resolve_device
 from unet_export.errors import IntegrityError, UnetExportError, UserError
 from unet_export.inference.predictor import TILE, TILE_HALO, run_tiled
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
-from unet_export.models import get_spec
+from unet_export.models import get_spec, mask_threshold
 from unet_export.runtimes import EagerRunner
 from unet_export.runtimes.base import Runner
 from unet_export.workdir.manifest import load_manifest
 from unet_export.workdir.runners import artifact_runner
 
 
-def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1, halo: int | None = None) -> float:
+def mean_dice(runner: Runner, dataset, n_classes: int, batch_size: int = 1, halo: int | None = None, *,
+              threshold: float = 0.0) -> float:  # fmt: skip
     """Mean over images and foreground classes; ``runner`` must be active. With ``halo`` (the
-    model's TILE_HALO), images larger than predict's TILE run in tiles, as predict runs them."""
+    model's TILE_HALO), images larger than predict's TILE run in tiles, as predict runs them.
+    ``threshold``: where a one-class output turns into class 1 (models.mask_threshold)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total, count = 0.0, 0
     for batch in loader:
         images = batch["image"]
         tiled = halo and max(images.shape[-2:]) > TILE
-        pred = logits_to_mask((run_tiled(runner, images, TILE, halo) if tiled else runner.infer(images)).cpu())
+        logits = run_tiled(runner, images, TILE, halo) if tiled else runner.infer(images)
+        pred = logits_to_mask(logits.cpu(), threshold)
         target = center_crop(batch["mask"], pred.shape[-2:])
         # every image has the same number of classes, so batch means weighted by size are exact
         total += dice_score(pred, target, n_classes) * len(pred)
@@ -57,9 +60,9 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
     if defaulted:
         _check_default_values(weights, check.mask_values, mask_values)
     dataset = SegmentationDataset(samples, mask_values, pp, n_channels, max_pixels)
-    dev, halo = resolve_device(device), TILE_HALO.get(ckpt.architecture)
+    dev, halo, threshold = resolve_device(device), TILE_HALO.get(ckpt.architecture), mask_threshold(ckpt.config)
     with EagerRunner(build_model(ckpt), dev) as eager:
-        eager_dice = mean_dice(eager, dataset, n_classes, batch_size, halo)
+        eager_dice = mean_dice(eager, dataset, n_classes, batch_size, halo, threshold=threshold)
     report = {"eager": {"dice": eager_dice}, "artifacts": [], "images": len(dataset)}
     manifest = load_manifest(workdir) if workdir else {"model": None, "artifacts": []}
     if (manifest.get("model") or {}).get("checkpoint", {}).get("sha256") != ckpt.sha256:
@@ -69,7 +72,7 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
         try:
             _check_static(entry, dataset, batch_size)
             with artifact_runner(entry, workdir, dev) as runner:
-                dice = mean_dice(runner, dataset, n_classes, batch_size, halo)
+                dice = mean_dice(runner, dataset, n_classes, batch_size, halo, threshold=threshold)
             row |= {"status": "ok", "dice": dice, "delta_vs_eager": dice - eager_dice}
         except IntegrityError:
             raise  # a missing or changed artefact is an error, never an 'unavailable' row

@@ -18,7 +18,7 @@ import torch
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.models import get_spec
+from unet_export.models import get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
 from unet_export.parity.realimages import HOW, folder_record, gate_images
@@ -107,7 +107,7 @@ def export_artifact(
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
         inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
-        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, threshold=mask_threshold(ckpt.config))
         with transaction(workdir) as manifest:
             _refuse_concurrent_model(manifest, ckpt, revision, workdir)
             dropped = set_model(manifest, model_record(ckpt))
@@ -159,7 +159,8 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
     inputs, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
     with publish.staged(dest, publish.estimated_bytes(net), "FP16 ONNX") as staged:
         entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
-        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged,
+                            threshold=mask_threshold(manifest["model"]["config"]))
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged)
@@ -218,7 +219,8 @@ def build_trt(
         inputs = real or seeded_inputs(profile.parity_shapes(), seed)
         if record:
             entry["real_images"] = record
-        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged,
+                            threshold=mask_threshold(manifest["model"]["config"]))
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged)

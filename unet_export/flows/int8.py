@@ -118,7 +118,7 @@ def _nncf(workdir: Path, sources: dict, images: Images, gates: GateSet, max_dice
     accuracy = None
     if gates.eager_dice is not None:
         def score(i: int, logits) -> float:
-            return mask_dice(logits, gates.batches[i][3], gates.n_classes)
+            return mask_dice(logits, gates.batches[i][3], gates.n_classes, gates.threshold)
 
         accuracy = AccuracyControl([batch[0] for batch in gates.batches], score, max_dice_drop)
     return NncfQuantizer(source, ir_weights(source, sources["openvino"]), workdir / sources["onnx"]["path"], images, accuracy)

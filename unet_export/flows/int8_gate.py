@@ -23,7 +23,7 @@ from unet_export.data.images import image_channels, load_image, open_image
 from unet_export.errors import UnetExportError, UserError
 from unet_export.fileio import sha256_file
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
-from unet_export.models import get_spec
+from unet_export.models import get_spec, mask_threshold
 from unet_export.parity.gate import ParityReport, Tolerance, compare
 from unet_export.parity.realimages import IMAGES_PER_BATCH
 from unet_export.runtimes import EagerRunner
@@ -67,6 +67,7 @@ class GateSet:
     n_classes: int
     eager_dice: float | None = None
     paths: list[Path] | None = None  # the image files, recorded with the entry for verify and bench
+    threshold: float = 0.0  # where a one-class output turns into class 1 (models.mask_threshold)
 
     @property
     def images(self) -> int:
@@ -126,7 +127,7 @@ def validation_samples(val: str | Path, ckpt, calib: Images, mask_suffix: str) -
 def gate_set(net, ckpt, calib: Images, samples: list | None) -> GateSet:
     """Batches of same-size real images, eager's logits on them in fp32 and in float64 (the exact
     answer decisions are judged by, as verify.check_parity does) and (with --val) the masks."""
-    n_classes = ckpt.config.get("n_classes", 2)
+    n_classes, threshold = ckpt.config.get("n_classes", 2), mask_threshold(ckpt.config)
     if samples:
         dataset = SegmentationDataset(samples, class_mask_values(ckpt.mask_values, n_classes), calib.pp, calib.channels)
         items, source = [(d["image"], d["mask"]) for d in dataset], f"{len(samples)} held-out --val images"
@@ -142,9 +143,9 @@ def gate_set(net, ckpt, calib: Images, samples: list | None) -> GateSet:
             masks = torch.stack([mask for _, mask in group]) if samples else None
             ref = eager.infer(x).float().cpu()
             if masks is not None:
-                total += mask_dice(ref, masks, n_classes) * len(x)
+                total += mask_dice(ref, masks, n_classes, threshold) * len(x)
             batches.append((x, ref, exact.infer(x).cpu(), masks))
-    gates = GateSet(batches, source, n_classes, paths=list(paths))
+    gates = GateSet(batches, source, n_classes, paths=list(paths), threshold=threshold)
     gates.eager_dice = total / gates.images if samples else None
     return gates
 
@@ -159,9 +160,10 @@ def _same_size_groups(items: list) -> list[list]:
     return groups
 
 
-def mask_dice(logits: torch.Tensor, masks: torch.Tensor, n_classes: int) -> float:
-    """milesial's Dice of the logits' argmax against the masks (centre-cropped to the output)."""
-    pred = logits_to_mask(logits)
+def mask_dice(logits: torch.Tensor, masks: torch.Tensor, n_classes: int, threshold: float = 0.0) -> float:
+    """milesial's Dice of the logits' mask (argmax, or > ``threshold`` for one class) against the
+    masks (centre-cropped to the output)."""
+    pred = logits_to_mask(logits, threshold)
     return dice_score(pred, center_crop(masks, pred.shape[-2:]), n_classes)
 
 
@@ -174,11 +176,11 @@ def judge(entry: dict, workdir: Path, staged: Path, gates: GateSet, tol: Toleran
         with runner:
             for x, ref, ref64, masks in gates.batches:
                 out = runner.infer(x).float().cpu()
-                case = compare(out, ref, tol, exact=ref64)
+                case = compare(out, ref, tol, exact=ref64, threshold=gates.threshold)
                 case.shape = list(x.shape)
                 cases.append(case)
                 if masks is not None:
-                    total += mask_dice(out, masks, gates.n_classes) * len(x)
+                    total += mask_dice(out, masks, gates.n_classes, gates.threshold) * len(x)
     except UnetExportError:
         raise
     except Exception as exc:  # the artefact would not run: a verification failure, as in parity.run.run_parity

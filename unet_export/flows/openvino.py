@@ -15,6 +15,7 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import sha256_file
 from unet_export.flows.export import ExportResult, export_artifact, require_real_images
+from unet_export.models import mask_threshold
 from unet_export.parity.gate import seeded_inputs, tolerance_for
 from unet_export.parity.realimages import gate_images
 from unet_export.parity.run import run_parity
@@ -116,7 +117,8 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         else:
             inputs = seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed)
         entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
-        parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged)
+        parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged,
+                            threshold=mask_threshold(manifest["model"]["config"]))
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
             publish.same_model(current, manifest, workdir)

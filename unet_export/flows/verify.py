@@ -19,6 +19,7 @@ from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
+from unet_export.models import mask_threshold
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
 from unet_export.parity.realimages import (
     IMAGES,
@@ -143,7 +144,8 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
     seeded = [] if reduced else seeded_inputs(shapes, seed)
     labels = ["seeded"] * len(seeded) + ["images"] * len(real_inputs)
     try:
-        verdict.parity = run_parity(entry, workdir, net, dev, seeded + real_inputs, tol)
+        verdict.parity = run_parity(entry, workdir, net, dev, seeded + real_inputs, tol,
+                                    threshold=mask_threshold(model["config"]))
     except IntegrityError as exc:  # replaced while this ran
         verdict.status, verdict.reason = "changed", str(exc)
         return verdict

@@ -18,7 +18,7 @@ from unet_export.data.images import load_image
 from unet_export.errors import UserError, require
 from unet_export.fileio import decode_metadata
 from unet_export.metrics import logits_to_mask
-from unet_export.models import get_spec
+from unet_export.models import get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.runtimes import AotiRunner, EagerRunner, OnnxRuntimeRunner, OpenVinoRunner, Runner, TorchScriptRunner
 from unet_export.runtimes.aoti import export as aoti_export
@@ -56,6 +56,7 @@ class Predictor:
     fixed: tuple[int, int] | None = None  # a static artefact's one input size (H, W)
     fixed_batch: int | None = None  # ... and its one batch size
     label: str = "eager"  # the runtime, as `predict --runtime` and the report name it
+    threshold: float = 0.0  # where a one-class output turns into class 1 (models.mask_threshold)
 
     def max_batch(self, requested: int) -> int:
         return self.fixed_batch or requested
@@ -151,7 +152,8 @@ def make_predictor(record: dict, runner: Runner, label: str, fixed: tuple[int, .
     return Predictor(runner, class_mask_values(record.get("mask_values"), config.get("n_classes", 2)),
                      Preprocess.from_dict(record.get("preprocess")), get_spec(architecture).sizes(config),
                      int(config.get("n_channels", 3)), TILE_HALO.get(architecture),
-                     tuple(fixed[2:]) if fixed else None, fixed[0] if fixed else None, label)  # fmt: skip
+                     tuple(fixed[2:]) if fixed else None, fixed[0] if fixed else None, label,
+                     mask_threshold(config))  # fmt: skip
 
 
 def entry_predictor(manifest: dict, entry: dict, workdir: Path, device) -> Predictor:
@@ -221,11 +223,13 @@ def predict_classes(predictor: Predictor, image_path: Path, max_pixels: int | No
     x = image_to_tensor(img, predictor.preprocess, predictor.n_channels)[None]
     logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed).float().cpu()
     del x
-    return to_classes(logits, img.size, predictor.preprocess), img
+    return to_classes(logits, img.size, predictor.preprocess, predictor.threshold), img
 
 
-def to_classes(logits: torch.Tensor, size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
-    """(1, classes, h, w) logits at the model's scale -> HxW class indices at the image's (width, height)."""
+def to_classes(logits: torch.Tensor, size: tuple[int, int], preprocess: Preprocess,
+               threshold: float = 0.0) -> np.ndarray:  # fmt: skip
+    """(1, classes, h, w) logits at the model's scale -> HxW class indices at the image's (width, height);
+    one class: output > ``threshold`` (models.mask_threshold)."""
     width, height = size
     if preprocess.square:  # undo pad-to-square: back to the square canvas, then crop
         side = max(width, height)
@@ -233,7 +237,7 @@ def to_classes(logits: torch.Tensor, size: tuple[int, int], preprocess: Preproce
     elif logits.shape[-2:] != (height, width):
         logits = F.interpolate(logits, (height, width), mode="bilinear")
     if logits.shape[1] == 1:
-        return logits_to_mask(logits)[0].numpy()
+        return logits_to_mask(logits, threshold)[0].numpy()
     # numpy's argmax over the class axis: logits_to_mask's torch.argmax(dim=1) answers the same
     # (the first maximum, NaN counted as the maximum) but took 167 ms for one 640x960 image
     # here against 16 ms, more than the encode and decode stages together.

@@ -87,6 +87,13 @@ MODELS["smp"] = ModelSpec(smp.build, lambda state_dict: None,
                           configure=smp.configure, weights=smp.weights)  # fmt: skip
 
 
+def mask_threshold(config: dict) -> float:
+    """Where a one-class output turns into class 1: a logit at 0, a sigmoid probability at 0.5,
+    or what the config records. With more classes the mask is the argmax, which a monotonic
+    activation (sigmoid, softmax) does not change, so the threshold only matters for one class."""
+    return float(config.get("threshold", 0.5 if config.get("sigmoid") else 0.0))
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]

@@ -161,14 +161,16 @@ class ParityReport:
                 "error": self.error, "cases": cases}  # fmt: skip
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torch.Tensor | None = None) -> CaseResult:
+def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torch.Tensor | None = None,
+            threshold: float = 0.0) -> CaseResult:  # fmt: skip
     """Statistics of ``out`` against the eager fp32 ``ref`` and, when given, the eager float64
     ``exact`` (all (N, C, H, W) logits), judged by ``tol``.
 
     With ``exact``: the error bound is ``tol.rtol`` x max|ref - exact| (the noise floor) +
     ``tol.rel_atol`` x max(1, max|exact|), applied to max|out - exact|, and decisions are
     compared with exact's. Without it (callers that have no model to run in float64), ``ref``
-    is taken as exact and the bound is FALLBACK_REL_ATOL x max(1, max|ref|)."""
+    is taken as exact and the bound is FALLBACK_REL_ATOL x max(1, max|ref|). ``threshold``: where
+    a one-class output turns into class 1 (models.mask_threshold of the model's config)."""
     case = CaseResult(shape=list(ref.shape))
     if out.shape != ref.shape:
         case.failures.append(f"output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}")
@@ -196,14 +198,14 @@ def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torc
         # Reduced precision has no error bound; a tie is still what a correct FP32 artefact may flip.
         tie_bound = allowed if allowed is not None else FP32.allowed(floor, scale)
     case.atol = allowed
-    out_mask, ref_mask = logits_to_mask(out), logits_to_mask(target)
+    out_mask, ref_mask = logits_to_mask(out, threshold), logits_to_mask(target, threshold)
     differ = out_mask != ref_mask
     case.differing_pixels = int(differ.sum())
     if tie_bound is not None:
         # A pixel whose exact logits are within 2 x the allowed error of a tie may flip under any
         # error the tolerance allows; it says nothing about the artefact, so it is counted apart
         # and held against neither the class-change count nor Dice.
-        ties = differ & (decision_margin(target) <= 2 * tie_bound)
+        ties = differ & (decision_margin(target, threshold) <= 2 * tie_bound)
         case.tie_pixels = int(ties.sum())
         out_mask = torch.where(ties, ref_mask, out_mask)
     case.argmax_disagreement = (case.differing_pixels - case.tie_pixels) / out_mask.numel()
@@ -275,9 +277,10 @@ def exact_runner(reference: Runner) -> Runner | None:
 
 
 def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], tol: Tolerance = FP32, *,
-                 exact: Runner | None = None) -> ParityReport:  # fmt: skip
+                 exact: Runner | None = None, threshold: float = 0.0) -> ParityReport:  # fmt: skip
     """Run the runners on every input and compare; ``runner`` and ``reference`` must already be
-    active. ``exact`` (float64) defaults to the eager reference's model run in float64."""
+    active. ``exact`` (float64) defaults to the eager reference's model run in float64;
+    ``threshold``: the model's one-class decision (see compare)."""
     exact = exact or exact_runner(reference)
     cases = []
     # A float64 runner made here, or handed over inactive, lives for this check only.
@@ -285,7 +288,7 @@ def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], 
         for x in inputs:
             ref = reference.infer(x)
             ref64 = _exact_logits(exact, x) if exact is not None else None
-            case = compare(runner.infer(x), ref, tol, exact=ref64)
+            case = compare(runner.infer(x), ref, tol, exact=ref64, threshold=threshold)
             case.shape = list(x.shape)  # report the input shape, which is what a user chose
             cases.append(case)
     return ParityReport(runner=f"{runner.name} ({runner.describe()})", tolerance=tol.name, cases=cases,

@@ -9,14 +9,16 @@ from unet_export.runtimes import EagerRunner
 from unet_export.workdir.runners import artifact_runner
 
 
-def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None) -> ParityReport:
+def run_parity(entry: dict, workdir: Path, net, device, inputs, tol: Tolerance, path: Path | None = None, *,
+               threshold: float = 0.0) -> ParityReport:  # fmt: skip
     """Parity of one manifest entry (its file at ``path`` if given, e.g. before it is published)
     against the eager model, judged by the eager model in float64 (check_parity runs it on the
-    CPU); a runtime crash is a failed check."""
+    CPU); a runtime crash is a failed check. ``threshold``: models.mask_threshold of the model's
+    config, where its one-class output turns into class 1."""
     runner = artifact_runner(entry, workdir, device, path=path)
     try:
         with EagerRunner(net, device) as reference, runner:
-            return check_parity(runner, reference, inputs, tol)
+            return check_parity(runner, reference, inputs, tol, threshold=threshold)
     except UnetExportError:
         raise
     except Exception as exc:  # the artefact itself would not run: that is a verification failure

@@ -21,6 +21,7 @@ from unet_export.data.dataset import image_to_tensor, mask_to_classes, Preproces
 from unet_export.data.images import load_image
 from unet_export.errors import UnetExportError, UserError
 from unet_export.metrics import decision_margin, dice_score
+from unet_export.models import mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.parity.gate import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
 from unet_export.parity.realimages import HOW, judged_on_images_only, not_judged, real_images_for
@@ -124,7 +125,8 @@ def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, da
         report.overload = over_max_batch(server, primary, found[primary], record)
         on_step(f"load test: {clients} clients x {requests} requests on {primary}")
         report.load = load_test(server, primary, found[primary], record["models"][primary], net, clients=clients,
-                                requests=requests, deadline_s=deadline_s, seed=seed)  # fmt: skip
+                                requests=requests, deadline_s=deadline_s, seed=seed,
+                                threshold=mask_threshold(record["model"]["config"]))  # fmt: skip
     report.server["stopped_s"] = server.stopped_in
     return report
 
@@ -162,12 +164,13 @@ def served_parity(server: TritonServer, name: str, config, record: dict, net, im
     # model's logits sit near ties and INT8 "fails" where it is fine.
     seeded = seeded_inputs(shapes, seed) if artifact["precision"] == "fp32" else []
     inputs = seeded + _real_batch(images, record["model"], artifact, limit)
+    threshold = mask_threshold(record["model"]["config"])
     results = []
     with _Memo(EagerRunner(net, "cpu")) as reference, _Memo(EagerRunner(net, "cpu", "fp64")) as exact:
         for protocol in PROTOCOLS:
             url = server.http_url if protocol == "http" else server.grpc_url
             runner = TritonRunner(url, name, *_model_io(config), protocol=protocol, precision=artifact["precision"])
-            results.append((name, protocol, _parity(runner, reference, exact, inputs, tol)))
+            results.append((name, protocol, _parity(runner, reference, exact, inputs, tol, threshold)))
     return results
 
 
@@ -192,11 +195,11 @@ class _Memo(Runner):
         self.cache = {}
 
 
-def _parity(runner: TritonRunner, reference: Runner, exact: Runner, inputs, tol) -> ParityReport:
+def _parity(runner: TritonRunner, reference: Runner, exact: Runner, inputs, tol, threshold: float) -> ParityReport:
     """check_parity, where a request Triton refuses is a failed check, not a crash."""
     try:
         with runner:
-            return check_parity(runner, reference, inputs, tol, exact=exact)
+            return check_parity(runner, reference, inputs, tol, exact=exact, threshold=threshold)
     except UnetExportError:
         raise
     except Exception as exc:
@@ -261,7 +264,8 @@ def _mask_case(client, protocol: str, name: str, path: Path, model: dict, mask: 
             exact = float64.infer(x)
         # the error the gate allows here (FP32's for reduced precision), as compare() excuses ties
         bound = compare(ref, ref, tol, exact=exact).atol or compare(ref, ref, FP32, exact=exact).atol
-        case.ties = int((differ & (decision_margin(exact)[0].numpy() <= 2 * bound)).sum())
+        margin = decision_margin(exact, mask_threshold(model["config"]))[0].numpy()
+        case.ties = int((differ & (margin <= 2 * bound)).sum())
     expected_classes = torch.from_numpy(mask_to_classes(mask, values, path))[None]
     n_classes = model["config"].get("n_classes", 2)
     case.dice = dice_score(torch.from_numpy(served_classes)[None], expected_classes, n_classes)

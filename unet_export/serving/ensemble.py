@@ -4,6 +4,7 @@ training preprocessing, size rule and mask_values of the workdir's manifest."""
 
 from unet_export.checkpoint import class_mask_values
 from unet_export.errors import UserError
+from unet_export.models import mask_threshold
 from unet_export.serving import configs
 from unet_export.serving.configs import ENSEMBLE, PYTHON, VERSION
 from unet_export.serving.plan import MODEL_SOURCE, ModelPlan
@@ -30,7 +31,8 @@ def pipeline_plans(plans: list[ModelPlan], manifest: dict, name: str, instances:
     pre = _python_step(f"{name}_preprocess", batch, instances, [image], [model_in | {"name": "INPUT"}, size],
                        shared | {"role": "preprocess"})  # fmt: skip
     post = _python_step(f"{name}_postprocess", batch, instances, [model_out | {"name": "LOGITS"}, size], [mask],
-                        shared | {"role": "postprocess", "mask_values": values})  # fmt: skip
+                        shared | {"role": "postprocess", "mask_values": values,
+                                  "threshold": mask_threshold(record["config"])})  # fmt: skip
     ensemble = configs.new_config(f"{name}_pipeline", ENSEMBLE, batch, [image], [mask])
     configs.add_step(ensemble, pre.name, {"IMAGE": "IMAGE"}, {"INPUT": "input", "SIZE": "size"})
     configs.add_step(ensemble, model.name, {model_in["name"]: "input"}, {model_out["name"]: "logits"})

@@ -46,7 +46,7 @@ class LoadReport:
 
 
 def load_test(server, name: str, config, model_record: dict, net, *, clients: int = 8, requests: int = 50,
-              deadline_s: float = 180.0, seed: int = 0) -> LoadReport:  # fmt: skip
+              deadline_s: float = 180.0, seed: int = 0, threshold: float = 0.0) -> LoadReport:  # fmt: skip
     artifact = model_record["artifact"]
     shape = [1, *artifact["parity_shapes"][0][1:]]
     report = LoadReport(name, clients, requests, shape)
@@ -62,7 +62,7 @@ def load_test(server, name: str, config, model_record: dict, net, *, clients: in
         results = list(pool.map(lambda k: _client(k, urls, name, io, inputs, requests, deadline), range(clients)))
     report.seconds = time.perf_counter() - began
     report.batches = _formed(server, name, report, before, sum(len(lat) for lat, _, _ in results))
-    _judge(report, results, refs, tolerance_from_record(artifact.get("limits"), artifact["precision"]))
+    _judge(report, results, refs, tolerance_from_record(artifact.get("limits"), artifact["precision"]), threshold)
     return report
 
 
@@ -114,7 +114,7 @@ def _batch_counts(server, name: str, report: LoadReport) -> dict[int, int]:
         return {}
 
 
-def _judge(report: LoadReport, results, refs, tol) -> None:
+def _judge(report: LoadReport, results, refs, tol, threshold: float) -> None:
     latencies = [ms for lat, _, _ in results for ms in lat]
     report.answered = len(latencies)
     report.errors += [e for _, _, errors in results for e in errors]
@@ -123,7 +123,7 @@ def _judge(report: LoadReport, results, refs, tol) -> None:
         for j, out in outputs:
             key = (j, hashlib.sha256(out.numpy().tobytes()).hexdigest())
             if key not in verdicts:
-                verdicts[key] = compare(out, refs[j][0], tol, exact=refs[j][1]).passed
+                verdicts[key] = compare(out, refs[j][0], tol, exact=refs[j][1], threshold=threshold).passed
             report.mismatched += not verdicts[key]
     report.distinct_answers = len(verdicts)
     if latencies:

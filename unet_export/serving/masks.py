@@ -9,6 +9,7 @@ import torch
 from unet_export.checkpoint import class_mask_values
 from unet_export.data.dataset import Preprocess
 from unet_export.inference.predictor import Predictor, mask_to_image_array, predict_classes
+from unet_export.models import mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.runtimes import EagerRunner
 
@@ -34,7 +35,7 @@ def expected_mask(net, model: dict, size_rule: dict, path: Path) -> tuple[np.nda
     runner = _RecordingEager(net, "cpu")
     # halo None: whole images, as the pipeline runs them (predict tiles only images over 1024 px)
     predictor = Predictor(runner, values, Preprocess.from_dict(model.get("preprocess")), rule,
-                          int(config.get("n_channels", 3)))  # fmt: skip
+                          int(config.get("n_channels", 3)), threshold=mask_threshold(config))  # fmt: skip
     with runner:
         classes, _ = predict_classes(predictor, path)
     if runner.last is None or tuple(runner.last.shape[-2:]) != classes.shape:

@@ -12,7 +12,8 @@ workdir's manifest:
   (unet_export.data.dataset: bicubic resize or pad-to-square, /255 when any value is above 1), then
   mirror-padded to a size the model takes (unet_export.predict.fit_and_run), plus each image's sizes.
 - postprocess: logits -> cropped back, resized to the image (bilinear, as predict does), argmax
-  (logit > 0 for one class), milesial's mask_values.
+  (output > the setting "threshold" for one class: 0 for a logit, 0.5 for a sigmoid output; 0
+  in repositories written before it was recorded), milesial's mask_values.
 
 Tensors cross the stub by DLPack. With numpy 2, the 2.51 stub's ``as_numpy()`` returned the first
 element repeated and ``Tensor(name, ndarray)`` built tensors Triton rejected ("output tensor shape
@@ -307,7 +308,9 @@ def classes_of(logits: np.ndarray, size: np.ndarray, settings: dict) -> np.ndarr
         logits = resize_bilinear(logits, side, side)[:, :image_h, :image_w]
     elif logits.shape[-2:] != (image_h, image_w):
         logits = resize_bilinear(logits, image_h, image_w)
-    return (logits[0] > 0).astype(np.int64) if logits.shape[0] == 1 else logits.argmax(0)
+    if logits.shape[0] == 1:  # one class: the threshold unet_export.models.mask_threshold gives
+        return (logits[0] > settings.get("threshold", 0.0)).astype(np.int64)
+    return logits.argmax(0)
 
 
 def resize_bilinear(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

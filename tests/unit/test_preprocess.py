@@ -139,3 +139,18 @@ def test_the_real_image_gate_replicates_grey_before_mean_std(tmp_path):
         image_batches([tmp_path / "rgb.png"], 1, Preprocess(mean=[0.5], std=[0.2]))
     assert str(err.value) == f"{tmp_path / 'rgb.png'} has 3 channel(s); the model takes 1"
 
+
+def test_inspect_shows_an_encoders_normalisation_and_nothing_new_for_an_old_record(tmp_path):
+    from unet_export.cli.render_system import report_lines
+    from unet_export.flows.inspect import ArtifactInfo
+
+    def pixels(preprocess):
+        model = {"architecture": "smp", "config": {}, "preprocess": preprocess}
+        lines = report_lines(ArtifactInfo(tmp_path / "m.onnx", "onnx", 1, "0" * 64, model=model))
+        return [line for line in lines if line.startswith("pixels")]
+
+    assert pixels(RECORD) == ["pixels   /255 when above 1, then (x - mean) / std, mean [0.485, 0.456, 0.406], std "
+                              "[0.229, 0.224, 0.225] (smp's smp-hub/resnet34.imagenet config)"]  # fmt: skip
+    assert pixels({"scale": 1.0, "square": None, "bgr": True}) == [
+        "pixels   /255 when above 1, then channels reversed (BGR)"]  # fmt: skip
+    assert pixels({"scale": 1.0, "square": None}) == [] and pixels(None) == []

@@ -501,7 +501,9 @@ def test_reader_threads_preprocess_as_image_to_tensor(tmp_path, mode):
     else:
         Image.open(VAL_IMAGES[0]).convert(mode).save(tmp_path / "im.png")
     img = load_image(tmp_path / "im.png", 3)
-    for preprocess in (Preprocess(), Preprocess(scale=0.5), Preprocess(square=64)):
+    imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # an smp encoder's (issue 27)
+    for preprocess in (Preprocess(), Preprocess(scale=0.5), Preprocess(square=64), Preprocess(**imagenet),
+                       Preprocess(scale=0.5, **imagenet, bgr=True), Preprocess(square=64, bgr=True)):  # fmt: skip
         assert np.array_equal(image_array(img, preprocess, 3), image_to_tensor(img, preprocess, 3).numpy())
 
 

@@ -336,6 +336,48 @@ def test_pipeline_postprocess_records_a_sigmoid_models_threshold():
     assert json.loads(post.config.parameters["unet_export"].string_value)["threshold"] == 0.5
 
 
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+@pytest.mark.parametrize("pp", [
+    {"scale": 1.0, "square": None}, {"scale": 0.5, "square": None}, {"scale": 1.0, "square": 96},
+    {"scale": 1.0, "square": None, **IMAGENET, "bgr": False, "source": "smp's smp-hub/resnet34.imagenet config"},
+    {"scale": 0.5, "square": None, **IMAGENET, "bgr": True}, {"scale": 1.0, "square": 96, **IMAGENET, "bgr": False},
+    {"scale": 1.0, "square": None, "mean": None, "std": None, "bgr": True},
+])  # fmt: skip
+def test_the_served_preprocessing_is_image_to_tensor_to_the_bit(pp):
+    """triton_model cannot import unet_export: its copy of the resize, /255, BGR flip and mean/std
+    must give exactly the values predict feeds the model."""
+    image = np.random.default_rng(1).integers(0, 256, (75, 130, 3), dtype=np.uint8)
+    expected = image_to_tensor(Image.fromarray(image), Preprocess.from_dict(pp)).numpy()
+    assert np.array_equal(triton_model.prepare_image(image, pp), expected)
+
+
+def test_the_served_preprocessing_of_a_grey_model_is_image_to_tensor_to_the_bit():
+    grey = np.random.default_rng(2).integers(0, 256, (40, 30), dtype=np.uint8)
+    pp = {"scale": 1.0, "square": None, "mean": [0.45], "std": [0.226], "bgr": False}
+    expected = image_to_tensor(Image.fromarray(grey, mode="L"), Preprocess.from_dict(pp), 1).numpy()
+    assert np.array_equal(triton_model.prepare_image(grey[..., None], pp), expected)
+    with pytest.raises(ValueError, match="have 3 values but the image has 1 channel"):  # an error response
+        triton_model.prepare_image(grey[..., None], {"scale": 1.0, **IMAGENET})
+
+
+def test_the_pipeline_carries_the_models_mean_std_and_refuses_ones_that_do_not_fit(workdir, tmp_path):
+    record = {"scale": 1.0, "square": None, **IMAGENET, "bgr": True, "source": "where it came from"}
+    with transaction(workdir) as manifest:
+        manifest["model"]["preprocess"] = record
+    write_repository(workdir, tmp_path / "repo", with_pipeline=True, python_runtime="onnxruntime", max_batch=2)
+    found = check_repository(tmp_path / "repo")
+    for step in ("demo_unet_preprocess", "demo_unet_postprocess"):
+        settings = json.loads(found[step].parameters["unet_export"].string_value)
+        assert settings["preprocess"] == {k: v for k, v in record.items() if k != "source"}
+    with transaction(workdir) as manifest:
+        manifest["model"]["preprocess"] = {"scale": 1.0, "square": None, "mean": [0.5], "std": [0.2]}
+    with pytest.raises(UserError, match=r"^the manifest's preprocess mean/std have 1 values but the model takes 3 "):
+        write_repository(workdir, tmp_path / "repo2", with_pipeline=True, python_runtime="onnxruntime", max_batch=2)
+    assert not (tmp_path / "repo2").exists()
+
+
 @pytest.mark.parametrize("size, out", [((7, 9), (16, 5)), ((128, 128), (75, 130)), ((33, 20), (33, 20))])
 def test_numpy_bilinear_is_torch_interpolate(size, out):
     x = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))

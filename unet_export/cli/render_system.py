@@ -61,6 +61,9 @@ def _model_lines(info: ArtifactInfo) -> list[str]:
         size = model.get("export_size")
         at = f", exported at {size[0]}x{size[1]}" if isinstance(size, list) and len(size) == 2 else ""
         lines.append(f"model    {model['architecture']} {config}{at}")
+    pixels = _pixels(model.get("preprocess"))
+    if pixels:
+        lines.append(f"pixels   {pixels}")
     rule = info.size_rule
     if rule:
         if rule.get("static"):
@@ -71,6 +74,17 @@ def _model_lines(info: ArtifactInfo) -> list[str]:
             shrink = f"; output {rule['shrink']} smaller" if rule.get("shrink") else ""
             lines.append(f"sizes    H and W: {form}, at least {rule['min']}{shrink}")
     return lines
+
+
+def _pixels(pp) -> str | None:
+    """The encoder normalisation a record adds to milesial's /255 (smp models), else None: an old
+    record's lines stay as they were."""
+    if not isinstance(pp, dict) or (pp.get("mean") is None and not pp.get("bgr")):
+        return None
+    steps = ["/255 when above 1"] + (["channels reversed (BGR)"] if pp.get("bgr") else [])
+    if pp.get("mean") is not None:
+        steps.append(f"(x - mean) / std, mean {json.dumps(pp['mean'])}, std {json.dumps(pp.get('std'))}")
+    return ", then ".join(steps) + (f" ({pp['source']})" if pp.get("source") else "")
 
 
 def _verdict(info: ArtifactInfo) -> str:

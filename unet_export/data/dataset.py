@@ -7,7 +7,8 @@ VOC ``JPEGImages/NAME.jpg`` + ``SegmentationClass/NAME.png``. Classes come from 
 """
 
 import hashlib
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +25,60 @@ LAYOUTS = {"milesial": ("imgs", "masks"), "voc": ("JPEGImages", "SegmentationCla
 @dataclass(frozen=True)
 class Preprocess:
     """milesial: resize by ``scale`` (bicubic images, nearest masks). seed 003 (``square``): paste at
-    (0, 0) on a black square canvas of the longest side, then resize to square x square."""
+    (0, 0) on a black square canvas of the longest side, then resize to square x square. Then /255
+    when any value is above 1 and, for encoders trained so (smp's ``preprocess_input``), the
+    channels reversed (``bgr``) and (x - mean) / std per channel on that 0..1 scale."""
 
     scale: float = 1.0
     square: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    bgr: bool = False
+
+    def __post_init__(self):
+        for name in ("mean", "std"):  # lists from JSON become tuples: the dataclass stays hashable
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _per_channel(name, getattr(self, name)))
+        if (self.mean is None) != (self.std is None) or (self.mean and len(self.mean) != len(self.std)):
+            raise UserError(f"preprocess mean {_plain(self.mean)} and std {_plain(self.std)} must both be given, "
+                            "one value per channel each")  # fmt: skip
+        if self.std and min(self.std) <= 0:
+            raise UserError(f"preprocess std {_plain(self.std)} must be above 0 in every channel")
+        if not isinstance(self.bgr, bool):
+            raise UserError(f"preprocess bgr {self.bgr!r} must be true or false")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready; a record without mean/std/bgr keeps the two keys it always had."""
+        data = {"scale": self.scale, "square": self.square}
+        if self.mean is not None or self.bgr:
+            data |= {"mean": _plain(self.mean), "std": _plain(self.std), "bgr": self.bgr}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Preprocess":
-        return cls(**(data or {}))
+        """The record as the manifest or a sidecar holds it; "source" (where mean/std came from) is
+        for people only."""
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"preprocess record {data!r} is not an object of scale, square, mean, std, bgr")
+        data = {k: v for k, v in (data or {}).items() if k != "source"}
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"preprocess record has unknown key(s) {', '.join(unknown)}: expected scale, square, "
+                            "mean, std, bgr (and source)")  # fmt: skip
+        return cls(**data)
+
+    def normalise(self, chw: np.ndarray) -> np.ndarray:
+        """A CHW float32 array on the 0..1 scale -> channels reversed if ``bgr``, then (x - mean) / std:
+        a new contiguous array (``chw`` may be a read-only view). Old records: the values unchanged."""
+        if self.bgr:
+            chw = chw[::-1]
+        if self.mean is not None:
+            if len(self.mean) != chw.shape[0]:
+                raise UserError(f"preprocess mean/std have {len(self.mean)} values but the image has "
+                                f"{chw.shape[0]} channel(s): one per channel of the model's input")  # fmt: skip
+            mean, std = (np.asarray(v, dtype=np.float32).reshape(-1, 1, 1) for v in (self.mean, self.std))
+            chw = (chw - mean) / std
+        return np.ascontiguousarray(chw, dtype=np.float32)
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         if self.square:
@@ -54,6 +98,18 @@ class Preprocess:
             img = canvas
         size = self.size(*img.size)
         return img if size == img.size else img.resize(size, resample)
+
+
+def _per_channel(name: str, values) -> tuple[float, ...]:
+    if not isinstance(values, (list, tuple)) or not values or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise UserError(f"preprocess {name} {values!r} must be a list of numbers, one per channel")
+    return tuple(float(v) for v in values)
+
+
+def _plain(values: tuple | None) -> list | None:
+    return None if values is None else list(values)
 
 
 @dataclass(frozen=True)
@@ -210,16 +266,23 @@ def data_hash(samples: list[Sample]) -> str:
     return digest.hexdigest()
 
 
-def image_to_tensor(img: Image.Image, pp: Preprocess, n_channels: int | None = None) -> torch.Tensor:
-    """CHW float32; divided by 255 when any value is above 1 (milesial), no mean/std. A grey
-    image is replicated to 3 channels when ``n_channels`` is 3."""
+def image_array(img: Image.Image, pp: Preprocess, n_channels: int | None = None) -> np.ndarray:
+    """CHW float32, contiguous, in numpy only (predict's reader threads call it: a torch op there
+    would wake torch's OpenMP pool and fight the runtime's threads for the cores). Resized, divided
+    by 255 when any value is above 1 (milesial), a grey image replicated to 3 channels when
+    ``n_channels`` is 3 (before mean/std, which are per channel), then ``pp.normalise``."""
     arr = np.array(pp.resize(img, Image.BICUBIC), dtype=np.float32)  # a copy we may scale in place
     if arr.size and arr.max() > 1:
         arr /= 255.0
-    tensor = torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    if n_channels == 3 and tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    return tensor
+    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if n_channels == 3 and chw.shape[0] == 1:
+        chw = np.broadcast_to(chw, (3, *chw.shape[1:]))
+    return pp.normalise(chw)
+
+
+def image_to_tensor(img: Image.Image, pp: Preprocess, n_channels: int | None = None) -> torch.Tensor:
+    """image_array as a tensor: the model's input for one image."""
+    return torch.from_numpy(image_array(img, pp, n_channels))
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

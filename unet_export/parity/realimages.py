@@ -112,16 +112,15 @@ def real_images_for(manifest: dict, entry: dict | None, data: str | Path | None,
 
 
 def image_batches(paths: list[Path], channels: int, pp: Preprocess) -> list[torch.Tensor]:
-    """The images preprocessed as the model was trained (scale or pad-to-square, /255), in
+    """The images preprocessed as the model was trained (scale or pad-to-square, /255, mean/std), in
     batches of IMAGES_PER_BATCH at the first image's size."""
     tensors = []
     for path in paths:
-        tensor = image_to_tensor(load_image(path), pp)
-        if tensor.shape[0] == 1 and channels == 3:
-            tensor = tensor.expand(3, -1, -1)  # grey image, colour model: as training reads it
-        if tensor.shape[0] != channels:
-            raise UserError(f"{path} has {tensor.shape[0]} channel(s); the model takes {channels}")
-        tensors.append(tensor)
+        img = load_image(path)  # RGB, or L/F grey
+        found = 3 if img.mode == "RGB" else 1
+        if found != channels and not (found == 1 and channels == 3):  # grey goes to a colour model replicated
+            raise UserError(f"{path} has {found} channel(s); the model takes {channels}")
+        tensors.append(image_to_tensor(img, pp, channels))  # replicated before mean/std, as training reads it
     if not tensors:
         return []
     size = tensors[0].shape[-2:]

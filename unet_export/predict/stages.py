@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unet_export.data.dataset import Preprocess
+from unet_export.data.dataset import Preprocess, image_array  # image_array: image_to_tensor in numpy
 from unet_export.data.images import load_image
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
@@ -63,18 +63,6 @@ def load(job: Job, stages: Stages, out: Path, resume: bool = False) -> Loaded | 
     except OSError as exc:  # unreadable file (permissions, I/O error) after the header was read
         return Outcome(job, reason=f"cannot read image {job.src}: {exc.strerror or exc}")
     return Loaded(job, x, img.size, img if stages.overlay else None)
-
-
-def image_array(img: Image.Image, preprocess: Preprocess, n_channels: int) -> np.ndarray:
-    """image_to_tensor's CHW float32, the same values, in numpy only: a torch op here would wake
-    torch's OpenMP pool in a reader thread and fight the runtime's threads for the cores."""
-    arr = np.array(preprocess.resize(img, Image.BICUBIC), dtype=np.float32)
-    if arr.size and arr.max() > 1:
-        arr /= 255.0
-    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    if n_channels == 3 and chw.shape[0] == 1:
-        chw = np.broadcast_to(chw, (3, *chw.shape[1:]))
-    return np.ascontiguousarray(chw)
 
 
 def is_complete(job: Job, out: Path, overlay: bool) -> bool:

@@ -3,6 +3,7 @@ preprocess -> model -> postprocess, the two Python steps running triton_model.py
 training preprocessing, size rule and mask_values of the workdir's manifest."""
 
 from unet_export.checkpoint import class_mask_values
+from unet_export.data.dataset import Preprocess
 from unet_export.errors import UserError
 from unet_export.models import mask_threshold
 from unet_export.serving import configs
@@ -23,7 +24,7 @@ def pipeline_plans(plans: list[ModelPlan], manifest: dict, name: str, instances:
     rgb = isinstance(values[0], list)
     mask_type = "UINT8" if max(map(max, values) if rgb else values) <= 255 else "UINT16"
     batch = model.config.max_batch_size
-    shared = {"preprocess": record.get("preprocess") or {"scale": 1.0, "square": None}, "size_rule": rule}
+    shared = {"preprocess": _preprocess(record, n_channels), "size_rule": rule}
     image = {"name": "IMAGE", "dtype": "UINT8", "dims": [-1, -1, n_channels]}
     size = {"name": "SIZE", "dtype": "INT32", "dims": [4]}
     mask = {"name": "MASK", "dtype": mask_type, "dims": [-1, -1, 3] if rgb else [-1, -1]}
@@ -40,6 +41,16 @@ def pipeline_plans(plans: list[ModelPlan], manifest: dict, name: str, instances:
     steps = f"{pre.name} -> {model.name} -> {post.name}"
     return [pre, post, ModelPlan(ensemble.name, "ensemble", ensemble, {f"{VERSION}/.keep": ""}, {"kind": "ensemble"},
                                  [f"uint8 image -> {mask_type.lower()} mask: {steps}"])]  # fmt: skip
+
+
+def _preprocess(record: dict, n_channels: int) -> dict:
+    """The model's preprocessing, checked now (a bad record fails the build, not every request) and
+    written as Preprocess.to_dict (an old record keeps its two keys; "source" is not the server's)."""
+    pp = Preprocess.from_dict(record.get("preprocess"))
+    if pp.mean is not None and len(pp.mean) != n_channels:
+        raise UserError(f"the manifest's preprocess mean/std have {len(pp.mean)} values but the model takes "
+                        f"{n_channels} channel(s)")  # fmt: skip
+    return pp.to_dict()
 
 
 def _python_step(name: str, batch: int, instances: int, inputs, outputs, settings: dict) -> ModelPlan:

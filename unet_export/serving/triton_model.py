@@ -9,8 +9,9 @@ workdir's manifest:
 - model: float32 NCHW batch -> logits, running the verified ONNX/OpenVINO artefact in this folder;
   requests of one shape that dynamic batching delivered together run as one batch.
 - preprocess: uint8 (N, H, W, C) images -> the model's input exactly as training prepared it
-  (unet_export.data.dataset: bicubic resize or pad-to-square, /255 when any value is above 1), then
-  mirror-padded to a size the model takes (unet_export.predict.fit_and_run), plus each image's sizes.
+  (unet_export.data.dataset: bicubic resize or pad-to-square, /255 when any value is above 1, the
+  channels reversed if "bgr", (x - mean) / std if "mean"), then mirror-padded to a size the model
+  takes (unet_export.predict.fit_and_run), plus each image's sizes.
 - postprocess: logits -> cropped back, resized to the image (bilinear, as predict does), argmax
   (output > the setting "threshold" for one class: 0 for a logit, 0.5 for a sigmoid output; 0
   in repositories written before it was recorded), milesial's mask_values.
@@ -205,7 +206,20 @@ def prepare_image(image: np.ndarray, preprocess: dict) -> np.ndarray:
     arr = image.astype(np.float32)
     if arr.size and arr.max() > 1:  # milesial divides only images holding values above 1
         arr /= 255.0
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(normalise(arr, preprocess).transpose(2, 0, 1))
+
+
+def normalise(hwc: np.ndarray, preprocess: dict) -> np.ndarray:
+    """Preprocess.normalise on HxWxC: channels reversed if "bgr", then (x - mean) / std in float32."""
+    if preprocess.get("bgr"):
+        hwc = hwc[..., ::-1]
+    if preprocess.get("mean") is not None:
+        mean, std = (np.asarray(preprocess[k], dtype=np.float32) for k in ("mean", "std"))
+        if mean.shape != (hwc.shape[-1],):
+            raise ValueError(f"preprocess mean/std have {mean.size} values but the image has {hwc.shape[-1]} "
+                             "channel(s)")
+        hwc = (hwc - mean) / std
+    return hwc
 
 
 def resize_image(image: np.ndarray, square: int | None, scale: float) -> np.ndarray:

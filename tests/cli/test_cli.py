@@ -1,6 +1,7 @@
 """The CLI contract: exit 0 verified, 1 parity failed, 2 bad input; one line, no traceback,
 nothing left in the workdir after a bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -231,11 +232,16 @@ def test_an_artefact_that_cannot_be_exported_exits_1_and_publishes_nothing(make_
     def cannot_script(*_, **__):
         raise RuntimeError("Python builtin <built-in function id> is currently not supported in Torchscript")
 
+    def cannot_trace(*_, **__):  # the fallback when scripting fails
+        raise RuntimeError("Only tensors, lists, tuples of tensors, or dictionary of tensors can be output")
+
     monkeypatch.setattr(torch.jit, "script", cannot_script)
+    monkeypatch.setattr(torch.jit, "trace", cannot_trace)
     weights = make_checkpoint("v3")
     with pytest.raises(ArtifactError, match="torch.jit.script failed: RuntimeError") as info:
         export_artifact(weights, "torchscript", tmp_path / "lib", device="cpu", height=32, width=32, static=True)
     assert info.value.exit_code == 1
+    assert "; torch.jit.trace at 1x3x32x32 failed too: RuntimeError: Only tensors" in str(info.value)
     out = tmp_path / "exports"
     args = ["torchscript", str(weights), "-w", str(out), "--height", "32", "--width", "32", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
@@ -245,6 +251,27 @@ def test_an_artefact_that_cannot_be_exported_exits_1_and_publishes_nothing(make_
     assert "Traceback" not in result.output
     assert not list(out.glob("*.ts")) and not list(out.glob(".*tmp*"))  # nothing published, no temp left
     assert not out.exists() or load_manifest(out)["artifacts"] == []
+
+
+def test_a_traced_torchscript_export_says_it_takes_only_its_shape(make_checkpoint, tmp_path, monkeypatch):
+    """Scripting failed, the trace worked: one line says so and what the model now takes; --json
+    carries the same reason."""
+
+    def cannot_script(*_, **__):
+        raise RuntimeError("Unable to extract string literal index. ModuleDict indexing is only supported\n  File")
+
+    monkeypatch.setattr(torch.jit, "script", cannot_script)
+    out, doc = tmp_path / "exports", tmp_path / "r.json"
+    args = ["torchscript", str(make_checkpoint("v3")), "-w", str(out), "--height", "32", "--width", "48",
+            "--device", "cpu", "--json", str(doc)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    reason = "RuntimeError: Unable to extract string literal index. ModuleDict indexing is only supported"
+    line = f"torch.jit.script failed ({reason}): traced at 1x3x32x48, the TorchScript model takes only that shape"
+    assert line in result.stdout.splitlines()
+    assert "torchscript fp32" in result.stdout and ", static)" in result.stdout
+    [artifact] = json.loads(doc.read_text())["artifacts"]
+    assert artifact["traced"] == reason and [c["shape"] for c in artifact["parity"]["cases"]] == [[1, 3, 32, 48]]
 
 
 def test_debug_shows_the_traceback_and_an_internal_error_still_exits_3(make_checkpoint, tmp_path):

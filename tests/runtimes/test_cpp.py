@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,6 +29,12 @@ def workdir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cpp_build(tmp_path_factory):
+    """One build folder for the module's C++ runs: the example is compiled once, later runs reuse it."""
+    return tmp_path_factory.mktemp("cpp-build")
+
+
 def test_aoti_package_is_verified_with_its_limits(workdir, tmp_path):
     entry = {a["format"]: a for a in load_manifest(workdir)["artifacts"]}["aoti"]
     assert entry["path"] == "demo_unet.pt2" and entry["device"] == "cpu" and entry["status"] == "verified"
@@ -44,16 +51,33 @@ def test_aoti_package_is_verified_with_its_limits(workdir, tmp_path):
 @pytest.mark.cpp
 @pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
                     reason="cmake or a C++ compiler is absent")  # fmt: skip
-def test_cpp_example_matches_python(workdir, tmp_path):
-    rows = cpp_check(workdir, tmp_path / "build", device="cpu")
+def test_cpp_example_matches_python(workdir, cpp_build):
+    rows = cpp_check(workdir, cpp_build, device="cpu")
     assert sorted(r["format"] for r in rows) == ["aoti", "torchscript"]
     for row in rows:
         case = row["case"]
         assert row["status"] == "ok", case.failures
         assert case.max_abs_err <= case.atol and case.differing_pixels == 0
         assert row["mean_ms"] > 0 and row["min_ms"] <= row["mean_ms"]
-    pgm = (tmp_path / "build" / "runs" / "demo_unet.pt2.mask.pgm").read_bytes()
+    pgm = (cpp_build / "runs" / "demo_unet.pt2.mask.pgm").read_bytes()
     assert pgm.startswith(b"P5\n128 128\n255\n") and len(pgm) == len(b"P5\n128 128\n255\n") + 128 * 128
+
+
+@pytest.mark.cpp
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
+                    reason="cmake or a C++ compiler is absent")  # fmt: skip
+def test_cpp_runs_a_traced_torchscript_model_at_its_one_shape(cpp_build, tmp_path, monkeypatch):
+    """TorchScript that had to be traced is static: C++ feeds it its 1xCxHxW, not the batch of 2."""
+
+    def cannot_script(*_, **__):
+        raise RuntimeError("scripting refused")
+
+    monkeypatch.setattr(torch.jit, "script", cannot_script)
+    out = tmp_path / "exports"
+    assert export_artifact(DEMO_WEIGHTS, "torchscript", out, device="cpu", height=64, width=96).entry["traced"]
+    (row,) = cpp_check(out, cpp_build, device="cpu")
+    assert row["status"] == "ok", row["case"].failures
+    assert row["case"].shape[0] == 1 and row["case"].shape[2:] == [64, 96]
 
 
 def test_predict_from_a_package_prints_no_toolchain_noise(workdir, tmp_path):

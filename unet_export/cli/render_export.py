@@ -23,6 +23,10 @@ def export_report(result: ExportResult, workdir) -> None:
     opset = f", opset {entry['opset']}" if "opset" in entry else ""
     label = f"{entry['format']} {entry['precision']}"
     console.print(f"[bold]{label}[/] {result.path} ({_mb(entry['bytes'])}{opset}, {shape})")
+    if entry.get("traced"):  # TorchScript that could not be scripted: the trace fixed its shape
+        fixed = dims(entry["inputs"][0]["shape"])
+        console.print(f"torch.jit.script failed ({entry['traced']}): traced at {fixed}, "
+                      "the TorchScript model takes only that shape", markup=False)  # fmt: skip
     if entry.get("fp32_nodes"):
         nodes = entry["fp32_nodes"]
         console.print(f"kept in FP32: {counted(len(nodes), 'node')} ({', '.join(nodes[:6])})")

@@ -124,20 +124,28 @@ def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp
     net = build_model(manifest_checkpoint(manifest))
     binary = build_example(Path(build_dir))
     height, width = entries[0]["export_size"]
-    (batch,) = seeded_inputs([(2, int(entries[0]["inputs"][0]["shape"][1]), height, width)], seed)
+    common = (2, int(entries[0]["inputs"][0]["shape"][1]), height, width)
+    shapes = {_run_shape(entry, common) for entry in entries}
     with EagerRunner(net, dev) as eager:
-        reference = eager.infer(batch).cpu()
+        cases = {shape: (batch, eager.infer(batch).cpu()) for shape in shapes for batch in seeded_inputs([shape], seed)}
     rows = []
     for entry in entries:
         row = {"format": entry["format"], "path": entry["path"]}
         if entry["format"] == "aoti" and entry.get("device", "cpu") != dev.type:
             rows.append(row | {"status": "unavailable", "reason": f"compiled for {entry.get('device')}"})
             continue
+        batch, reference = cases[_run_shape(entry, common)]
         result = run_example(binary, checked_path(workdir, entry), batch, Path(build_dir) / "runs", dev.type)
         case = compare(result["logits"], reference, FP32, threshold=mask_threshold(manifest["model"]["config"]))
         rows.append(row | {"status": "ok" if case.passed else "parity_failed", "case": case,
                            "mean_ms": result["mean_ms"], "min_ms": result["min_ms"]})  # fmt: skip
     return rows
+
+
+def _run_shape(entry: dict, common: tuple) -> tuple:
+    """The batch an artefact runs from C++: the common one, except that a static artefact (--static,
+    or TorchScript that had to be traced) takes only its own 1xCxHxW."""
+    return tuple(entry["inputs"][0]["shape"]) if entry.get("size_rule", {}).get("static") else common
 
 
 # Guards that stop a too-old -std with #error, newest first: torch >= 2.14's ATen.h demands C++20,

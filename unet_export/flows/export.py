@@ -104,6 +104,9 @@ def export_artifact(
         )  # fmt: skip
         if check_staged is not None:
             check_staged(staged)
+        # A writer that could only trace (TorchScript) returns a fixed-shape artefact: recorded
+        # and gated as --static, which verify, predict and unet-bench read from size_rule.
+        static = bool(io.pop("static", False)) or static
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
         inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)

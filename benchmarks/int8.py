@@ -3,6 +3,7 @@
     python benchmarks/int8.py                  # both parts
     python benchmarks/int8.py --part demo      # the trained demo model only (a few minutes)
     python benchmarks/int8.py --part full --sizes 256x256   # the full-size U-Net at one size
+    python benchmarks/int8.py --part smp       # a segmentation_models_pytorch Unet/resnet34, 256x256
 
 full: the full-size milesial U-Net (31.0M parameters, the demo's seeded random weights) exported
   to ONNX, OpenVINO IR and INT8 (both engines) with 100 `data synth` calibration images, each
@@ -11,6 +12,10 @@ full: the full-size milesial U-Net (31.0M parameters, the demo's seeded random w
   batch 8, on other synth images. Random weights: the INT8 verdicts are reported, not claimed.
 demo: the shipped trained model at its training size (128x128), calibrated on the last 12 images
   of its validation set, gated and benchmarked on the first 12 (held out); here the verdicts count.
+smp: smp.Unet('resnet34', encoder_weights=None, classes=2) trained here for a few minutes on
+  `data synth` images (128x128, ImageNet mean/std, as the tool records for it), saved with
+  save_pretrained; then what a user of smp runs, with no model flags (onnx DIR, openvino DIR,
+  int8 DIR --calib at 256x256), and `unet-bench` batch 8 at 256x256 on held-out synth images.
 
 Speed targets are ratios within one run (robust-ish to a busy machine): best INT8 row / the
 OpenVINO bf16 row (>= 1.6x full size, >= 1.3x demo with a passing INT8 row). The machine's load
@@ -178,11 +183,67 @@ def demo_part(args) -> dict:
     return {"exports": steps, "int8": int8_verdicts(out), "bench": [bench(out, 128, 128, held_out, args)]}
 
 
+SMP_STEPS, SMP_BATCH = 100, 8
+
+
+def train_smp(data: Path, dest: Path, steps: int, seed: int = 0) -> dict:
+    """A few minutes of Adam on synth images, preprocessed as unet-export records an smp model's
+    (x/255, ImageNet mean/std): a trained model, so the INT8 and FP16 verdicts mean something."""
+    import segmentation_models_pytorch as smp
+
+    from unet_export.data.dataset import Preprocess, SegmentationDataset, find_samples, unique_mask_values
+    from unet_export.models.smp import IMAGENET
+
+    torch.manual_seed(seed)
+    _, samples = find_samples(data)
+    loader = torch.utils.data.DataLoader(
+        SegmentationDataset(samples, unique_mask_values(samples), Preprocess(**IMAGENET), 3),
+        batch_size=SMP_BATCH, shuffle=True, drop_last=True)  # fmt: skip
+    net = smp.Unet("resnet34", encoder_weights=None, classes=2)
+    optimizer, started, step, losses = torch.optim.Adam(net.parameters(), lr=1e-3), time.perf_counter(), 0, []
+    net.train()
+    while step < steps:
+        for batch in loader:
+            loss = torch.nn.functional.cross_entropy(net(batch["image"]), batch["mask"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if step == steps:
+                break
+    net.eval().save_pretrained(dest)
+    print(f"  trained smp Unet/resnet34: {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+          f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+    return {"steps": steps, "batch": SMP_BATCH, "first_loss": losses[0], "last_loss": losses[-1],
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def smp_part(args) -> dict:
+    work = HERE / "work" / "int8-smp"
+    shutil.rmtree(work, ignore_errors=True)
+    train, calib, held, model, out = (work / n for n in ("train", "calib", "held_out", "unet_resnet34", "exports"))
+    # Trained at 128x128 (minutes on a 2-core CPU), exported, calibrated and timed at 256x256: Unet takes any size.
+    for folder, n, size, seed in ((train, 96, "128x128", 0), (calib, 32, "256x256", 1), (held, 16, "256x256", 2)):
+        subprocess.run([*CLI, "data", "synth", folder, "--n", str(n), "--size", size, "--classes", "2", "--seed",
+                        str(seed)], check=True, capture_output=True)  # fmt: skip
+    print("smp Unet/resnet34: training")
+    training = train_smp(train, model, args.smp_steps)
+    print("smp Unet/resnet34: the three commands, no model flags")
+    steps = {"onnx": timed("onnx", model, "-w", out, "--device", "cpu"),
+             "openvino": timed("openvino", model, "-w", out),
+             "int8": timed("int8", model, "-w", out, "--calib", calib / "imgs")}  # fmt: skip
+    print(f"smp Unet/resnet34: unet-bench 256x256, batch {args.batch}, held-out images")
+    return {"training": training, "exports": steps, "int8": int8_verdicts(out),
+            "bench": [bench(out, 256, 256, held / "imgs", args)]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", default="all", choices=["all", "full", "demo"])
+    parser.add_argument("--part", default="all", choices=["all", "full", "demo", "smp"])
     parser.add_argument("--sizes", type=lambda s: s.split(","), default=["256x256", "640x960"])
     parser.add_argument("--calib-images", type=int, default=100)
+    parser.add_argument("--smp-steps", type=int, default=SMP_STEPS, help="smp: training steps (batch 8)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--backends", default=",".join(ROWS))
     parser.add_argument("--min-time", type=float, default=5.0)
@@ -202,10 +263,12 @@ def main() -> None:
         data["demo"] = demo_part(args)
     if args.part in ("all", "full"):
         data["full"] = full_part(args)
+    if args.part == "smp":
+        data["smp"] = smp_part(args)
     data["load_after"] = os.getloadavg()
     data["command"] = "python benchmarks/int8.py " + " ".join(sys.argv[1:])
     name = re.sub(r"[^A-Za-z0-9]+", "-", data["device"]["name"]).strip("-").lower()
-    sizes = "" if args.part == "demo" else "-" + "-".join(args.sizes)
+    sizes = "" if args.part in ("demo", "smp") else "-" + "-".join(args.sizes)
     stem = HERE / "results" / f"{datetime.date.today()}-int8-{args.part}{sizes}-{name}"
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(summary(data))
@@ -215,11 +278,15 @@ def main() -> None:
 def summary(data: dict) -> str:
     lines = [f"# INT8 targets: {data['device']['name']}, flags {', '.join(data['cpu_flags']) or '-'}",
              f"load average before {data['load_before'][0]:.1f}, after {data['load_after'][0]:.1f}; `{data['command']}`", ""]  # fmt: skip
-    for part in ("demo", "full"):
+    for part in ("demo", "full", "smp"):
         if part not in data:
             continue
         result = data[part]
         lines.append(f"## {part}")
+        if "training" in result:
+            t = result["training"]
+            lines.append(f"- trained here: {t['steps']} steps of batch {t['batch']}, loss {t['first_loss']:.3f} -> "
+                         f"{t['last_loss']:.3f}, {t['seconds']:.0f} s")  # fmt: skip
         for step in result["exports"].values():
             lines.append(
                 f"- `{step['command']}`: exit {step['exit']}, {step['wall_s']:.1f} s wall, {step['cpu_s']:.1f} s CPU"

@@ -17,7 +17,8 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(unet_export.__path__, "un
 def test_every_module_imports_without_onnx_onnxruntime_or_tensorrt():
     """Each module imports with these packages unavailable, and none of them even tries to import
     one at import time (a top-level ``try: import onnx`` would pass the first check, not this one)."""
-    blocked = ["onnx", "onnxruntime", "onnxscript", "tensorrt", "torchvision"]
+    blocked = ["onnx", "onnxruntime", "onnxscript", "tensorrt", "torchvision", "segmentation_models_pytorch", "timm",
+               "huggingface_hub"]
     code = (
         "import importlib, importlib.abc, sys\n"
         f"BLOCKED, tried = {blocked!r}, []\n"

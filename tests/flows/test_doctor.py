@@ -18,7 +18,7 @@ from unet_export.cli.main import app
 from unet_export.flows.cpp_check import required_cxx_standard
 
 runner = CliRunner()
-ALWAYS = ["python", "platform", "cpu", "torch", "cuda", "cudnn", "tensorrt", "onnxruntime", "openvino", "c++ standard",
+ALWAYS = ["python", "platform", "cpu", "torch", "cuda", "cudnn", "tensorrt", "onnxruntime", "openvino", "smp", "c++ standard",
           "cmake", "c++", "cuda toolkit", "lock"]  # fmt: skip
 TORCH_2_14 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 
@@ -131,6 +131,17 @@ def test_tensorrt_without_a_gpu_cannot_build_engines(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     row = doctor_rows()["tensorrt"]
     assert row["status"] == "warn" and "10.9.0" in row["detail"] and "engines cannot be built" in row["detail"]
+
+
+def test_smp_row_names_its_version_or_the_install_line(monkeypatch):
+    import segmentation_models_pytorch as smp
+
+    row = doctor_rows()["smp"]
+    assert row["status"] == "ok"
+    assert row["detail"] == f"segmentation_models_pytorch {smp.__version__}, {len(smp.MODEL_ARCHITECTURES_MAPPING)} architectures"
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)
+    row = doctor_rows()["smp"]
+    assert row["status"] == "missing" and 'pip install "unet-export[smp]"' in row["detail"]
 
 
 def test_absent_openvino_names_the_install_line(monkeypatch):

@@ -20,6 +20,7 @@ from unet_export.errors import UserError
 
 OK, MISSING, WARN = "ok", "missing", "warn"
 OPENVINO_INSTALL = 'pip install "unet-export[openvino]"'
+SMP_INSTALL = 'pip install "unet-export[smp]"'
 ORT_GPU_INSTALL = 'pip install "unet-export[gpu]"'
 TOOLCHAIN_INSTALL = "apt-get install cmake g++"  # the line build_example gives
 
@@ -151,6 +152,16 @@ def check_openvino() -> list[Check]:
     return [Check("openvino", OK, f"{version}, devices: {', '.join(ov.Core().available_devices) or 'none'}")]
 
 
+def check_smp() -> list[Check]:
+    """segmentation_models_pytorch: what loads smp models (save_pretrained folders, --arch)."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as exc:
+        return [Check("smp", MISSING, f"not installed ({exc}): {SMP_INSTALL}")]
+    return [Check("smp", OK, f"segmentation_models_pytorch {smp.__version__}, {len(smp.MODEL_ARCHITECTURES_MAPPING)} "
+                  "architectures")]  # fmt: skip
+
+
 # --- the libtorch C++ example (unet-export cpp-check) ---
 
 
@@ -249,6 +260,7 @@ CHECKS: list[tuple[str, Callable[[], list[Check]]]] = [
     ("tensorrt", check_tensorrt),
     ("onnxruntime", check_onnxruntime),
     ("openvino", check_openvino),
+    ("smp", check_smp),
     ("c++ toolchain", check_toolchain),
     ("cuda toolkit", check_cuda_toolkit),
     ("lock", check_lock),

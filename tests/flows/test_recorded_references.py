@@ -253,3 +253,19 @@ def test_the_recorded_runner_keeps_the_runner_contract(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(UserError, match="not a readable references file"):
         RecordedRunner(tmp_path / "bad.npz").activate()
+
+
+def test_an_openvino_ir_reuses_the_models_references(smp_workdir, copied, monkeypatch):
+    """Its gate runs the ONNX model's seeded inputs: the model's file already holds them (same
+    content, same name), and verify without smp judges the IR against them too."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = manifest(copied)["model"]["references"]
+    result = runner.invoke(app, ["openvino", str(smp_workdir.parent / "unet"), "--workdir", str(copied),
+                                 "--height", "64", "--width", "64", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert manifest(copied)["model"]["references"] == before
+    monkeypatch.setitem(sys.modules, SMP, None)
+    result = verify(copied)
+    assert result.exit_code == 0, result.output
+    assert "openvino" in result.output and "recorded float64 references" in result.output

@@ -88,10 +88,12 @@ def _check_references(record, where: str, fix: str) -> None:
     its sha256, and the inputs each by its samples' sha256."""
     if record is None:
         return
+    def samples(item) -> bool:
+        return isinstance(item, dict) and isinstance(item.get("samples"), list) and \
+            all(isinstance(key, str) for key in item["samples"])
+
     if not (isinstance(record, dict) and is_file_name(record.get("path")) and isinstance(record.get("sha256"), str)
-            and isinstance(record.get("inputs"), list)
-            and all(isinstance(item, dict) and isinstance(item.get("samples"), list)
-                    and all(isinstance(key, str) for key in item["samples"]) for item in record["inputs"])):  # fmt: skip
+            and isinstance(record.get("inputs"), list) and all(samples(item) for item in record["inputs"])):  # fmt: skip
         raise UserError(f"{where} is not {{path: a file name inside the workdir, sha256, inputs}}; {fix}")
 
 

@@ -6,6 +6,7 @@ import json
 import pickle
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from unet_export.checkpoint_archive import check_zip, container, corrupt, error_detail, exported_model, is_safetensors
-from unet_export.errors import UserError, require
+from unet_export.errors import EagerUnavailable, UserError, require
 from unet_export.fileio import loads_json, sha256_file
 from unet_export.models import MODELS, ModelChoice, create_model, detect_model, get_spec, smp
 from unet_export.pickled import read_pickled_model
@@ -148,7 +149,8 @@ def class_mask_values(mask_values: list | None, n_classes: int) -> list:
 
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """The eager model with the checkpoint's weights, in eval mode on the CPU."""
-    model = create_model(ckpt.architecture, **ckpt.config)
+    with rebuilding(ckpt.architecture):
+        model = create_model(ckpt.architecture, **ckpt.config)
     try:  # a copy: smp's load_state_dict renames keys in the dict it is given
         result = model.load_state_dict(dict(ckpt.state_dict), strict=False)
     except RuntimeError as exc:  # shapes that differ
@@ -157,6 +159,22 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"{ckpt.path} does not fit the {_named(ckpt)} model: {_key_mismatch(result)}")
     return model.eval()
+
+
+@contextmanager
+def rebuilding(architecture: str):
+    """Rebuilding a configured family's eager model (smp, a factory) where its optional dependency
+    is missing (``require``'s UserError from an ImportError) raises EagerUnavailable with that
+    reason: the one type callers that can judge against recorded references catch."""
+    try:
+        yield
+    except EagerUnavailable:
+        raise
+    except UserError as exc:
+        spec = MODELS.get(architecture)
+        if spec is not None and spec.configure is not None and isinstance(exc.__cause__, ImportError):
+            raise EagerUnavailable(str(exc)) from exc
+        raise
 
 
 def _named(ckpt: Checkpoint) -> str:

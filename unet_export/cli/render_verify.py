@@ -10,14 +10,14 @@ from unet_export.text import counted
 
 
 VERIFY_STYLE = {"verified": "green", "failed": "red", "changed": "red", "missing": "red", "unavailable": "yellow",
-                "not_judged": "yellow"}
+                "not_judged": "yellow", "unreferenced": "red"}
 
 
 def verify_report(report) -> None:
     """`unet-export verify`: each artefact's parity table, then one line per artefact."""
     host = report.host
     console.print(f"[bold]verify[/] {report.workdir} on {host['host']} ({host['device']}: {host['device_name']}), "
-                  f"inputs: {report.inputs}")  # fmt: skip
+                  f"inputs: {escape(report.inputs)}")  # fmt: skip
     for v in report.verdicts:
         if v.parity is not None and v.parity.cases:
             console.print(parity_table(v.parity))

@@ -53,7 +53,7 @@ def verify_cmd(
                                     rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         out.add_verify(report)
         verify_report(report)
-        changed = [v for v in report.verdicts if v.status in ("changed", "missing")]
+        changed = [v for v in report.verdicts if v.status in ("changed", "missing", "unreferenced")]
         if changed:
             reason = "; ".join(v.reason for v in changed)
             out["error"] = reason

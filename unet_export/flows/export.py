@@ -29,7 +29,7 @@ from unet_export.runtimes.onnx.fp16 import convert_onnx_fp16
 from unet_export.runtimes.tensorrt.build import build_engine, import_tensorrt
 from unet_export.runtimes.tensorrt.plan import engine_path, plan_build, resolve_profile
 from unet_export.runtimes.tensorrt.runner import gpu_identity
-from unet_export.workdir import publish
+from unet_export.workdir import publish, references
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.manifest import checked_path, load_manifest, set_model, transaction
 from unet_export.workdir.publish import record_artifact
@@ -110,11 +110,13 @@ def export_artifact(
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
         inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
-        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, threshold=mask_threshold(ckpt.config))
+        recording = references.seeded(seed)
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, threshold=mask_threshold(ckpt.config),
+                            capture=recording.batches)  # fmt: skip
         with transaction(workdir) as manifest:
             _refuse_concurrent_model(manifest, ckpt, revision, workdir)
             dropped = set_model(manifest, model_record(ckpt))
-            record_artifact(workdir, manifest, entry, parity, dev, staged)
+            record_artifact(workdir, manifest, entry, parity, dev, staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started, dropped)
 
 
@@ -160,13 +162,14 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
     entry = {"format": "onnx", "path": dest.name, "precision": "fp16", "export_size": source["export_size"],
              "size_rule": source["size_rule"]}  # fmt: skip
     inputs, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
+    recording = references.images(entry["real_images"])
     with publish.staged(dest, publish.estimated_bytes(net), "FP16 ONNX") as staged:
         entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged,
-                            threshold=mask_threshold(manifest["model"]["config"]))
+                            threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
-            record_artifact(workdir, current, entry, parity, dev, staged)
+            record_artifact(workdir, current, entry, parity, dev, staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 
 
@@ -222,11 +225,12 @@ def build_trt(
         inputs = real or seeded_inputs(profile.parity_shapes(), seed)
         if record:
             entry["real_images"] = record
+        recording = references.images(record) if real else references.seeded(seed)
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged,
-                            threshold=mask_threshold(manifest["model"]["config"]))
+                            threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
-            record_artifact(workdir, current, entry, parity, dev, staged)
+            record_artifact(workdir, current, entry, parity, dev, staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 
 

@@ -34,7 +34,7 @@ from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
 from unet_export.parity.gate import Tolerance, tolerance_for
 from unet_export.parity.realimages import image_record
 from unet_export.runtimes.int8 import AccuracyControl, Attempt, NncfQuantizer, OrtQuantizer
-from unet_export.workdir import publish
+from unet_export.workdir import publish, references
 from unet_export.workdir.ir import finish_pending_weights, ir_weights
 from unet_export.workdir.manifest import checked_path, load_manifest, transaction
 from unet_export.workdir.publish import record_artifact
@@ -173,8 +173,16 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
             publish.same_model(current, manifest, workdir)
-            (record_ir if ir else record_artifact)(workdir, current, entry, parity, "cpu", staged)
+            recording = _recording(entry, gates)
+            (record_ir if ir else record_artifact)(workdir, current, entry, parity, "cpu", staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def _recording(entry: dict, gates: GateSet) -> references.Recording:
+    """The gate set's eager outputs (already computed in fp32 and float64), to be recorded."""
+    recording = references.images(entry["real_images"])
+    recording.batches = [(x, ref, ref64) for x, ref, ref64, _ in gates.batches]
+    return recording
 
 
 def _bias(attempt: Attempt) -> str | None:

@@ -20,14 +20,15 @@ from unet_export.parity.gate import seeded_inputs, tolerance_for
 from unet_export.parity.realimages import gate_images
 from unet_export.parity.run import run_parity
 from unet_export.runtimes.openvino.export import convert_onnx, ir_path
-from unet_export.workdir import publish
+from unet_export.workdir import publish, references
 from unet_export.workdir.ir import finish_pending_weights, parked_name
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.manifest import load_manifest, transaction
 from unet_export.workdir.publish import record_artifact
 
 
-def record_ir(workdir: Path, manifest: dict, entry: dict, parity, device, staged: Path) -> None:
+def record_ir(workdir: Path, manifest: dict, entry: dict, parity, device, staged: Path,
+              recording: references.Recording | None = None) -> None:  # fmt: skip
     """Inside a manifest transaction: publish the verified IR ``staged`` (.xml) and its .bin.
 
     The .bin is parked under a hidden name the temp sweep keeps and recorded as ``weights.pending``
@@ -42,7 +43,7 @@ def record_ir(workdir: Path, manifest: dict, entry: dict, parity, device, staged
     os.replace(staged_bin, parked)
     entry["weights"] = {"path": final_bin, "bytes": parked.stat().st_size, "sha256": sha, "pending": parked.name}
     try:
-        record_artifact(workdir, manifest, entry, parity, device, staged)
+        record_artifact(workdir, manifest, entry, parity, device, staged, recording)
     except BaseException:
         if manifest_holds(workdir, parked.name):
             raise  # the redo record is on disk: the next transaction finishes the publish
@@ -114,15 +115,17 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         entry = ir_entry(dest, precision, source, {})
         if fp16:  # reduced precision is judged on real images only
             inputs, entry["real_images"] = gate_images(manifest, entry, data)
+            recording = references.images(entry["real_images"])
         else:
             inputs = seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed)
+            recording = references.seeded(seed)
         entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
         parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged,
-                            threshold=mask_threshold(manifest["model"]["config"]))
+                            threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
             publish.same_model(current, manifest, workdir)
-            record_ir(workdir, current, entry, parity, "cpu", staged)
+            record_ir(workdir, current, entry, parity, "cpu", staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 
 

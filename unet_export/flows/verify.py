@@ -18,7 +18,7 @@ import torch
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import Preprocess
 from unet_export.device import device_info, resolve_device
-from unet_export.errors import IntegrityError, UserError
+from unet_export.errors import EagerUnavailable, IntegrityError, UserError
 from unet_export.models import mask_threshold
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
 from unet_export.parity.realimages import (
@@ -30,15 +30,18 @@ from unet_export.parity.realimages import (
     real_images_for,
 )
 from unet_export.parity.run import run_parity
+from unet_export.runtimes.recorded import References
 from unet_export.workdir.lookup import manifest_checkpoint
 from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions, transaction, utc_now
+from unet_export.workdir.references import recorded_references
 
 
 @dataclass
 class Verdict:
     """One manifest entry: verified | failed (re-checked here), changed | missing (file is not the
-    recorded one), unavailable (cannot run on this machine) or not_judged (reduced precision
-    without real images); those last two leave the recorded verdict as it was."""
+    recorded one), unavailable (cannot run on this machine), not_judged (reduced precision
+    without real images) or unreferenced (the eager model cannot be rebuilt here and no recorded
+    references hold its inputs); those last three leave the recorded verdict as it was."""
 
     format: str
     precision: str
@@ -58,8 +61,9 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
-        """2: a file changed or is missing; 1: an artefact failed parity; 0: all verified."""
-        if any(v.status in ("changed", "missing") for v in self.verdicts):
+        """2: a file changed or is missing, or an artefact cannot be judged (no eager model and no
+        recorded references for it); 1: an artefact failed parity; 0: all verified."""
+        if any(v.status in ("changed", "missing", "unreferenced") for v in self.verdicts):
             return 2
         return 1 if any(v.status == "failed" for v in self.verdicts) else 0
 
@@ -96,7 +100,7 @@ def verify_workdir(
     report.verdicts = [v for e in manifest["artifacts"] if (v := _integrity(e, workdir)) is not None]
     if report.verdicts:
         return report
-    net = build_model(manifest_checkpoint(manifest, weights))
+    net, stand_in = _eager_or_recorded(workdir, manifest, weights)
     sources = set()
     # --data or the model's held-out set, found (every recorded file hashed) once for the workdir;
     # only an artefact with gate images of its own looks again.
@@ -105,10 +109,34 @@ def verify_workdir(
         own = data is None and entry.get("real_images") is not None
         paths, source, why = real_images_for(manifest, entry, data, images) if own else shared
         sources.add(source or "no real images")
-        report.verdicts.append(_verify_entry(entry, workdir, net, dev, (paths, why), seed, limits, manifest))
+        judged = _verify_entry(entry, workdir, net, dev, (paths, why), seed, limits, manifest, stand_in)
+        report.verdicts.append(judged)
     report.inputs = "seeded (fp32 only) + real images: " + "; ".join(sorted(sources))
+    if stand_in is not None:
+        report.inputs = f"{stand_in.judged}, on the recorded inputs among: {report.inputs}"
     _record(workdir, report)
     return report
+
+
+@dataclass
+class Recorded:
+    """The eager model's recorded outputs, judging in its place where it cannot be rebuilt."""
+
+    references: References
+    why: str  # why the eager model was not rebuilt
+
+    @property
+    def judged(self) -> str:
+        return f"judged against recorded float64 references (eager not rebuilt: {self.why})"
+
+
+def _eager_or_recorded(workdir: Path, manifest: dict, weights) -> tuple[torch.nn.Module | None, Recorded | None]:
+    """The eager model, or (where it cannot be rebuilt: smp missing, a factory not importable or
+    not trusted) the outputs recorded when its artefacts were published; neither is exit 2."""
+    try:
+        return build_model(manifest_checkpoint(manifest, weights)), None
+    except EagerUnavailable as exc:
+        return None, Recorded(recorded_references(workdir, manifest, str(exc)), str(exc))
 
 
 def _integrity(entry: dict, workdir: Path) -> Verdict | None:
@@ -122,7 +150,7 @@ def _integrity(entry: dict, workdir: Path) -> Verdict | None:
 
 
 def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tuple[list[Path], str], seed: int,
-                  limits: dict, manifest: dict) -> Verdict:  # fmt: skip
+                  limits: dict, manifest: dict, stand_in: Recorded | None = None) -> Verdict:  # fmt: skip
     verdict = Verdict(entry["format"], entry["precision"], entry["path"], "unavailable", sha256=entry.get("sha256"))
     if reason := _cannot_run_here(entry, dev):
         verdict.reason = reason
@@ -136,16 +164,22 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
     tol = tolerance_for(entry["precision"], base=tolerance_from_record(recorded.get("limits"), entry["precision"]),
                         **limits)  # fmt: skip
     shapes = [tuple(case["shape"]) for case in recorded.get("cases", []) if case.get("label") != "images"]
-    if not shapes:  # its export-time check crashed before comparing anything: the export size, batch 1
-        shapes = [(1, int(getattr(net, "n_channels", 3)), *entry["export_size"])]
     model = manifest["model"]
     channels = int(model["config"].get("n_channels", 3))
+    if not shapes:  # its export-time check crashed before comparing anything: the export size, batch 1
+        shapes = [(1, int(getattr(net, "n_channels", 3)) if net is not None else channels, *entry["export_size"])]
     real_inputs = fitted(image_batches(paths, channels, Preprocess.from_dict(model.get("preprocess"))), entry)
     seeded = [] if reduced else seeded_inputs(shapes, seed)
+    if stand_in is not None:
+        seeded, real_inputs, verdict.reason = _recorded_inputs(stand_in, seeded, real_inputs)
+        if not verdict.reason:
+            verdict.status, verdict.reason = "unreferenced", _unreferenced(stand_in, entry, reduced)
+            return verdict
     labels = ["seeded"] * len(seeded) + ["images"] * len(real_inputs)
     try:
         verdict.parity = run_parity(entry, workdir, net, dev, seeded + real_inputs, tol,
-                                    threshold=mask_threshold(model["config"]))
+                                    threshold=mask_threshold(model["config"]),
+                                    recorded=stand_in.references if stand_in is not None else None)
     except IntegrityError as exc:  # replaced while this ran
         verdict.status, verdict.reason = "changed", str(exc)
         return verdict
@@ -156,6 +190,22 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
         case.label = label
     verdict.status = "verified" if verdict.parity.passed else "failed"
     return verdict
+
+
+def _recorded_inputs(recorded: Recorded, seeded: list, real: list) -> tuple[list, list, str]:
+    """(seeded inputs, real-image batches, the verdict's reason) judged against the recorded
+    references: every seeded input must be recorded; real images only count where they were
+    (the FP32 gate ran on seeded inputs alone). An empty reason: nothing can be judged."""
+    known = [x for x in real if recorded.references.knows(x)]
+    if not all(recorded.references.knows(x) for x in seeded) or not (seeded or known):
+        return [], [], ""
+    return seeded, known, recorded.judged
+
+
+def _unreferenced(recorded: Recorded, entry: dict, reduced: bool) -> str:
+    what = "the real images it is judged on" if reduced else "its seeded inputs"
+    return (f"no recorded float64 references for {what} and the eager model cannot be rebuilt here "
+            f"({recorded.why}): verify it where the model can be rebuilt, or export it again")  # fmt: skip
 
 
 def _cannot_run_here(entry: dict, dev: torch.device) -> str:

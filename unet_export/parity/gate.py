@@ -277,10 +277,12 @@ def exact_runner(reference: Runner) -> Runner | None:
 
 
 def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], tol: Tolerance = FP32, *,
-                 exact: Runner | None = None, threshold: float = 0.0) -> ParityReport:  # fmt: skip
+                 exact: Runner | None = None, threshold: float = 0.0,
+                 capture: list | None = None) -> ParityReport:  # fmt: skip
     """Run the runners on every input and compare; ``runner`` and ``reference`` must already be
     active. ``exact`` (float64) defaults to the eager reference's model run in float64;
-    ``threshold``: the model's one-class decision (see compare)."""
+    ``threshold``: the model's one-class decision (see compare). ``capture``: a list that gets
+    (input, reference output, float64 output) per input, to be recorded as references."""
     exact = exact or exact_runner(reference)
     cases = []
     # A float64 runner made here, or handed over inactive, lives for this check only.
@@ -288,6 +290,8 @@ def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], 
         for x in inputs:
             ref = reference.infer(x)
             ref64 = _exact_logits(exact, x) if exact is not None else None
+            if capture is not None:
+                capture.append((x, ref, ref64))
             case = compare(runner.infer(x), ref, tol, exact=ref64, threshold=threshold)
             case.shape = list(x.shape)  # report the input shape, which is what a user chose
             cases.append(case)

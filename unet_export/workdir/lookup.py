@@ -3,7 +3,7 @@ verified FP32 ONNX model (where the FP16, TensorRT and OpenVINO steps start)."""
 
 from pathlib import Path
 
-from unet_export.checkpoint import Checkpoint, load_checkpoint
+from unet_export.checkpoint import Checkpoint, load_checkpoint, rebuilding
 from unet_export.errors import UserError
 from unet_export.models import ModelChoice, get_spec
 from unet_export.runtimes.onnx.export import check_external_data
@@ -20,7 +20,9 @@ def manifest_checkpoint(manifest: dict, weights: str | Path | None = None) -> Ch
         raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
     # A family configured from outside its keys (smp) is rebuilt from the config recorded for it.
     configured = get_spec(record["architecture"]).configure is not None
-    ckpt = load_checkpoint(path, ModelChoice(record["architecture"], {"recorded": record["config"]} if configured else {}))
+    choice = ModelChoice(record["architecture"], {"recorded": record["config"]} if configured else {})
+    with rebuilding(record["architecture"]):  # smp missing here: EagerUnavailable (recorded references judge)
+        ckpt = load_checkpoint(path, choice)
     if ckpt.sha256 != record["checkpoint"]["sha256"]:
         raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
     return ckpt

@@ -77,9 +77,24 @@ def validate(manifest, path: Path) -> None:
         _check_fields(model, _MODEL_FIELDS, f"{path}: 'model'", fix)
         if not isinstance(model["checkpoint"].get("sha256"), str):
             raise UserError(f"{path}: 'model.checkpoint.sha256' is missing or not a string; {fix}")
+        _check_references(model.get("references"), f"{path}: 'model.references'", fix)
     for i, entry in enumerate(manifest["artifacts"]):
         _check_fields(entry, _ENTRY_FIELDS, f"{path}: artifacts[{i}]", fix)
         _check_file_names(entry, f"{path}: artifacts[{i}]", fix)
+
+
+def _check_references(record, where: str, fix: str) -> None:
+    """The model's recorded references (workdir/references.py): a plain file name of the workdir,
+    its sha256, and the inputs each by its samples' sha256."""
+    if record is None:
+        return
+    def samples(item) -> bool:
+        return isinstance(item, dict) and isinstance(item.get("samples"), list) and \
+            all(isinstance(key, str) for key in item["samples"])
+
+    if not (isinstance(record, dict) and is_file_name(record.get("path")) and isinstance(record.get("sha256"), str)
+            and isinstance(record.get("inputs"), list) and all(samples(item) for item in record["inputs"])):  # fmt: skip
+        raise UserError(f"{where} is not {{path: a file name inside the workdir, sha256, inputs}}; {fix}")
 
 
 def _check_fields(record, fields: dict, where: str, fix: str) -> None:
@@ -213,6 +228,8 @@ def set_model(manifest: dict, record: dict) -> int:
     if old.get("checkpoint", {}).get("sha256") != record["checkpoint"]["sha256"]:
         dropped = len(manifest["artifacts"])
         manifest["artifacts"] = []
+    elif "references" in old:  # the kept artefacts' recorded references (workdir/references.py)
+        record = record | {"references": old["references"]}
     manifest["model"] = record
     return dropped
 

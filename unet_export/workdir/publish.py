@@ -11,6 +11,7 @@ import torch
 from unet_export.errors import UserError
 from unet_export.fileio import claim_temp_path, ensure_free_space, sha256_file, sweep_stale_temps
 from unet_export.workdir.manifest import make_workdir, publish, tool_versions, utc_now
+from unet_export.workdir.references import Recording, record_references, sweep_references
 
 
 def estimated_bytes(net: torch.nn.Module) -> int:
@@ -57,9 +58,13 @@ def same_model(current: dict, read: dict, workdir: Path) -> None:
         raise UserError(f"the model in {workdir} was replaced by another export while this one ran; run it again")
 
 
-def record_artifact(workdir: Path, manifest: dict, entry: dict, parity, device, staged: Path) -> None:
+def record_artifact(workdir: Path, manifest: dict, entry: dict, parity, device, staged: Path,
+                    references: Recording | None = None) -> None:  # fmt: skip
     """Inside a manifest transaction: complete the entry with its verdict (a ParityReport), provenance,
-    size and sha256 (of the very file that was checked), and publish ``staged`` under the entry's name."""
+    size and sha256 (of the very file that was checked), and publish ``staged`` under the entry's name.
+    ``references``: the eager outputs its gate ran on, recorded for a model that a deployment host
+    may be unable to rebuild (workdir/references.py)."""
+    record_references(workdir, manifest, references)
     entry |= {
         "status": "verified" if parity.passed else "failed",
         "bytes": staged.stat().st_size,
@@ -69,3 +74,4 @@ def record_artifact(workdir: Path, manifest: dict, entry: dict, parity, device, 
         "created": utc_now(),
     }
     publish(workdir, manifest, entry, staged)
+    sweep_references(workdir, manifest)  # the saved manifest names the new file, no longer the one it replaced

@@ -25,6 +25,10 @@ class IntegrityError(UserError):
     Never a benchmark row marked unavailable: whatever reads it stops with exit 2."""
 
 
+class EagerUnavailable(UserError):
+    """The eager model cannot be rebuilt here (its factory is not importable or not trusted, smp is missing): artefacts are judged against their recorded references."""
+
+
 class ArtifactError(UnetExportError):
     """An artefact could not be produced from valid input (the exporter itself failed)."""
 

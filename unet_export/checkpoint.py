@@ -170,7 +170,10 @@ def class_mask_values(mask_values: list | None, n_classes: int) -> list:
 
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """The eager model with the checkpoint's weights, in eval mode on the CPU."""
-    model = external.module_copy(ckpt.module) if ckpt.module is not None else create_model(ckpt.architecture, **ckpt.config)
+    if ckpt.module is not None:  # built by a factory or passed from Python: a copy, loaded below
+        model = external.module_copy(ckpt.module)
+    else:
+        model = create_model(ckpt.architecture, **ckpt.config)
     try:  # a copy: smp's load_state_dict renames keys in the dict it is given
         result = model.load_state_dict(dict(ckpt.state_dict), strict=False)
     except RuntimeError as exc:  # shapes that differ

@@ -178,6 +178,20 @@ def test_the_module_form_imports_from_the_current_folder(weights, tmp_path, monk
     one_line_error(other, "the artefacts' model was built by mynets.tiny:make")
 
 
+def test_predict_with_the_factory_gives_the_masks_of_the_exported_model(weights, exported, tmp_path):
+    from unet_export.flows.demo import DEMO_VAL
+
+    images = sorted((DEMO_VAL / "imgs").iterdir())[:2]
+    eager = cli("predict", weights, *images, "--out", tmp_path / "eager", "--device", "cpu", "--model-factory", FACTORY)
+    assert eager.exit_code == 0 and "eager" in eager.stdout, eager.output
+    onnx = cli("predict", exported, *images, "--out", tmp_path / "onnx", "--device", "cpu")
+    assert onnx.exit_code == 0 and "onnxruntime" in onnx.stdout, onnx.output
+    masks = sorted(p.name for p in (tmp_path / "eager").iterdir())
+    assert len(masks) == 2 and masks == sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    for name in masks:
+        assert (tmp_path / "eager" / name).read_bytes() == (tmp_path / "onnx" / name).read_bytes(), name
+
+
 # --- the Python API ---------------------------------------------------------------------------
 
 

@@ -36,10 +36,10 @@ PROBE = (250, 375)
 @dataclass(frozen=True)
 class InputSpec:
     """What an in-memory module takes, which no checkpoint file says: its input channels (None:
-    its first convolution's), the sizes it accepts (None: asked of an smp-style encoder, else probed), the preprocessing the
-    images get (a Preprocess record such as {"mean": [...], "std": [...]}; None: image / 255),
-    the mask value of each class (None: class indices) and where one class's output turns into
-    class 1 (0 for a logit, 0.5 for a sigmoid probability)."""
+    its first convolution's), the sizes it accepts (None: asked of an smp-style encoder, else
+    probed), the preprocessing the images get (a Preprocess record such as {"mean": [...],
+    "std": [...]}; None: image / 255), the mask value of each class (None: class indices) and
+    where one class's output turns into class 1 (0 for a logit, 0.5 for a sigmoid probability)."""
 
     channels: int | None = None
     sizes: SizeRule | None = None
@@ -252,8 +252,8 @@ def checked_record(family: str, config) -> dict:
     """A config read back from a manifest (untrusted): the shape configure writes, or exit 2."""
     sizes = config.get("sizes") if isinstance(config, dict) else None
     fine = (isinstance(config, dict) and isinstance(sizes, dict)
-            and all(type(sizes.get(k)) is int for k in ("min", "multiple", "offset", "shrink")) and sizes["multiple"] > 0
-            and all(type(config.get(k)) is int for k in ("n_channels", "n_classes")))  # fmt: skip
+            and all(type(sizes.get(k)) is int for k in ("min", "multiple", "offset", "shrink"))
+            and sizes["multiple"] > 0 and all(type(config.get(k)) is int for k in ("n_channels", "n_classes")))
     if fine and family == FACTORY:
         digest = config.get("factory_sha256")
         fine = (isinstance(config.get("factory"), str) and ":" in config["factory"]

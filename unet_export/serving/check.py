@@ -95,8 +95,8 @@ def check_inputs(repo: str | Path, *, tritonserver: str | Path | None = None, da
 
 
 def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, data: str | Path | None = None,
-                 weights: str | Path | None = None, model=None, clients: int = 8, requests: int = 50, deadline_s: float = 180.0,
-                 seed: int = 0, on_step=lambda message: None) -> ServeCheck:  # fmt: skip
+                 weights: str | Path | None = None, model=None, clients: int = 8, requests: int = 50,
+                 deadline_s: float = 180.0, seed: int = 0, on_step=lambda message: None) -> ServeCheck:  # fmt: skip
     repo = Path(repo)
     inputs = check_inputs(repo, tritonserver=tritonserver, data=data, weights=weights, model=model)
     server, found, record, images, why = inputs.server, inputs.found, inputs.record, inputs.images, inputs.why

@@ -23,6 +23,7 @@ PLACES = {
     "unet_export": "base",  # the package's __init__ (the version)
     "unet_export.data": "base",
     "unet_export.models": "base",
+    "unet_export.models.external": "base",  # a user's factory or nn.Module: imported, never by a manifest
     "unet_export.checkpoint": "base",
     "unet_export.checkpoint_archive": "base",
     "unet_export.pickled": "base",

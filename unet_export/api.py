@@ -12,6 +12,13 @@ use case lives in the module named beside its example, and the CLI calls the sam
     api.export_openvino("weights.pth", "exports")         # OpenVINO IR (flows/openvino.py)
     api.quantize_int8("weights.pth", "calib_imgs/", "exports", val="val_set/")  # flows/int8.py
 
+    # Any nn.Module instead of a checkpoint file (models/external.py): what it takes is an InputSpec
+    net = MyNet().eval()                                  # the CLI's way in: --model-factory mynet.py:MyNet
+    model = api.from_module(net, api.InputSpec(channels=3, sizes=api.SizeRule(min=32, multiple=32)))
+    result = api.export_artifact(None, "onnx", "exports", model=model)   # model=net: the default InputSpec
+    api.quantize_int8(None, "calib_imgs/", "exports", model=model, val="val_set/")
+    api.verify_workdir("exports", model=model)            # only the module rebuilds its eager model
+
     # Prove it again, score it, time it (flows/verify.py, flows/evaluate.py, bench/run.py)
     assert api.verify_workdir("exports").exit_code() == 0
     scores = api.evaluate("weights.pth", "val_set/", "exports")   # Dice of eager and every artefact
@@ -43,7 +50,7 @@ from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.data.labelme import convert_labelme
 from unet_export.data.synth import make_synth
 from unet_export.device import resolve_device
-from unet_export.errors import UnetExportError, UserError
+from unet_export.errors import EagerUnavailable, UnetExportError, UserError
 from unet_export.flows.cpp_check import cpp_check
 from unet_export.flows.doctor import run_checks
 from unet_export.flows.evaluate import evaluate
@@ -62,6 +69,8 @@ from unet_export.flows.int8 import quantize_int8
 from unet_export.flows.openvino import export_openvino
 from unet_export.flows.train import TrainConfig, train
 from unet_export.flows.verify import verify_workdir
+from unet_export.models import from_module
+from unet_export.models.external import InputSpec
 from unet_export.models.sizes import SizeRule
 from unet_export.parity.gate import (
     FP16, FP32, TOLERANCES, ParityReport, Tolerance, check_parity, seeded_inputs, tolerance_for,
@@ -85,6 +94,8 @@ __all__ = [
     "benchmark", "build_trt", "convert_labelme", "cpp_check", "evaluate", "export_artifact", "export_fp16_onnx",
     "export_openvino", "inspect_artifact", "make_synth", "predict", "prepare_workdir", "quantize_int8", "run_checks", "train",
     "TrainConfig", "verify_workdir", "write_repository",
+    # an nn.Module instead of a checkpoint
+    "from_module", "InputSpec", "EagerUnavailable",
     # pieces
     "DEFAULT_OPSET", "FORMATS", "FP16", "FP32", "SECOND_PARITY_SHAPE", "TOLERANCES", "Checkpoint", "EagerRunner",
     "ExportResult", "ParityReport", "SizeRule", "Tolerance", "UnetExportError", "UserError", "artifact_runner",

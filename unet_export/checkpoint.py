@@ -16,7 +16,7 @@ import torch.nn as nn
 from unet_export.checkpoint_archive import check_zip, container, corrupt, error_detail, exported_model, is_safetensors
 from unet_export.errors import EagerUnavailable, UserError, require
 from unet_export.fileio import loads_json, sha256_file
-from unet_export.models import MODELS, ModelChoice, create_model, detect_model, get_spec, smp
+from unet_export.models import MODELS, ModelChoice, choices, create_model, detect_model, external, get_spec, smp
 from unet_export.pickled import read_pickled_model
 
 # Dicts that wrap a state_dict, as saved by training scripts and Lightning-style loops.
@@ -33,16 +33,20 @@ class Checkpoint:
     mask_values: list | None = None  # milesial's class index -> mask value mapping
     preprocess: dict | None = None  # from the training sidecar (<name>.json), when there is one
     validation: str | None = None  # held-out images the sidecar names: what reduced precision is judged on
+    # A model built already (a factory's, an in-memory module): copied instead of create_model.
+    module: nn.Module | None = field(default=None, repr=False)
 
     def record(self) -> dict:
-        """What the manifest and the artefacts' metadata say about the model."""
+        """What the manifest and the artefacts' metadata say about the model. An in-memory module
+        has no file: its "path" is the name its artefacts get (the class, lower-cased)."""
+        where = str(self.path) if self.architecture == external.MODULE else str(self.path.resolve())
         return {
             "architecture": self.architecture,
             "config": self.config,
             "mask_values": self.mask_values,
             "preprocess": self.preprocess or {"scale": 1.0, "square": None},
             **({"validation": self.validation} if self.validation else {}),
-            "checkpoint": {"path": str(self.path.resolve()), "sha256": self.sha256},
+            "checkpoint": {"path": where, "sha256": self.sha256},
         }
 
 
@@ -52,6 +56,10 @@ def load_checkpoint(path: str | Path, model: str | ModelChoice | None = None) ->
     A ModelChoice's options configure a family the keys cannot name (smp: --arch, --encoder, ...);
     a save_pretrained folder names its own."""
     choice = ModelChoice.of(model)
+    if choice.in_memory:
+        return _in_memory(choice.options)
+    if path is None:
+        raise UserError("no checkpoint given: pass a checkpoint file (from Python, or model=an nn.Module)")
     path, options = Path(path), dict(choice.options)
     model = choice.name or implied_model(options)
     if path.is_dir():
@@ -68,13 +76,27 @@ def load_checkpoint(path: str | Path, model: str | ModelChoice | None = None) ->
         state_dict, preprocess = spec.weights(state_dict), preprocess or config.pop("preprocess", None)
     else:
         name, config = _detected(path, state_dict, model, recorded)
+    built = config.pop("built", None)  # a factory's model, built to ask it its sizes
     return Checkpoint(path, sha256 or sha256_file(path), name, config, state_dict, mask_values, preprocess,
-                      _validation_dir(path, sidecar))  # fmt: skip
+                      _validation_dir(path, sidecar), built)  # fmt: skip
 
 
 def implied_model(options: dict) -> str | None:
-    """--arch or --encoder without --model means an smp model."""
+    """--model-factory without --model means a factory's model; --arch or --encoder an smp model."""
+    if options.get("factory"):
+        return external.FACTORY
     return "smp" if options.get("arch") or options.get("encoder") else None
+
+
+def _in_memory(options: dict) -> Checkpoint:
+    """An nn.Module from Python (ModelChoice "module"): its state_dict is the checkpoint, named by
+    its digest; a copy is exported, never the caller's module."""
+    net = external.module_copy(options.get("module"))
+    state_dict = {key: value.detach() for key, value in net.state_dict().items()}
+    config = external.configure_module(state_dict, options | {"built": net})
+    spec = options.get("inputs") or external.InputSpec()
+    return Checkpoint(Path(type(net).__name__.lower()), external.state_digest(state_dict), external.MODULE, config,
+                      state_dict, spec.mask_values, config.pop("preprocess"), module=net)  # fmt: skip
 
 
 def _detected(path: Path, state_dict: dict, model: str | None, recorded: str | None) -> tuple[str, dict]:
@@ -149,8 +171,11 @@ def class_mask_values(mask_values: list | None, n_classes: int) -> list:
 
 def build_model(ckpt: Checkpoint) -> nn.Module:
     """The eager model with the checkpoint's weights, in eval mode on the CPU."""
-    with rebuilding(ckpt.architecture):
-        model = create_model(ckpt.architecture, **ckpt.config)
+    if ckpt.module is not None:  # built by a factory or passed from Python: a copy, loaded below
+        model = external.module_copy(ckpt.module)
+    else:
+        with rebuilding(ckpt.architecture):
+            model = create_model(ckpt.architecture, **ckpt.config)
     try:  # a copy: smp's load_state_dict renames keys in the dict it is given
         result = model.load_state_dict(dict(ckpt.state_dict), strict=False)
     except RuntimeError as exc:  # shapes that differ
@@ -180,6 +205,8 @@ def rebuilding(architecture: str):
 def _named(ckpt: Checkpoint) -> str:
     """smp Unet (resnet34): the family and what configured it, where it is not the keys."""
     init = ckpt.config.get("init") if isinstance(ckpt.config.get("init"), dict) else {}
+    if "factory" in ckpt.config:
+        return f"{ckpt.architecture} {ckpt.config['factory']}"
     return f"{ckpt.architecture} {ckpt.config['arch']} ({init.get('encoder_name')})" if "arch" in ckpt.config \
         else ckpt.architecture
 
@@ -292,7 +319,7 @@ def _refused(path: Path, kind: str | None, prefix: str | None, refused: str) -> 
     sample = ", ".join(list(weights)[:3]) or "none"
     return UserError(f"refusing to load {path}: it pickles a whole model ({whole.cls}), Python objects that could "
                      f"run code, of an architecture unet-export does not support yet: its weights (keys {sample}, "
-                     f"...) fit none of {', '.join(MODELS)} (see --model), so re-saving its state_dict would not "
+                     f"...) fit none of {', '.join(choices())} (see --model), so re-saving its state_dict would not "
                      "help either")  # fmt: skip
 
 

@@ -53,9 +53,9 @@ class Prepared:
         return all(result.passed for result in self.exported)
 
 
-def prepare_workdir(weights: str | Path, workdir: str | Path = "exports", *, backends: list[str] | None = None,
+def prepare_workdir(weights: str | Path | None, workdir: str | Path = "exports", *, backends: list[str] | None = None,
                     device: str = "auto", height: int | None = None, width: int | None = None,
-                    data: str | Path | None = None, model: str | None = None,
+                    data: str | Path | None = None, model=None,
                     on_export: Callable[[ExportResult], None] | None = None) -> Prepared:  # fmt: skip
     """Make ``workdir`` hold verified artefacts of ``weights`` for the rows of ``backends``
     (default: all): reuse those it has, export the missing ones (``on_export`` sees each)."""
@@ -146,7 +146,7 @@ def _onnx_verified(workdir: Path) -> bool:
 
 def _export(fmt: str, precision: str, weights, workdir: Path, device: str, size: dict, data, model) -> ExportResult:
     if fmt == "tensorrt":
-        return build_trt(workdir, precision=precision, data=data)
+        return build_trt(workdir, precision=precision, data=data, model=model)
     if (fmt, precision) == ("onnx", "fp16"):
-        return export_fp16_onnx(workdir, device=device, data=data)
+        return export_fp16_onnx(workdir, device=device, data=data, model=model)
     return export_artifact(weights, fmt, workdir, device=device, model=model, **size)

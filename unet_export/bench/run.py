@@ -216,17 +216,19 @@ def benchmark(
     atol: float | None = None,
     max_class_change: float | None = None,
     min_dice: float | None = None,
+    model=None,
     **timing,
 ) -> BenchReport:
     """Parity-gate and time every backend on the workdir's model; ``timing`` goes to BenchConfig.
-    ``rtol``/``atol`` replace the FP32 gate's, ``max_class_change``/``min_dice`` the reduced-precision ones."""
+    ``rtol``/``atol`` replace the FP32 gate's, ``max_class_change``/``min_dice`` the reduced-precision ones.
+    ``model`` rebuilds a factory's (--model-factory) or an in-memory module's eager model."""
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     if manifest.get("model") is None:
         raise UserError(f"no manifest with a model in {workdir}: run `unet-export onnx WEIGHTS --workdir {workdir}` first")
     for entry in manifest["artifacts"]:  # every file's bytes before minutes of timing: a changed one stops here
         checked_path(workdir, entry)
-    ckpt = manifest_checkpoint(manifest, weights)
+    ckpt = manifest_checkpoint(manifest, weights, model)
     # Reduced precision is judged on real images only: --data, else the held-out images the
     # manifest records; on seeded noise its rows are timed but not judged.
     images, source, why = real_images_for(manifest, None, data, IMAGES_PER_RUN)

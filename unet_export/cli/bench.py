@@ -10,7 +10,7 @@ from unet_export.bench.backends import BACKENDS
 from unet_export.bench.run import exit_code
 from unet_export.cli.common import cli_errors, console, run_app, working
 from unet_export.cli.jsonout import JsonOpt, json_result
-from unet_export.cli.options import DeviceOpt, VersionOpt, Workdir
+from unet_export.cli.options import DeviceOpt, FactoryOpt, VersionOpt, Workdir, model_choice
 from unet_export.cli.render_bench import bench_markdown, bench_table, export_line, prepared_lines, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.errors import UserError
@@ -40,6 +40,7 @@ def bench(
     device: DeviceOpt = "auto",
     compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
+    model_factory: FactoryOpt = None,
     data: Annotated[Path | None, typer.Option(help="Images for the batch (default: the held-out images the "
                                                    "manifest records, else seeded noise, on which FP16/BF16/INT8 "
                                                    "rows are timed but not judged).")] = None,
@@ -59,13 +60,14 @@ def bench(
         raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
     if checkpoint is not None and weights is not None:
         raise UserError("--weights names the workdir's moved checkpoint; with WEIGHTS given, leave it out")
+    model = model_choice(None, factory=model_factory)
     with json_result(json_path, "bench", "unet-bench") as out:
         out["workdir"] = str(workdir)
         exports_passed = True
         if checkpoint is not None:
             with working("unet-bench", f"exporting into {workdir} what it lacks"):
                 prepared = prepare_workdir(checkpoint, workdir, backends=names, device=device.value, height=height,
-                                           width=width, data=data, on_export=export_line)  # fmt: skip
+                                           width=width, data=data, model=model, on_export=export_line)  # fmt: skip
             prepared_lines(prepared, workdir)
             out["artifacts"] = [artifact_record(r.entry) for r in prepared.exported] + \
                 [artifact_record(e) | {"reused": True} for e in prepared.reused]  # fmt: skip
@@ -75,7 +77,7 @@ def bench(
                 workdir, batch=batch, height=height, width=width, backends=names, device=device.value,
                 weights=weights or checkpoint, compile_mode=compile_mode, data=data, warmup=warmup, iters=iters,
                 min_time=min_time, on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol,
-                max_class_change=max_class_change, min_dice=min_dice,
+                max_class_change=max_class_change, min_dice=min_dice, model=model,
             )  # fmt: skip
         console.print(bench_table(report))
         out.update({key: value for key, value in report.to_dict().items() if key != "versions"})  # the envelope's are more

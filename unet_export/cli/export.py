@@ -20,7 +20,8 @@ from unet_export.api import (
 from unet_export.cli.common import cli_errors, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import (
-    ArchOpt, DeviceOpt, EncoderOpt, MeanOpt, ModelArgOpt, ModelOpt, StdOpt, Weights, Workdir, model_choice,
+    ArchOpt, DeviceOpt, EncoderOpt, FactoryOpt, InChannelsOpt, MeanOpt, MinSizeOpt, ModelArgOpt, ModelOpt,
+    RebuildFactoryOpt, SizeMultipleOpt, StdOpt, Weights, Workdir, model_choice,
 )  # fmt: skip
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
@@ -77,6 +78,10 @@ def onnx_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -85,7 +90,8 @@ def onnx_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std)
+    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
+                         in_channels)
     with json_result(json_path, "export", "unet-export onnx", workdir) as out:
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
@@ -110,7 +116,7 @@ def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_lay
     passed = result.passed
     if fp16 and passed:
         with working("onnx --fp16", "converting to FP16 and checking parity"):
-            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data,
+            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data, model=model,
                                     max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         out.add_export(half)
         export_report(half, workdir)
@@ -131,12 +137,17 @@ def torchscript_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std)
+    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
+                         in_channels)
     _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
@@ -155,12 +166,17 @@ def aoti_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std)
+    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
+                         in_channels)
     _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
@@ -181,24 +197,26 @@ def trt_cmd(
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
     data: RealData = None,
+    model_factory: RebuildFactoryOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
     with json_result(json_path, "export", "unet-export trt", workdir) as out:
         _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
              workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
-             max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+             max_class_change=max_class_change, min_dice=min_dice, data=data,
+             model=model_choice(None, factory=model_factory))  # fmt: skip
 
 
 def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
-         atol, max_class_change, min_dice, data) -> None:  # fmt: skip
+         atol, max_class_change, min_dice, data, model) -> None:  # fmt: skip
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
              to_reduced="drop --fp32")  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
         result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                            opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
                            timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
-                           max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+                           max_class_change=max_class_change, min_dice=min_dice, data=data, model=model)  # fmt: skip
     out.add_export(result)
     export_report(result, workdir)
     raise typer.Exit(0 if result.passed else 1)
@@ -218,6 +236,10 @@ def openvino_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -227,7 +249,8 @@ def openvino_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on
     the CPU. The gate options judge the IR; an ONNX model exported first is judged as `onnx` judges it."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std)
+    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
+                         in_channels)
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="drop --fp16")
     with json_result(json_path, "export", "unet-export openvino", workdir) as out:
 
@@ -286,11 +309,16 @@ def int8_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std)
+    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
+                         in_channels)
     with json_result(json_path, "export", "unet-export int8", workdir) as out:
         show = shower(workdir)
 

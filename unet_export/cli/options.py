@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from unet_export.errors import UserError
-from unet_export.models import MODELS, ModelChoice
+from unet_export.models import ModelChoice, choices
 
 
 def _click_style_usage() -> None:
@@ -90,7 +90,7 @@ Weights = Annotated[Path, typer.Argument(help=(
     "one, a ResNet-50 U-Net, torchvision DeepLabV3; --model names them all. Or a segmentation_models_pytorch "
     "model: its save_pretrained folder, or its state_dict with --arch and --encoder."))]  # fmt: skip
 ModelOpt = Annotated[str | None, typer.Option("--model", help=(
-    f"Architecture, when the keys cannot tell it: {', '.join(MODELS)}."))]  # fmt: skip
+    f"Architecture, when the keys cannot tell it: {', '.join(choices())}."))]  # fmt: skip
 ArchOpt = Annotated[str | None, typer.Option("--arch", rich_help_panel="segmentation_models_pytorch", help=(
     "The smp architecture of a bare state_dict (Unet, UnetPlusPlus or Unet++, FPN, DeepLabV3Plus, Segformer, ...; "
     "what the installed smp offers); implies --model smp."))]  # fmt: skip
@@ -100,19 +100,56 @@ EncoderOpt = Annotated[str | None, typer.Option("--encoder", rich_help_panel="se
 ModelArgOpt = Annotated[list[str] | None, typer.Option("--model-arg", rich_help_panel="segmentation_models_pytorch",
                         metavar="KEY=VALUE", help="Another smp constructor argument of a bare state_dict (VALUE as "
                         "JSON, else text), e.g. decoder_channels=[128,64,32,16,8]; repeatable. Classes and input "
-                        "channels are read from the weights.")]  # fmt: skip
+                        "channels are read from the weights. With --model-factory: a keyword argument of the factory.")]  # fmt: skip
 MeanOpt = Annotated[str | None, typer.Option("--mean", rich_help_panel="segmentation_models_pytorch", metavar="R,G,B",
                     help="Normalise images to (x/255 - mean) / std with this mean (default: the smp encoder's).")]
 StdOpt = Annotated[str | None, typer.Option("--std", rich_help_panel="segmentation_models_pytorch", metavar="R,G,B",
                    help="... and this std (default: the smp encoder's).")]  # fmt: skip
 
 
+# Any nn.Module: a factory builds it, the checkpoint supplies its weights. Importing a factory
+# runs its code, so a workdir's recorded one is imported only when the command names it again.
+_FACTORY = "Any nn.Module (--model-factory)"
+FactoryOpt = Annotated[str | None, typer.Option("--model-factory", rich_help_panel=_FACTORY, metavar="MODULE:CALLABLE",
+                       help="Build the model by calling CALLABLE (--model-arg KEY=VALUE as its keyword arguments) "
+                       "from the module MODULE (the current folder is on sys.path) or from path/to/file.py; the "
+                       "checkpoint's state_dict must fit it exactly. Its classes and input sizes are asked of the "
+                       "model; recorded in the manifest.")]  # fmt: skip
+RebuildFactoryOpt = Annotated[str | None, typer.Option("--model-factory", rich_help_panel=_FACTORY,
+                              metavar="MODULE:CALLABLE", help="The --model-factory the workdir's model was exported "
+                              "with: a factory runs code, so it is imported (to rebuild the eager model) only when "
+                              "named here, and a file must be unchanged since (sha256).")]  # fmt: skip
+MinSizeOpt = Annotated[int | None, typer.Option("--min-size", min=1, rich_help_panel=_FACTORY, help=(
+    "--model-factory: the smallest height and width the model takes (default: an smp-style encoder's output "
+    "stride, else found by trying sizes)."))]  # fmt: skip
+SizeMultipleOpt = Annotated[int | None, typer.Option("--size-multiple", min=1, rich_help_panel=_FACTORY, help=(
+    "--model-factory: height and width must be multiples of this (default: as for --min-size)."))]  # fmt: skip
+InChannelsOpt = Annotated[int | None, typer.Option("--in-channels", min=1, rich_help_panel=_FACTORY, help=(
+    "--model-factory: input channels (default: the model's first convolution's)."))]  # fmt: skip
+
+
 def model_choice(model: str | None, arch: str | None = None, encoder: str | None = None,
-                 model_arg: list[str] | None = None, mean: str | None = None, std: str | None = None) -> ModelChoice:
-    """--model and the smp flags as one ModelChoice (what load_checkpoint takes)."""
+                 model_arg: list[str] | None = None, mean: str | None = None, std: str | None = None,
+                 factory: str | None = None, min_size: int | None = None, size_multiple: int | None = None,
+                 in_channels: int | None = None) -> ModelChoice:  # fmt: skip
+    """--model, the smp flags and the factory's as one ModelChoice (what load_checkpoint takes)."""
+    _check_factory_flags(model, arch, encoder, factory, min_size=min_size, size_multiple=size_multiple,
+                         in_channels=in_channels)  # fmt: skip
     options = {"arch": arch, "encoder": encoder, "smp_args": _model_args(model_arg),
-               "mean": _floats("--mean", mean), "std": _floats("--std", std)}  # fmt: skip
+               "mean": _floats("--mean", mean), "std": _floats("--std", std), "factory": factory,
+               "min_size": min_size, "size_multiple": size_multiple, "in_channels": in_channels}  # fmt: skip
     return ModelChoice(model, {k: v for k, v in options.items() if v})
+
+
+def _check_factory_flags(model, arch, encoder, factory, **sizes) -> None:
+    given = [f"--{name.replace('_', '-')}" for name, value in sizes.items() if value]
+    if given and not factory:
+        raise UserError(f"{' and '.join(given)} apply to a --model-factory model: smp and the known "
+                        "architectures say their own")  # fmt: skip
+    if factory and (arch or encoder):
+        raise UserError("--arch and --encoder name an smp model; --model-factory builds its own: pass one of them")
+    if factory and model not in (None, "factory"):
+        raise UserError(f"--model {model} and --model-factory both name the model: pass one of them")
 
 
 def _model_args(items: list[str] | None) -> dict:

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from unet_export.api import resolve_device
 from unet_export.cli.common import cli_errors, console, stop_on_signals, working
 from unet_export.cli.options import (
-    ArchOpt, EncoderOpt, MeanOpt, ModelArgOpt, ModelOpt, RunDeviceOpt, StdOpt, model_choice,
+    ArchOpt, EncoderOpt, FactoryOpt, InChannelsOpt, MeanOpt, MinSizeOpt, ModelArgOpt, ModelOpt, RunDeviceOpt,
+    SizeMultipleOpt, StdOpt, model_choice,
 )  # fmt: skip
 from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
@@ -50,12 +51,17 @@ def predict_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     device: RunDeviceOpt = "auto",
 ) -> None:
     """Masks for many images, streamed: decoding and writing run in threads around the runtime,
     same-size images are batched. An image that cannot be read is reported and skipped (exit 1 at
     the end); every mask is written whole (temp + rename), so --resume can pick up a killed run."""
-    architecture = model_choice(architecture, arch, encoder, model_arg, mean, std)
+    architecture = model_choice(architecture, arch, encoder, model_arg, mean, std, model_factory, min_size,
+                                size_multiple, in_channels)
     use_ray = ray or ray_address is not None
     address = (ray_address or os.environ.get("RAY_ADDRESS")) if use_ray else None
     options = PredictOptions(batch_size, workers, overlay, resume, max_pixels)

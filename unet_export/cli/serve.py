@@ -7,7 +7,7 @@ import typer
 
 from unet_export.api import write_repository
 from unet_export.cli.common import cli_errors, console, stop_on_signals
-from unet_export.cli.options import Workdir
+from unet_export.cli.options import RebuildFactoryOpt, Workdir, model_choice
 from unet_export.cli.render_serve import triton_check_report, triton_repository_report
 
 Repo = Annotated[Path | None, typer.Option("--repo", help="Repository folder (default DIR/triton); replaces only one "
@@ -37,16 +37,18 @@ def triton_cmd(
     data: Annotated[Path | None, typer.Option(help="--check: real images (a dataset or image folder; default: the "
                                               "shipped validation images for the demo model).")] = None,  # fmt: skip
     weights: Annotated[Path | None, typer.Option(help="--check: the checkpoint, if the manifest's has moved.")] = None,
+    model_factory: RebuildFactoryOpt = None,
     clients: Annotated[int, typer.Option(min=1, max=64, help="--check: concurrent load-test clients.")] = 8,
     requests: Annotated[int, typer.Option(min=1, max=10_000, help="--check: requests per client.")] = 50,
 ) -> None:
     """The workdir's verified artefacts -> a Triton model repository (every config checked); with
     --check, proven on a running server."""
+    model = model_choice(None, factory=model_factory)
 
     def startable(staged: Path) -> None:  # bad --check input (exit 2) must leave any --repo as it was
         from unet_export.serving.check import check_inputs
 
-        check_inputs(staged, tritonserver=tritonserver, data=data, weights=weights)
+        check_inputs(staged, tritonserver=tritonserver, data=data, weights=weights, model=model)
 
     result = write_repository(workdir, repo, name=name, max_batch=max_batch, instances=instances, formats=formats,
                               with_pipeline=with_pipeline, python_runtime=python_runtime,
@@ -55,8 +57,9 @@ def triton_cmd(
     if check:
         from unet_export.serving.check import check_served
 
-        report = check_served(result.repo, tritonserver=tritonserver, data=data, weights=weights, clients=clients,
-                              requests=requests, on_step=lambda line: console.print(line, markup=False))  # fmt: skip
+        report = check_served(result.repo, tritonserver=tritonserver, data=data, weights=weights, model=model,
+                              clients=clients, requests=requests,
+                              on_step=lambda line: console.print(line, markup=False))  # fmt: skip
         triton_check_report(report)
         raise typer.Exit(0 if report.passed else 1)
 

@@ -15,14 +15,19 @@ from unet_export.cli.options import (
     Device,
     DeviceOpt,
     EncoderOpt,
+    FactoryOpt,
+    InChannelsOpt,
     MaskSuffix,
     MaxPixels,
     MeanOpt,
+    MinSizeOpt,
     ModelArgOpt,
     ModelOpt,
     StdOpt,
     model_choice,
     parse_mask_values,
+    RebuildFactoryOpt,
+    SizeMultipleOpt,
     RunDeviceOpt,
     Workdir,
 )
@@ -43,6 +48,7 @@ def verify_cmd(
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
+    model_factory: RebuildFactoryOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Re-run the parity gate of every artefact in DIR's manifest on this machine and record the
@@ -50,7 +56,8 @@ def verify_cmd(
     with json_result(json_path, "verify", "unet-export verify", workdir) as out:
         with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
             report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights,
-                                    rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+                                    rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice,
+                                    model=model_choice(None, factory=model_factory))  # fmt: skip
         out.add_verify(report)
         verify_report(report)
         changed = [v for v in report.verdicts if v.status in ("changed", "missing", "unreferenced")]
@@ -79,11 +86,16 @@ def evaluate_cmd(
     model_arg: ModelArgOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    model_factory: FactoryOpt = None,
+    min_size: MinSizeOpt = None,
+    size_multiple: SizeMultipleOpt = None,
+    in_channels: InChannelsOpt = None,
     device: RunDeviceOpt = "auto",
     json_path: JsonOpt = None,
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std)
+    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
+                         in_channels)
     with json_result(json_path, "evaluate", "unet-export evaluate") as out:
         out["workdir"], out["data"] = str(workdir), str(data)
         report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
@@ -103,11 +115,12 @@ def cpp_check_cmd(
     workdir: Workdir = Path("exports"),
     build_dir: Annotated[Path, typer.Option(help="CMake build folder for examples/cpp.")] = Path("build/cpp"),
     device: Annotated[Device, typer.Option(help="Where the C++ and Python models run (CUDA needs a CUDA libtorch).")] = Device.cpu,
+    model_factory: RebuildFactoryOpt = None,
 ) -> None:
     """Build examples/cpp against the installed libtorch, run DIR's TorchScript and .pt2 artefacts
     from C++, and compare with Python (exit 1 on a mismatch)."""
     with working("cpp-check", "building examples/cpp and running the artefacts from C++"):
-        rows = cpp_check(workdir, build_dir, device.value)
+        rows = cpp_check(workdir, build_dir, device.value, model=model_choice(None, factory=model_factory))
     console.print(cpp_table(rows))
     raise typer.Exit(1 if any(r["status"] == "parity_failed" for r in rows) else 0)
 

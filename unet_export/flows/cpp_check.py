@@ -112,16 +112,17 @@ def run_example(binary: Path, model: Path, batch: torch.Tensor, work: Path, devi
 
 
 def cpp_check(workdir: Path = Path("exports"), build_dir: Path = Path("build/cpp"), device: str = "cpu",
-              seed: int = 0) -> list[dict]:  # fmt: skip
+              seed: int = 0, model=None) -> list[dict]:  # fmt: skip
     """Build the example, run every TorchScript and AOTInductor artefact of ``workdir`` from C++
-    on one seeded batch, and compare with the eager model (FP32 tolerances)."""
+    on one seeded batch, and compare with the eager model (FP32 tolerances); ``model`` rebuilds a
+    factory's eager model (--model-factory)."""
     workdir, dev = Path(workdir), resolve_device(device)
     manifest = load_manifest(workdir)
     entries = [a for a in manifest["artifacts"] if a["format"] in ("torchscript", "aoti")]
     if not entries or not manifest.get("model"):  # C++ runs these two formats only: say so, not "export ONNX"
         raise UserError(f"no TorchScript or AOTInductor artefact in {workdir}: run `unet-export torchscript WEIGHTS "
                         f"--workdir {workdir}` or `unet-export aoti WEIGHTS --workdir {workdir}` first")  # fmt: skip
-    net = build_model(manifest_checkpoint(manifest))
+    net = build_model(manifest_checkpoint(manifest, model=model))
     binary = build_example(Path(build_dir))
     height, width = entries[0]["export_size"]
     common = (2, int(entries[0]["inputs"][0]["shape"][1]), height, width)

@@ -46,19 +46,19 @@ def evaluate(weights, data_dir, workdir=None, *, device: str = "auto", mask_suff
     _, samples = find_samples(data_dir, mask_suffix)
     n_classes = ckpt.config.get("n_classes", 2)
     if mask_values and ckpt.mask_values and mask_values != ckpt.mask_values:
-        raise UserError(f"--mask-values {mask_values} differ from {weights}'s mask_values {ckpt.mask_values}: "
+        raise UserError(f"--mask-values {mask_values} differ from {ckpt.path}'s mask_values {ckpt.mask_values}: "
                         "leave the option out, the checkpoint knows its classes")  # fmt: skip
     defaulted = not (mask_values or ckpt.mask_values)
     mask_values = class_mask_values(mask_values or ckpt.mask_values, n_classes)
     if len(mask_values) != max(n_classes, 2):
-        raise UserError(f"{weights} has {n_classes} classes but mask_values {mask_values}")
+        raise UserError(f"{ckpt.path} has {n_classes} classes but mask_values {mask_values}")
     pp, n_channels = Preprocess.from_dict(ckpt.preprocess), ckpt.config.get("n_channels", 3)
     # With the default classes, check the values after the pass: then the error can name them all.
     check = check_dataset(samples, n_channels=n_channels, mask_values=None if defaulted else mask_values, pp=pp,
                           same_size=batch_size > 1, rule=get_spec(ckpt.architecture).sizes(ckpt.config),
                           max_pixels=max_pixels)  # fmt: skip
     if defaulted:
-        _check_default_values(weights, check.mask_values, mask_values)
+        _check_default_values(ckpt.path, check.mask_values, mask_values)
     dataset = SegmentationDataset(samples, mask_values, pp, n_channels, max_pixels)
     dev, halo, threshold = resolve_device(device), TILE_HALO.get(ckpt.architecture), mask_threshold(ckpt.config)
     with EagerRunner(build_model(ckpt), dev) as eager:

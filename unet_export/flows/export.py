@@ -5,6 +5,8 @@ artefact out (unet_export.api re-exports it).
     result = export_artifact("weights.pth", "onnx", workdir="exports")
     assert result.passed, result.parity.failures()
 
+An nn.Module instead of a checkpoint: ``export_artifact(None, "onnx", model=net)`` (see from_module).
+
 export_fp16_onnx and build_trt then start from the workdir's manifest.
 """
 
@@ -14,11 +16,12 @@ from typing import Callable
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from unet_export.checkpoint import Checkpoint, build_model, load_checkpoint
 from unet_export.device import resolve_device
 from unet_export.errors import UserError
-from unet_export.models import get_spec, mask_threshold
+from unet_export.models import ModelChoice, get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
 from unet_export.parity.realimages import HOW, folder_record, gate_images
@@ -62,11 +65,11 @@ def parity_shapes(rule: SizeRule, channels: int, height: int, width: int, static
 
 
 def export_artifact(
-    weights: str | Path,
+    weights: str | Path | None,
     fmt: str,
     workdir: str | Path = "exports",
     *,
-    model: str | None = None,
+    model: "str | ModelChoice | nn.Module | None" = None,
     device: str = "auto",
     height: int = 256,
     width: int = 256,
@@ -81,7 +84,9 @@ def export_artifact(
     The artefact is written and verified under a temp name, then renamed and recorded in one
     locked step: an interrupted export never replaces a verified file. ``rtol``/``atol`` replace
     the FP32 gate's (verify.FP32) and are recorded with the verdict. ``check_staged`` may refuse
-    the written file before anything is published (a later step's options that it cannot take)."""
+    the written file before anything is published (a later step's options that it cannot take).
+    ``model``: --model (and what configures it), or an nn.Module (``weights`` None) to export
+    instead of a checkpoint, with ``from_module(net, InputSpec(...))`` saying what it takes."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -94,7 +99,7 @@ def export_artifact(
     workdir = Path(workdir)
     revision = load_manifest(workdir).get("revision", 0)  # a corrupt manifest is refused before any write
     channels = ckpt.config.get("n_channels", 3)
-    dest = workdir / f"{Path(weights).stem}{FORMATS[fmt].suffix}"
+    dest = workdir / f"{ckpt.path.stem}{FORMATS[fmt].suffix}"
     metadata = metadata_json(ckpt.record() | {"export_size": [height, width]})
 
     with publish.created_dir(workdir), publish.staged(dest, publish.estimated_bytes(net), fmt) as staged:
@@ -128,11 +133,11 @@ def model_record(ckpt: Checkpoint) -> dict:
     return record | ({"heldout": heldout} if heldout else {})
 
 
-def require_real_images(precision: str, weights: str | Path, model: str | None, data: str | Path | None) -> None:
+def require_real_images(precision: str, weights: str | Path | None, model, data: str | Path | None) -> None:
     """Refuse, before anything is exported, a reduced-precision export of ``weights`` that would
     have no real images to be judged on (no ``data``, no held-out images in its sidecar)."""
-    if data is None and folder_record(load_checkpoint(weights, model).validation) is None:
-        raise UserError(f"the {precision} artefact is judged on real images only and {Path(weights).name} has no "
+    if data is None and folder_record((ckpt := load_checkpoint(weights, model)).validation) is None:
+        raise UserError(f"the {precision} artefact is judged on real images only and {ckpt.path.name} has no "
                         f"held-out images recorded (a training sidecar's validation set); {HOW}")  # fmt: skip
 
 
@@ -147,16 +152,17 @@ def _refuse_concurrent_model(manifest: dict, ckpt: Checkpoint, revision: int, wo
 
 def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] | None = None,
                      device: str = "auto", max_class_change: float | None = None, min_dice: float | None = None,
-                     data: str | Path | None = None) -> ExportResult:  # fmt: skip
+                     data: str | Path | None = None, model=None) -> ExportResult:  # fmt: skip
     """Convert the workdir's verified FP32 ONNX model to FP16 (FP32 inputs and outputs) and check
     it against the eager model with the FP16 tolerances (``max_class_change``/``min_dice`` replace them)
-    on real images: ``data``, else the held-out images the manifest records (none: exit 2)."""
+    on real images: ``data``, else the held-out images the manifest records (none: exit 2).
+    ``model``: the factory (or nn.Module) that rebuilds a factory's (module's) eager model."""
     started = time.perf_counter()
     tol = tolerance_for("fp16", max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     source = onnx_entry(manifest, workdir)
-    net = build_model(manifest_checkpoint(manifest))
+    net = build_model(manifest_checkpoint(manifest, model=model))
     dev = resolve_device(device)
     dest = workdir / Path(source["path"]).with_suffix(".fp16.onnx").name
     entry = {"format": "onnx", "path": dest.name, "precision": "fp16", "export_size": source["export_size"],
@@ -190,17 +196,19 @@ def build_trt(
     max_class_change: float | None = None,
     min_dice: float | None = None,
     data: str | Path | None = None,
+    model=None,
 ) -> ExportResult:
     """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA
     (judged by float64); the tolerance options replace those of the engine's precision. FP32 is
-    judged on seeded inputs; FP16 on real images (``data``, else the manifest's held-out images)."""
+    judged on seeded inputs; FP16 on real images (``data``, else the manifest's held-out images).
+    ``model``: the factory (or nn.Module) that rebuilds a factory's (module's) eager model."""
     started = time.perf_counter()
     tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     source = onnx_entry(manifest, workdir, onnx)
     profile = resolve_profile(source, min_shape, opt_shape, max_shape)
-    net = build_model(manifest_checkpoint(manifest))
+    net = build_model(manifest_checkpoint(manifest, model=model))
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise UserError("TensorRT needs an NVIDIA GPU and torch sees no CUDA device here; "
@@ -213,7 +221,7 @@ def build_trt(
     plan = plan_build(trt.__version__, precision, fp32_layers)
     onnx_path = workdir / source["path"]
     if plan.source == "fp16-onnx":  # TensorRT >= 11: FP16 comes from the model's types
-        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", data=data,
+        onnx_path = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cuda", data=data, model=model,
                                      max_class_change=max_class_change, min_dice=min_dice).path  # fmt: skip
     dest = engine_path(workdir, source["path"], precision)
     cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"

@@ -61,7 +61,7 @@ ATTEMPTS = {
 }
 
 
-def quantize_int8(weights: str | Path, calib: str | Path | list, workdir: str | Path = "exports", *, val: str | Path | None = None,
+def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir: str | Path = "exports", *, val: str | Path | None = None,
                   engine: str = "all", subset: int | None = None, max_dice_drop: float = 0.005,
                   max_class_change: float | None = None, min_dice: float | None = None, fallback: bool = True,
                   mask_suffix: str = "_mask", model: str | None = None, device: str = "auto", height: int = 256,

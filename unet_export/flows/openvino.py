@@ -15,7 +15,7 @@ from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import sha256_file
 from unet_export.flows.export import ExportResult, export_artifact, require_real_images
-from unet_export.models import mask_threshold
+from unet_export.models import ModelChoice, mask_threshold
 from unet_export.parity.gate import seeded_inputs, tolerance_for
 from unet_export.parity.realimages import gate_images
 from unet_export.parity.run import run_parity
@@ -64,9 +64,10 @@ def manifest_holds(workdir: Path, parked: str) -> bool:
 def ensure_onnx(weights, workdir: Path, *, model=None, device="auto", height=256, width=256,
                 on_result=None) -> dict:  # fmt: skip
     """The workdir's verified FP32 ONNX entry of ``weights``' checkpoint, exported first when the
-    workdir has none (or holds another checkpoint's artefacts). ``weights`` None: the workdir's own."""
+    workdir has none (or holds another checkpoint's artefacts). ``weights`` None: the workdir's own
+    (unless ``model`` is an nn.Module: then its weights)."""
     manifest = load_manifest(workdir)
-    if weights is not None:
+    if weights is not None or ModelChoice.of(model).in_memory:
         ckpt = load_checkpoint(weights, model)
         recorded = ((manifest.get("model") or {}).get("checkpoint") or {}).get("sha256")
         has_onnx = any(a["format"] == "onnx" and a["precision"] == "fp32" and a["status"] == "verified"
@@ -84,7 +85,7 @@ def ensure_onnx(weights, workdir: Path, *, model=None, device="auto", height=256
 
 
 def export_openvino(weights: str | Path | None = None, workdir: str | Path = "exports", *, fp16: bool = False,
-                    model: str | None = None, device: str = "auto", height: int = 256, width: int = 256,
+                    model=None, device: str = "auto", height: int = 256, width: int = 256,
                     seed: int = 0, on_result=None, data: str | Path | None = None, rtol: float | None = None,
                     atol: float | None = None, max_class_change: float | None = None,
                     min_dice: float | None = None) -> ExportResult:  # fmt: skip
@@ -96,7 +97,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     precision = "fp16" if fp16 else "fp32"
     tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     require("openvino", extra="openvino")
-    if fp16 and weights is not None:
+    if fp16 and (weights is not None or ModelChoice.of(model).in_memory):
         require_real_images("fp16", weights, model, data)
     with publish.created_dir(workdir):
         source = ensure_onnx(
@@ -104,7 +105,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         )
     started = time.perf_counter()
     manifest = load_manifest(workdir)
-    net = build_model(manifest_checkpoint(manifest, weights))
+    net = build_model(manifest_checkpoint(manifest, weights, model))
     dest = ir_path(workdir, source["path"], precision)
     need = 2 * publish.estimated_bytes(net)  # the IR, and its parked .bin beside the old one while publishing
     # save_model writes the .bin beside the .xml: .<stem>.<pid>.tmp.bin, the .bin's own temp name

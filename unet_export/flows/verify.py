@@ -80,10 +80,13 @@ def verify_workdir(
     atol: float | None = None,
     max_class_change: float | None = None,
     min_dice: float | None = None,
+    model=None,
 ) -> VerifyReport:
     """Re-run the parity gate of every artefact in ``workdir``'s manifest and record the verdicts.
     FP32 is judged on the seeded inputs and the real images; FP16/BF16/INT8 on the real images
-    only (``data``, else those recorded in the manifest), and without any it is not judged here."""
+    only (``data``, else those recorded in the manifest), and without any it is not judged here.
+    ``model`` rebuilds a factory's eager model (--model-factory) or an in-memory module's (the
+    module): the manifest's own record of them is never run."""
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     if manifest.get("model") is None or not manifest["artifacts"]:
@@ -100,7 +103,7 @@ def verify_workdir(
     report.verdicts = [v for e in manifest["artifacts"] if (v := _integrity(e, workdir)) is not None]
     if report.verdicts:
         return report
-    net, stand_in = _eager_or_recorded(workdir, manifest, weights)
+    net, stand_in = _eager_or_recorded(workdir, manifest, weights, model)
     sources = set()
     # --data or the model's held-out set, found (every recorded file hashed) once for the workdir;
     # only an artefact with gate images of its own looks again.
@@ -130,11 +133,11 @@ class Recorded:
         return f"judged against recorded float64 references (eager not rebuilt: {self.why})"
 
 
-def _eager_or_recorded(workdir: Path, manifest: dict, weights) -> tuple[torch.nn.Module | None, Recorded | None]:
+def _eager_or_recorded(workdir: Path, manifest: dict, weights, model=None) -> tuple[torch.nn.Module | None, Recorded | None]:
     """The eager model, or (where it cannot be rebuilt: smp missing, a factory not importable or
     not trusted) the outputs recorded when its artefacts were published; neither is exit 2."""
     try:
-        return build_model(manifest_checkpoint(manifest, weights)), None
+        return build_model(manifest_checkpoint(manifest, weights, model)), None
     except EagerUnavailable as exc:
         return None, Recorded(recorded_references(workdir, manifest, str(exc)), str(exc))
 

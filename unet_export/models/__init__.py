@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 
 from unet_export.errors import UserError
-from unet_export.models import deeplab, milesial, plain, reflect, resnet50, smp, valid
+from unet_export.models import deeplab, external, milesial, plain, reflect, resnet50, smp, valid
 from unet_export.models.sizes import SizeRule
 
 
@@ -33,8 +33,24 @@ class ModelChoice:
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: "str | ModelChoice | None") -> "ModelChoice":
+    def of(cls, model: "str | ModelChoice | nn.Module | None") -> "ModelChoice":
+        """A name, a ModelChoice, or an nn.Module (with the default InputSpec: see from_module)."""
+        if isinstance(model, nn.Module):
+            return from_module(model)
         return model if isinstance(model, ModelChoice) else cls(model)
+
+    @property
+    def in_memory(self) -> bool:
+        """An nn.Module passed from Python: no checkpoint file behind it."""
+        return self.name == external.MODULE
+
+
+def from_module(net: nn.Module, inputs: external.InputSpec | None = None) -> ModelChoice:
+    """``model=`` for an in-memory nn.Module: what it takes (channels, sizes, preprocessing,
+    mask_values) is ``inputs``; its weights are its own state_dict."""
+    if not isinstance(net, nn.Module):
+        raise UserError(f"from_module takes an nn.Module, got a {type(net).__name__}")
+    return ModelChoice(external.MODULE, {"module": net, "inputs": inputs or external.InputSpec()})
 
 
 def _variant(family: ModelSpec, description: str, **fixed) -> ModelSpec:
@@ -85,6 +101,13 @@ MODELS["smp"] = ModelSpec(smp.build, lambda state_dict: None,
                           "a segmentation_models_pytorch model (a save_pretrained folder, or a state_dict with "
                           "--arch and --encoder); its input sizes are the model's", _recorded_sizes,
                           configure=smp.configure, weights=smp.weights)  # fmt: skip
+MODELS["factory"] = ModelSpec(external.unbuildable, lambda state_dict: None,
+                              "any nn.Module, built by --model-factory MODULE:CALLABLE or path/to/file.py:CALLABLE "
+                              "(the checkpoint holds its weights); its input sizes are asked of it",
+                              _recorded_sizes, configure=external.configure)  # fmt: skip
+# The Python API's model=net: not a --model choice (there is no file to load it from).
+MODELS["module"] = ModelSpec(external.unbuildable, lambda state_dict: None, "an in-memory nn.Module (Python API)",
+                             _recorded_sizes, configure=external.configure_module)  # fmt: skip
 
 
 def mask_threshold(config: dict) -> float:
@@ -94,11 +117,16 @@ def mask_threshold(config: dict) -> float:
     return float(config.get("threshold", 0.5 if config.get("sigmoid") else 0.0))
 
 
+def choices() -> list[str]:
+    """What --model can name (an in-memory module comes from Python only)."""
+    return [name for name in MODELS if name != external.MODULE]
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(choices())}") from None
 
 
 def create_model(name: str, **config) -> nn.Module:

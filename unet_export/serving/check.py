@@ -83,21 +83,22 @@ class CheckInputs:
 
 
 def check_inputs(repo: str | Path, *, tritonserver: str | Path | None = None, data: str | Path | None = None,
-                 weights: str | Path | None = None) -> CheckInputs:  # fmt: skip
+                 weights: str | Path | None = None, model=None) -> CheckInputs:  # fmt: skip
     """Everything --check refuses (exit 2) before a server starts. `triton --check` runs it on the
-    staged repository too, so that bad input publishes nothing."""
+    staged repository too, so that bad input publishes nothing. ``model`` rebuilds a factory's
+    eager model (--model-factory)."""
     server, found, missing = repository_server(Path(repo), tritonserver)
     record = read_record(Path(repo))
-    checkpoint = manifest_checkpoint({"model": record["model"]}, weights)
+    checkpoint = manifest_checkpoint({"model": record["model"]}, weights, model)
     images, why = real_images(record, data)
     return CheckInputs(server, found, missing, record, checkpoint, images, why)
 
 
 def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, data: str | Path | None = None,
-                 weights: str | Path | None = None, clients: int = 8, requests: int = 50, deadline_s: float = 180.0,
-                 seed: int = 0, on_step=lambda message: None) -> ServeCheck:  # fmt: skip
+                 weights: str | Path | None = None, model=None, clients: int = 8, requests: int = 50,
+                 deadline_s: float = 180.0, seed: int = 0, on_step=lambda message: None) -> ServeCheck:  # fmt: skip
     repo = Path(repo)
-    inputs = check_inputs(repo, tritonserver=tritonserver, data=data, weights=weights)
+    inputs = check_inputs(repo, tritonserver=tritonserver, data=data, weights=weights, model=model)
     server, found, record, images, why = inputs.server, inputs.found, inputs.record, inputs.images, inputs.why
     served, install = server.models, server.install
     report = ServeCheck(repo, install, served, inputs.missing)

@@ -3,28 +3,41 @@ verified FP32 ONNX model (where the FP16, TensorRT and OpenVINO steps start)."""
 
 from pathlib import Path
 
+import torch.nn as nn
+
 from unet_export.checkpoint import Checkpoint, load_checkpoint, rebuilding
 from unet_export.errors import UserError
-from unet_export.models import ModelChoice, get_spec
+from unet_export.models import ModelChoice, external, get_spec
 from unet_export.runtimes.onnx.export import check_external_data
 from unet_export.workdir.manifest import checked_path
 
 
-def manifest_checkpoint(manifest: dict, weights: str | Path | None = None) -> Checkpoint:
-    """The checkpoint the workdir's artefacts were exported from (``weights`` if it has moved)."""
+def manifest_checkpoint(manifest: dict, weights: str | Path | None = None,
+                        model: "str | ModelChoice | nn.Module | None" = None) -> Checkpoint:  # fmt: skip
+    """The checkpoint the workdir's artefacts were exported from (``weights`` if it has moved).
+    ``model`` is the user's (--model-factory, or an nn.Module from Python): a factory's model or an
+    in-memory module is rebuilt only from it, never from what the untrusted manifest names."""
     record = manifest.get("model")
     if record is None:
         raise UserError("the workdir has no manifest with a model: run `unet-export onnx WEIGHTS` first")
-    path = Path(weights or record["checkpoint"]["path"])
-    if not path.exists():
-        raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
-    # A family configured from outside its keys (smp) is rebuilt from the config recorded for it.
-    configured = get_spec(record["architecture"]).configure is not None
-    choice = ModelChoice(record["architecture"], {"recorded": record["config"]} if configured else {})
-    with rebuilding(record["architecture"]):  # smp missing here: EagerUnavailable (recorded references judge)
-        ckpt = load_checkpoint(path, choice)
+    choice, family = ModelChoice.of(model), record["architecture"]
+    external.check_rebuild(family, record["config"], choice.options)  # EagerUnavailable before any file is read
+    if choice.in_memory:
+        ckpt = load_checkpoint(None, choice)
+    else:
+        path = Path(weights or record["checkpoint"]["path"])
+        if not path.exists():
+            raise UserError(f"the manifest's checkpoint {path} is gone; pass it with --weights PATH")
+        # A family configured from outside its keys (smp, a factory) is rebuilt from the config
+        # recorded for it; a factory is the user's, checked against the recorded one.
+        options = {"recorded": record["config"]} if get_spec(family).configure is not None else {}
+        if family == external.FACTORY:
+            options["factory"] = choice.options["factory"]
+        with rebuilding(family):  # smp missing here: EagerUnavailable (recorded references judge)
+            ckpt = load_checkpoint(path, ModelChoice(family, options))
     if ckpt.sha256 != record["checkpoint"]["sha256"]:
-        raise UserError(f"{path} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
+        what = "the module" if choice.in_memory else str(ckpt.path)
+        raise UserError(f"{what} is not the checkpoint the artefacts were exported from (sha256 differs); export again")
     return ckpt
 
 

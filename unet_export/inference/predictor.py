@@ -123,14 +123,14 @@ def load_predictor(model_path: str | Path, device, model: str | None = None) -> 
     """A runner for MODEL by its suffix, and the model record its metadata carries. An artefact
     its folder's manifest records runs as that entry (checked against its sha256, must have passed)."""
     path = Path(model_path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"model not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".pth", ".pt"):
+    if path.is_dir() or suffix in (".pth", ".pt", ".safetensors"):  # a save_pretrained folder is a checkpoint
         ckpt = load_checkpoint(path, model)
         return make_predictor(ckpt.record(), EagerRunner(build_model(ckpt), device), "eager")
     if suffix not in (*ARTEFACT_READERS, ".engine"):
-        raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth), an artefact (.onnx, .ts, .pt2, .xml, "
+        raise UserError(f"{path.name}: MODEL must be a checkpoint (.pth, .safetensors), an artefact (.onnx, .ts, .pt2, .xml, "
                         ".engine) or a workdir with a manifest.json")  # fmt: skip
     recorded = _recorded_entry(path)
     if recorded is not None:

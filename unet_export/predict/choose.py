@@ -23,7 +23,8 @@ def open_model(model, device, runtime: str = "auto", architecture: str | None = 
     will run (every mask is done), so with nothing remembered no runtime is timed either.
     ``timing(labels)``: a context manager around the timing (the CLI's progress lines)."""
     path, device = Path(model), torch.device(device)
-    if not path.is_dir():
+    # A save_pretrained folder (config.json, no manifest) is a checkpoint: the eager model.
+    if not path.is_dir() or ((path / "config.json").is_file() and not (path / "manifest.json").is_file()):
         predictor = load_predictor(path, device, architecture)
         if runtime not in ("auto", predictor.label):
             raise UserError(f"--runtime {runtime}: {path.name} runs with {predictor.label}; give a workdir to choose "

@@ -38,6 +38,10 @@ def export_onnx(
     require("onnxscript")  # the dynamo exporter translates through it
     check_opset(opset, onnx.defs.onnx_opset_version())
     shapes = (_dynamic_shapes(sizes),) if dynamic else None
+    # torch.export specialises a dimension of size 1 to a constant: traced at batch 1, a model that
+    # reshapes by its batch (smp's Segformer) came out fixed at batch 1, so the trace sees two.
+    if dynamic and sample.shape[0] == 1:
+        sample = sample.repeat(2, 1, 1, 1)
     proto = _export_proto(model, sample, opset, shapes)
     onnx.helper.set_model_props(proto, metadata)
     try:
@@ -100,7 +104,10 @@ def io_record(proto, dynamic: bool) -> dict:
     return {
         "inputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.input],
         "outputs": [{"name": v.name, "shape": shape(v)} for v in proto.graph.output],
-        "dynamic_axes": {name: DYNAMIC_AXES for name in (INPUT_NAME, OUTPUT_NAME)} if dynamic else {},
+        # what the graph declares, not what was asked for: an exporter that fixed an axis says so here
+        "dynamic_axes": {v.name: {axis: DYNAMIC_AXES[axis] for axis in DYNAMIC_AXES if shape(v)[axis] and
+                                  isinstance(shape(v)[axis], str)} for v in (*proto.graph.input, *proto.graph.output)
+                         if v.name in (INPUT_NAME, OUTPUT_NAME)} if dynamic else {},
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
     }
 

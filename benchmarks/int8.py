@@ -123,7 +123,7 @@ def bench_vs_openvino(workdir: Path, height: int, width: int, data: Path, args, 
     cfg = BenchConfig(batch=args.batch, height=height, width=width, **timing)
     reference = BACKENDS["openvino"](ctx)
     rows = run_benchmark({n: functools.partial(BACKENDS[n], ctx) for n in names}, reference, cfg,
-                         bench_batch(cfg, 3, image_paths(data)), on_row)  # fmt: skip
+                         bench_batch(cfg, 3, image_paths(data), manifest["model"].get("preprocess")), on_row)  # fmt: skip
     config = {"batch": args.batch, "height": height, "width": width, "inputs": str(data),
               "reference": "openvino fp32 (IR); no eager row, no float64"} | timing  # fmt: skip
     return BenchReport(

@@ -317,10 +317,12 @@ def _refused(path: Path, kind: str | None, prefix: str | None, refused: str) -> 
                          f"load it in the project that made it and re-save only the weights with {_RESAVE}, then "
                          "pass weights.pth")  # fmt: skip
     sample = ", ".join(list(weights)[:3]) or "none"
+    keyed = [name for name, spec in MODELS.items() if spec.configure is None]
     return UserError(f"refusing to load {path}: it pickles a whole model ({whole.cls}), Python objects that could "
-                     f"run code, of an architecture unet-export does not support yet: its weights (keys {sample}, "
-                     f"...) fit none of {', '.join(choices())} (see --model), so re-saving its state_dict would not "
-                     "help either")  # fmt: skip
+                     f"run code, of an architecture unet-export does not know by its keys (keys {sample}, ...; it "
+                     f"knows {', '.join(keyed)}): load it in the project that made it, re-save only the "
+                     f"weights with {_RESAVE} and pass the function that builds the model with --model-factory "
+                     "path/to/file.py:CALLABLE")  # fmt: skip
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:

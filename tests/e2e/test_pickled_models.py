@@ -65,15 +65,21 @@ def test_a_pickled_model_of_an_unsupported_architecture_is_no_dead_end(tmp_path)
     result = runner.invoke(app, ["onnx", str(tmp_path / "whole.pth"), "-w", str(tmp_path / "exports")])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     message = result.stderr
-    assert "segnet.model.FPNLike" in message and "not support" in message, message
-    assert "re-saving its state_dict would not help" in message and "state_dict())" not in message
-    assert all(name in message for name in MODELS)
+    assert "segnet.model.FPNLike" in message and "does not know by its keys" in message, message
+    # the way in: its state_dict with the function that builds it (--model-factory)
+    assert "torch.save(model.state_dict(), 'weights.pth')" in message and "--model-factory" in message
+    assert all(name in message for name, spec in MODELS.items() if spec.configure is None)
     assert "encoder.0.weight" in message  # what its keys are, so the user sees why
     # and it is true: the state_dict, re-saved, is refused as an unknown architecture
     _in_project(tmp_path, SMP_LIKE_PROJECT, "m = torch.load('whole.pth', weights_only=False)\n"
                                             "torch.save(m.state_dict(), 'weights.pth')")  # fmt: skip
     resaved = runner.invoke(app, ["onnx", str(tmp_path / "weights.pth"), "-w", str(tmp_path / "exports")])
     assert resaved.exit_code == 2 and "not a checkpoint of a known architecture" in resaved.stderr
+    # and the advice holds: with the factory that builds it, the re-saved weights export and verify
+    factory = f"{tmp_path / 'project' / 'segnet' / 'model.py'}:FPNLike"
+    done = runner.invoke(app, ["onnx", str(tmp_path / "weights.pth"), "-w", str(tmp_path / "exports"),
+                               "--model-factory", factory, "--height", "64", "--width", "64"])  # fmt: skip
+    assert done.exit_code == 0, done.output
 
 
 def test_reading_a_pickled_model_imports_and_runs_none_of_it(tmp_path):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import REPO
 from unet_export.api import export_artifact
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import UserError
@@ -41,9 +42,19 @@ HEAVY = {"resnet50", "deeplabv3"}  # 148M / 40M parameters, fixed widths: export
 VARIANTS = {"reflect-sigmoid": "reflect", "valid-pad": "valid", "valid-same": "valid"}
 
 
+# Families configured from outside their keys, each exported and parity-checked by its own tests
+CONFIGURED = {"smp": "tests/e2e/test_smp_matrix.py", "factory": "tests/flows/test_factory.py",
+              "module": "tests/flows/test_factory.py"}
+
+
 def test_every_registered_model_has_export_and_parity_coverage():
-    assert set(CASES) == set(MODELS), "add the new model to CASES so it is exported and parity-checked"
-    assert set(SIZE_RULES) == set(MODELS), "add the new model's input sizes to SIZE_RULES"
+    keyed = {name for name, spec in MODELS.items() if spec.configure is None}
+    assert set(CASES) == keyed, "add the new model to CASES so it is exported and parity-checked"
+    assert set(SIZE_RULES) == keyed, "add the new model's input sizes to SIZE_RULES"
+    configured = {name for name, spec in MODELS.items() if spec.configure is not None}
+    assert configured == set(CONFIGURED), "a configured family needs its own export tests, named in CONFIGURED"
+    for name, tests in CONFIGURED.items():
+        assert f'"{name}"' in (REPO / tests).read_text(), (name, tests)
 
 
 def checkpoint(name, tmp_path):

@@ -153,13 +153,17 @@ def _time_into(row: Row, runner: Runner, x: torch.Tensor, out: torch.Tensor, cfg
         row.h2d_ms, row.d2h_ms = copy_times_ms(x, out, runner.device)
 
 
-def bench_batch(cfg: BenchConfig, channels: int, images: list[Path] | None = None) -> torch.Tensor:
-    """The real ``images`` (cycled to fill the batch, resized to the bench size), else seeded
-    noise, on which only FP32 rows are judged."""
+def bench_batch(cfg: BenchConfig, channels: int, images: list[Path] | None = None,
+                preprocess: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """The real ``images`` (cycled to fill the batch, resized to the bench size), with the model's
+    pixel normalisation (an smp encoder's mean/std: reduced precision is judged on what the model
+    sees in use, not raw pixels), else seeded noise, on which only FP32 rows are judged."""
     if not images:
         gen = torch.Generator().manual_seed(cfg.seed)
         return torch.rand(cfg.batch, channels, cfg.height, cfg.width, generator=gen)
-    tensors = [image_to_tensor(load_image(images[i % len(images)]), Preprocess()) for i in range(cfg.batch)]
+    record = Preprocess.from_dict(preprocess)  # the bench sets the size itself: only the pixel values
+    pixels = Preprocess(mean=record.mean, std=record.std, bgr=record.bgr)
+    tensors = [image_to_tensor(load_image(images[i % len(images)]), pixels) for i in range(cfg.batch)]
     if any(img.shape[0] != channels for img in tensors):
         raise UserError(f"images in {images[0].parent} do not have the model's {channels} channel(s)")
     return torch.stack([F.interpolate(img[None], (cfg.height, cfg.width), mode="bilinear")[0] for img in tensors])
@@ -248,7 +252,7 @@ def benchmark(
     channels = ckpt.config.get("n_channels", 3)
     ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
-    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images), on_row,
+    rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images, manifest["model"].get("preprocess")), on_row,
                          tolerances=tolerances, no_images=why, threshold=mask_threshold(ckpt.config))  # fmt: skip
     config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
                             "inputs": source if images else f"{NOISE_NOTE} ({why})", "model": manifest["model"],

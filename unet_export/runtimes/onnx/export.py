@@ -4,6 +4,7 @@ height and width, metadata_props, onnx.checker, and an atomic write."""
 import contextlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -91,9 +92,20 @@ def _export_proto(model, sample, opset, dynamic_shapes):
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; all mean "could not export"
-        first = " ".join(str(exc).split())[:300]
-        raise ArtifactError(f"torch.onnx.export failed: {type(exc).__name__}: {first}") from exc
+        raise ArtifactError(f"torch.onnx.export failed: {_root_cause(exc)}") from exc
     return program.model_proto
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The exception torch.export raised, not the exporter's wrapper: the wrapper's first 300
+    characters are always the same advice (in terminal colours), the cause says what failed."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(ANSI.sub("", str(exc)).split())
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def io_record(proto, dynamic: bool) -> dict:

@@ -157,7 +157,7 @@ def test_the_size_flags_replace_the_probe_and_a_size_they_refuse_is_named(weight
 
 def test_size_flags_without_a_factory_are_refused(weights, tmp_path):
     result = cli("onnx", weights, "-w", tmp_path / "exports", "--min-size", "32")
-    one_line_error(result, "--min-size apply to a --model-factory model")
+    one_line_error(result, "--min-size applies to a --model-factory model")
 
 
 def test_the_module_form_imports_from_the_current_folder(weights, tmp_path, monkeypatch):

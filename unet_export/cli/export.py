@@ -20,8 +20,7 @@ from unet_export.api import (
 from unet_export.cli.common import cli_errors, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import (
-    ArchOpt, DeviceOpt, EncoderOpt, FactoryOpt, InChannelsOpt, MeanOpt, MinSizeOpt, ModelArgOpt, ModelOpt,
-    RebuildFactoryOpt, SizeMultipleOpt, StdOpt, Weights, Workdir, model_choice,
+    DeviceOpt, ModelOpt, RebuildFactoryOpt, Weights, Workdir, model_choice, with_model_flags,
 )  # fmt: skip
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
@@ -62,6 +61,7 @@ def _export(fmt: str, weights: Path, workdir: Path, json_path: Path | None, **op
 
 
 @cli_errors
+@with_model_flags()
 def onnx_cmd(
     weights: Weights,
     workdir: Workdir = Path("exports"),
@@ -73,15 +73,6 @@ def onnx_cmd(
     fp32_layers: FP32Layers = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -90,8 +81,6 @@ def onnx_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
-                         in_channels)
     with json_result(json_path, "export", "unet-export onnx", workdir) as out:
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
@@ -125,6 +114,7 @@ def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_lay
 
 
 @cli_errors
+@with_model_flags()
 def torchscript_cmd(
     weights: Weights,
     workdir: Workdir = Path("exports"),
@@ -132,27 +122,17 @@ def torchscript_cmd(
     width: Width = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
-                         in_channels)
     _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
 
 @cli_errors
+@with_model_flags()
 def aoti_cmd(
     weights: Weights,
     workdir: Workdir = Path("exports"),
@@ -161,22 +141,11 @@ def aoti_cmd(
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
-                         in_channels)
     _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
             rtol=rtol, atol=atol)  # fmt: skip
 
@@ -223,6 +192,7 @@ def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace
 
 
 @cli_errors
+@with_model_flags()
 def openvino_cmd(
     weights: Weights,
     workdir: Workdir = Path("exports"),
@@ -231,15 +201,6 @@ def openvino_cmd(
     width: SourceWidth = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -249,8 +210,6 @@ def openvino_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on
     the CPU. The gate options judge the IR; an ONNX model exported first is judged as `onnx` judges it."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
-                         in_channels)
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="drop --fp16")
     with json_result(json_path, "export", "unet-export openvino", workdir) as out:
 
@@ -269,6 +228,7 @@ def openvino_cmd(
 
 
 @cli_errors
+@with_model_flags()
 def int8_cmd(
     weights: Weights,
     calib: Annotated[
@@ -304,21 +264,10 @@ def int8_cmd(
     width: SourceWidth = 256,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
-                         in_channels)
     with json_result(json_path, "export", "unet-export int8", workdir) as out:
         show = shower(workdir)
 

@@ -1,6 +1,8 @@
 """The option types every command shares, defined once as Annotated aliases, the version option,
 and the help style (flags without a type, arguments as Click shows them)."""
 
+import functools
+import inspect
 import json
 from enum import Enum
 from pathlib import Path
@@ -141,11 +143,44 @@ def model_choice(model: str | None, arch: str | None = None, encoder: str | None
     return ModelChoice(model, {k: v for k, v in options.items() if v})
 
 
+# The flags that configure a model its keys cannot name, in the order help lists them.
+MODEL_FLAGS = {"arch": ArchOpt, "encoder": EncoderOpt, "model_arg": ModelArgOpt, "mean": MeanOpt, "std": StdOpt,
+               "model_factory": FactoryOpt, "min_size": MinSizeOpt, "size_multiple": SizeMultipleOpt,
+               "in_channels": InChannelsOpt}  # fmt: skip
+
+
+def with_model_flags(var: str = "model"):
+    """Give a command the MODEL_FLAGS after its ``var`` (--model) parameter, declared once here;
+    the command receives ``var`` as the ModelChoice they make. Typer reads the signature."""
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        params = list(signature.parameters.values())
+        at = [p.name for p in params].index(var) + 1
+        flags = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=kind)
+                 for name, kind in MODEL_FLAGS.items()]  # fmt: skip
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            given = {name: kwargs.pop(name, None) for name in MODEL_FLAGS}
+            kwargs[var] = model_choice(kwargs.get(var), given["arch"], given["encoder"], given["model_arg"],
+                                       given["mean"], given["std"], given["model_factory"], given["min_size"],
+                                       given["size_multiple"], given["in_channels"])  # fmt: skip
+            return command(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params[:at] + flags + params[at:])
+        wrapper.__annotations__ = dict(command.__annotations__) | MODEL_FLAGS
+        return wrapper
+
+    return decorate
+
+
 def _check_factory_flags(model, arch, encoder, factory, **sizes) -> None:
     given = [f"--{name.replace('_', '-')}" for name, value in sizes.items() if value]
     if given and not factory:
-        raise UserError(f"{' and '.join(given)} apply to a --model-factory model: smp and the known "
-                        "architectures say their own")  # fmt: skip
+        verb = "apply" if len(given) > 1 else "applies"
+        raise UserError(f"{' and '.join(given)} {verb} to a --model-factory model: smp and the known architectures "
+                        "say their own")  # fmt: skip
     if factory and (arch or encoder):
         raise UserError("--arch and --encoder name an smp model; --model-factory builds its own: pass one of them")
     if factory and model not in (None, "factory"):

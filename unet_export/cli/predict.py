@@ -11,10 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from unet_export.api import resolve_device
 from unet_export.cli.common import cli_errors, console, stop_on_signals, working
-from unet_export.cli.options import (
-    ArchOpt, EncoderOpt, FactoryOpt, InChannelsOpt, MeanOpt, MinSizeOpt, ModelArgOpt, ModelOpt, RunDeviceOpt,
-    SizeMultipleOpt, StdOpt, model_choice,
-)  # fmt: skip
+from unet_export.cli.options import ModelOpt, RunDeviceOpt, with_model_flags
 from unet_export.data.images import DEFAULT_MAX_PIXELS
 from unet_export.fileio import write_json
 from unet_export.predict.batch import PredictOptions, prepare, run
@@ -25,6 +22,7 @@ SHOWN_FAILURES = 20  # on the terminal; the report lists them all
 
 
 @cli_errors
+@with_model_flags("architecture")
 def predict_cmd(
     model: Annotated[Path, typer.Argument(help="Checkpoint (.pth), artefact (.onnx, .ts, .pt2, .xml, .engine) or a "
                                           "workdir: then --runtime picks among its verified artefacts.")],  # fmt: skip
@@ -46,22 +44,11 @@ def predict_cmd(
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels than this (checked from the "
                                             "header, before decoding).")] = DEFAULT_MAX_PIXELS,  # fmt: skip
     architecture: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     device: RunDeviceOpt = "auto",
 ) -> None:
     """Masks for many images, streamed: decoding and writing run in threads around the runtime,
     same-size images are batched. An image that cannot be read is reported and skipped (exit 1 at
     the end); every mask is written whole (temp + rename), so --resume can pick up a killed run."""
-    architecture = model_choice(architecture, arch, encoder, model_arg, mean, std, model_factory, min_size,
-                                size_multiple, in_channels)
     use_ray = ray or ray_address is not None
     address = (ray_address or os.environ.get("RAY_ADDRESS")) if use_ray else None
     options = PredictOptions(batch_size, workers, overlay, resume, max_pixels)

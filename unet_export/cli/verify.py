@@ -11,25 +11,17 @@ from unet_export.api import cpp_check, evaluate, verify_workdir
 from unet_export.cli.common import cli_errors, console, fail, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import (
-    ArchOpt,
     Device,
     DeviceOpt,
-    EncoderOpt,
-    FactoryOpt,
-    InChannelsOpt,
     MaskSuffix,
     MaxPixels,
-    MeanOpt,
-    MinSizeOpt,
-    ModelArgOpt,
     ModelOpt,
-    StdOpt,
-    model_choice,
-    parse_mask_values,
     RebuildFactoryOpt,
-    SizeMultipleOpt,
     RunDeviceOpt,
     Workdir,
+    model_choice,
+    parse_mask_values,
+    with_model_flags,
 )
 from unet_export.cli.render_verify import cpp_table, dice_table, verify_report
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol
@@ -69,6 +61,7 @@ def verify_cmd(
 
 
 @cli_errors
+@with_model_flags()
 def evaluate_cmd(
     weights: Annotated[Path, typer.Argument(help="Checkpoint (its .json sidecar gives the preprocessing).")],
     data: Annotated[Path, typer.Argument(help="Labelled dataset (either layout).")],
@@ -81,21 +74,10 @@ def evaluate_cmd(
                            "(0,255; r:g:b for RGB masks), for a checkpoint that records none. "
                            "Default: the checkpoint's; else class indices 0,1,...")] = None,  # fmt: skip
     model: ModelOpt = None,
-    arch: ArchOpt = None,
-    encoder: EncoderOpt = None,
-    model_arg: ModelArgOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    model_factory: FactoryOpt = None,
-    min_size: MinSizeOpt = None,
-    size_multiple: SizeMultipleOpt = None,
-    in_channels: InChannelsOpt = None,
     device: RunDeviceOpt = "auto",
     json_path: JsonOpt = None,
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
-    model = model_choice(model, arch, encoder, model_arg, mean, std, model_factory, min_size, size_multiple,
-                         in_channels)
     with json_result(json_path, "evaluate", "unet-export evaluate") as out:
         out["workdir"], out["data"] = str(workdir), str(data)
         report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,

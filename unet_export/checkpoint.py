@@ -16,7 +16,7 @@ import torch.nn as nn
 from unet_export.checkpoint_archive import check_zip, container, corrupt, error_detail, exported_model, is_safetensors
 from unet_export.errors import EagerUnavailable, UserError, require
 from unet_export.fileio import loads_json, sha256_file
-from unet_export.models import MODELS, ModelChoice, choices, create_model, detect_model, external, get_spec, smp
+from unet_export.models import MODELS, ModelChoice, create_model, detect_model, external, get_spec, smp
 from unet_export.pickled import read_pickled_model
 
 # Dicts that wrap a state_dict, as saved by training scripts and Lightning-style loops.
@@ -317,12 +317,10 @@ def _refused(path: Path, kind: str | None, prefix: str | None, refused: str) -> 
                          f"load it in the project that made it and re-save only the weights with {_RESAVE}, then "
                          "pass weights.pth")  # fmt: skip
     sample = ", ".join(list(weights)[:3]) or "none"
-    keyed = [name for name, spec in MODELS.items() if spec.configure is None]
     return UserError(f"refusing to load {path}: it pickles a whole model ({whole.cls}), Python objects that could "
-                     f"run code, of an architecture unet-export does not know by its keys (keys {sample}, ...; it "
-                     f"knows {', '.join(keyed)}): load it in the project that made it, re-save only the "
-                     f"weights with {_RESAVE} and pass the function that builds the model with --model-factory "
-                     "path/to/file.py:CALLABLE")  # fmt: skip
+                     f"run code, of an architecture no --model names (keys {sample}, ...): re-save its weights with "
+                     f"{_RESAVE} in the project that made it and pass --model-factory path/to/file.py:CALLABLE, the "
+                     "function that builds the model")  # fmt: skip
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:

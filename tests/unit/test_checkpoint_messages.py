@@ -388,7 +388,7 @@ def test_the_storage_scan_reads_data_pkl_up_to_its_limit(saved, monkeypatch):
 
 # --- load_checkpoint: which architecture, and what it says when none fits -------------------------
 
-from unet_export.models import MODELS, choices  # noqa: E402
+from unet_export.models import MODELS  # noqa: E402
 from tests.conftest import milesial_state_dict  # noqa: E402
 
 
@@ -573,7 +573,7 @@ def test_a_member_that_runs_past_the_end_of_the_file_is_truncated(saved, tmp_pat
 def test_a_pickled_whole_model_is_told_whether_its_state_dict_would_load(tmp_path):
     """Read from the pickle without running it: a supported architecture (here inside nn.DataParallel)
     is told to re-save its state_dict; any other is told that would not help (issue 25, rough edge 9)."""
-    from unet_export.models import choices, create_model
+    from unet_export.models import create_model
 
     path = tmp_path / "whole.pth"
     torch.save(torch.nn.DataParallel(create_model("valid-same", n_channels=3, n_classes=2, width=4)), path)
@@ -589,9 +589,9 @@ def test_a_pickled_whole_model_is_told_whether_its_state_dict_would_load(tmp_pat
         ck.load_checkpoint(path)
     assert str(err.value) == (
         f"refusing to load {path}: it pickles a whole model (torch.nn.modules.container.Sequential), Python objects "
-        "that could run code, of an architecture unet-export does not support yet: its weights (keys 0.weight, "
-        f"0.bias, ...) fit none of {', '.join(choices())} (see --model), so re-saving its state_dict would not help "
-        "either")
+        "that could run code, of an architecture no --model names (keys 0.weight, 0.bias, ...): re-save its weights "
+        "with torch.save(model.state_dict(), 'weights.pth') in the project that made it and pass --model-factory "
+        "path/to/file.py:CALLABLE, the function that builds the model")
 
 
 class _Declared:
@@ -632,9 +632,9 @@ def test_whole_models_are_judged_by_their_weights_read_without_allocating_them(t
             ck.load_checkpoint(path)
         assert str(err.value) == (
             f"refusing to load {path}: it pickles a whole model ({type(model).__module__}.{type(model).__name__}), "
-            "Python objects that could run code, of an architecture unet-export does not support yet: its weights "
-            f"(keys {keys}, ...) fit none of {', '.join(choices())} (see --model), so re-saving its state_dict would "
-            "not help either")
+            f"Python objects that could run code, of an architecture no --model names (keys {keys}, ...): re-save its "
+            "weights with torch.save(model.state_dict(), 'weights.pth') in the project that made it and pass "
+            "--model-factory path/to/file.py:CALLABLE, the function that builds the model")
 
 
 def _onnx_bytes() -> bytes:

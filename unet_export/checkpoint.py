@@ -176,13 +176,13 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     else:
         with rebuilding(ckpt.architecture):
             model = create_model(ckpt.architecture, **ckpt.config)
+    # strict=True: with strict=False, smp's load_state_dict drops every weight of another shape with
+    # a warning and keeps the random one: a model that is not the checkpoint's, and parity would pass.
     try:  # a copy: smp's load_state_dict renames keys in the dict it is given
-        result = model.load_state_dict(dict(ckpt.state_dict), strict=False)
-    except RuntimeError as exc:  # shapes that differ
-        detail = " ".join(str(exc).split())
-        raise UserError(f"{ckpt.path} does not fit the {_named(ckpt)} model: {detail[:300]}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"{ckpt.path} does not fit the {_named(ckpt)} model: {_key_mismatch(result)}")
+        model.load_state_dict(dict(ckpt.state_dict), strict=True)
+    except RuntimeError as exc:
+        detail = _key_mismatch(model.state_dict(), ckpt.state_dict) or " ".join(str(exc).split())[:300]
+        raise UserError(f"{ckpt.path} does not fit the {_named(ckpt)} model: {detail}") from None
     return model.eval()
 
 
@@ -211,13 +211,16 @@ def _named(ckpt: Checkpoint) -> str:
         else ckpt.architecture
 
 
-def _key_mismatch(result) -> str:
-    """load_state_dict(strict=True)'s complaint, shortened to the first keys of each kind."""
+def _key_mismatch(expected: dict, given: dict) -> str:
+    """What load_state_dict(strict=True) refused, shortened to the first keys of each kind."""
+    shaped = [f"{k}: {list(given[k].shape)} here, {list(v.shape)} in the model" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]  # fmt: skip
     parts = []
-    for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+    for what, keys in (("missing keys", [k for k in expected if k not in given]),
+                       ("unexpected keys", [k for k in given if k not in expected]), ("keys of another shape", shaped)):  # fmt: skip
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            parts.append(f"{len(keys)} {what} keys ({', '.join(keys[:3])}{more})")
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{more})")
     return "; ".join(parts)
 
 

@@ -90,7 +90,7 @@ def _bad_files(tmp_path):
     state = milesial_state_dict("v3")
     state["outc.conv.weight"] = torch.zeros(2, 99, 1, 1)
     torch.save(state, tmp_path / "shape.pth")
-    cases["shape mismatch"] = (tmp_path / "shape.pth", "size mismatch")
+    cases["shape mismatch"] = (tmp_path / "shape.pth", "1 keys of another shape")
     state = milesial_state_dict("v3")
     del state["down2.maxpool_conv.1.double_conv.0.weight"]
     torch.save(state, tmp_path / "missing_key.pth")

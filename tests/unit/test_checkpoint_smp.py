@@ -153,3 +153,55 @@ def test_without_smp_the_rebuild_is_eager_unavailable(folder, monkeypatch):
         with ck.rebuilding("milesial"):
             raise UserError("other")
     assert type(err.value) is UserError
+
+
+def test_no_checkpoint_and_no_module_is_refused():
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(None)
+    assert str(err.value) == "no checkpoint given: pass a checkpoint file (from Python, or model=an nn.Module)"
+
+
+def test_an_empty_state_dict_names_no_keys(tmp_path):
+    with pytest.raises(UserError) as err:
+        ck._detected(tmp_path / "w.pth", {}, "plain", None)
+    assert str(err.value) == f"{tmp_path / 'w.pth'} is not a checkpoint of a 'plain' model: its keys begin none"
+
+
+def test_a_config_that_is_not_json_says_why(folder):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError) as err:
+        ck.load_checkpoint(folder)
+    assert "it is not JSON: " in str(err.value) and "line 1 column 2" in str(err.value)
+
+
+@pytest.mark.parametrize("n, shown", [(3, "3 missing keys (k0, k1, k2)"), (4, "4 missing keys (k0, k1, k2 and 1 more)")])
+def test_a_mismatch_lists_three_keys_then_counts_the_rest(n, shown):
+    expected = {f"k{i}": torch.zeros(1) for i in range(n)}
+    assert ck._key_mismatch(expected, {}) == shown
+
+
+def test_a_module_from_python_is_copied_and_built_from_its_own_weights():
+    from tests.flows import tinynet
+    from unet_export import api
+
+    net = tinynet.make(channels=3, classes=2).eval()
+    ckpt = ck.load_checkpoint(None, api.from_module(net))
+    assert ckpt.architecture == "module" and ckpt.module is not net and ckpt.path.name == "tinynet"
+    built = ck.build_model(ckpt)
+    x = torch.rand(1, 3, 32, 32)
+    assert built is not net and torch.equal(built(x), net(x))
+
+
+def test_a_factorys_model_is_built_once_and_named_in_a_mismatch(tmp_path):
+    from tests.flows import tinynet
+
+    torch.save(tinynet.make().state_dict(), tmp_path / "w.pth")
+    factory = str(ck.Path(tinynet.__file__)) + ":make"
+    ckpt = ck.load_checkpoint(tmp_path / "w.pth", ModelChoice(None, {"factory": factory}))
+    assert ckpt.architecture == "factory" and ckpt.module is not None and "preprocess" not in ckpt.config
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(ck.build_model(ckpt)(x), tinynet.make().eval()(x))
+    ckpt.state_dict = {k: v for k, v in ckpt.state_dict.items() if k != "head.bias"}
+    with pytest.raises(UserError) as err:
+        ck.build_model(ckpt)
+    assert str(err.value) == f"{tmp_path / 'w.pth'} does not fit the factory {factory} model: 1 missing keys (head.bias)"

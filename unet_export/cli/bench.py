@@ -60,7 +60,7 @@ def bench(
         raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
     if checkpoint is not None and weights is not None:
         raise UserError("--weights names the workdir's moved checkpoint; with WEIGHTS given, leave it out")
-    model = model_choice(None, factory=model_factory)
+    model = model_choice(None, model_factory=model_factory)
     with json_result(json_path, "bench", "unet-bench") as out:
         out["workdir"] = str(workdir)
         exports_passed = True

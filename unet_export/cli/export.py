@@ -174,7 +174,7 @@ def trt_cmd(
         _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
              workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
              max_class_change=max_class_change, min_dice=min_dice, data=data,
-             model=model_choice(None, factory=model_factory))  # fmt: skip
+             model=model_choice(None, model_factory=model_factory))  # fmt: skip
 
 
 def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,

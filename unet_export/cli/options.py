@@ -132,13 +132,14 @@ InChannelsOpt = Annotated[int | None, typer.Option("--in-channels", min=1, rich_
 
 def model_choice(model: str | None, arch: str | None = None, encoder: str | None = None,
                  model_arg: list[str] | None = None, mean: str | None = None, std: str | None = None,
-                 factory: str | None = None, min_size: int | None = None, size_multiple: int | None = None,
+                 model_factory: str | None = None, min_size: int | None = None, size_multiple: int | None = None,
                  in_channels: int | None = None) -> ModelChoice:  # fmt: skip
-    """--model, the smp flags and the factory's as one ModelChoice (what load_checkpoint takes)."""
-    _check_factory_flags(model, arch, encoder, factory, min_size=min_size, size_multiple=size_multiple,
+    """--model, the smp flags and the factory's as one ModelChoice (what load_checkpoint takes);
+    the parameters are named as MODEL_FLAGS names them."""
+    _check_factory_flags(model, arch, encoder, model_factory, min_size=min_size, size_multiple=size_multiple,
                          in_channels=in_channels)  # fmt: skip
     options = {"arch": arch, "encoder": encoder, "smp_args": _model_args(model_arg),
-               "mean": _floats("--mean", mean), "std": _floats("--std", std), "factory": factory,
+               "mean": _floats("--mean", mean), "std": _floats("--std", std), "factory": model_factory,
                "min_size": min_size, "size_multiple": size_multiple, "in_channels": in_channels}  # fmt: skip
     return ModelChoice(model, {k: v for k, v in options.items() if v})
 
@@ -163,9 +164,7 @@ def with_model_flags(var: str = "model"):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             given = {name: kwargs.pop(name, None) for name in MODEL_FLAGS}
-            kwargs[var] = model_choice(kwargs.get(var), given["arch"], given["encoder"], given["model_arg"],
-                                       given["mean"], given["std"], given["model_factory"], given["min_size"],
-                                       given["size_multiple"], given["in_channels"])  # fmt: skip
+            kwargs[var] = model_choice(kwargs.get(var), **given)
             return command(*args, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params[:at] + flags + params[at:])

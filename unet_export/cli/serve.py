@@ -43,7 +43,7 @@ def triton_cmd(
 ) -> None:
     """The workdir's verified artefacts -> a Triton model repository (every config checked); with
     --check, proven on a running server."""
-    model = model_choice(None, factory=model_factory)
+    model = model_choice(None, model_factory=model_factory)
 
     def startable(staged: Path) -> None:  # bad --check input (exit 2) must leave any --repo as it was
         from unet_export.serving.check import check_inputs

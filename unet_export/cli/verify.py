@@ -49,7 +49,7 @@ def verify_cmd(
         with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
             report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights,
                                     rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice,
-                                    model=model_choice(None, factory=model_factory))  # fmt: skip
+                                    model=model_choice(None, model_factory=model_factory))  # fmt: skip
         out.add_verify(report)
         verify_report(report)
         changed = [v for v in report.verdicts if v.status in ("changed", "missing", "unreferenced")]
@@ -102,7 +102,7 @@ def cpp_check_cmd(
     """Build examples/cpp against the installed libtorch, run DIR's TorchScript and .pt2 artefacts
     from C++, and compare with Python (exit 1 on a mismatch)."""
     with working("cpp-check", "building examples/cpp and running the artefacts from C++"):
-        rows = cpp_check(workdir, build_dir, device.value, model=model_choice(None, factory=model_factory))
+        rows = cpp_check(workdir, build_dir, device.value, model=model_choice(None, model_factory=model_factory))
     console.print(cpp_table(rows))
     raise typer.Exit(1 if any(r["status"] == "parity_failed" for r in rows) else 0)
 

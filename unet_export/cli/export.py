@@ -25,6 +25,7 @@ from unet_export.cli.options import (
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError
+from unet_export.parity.envelope import parse_size
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.runtimes.onnx.fp16 import check_fp32_layers
 
@@ -34,6 +35,15 @@ Width = Annotated[int, typer.Option(help="Export and first parity size: width.")
 # openvino and int8 convert an ONNX model; they export it first when DIR has none.
 SourceHeight = Annotated[int, typer.Option(help="Export size of the ONNX model when it has to be exported first: height.")]
 SourceWidth = Annotated[int, typer.Option(help="Export size of the ONNX model when it has to be exported first: width.")]
+
+MaxBatch = Annotated[
+    int | None, typer.Option("--max-batch", help="Largest batch the artefact declares and is proven at (default 8).")
+]
+MaxSize = Annotated[
+    str | None,
+    typer.Option("--max-size", metavar="HxW", help="Largest height x width it declares and is proven at (default twice "
+                 "the export size); every accepted size from the model's smallest up is proven at its corners."),
+]  # fmt: skip
 
 FP32Layers = Annotated[
     list[str] | None,
@@ -46,6 +56,11 @@ class Engine(str, Enum):
     openvino = "openvino"
     onnxruntime = "onnxruntime"
     all = "all"
+
+
+def envelope_options(max_batch: int | None, max_size: str | None) -> dict:
+    """--max-batch/--max-size as export_artifact takes them ('512x768' -> (512, 768))."""
+    return {"max_batch": max_batch, "max_size": parse_size(max_size) if max_size else None}
 
 
 STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti": "compiling the AOTInductor package"}
@@ -69,6 +84,8 @@ def onnx_cmd(
     height: Height = 256,
     width: Width = 256,
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
+    max_batch: MaxBatch = None,
+    max_size: MaxSize = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write DIR/<stem>.fp16.onnx (FP32 I/O), verified.")] = False,
     fp32_layers: FP32Layers = None,
     device: DeviceOpt = "auto",
@@ -83,12 +100,13 @@ def onnx_cmd(
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
     with json_result(json_path, "export", "unet-export onnx", workdir) as out:
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
+              max_batch=max_batch, max_size=max_size,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
               max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
 
 
 def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
-          max_class_change, min_dice, data) -> None:  # fmt: skip
+          max_class_change, min_dice, data, max_batch=None, max_size=None) -> None:  # fmt: skip
     if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
         require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
@@ -99,7 +117,8 @@ def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_lay
         if fp32_layers else None
     with working("onnx", f"{STEP['onnx']} and checking parity"):
         result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
-                                 device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check)  # fmt: skip
+                                 device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check,
+                                 **envelope_options(max_batch, max_size))  # fmt: skip
     out.add_export(result)
     export_report(result, workdir)
     passed = result.passed
@@ -120,6 +139,8 @@ def torchscript_cmd(
     workdir: Workdir = Path("exports"),
     height: Height = 256,
     width: Width = 256,
+    max_batch: MaxBatch = None,
+    max_size: MaxSize = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -128,7 +149,7 @@ def torchscript_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
     _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
-            rtol=rtol, atol=atol)  # fmt: skip
+            rtol=rtol, atol=atol, **envelope_options(max_batch, max_size))  # fmt: skip
 
 
 @cli_errors
@@ -139,6 +160,8 @@ def aoti_cmd(
     height: Height = 256,
     width: Width = 256,
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
+    max_batch: MaxBatch = None,
+    max_size: MaxSize = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -147,7 +170,7 @@ def aoti_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
     _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
-            rtol=rtol, atol=atol)  # fmt: skip
+            rtol=rtol, atol=atol, **envelope_options(max_batch, max_size))  # fmt: skip
 
 
 @cli_errors

@@ -23,6 +23,7 @@ from unet_export.device import resolve_device
 from unet_export.errors import UserError
 from unet_export.models import ModelChoice, get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
+from unet_export.parity import envelope
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
 from unet_export.parity.realimages import HOW, folder_record, gate_images
 from unet_export.parity.run import run_parity
@@ -37,8 +38,8 @@ from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.manifest import checked_path, load_manifest, set_model, transaction
 from unet_export.workdir.publish import record_artifact
 
-# The second parity size is deliberately not a multiple of 16 (milesial pads odd sizes).
-SECOND_PARITY_SHAPE = (2, 250, 375)
+# The non-square envelope probe is deliberately not a multiple of 16 (milesial pads odd sizes).
+SECOND_PARITY_SHAPE = (2, *envelope.ODD)
 
 
 @dataclass
@@ -54,14 +55,18 @@ class ExportResult:
         return self.parity.passed
 
 
-def parity_shapes(rule: SizeRule, channels: int, height: int, width: int, static: bool) -> list[tuple]:
-    """The export size, plus (unless static) a batch of 2 at another size the model allows:
-    250x375, not a multiple of 16, where the model takes any size."""
-    shapes = [(1, channels, height, width)]
-    if not static:
-        n, h, w = SECOND_PARITY_SHAPE
-        shapes.append((n, channels, rule.fit(h), rule.fit(w)))
-    return shapes
+def parity_shapes(rule: SizeRule, channels: int, height: int, width: int, static: bool, *,
+                  max_batch: int | None = None, max_size: tuple[int, int] | None = None) -> list[tuple]:  # fmt: skip
+    """The shapes the FP32 gate checks: the envelope's probes (parity.envelope), the export size
+    first. Static: the export size alone."""
+    env = declared_envelope(rule, channels, (height, width), static, max_batch, max_size)
+    return [probe.shape for probe in env.probes((height, width))]
+
+
+def declared_envelope(rule: SizeRule, channels: int, export_size: tuple[int, int], static: bool,
+                      max_batch: int | None, max_size: tuple[int, int] | None) -> envelope.Envelope:  # fmt: skip
+    fixed = (1, channels, *export_size) if static else None
+    return envelope.declared(rule, channels, export_size, static_shape=fixed, max_batch=max_batch, max_size=max_size)
 
 
 def export_artifact(
@@ -79,6 +84,8 @@ def export_artifact(
     rtol: float | None = None,
     atol: float | None = None,
     check_staged: Callable[[Path], None] | None = None,
+    max_batch: int | None = None,
+    max_size: tuple[int, int] | None = None,
 ) -> ExportResult:
     """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest.
     The artefact is written and verified under a temp name, then renamed and recorded in one
@@ -86,7 +93,9 @@ def export_artifact(
     the FP32 gate's (verify.FP32) and are recorded with the verdict. ``check_staged`` may refuse
     the written file before anything is published (a later step's options that it cannot take).
     ``model``: --model (and what configures it), or an nn.Module (``weights`` None) to export
-    instead of a checkpoint, with ``from_module(net, InputSpec(...))`` saying what it takes."""
+    instead of a checkpoint, with ``from_module(net, InputSpec(...))`` saying what it takes.
+    ``max_batch``/``max_size``: the envelope it declares and is proven on (parity.envelope;
+    default batch 8, twice the export size per side)."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -94,11 +103,12 @@ def export_artifact(
     ckpt = load_checkpoint(weights, model)
     rule = get_spec(ckpt.architecture).sizes(ckpt.config)
     rule.check(height, width)
+    channels = ckpt.config.get("n_channels", 3)
+    declared_envelope(rule, channels, (height, width), static, max_batch, max_size)  # bad options: before any work
     net = build_model(ckpt)
     dev = resolve_device(device)
     workdir = Path(workdir)
     revision = load_manifest(workdir).get("revision", 0)  # a corrupt manifest is refused before any write
-    channels = ckpt.config.get("n_channels", 3)
     dest = workdir / f"{ckpt.path.stem}{FORMATS[fmt].suffix}"
     metadata = metadata_json(ckpt.record() | {"export_size": [height, width]})
 
@@ -114,10 +124,13 @@ def export_artifact(
         static = bool(io.pop("static", False)) or static
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
-        inputs = seeded_inputs(parity_shapes(rule, channels, height, width, static), seed)
+        env = declared_envelope(rule, channels, (height, width), static, max_batch, max_size)
+        probes = env.probes((height, width))
+        inputs = seeded_inputs([p.shape for p in probes], seed)
         recording = references.seeded(seed)
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, threshold=mask_threshold(ckpt.config),
-                            capture=recording.batches)  # fmt: skip
+                            capture=recording.batches, probes=[p.label for p in probes])  # fmt: skip
+        entry["envelope"] = envelope.record(env, parity)
         with transaction(workdir) as manifest:
             _refuse_concurrent_model(manifest, ckpt, revision, workdir)
             dropped = set_model(manifest, model_record(ckpt))

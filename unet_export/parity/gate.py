@@ -118,6 +118,9 @@ class CaseResult:
     mean_err_fp64: float | None = None
     noise_floor: float | None = None  # max |eager fp32 - eager float64|: this model's arithmetic noise here
     label: str = ""  # where the input came from, when a report mixes kinds ("seeded", "images")
+    probe: str = ""  # which point of the envelope this input checks ("largest", "largest batch", ...)
+    # batch > 1: the artefact's output for the batch against its output for each image alone
+    alone: dict | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -152,7 +155,7 @@ class ParityReport:
         return self.passed
 
     def failures(self) -> list[str]:
-        found = [f"{tuple(c.shape)}: {msg}" for c in self.cases for msg in c.failures]
+        found = [f"{tuple(c.shape)}{f' ({c.probe})' if c.probe else ''}: {msg}" for c in self.cases for msg in c.failures]
         return ([self.error] if self.error else []) + found
 
     def to_dict(self) -> dict:
@@ -277,26 +280,63 @@ def exact_runner(reference: Runner) -> Runner | None:
 
 
 def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], tol: Tolerance = FP32, *,
-                 exact: Runner | None = None, threshold: float = 0.0,
-                 capture: list | None = None) -> ParityReport:  # fmt: skip
+                 exact: Runner | None = None, threshold: float = 0.0, capture: list | None = None,
+                 probes: list[str] | None = None) -> ParityReport:  # fmt: skip
     """Run the runners on every input and compare; ``runner`` and ``reference`` must already be
     active. ``exact`` (float64) defaults to the eager reference's model run in float64;
     ``threshold``: the model's one-class decision (see compare). ``capture``: a list that gets
-    (input, reference output, float64 output) per input, to be recorded as references."""
+    (input, reference output, float64 output) per input, to be recorded as references.
+    ``probes``: the envelope point each input checks (parity.envelope), kept with its case.
+    Every batch of more than one image is also run image by image (batch invariance)."""
     exact = exact or exact_runner(reference)
     cases = []
     # A float64 runner made here, or handed over inactive, lives for this check only.
     with exact if exact is not None and not exact.is_active else nullcontext():
-        for x in inputs:
+        for i, x in enumerate(inputs):
             ref = reference.infer(x)
             ref64 = _exact_logits(exact, x) if exact is not None else None
             if capture is not None:
                 capture.append((x, ref, ref64))
-            case = compare(runner.infer(x), ref, tol, exact=ref64, threshold=threshold)
+            out = runner.infer(x)
+            case = compare(out, ref, tol, exact=ref64, threshold=threshold)
             case.shape = list(x.shape)  # report the input shape, which is what a user chose
+            case.probe = probes[i] if probes else ""
+            if x.shape[0] > 1 and case.max_abs_err == case.max_abs_err:  # compared (not NaN): outputs line up
+                judge_alone(case, out, [runner.infer(x[j : j + 1]) for j in range(x.shape[0])], tol, ref64, threshold)
             cases.append(case)
     return ParityReport(runner=f"{runner.name} ({runner.describe()})", tolerance=tol.name, cases=cases,
                         limits=tol.to_dict())  # fmt: skip
+
+
+def judge_alone(case: CaseResult, batch: torch.Tensor, alone: list[torch.Tensor], tol: Tolerance,
+                exact: torch.Tensor | None, threshold: float) -> None:  # fmt: skip
+    """Batch invariance: image i of the batch's output against image i run alone, by the case's
+    own rule. An error bound (FP32): their difference within the bound the case was judged by,
+    which each of two correct outputs keeps to the float64 answer. Reduced precision: the share of
+    pixels whose class differs (float64 ties excluded, as the gate counts them) within the gate's."""
+    batch = batch.detach().float().cpu()
+    single = torch.cat([a.detach().float().cpu() for a in alone])
+    if single.shape != batch.shape or not torch.isfinite(single).all():
+        case.alone = {"passed": False}
+        case.failures.append(f"run image by image the output is {tuple(single.shape)} or not finite, "
+                             f"where the batch gave {tuple(batch.shape)}")  # fmt: skip
+        return
+    diff = (batch - single).abs().max().item()
+    differ = logits_to_mask(batch, threshold) != logits_to_mask(single, threshold)
+    if exact is not None:
+        target = exact.detach().double().cpu()
+        scale = max(1.0, target.abs().max().item())
+        tie_bound = case.atol if case.atol is not None else FP32.allowed(case.noise_floor or 0.0, scale)
+        differ &= decision_margin(target, threshold) > 2 * tie_bound
+    share = differ.sum().item() / differ.numel()
+    case.alone = {"max_abs_diff": diff, "allowed": case.atol, "class_change": share}
+    if case.atol is not None and diff > case.atol:
+        case.failures.append(f"batch {batch.shape[0]} differs from each image run alone: max |diff| {diff:.3g} > "
+                             f"{case.atol:.3g}, the bound this input is judged by")  # fmt: skip
+    elif case.atol is None and share > tol.max_disagreement:
+        case.failures.append(f"batch {batch.shape[0]} differs from each image run alone: {share:.4%} of pixels "
+                             f"change class (allowed {tol.max_disagreement:.4%})")  # fmt: skip
+    case.alone["passed"] = not any("run alone" in f or "image by image" in f for f in case.failures)
 
 
 def _exact_logits(exact: Runner, x: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,15 @@ SourceWidth = Annotated[int, typer.Option(help="Export size of the ONNX model wh
 MaxBatch = Annotated[
     int | None, typer.Option("--max-batch", help="Largest batch the artefact declares and is proven at (default 8).")
 ]
-MaxSize = Annotated[
+Smallest = Annotated[
     str | None,
-    typer.Option("--max-size", metavar="HxW", help="Largest height x width it declares and is proven at (default twice "
-                 "the export size); every accepted size from the model's smallest up is proven at its corners."),
+    typer.Option("--smallest", metavar="HxW", help="Smallest height x width it declares and is proven at (default half "
+                 "the export size)."),
+]  # fmt: skip
+Largest = Annotated[
+    str | None,
+    typer.Option("--largest", metavar="HxW", help="Largest height x width it declares and is proven at (default 1.5 x "
+                 "the export size). The gate checks the envelope at its corners and edges."),
 ]  # fmt: skip
 
 FP32Layers = Annotated[
@@ -58,9 +63,10 @@ class Engine(str, Enum):
     all = "all"
 
 
-def envelope_options(max_batch: int | None, max_size: str | None) -> dict:
-    """--max-batch/--max-size as export_artifact takes them ('512x768' -> (512, 768))."""
-    return {"max_batch": max_batch, "max_size": parse_size(max_size) if max_size else None}
+def envelope_options(max_batch: int | None, smallest: str | None, largest: str | None) -> dict:
+    """--max-batch/--smallest/--largest as export_artifact takes them ('512x768' -> (512, 768))."""
+    return {"max_batch": max_batch, "min_size": parse_size(smallest, "--smallest") if smallest else None,
+            "max_size": parse_size(largest, "--largest") if largest else None}  # fmt: skip
 
 
 STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti": "compiling the AOTInductor package"}
@@ -85,7 +91,8 @@ def onnx_cmd(
     width: Width = 256,
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
     max_batch: MaxBatch = None,
-    max_size: MaxSize = None,
+    smallest: Smallest = None,
+    largest: Largest = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write DIR/<stem>.fp16.onnx (FP32 I/O), verified.")] = False,
     fp32_layers: FP32Layers = None,
     device: DeviceOpt = "auto",
@@ -100,13 +107,13 @@ def onnx_cmd(
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
     with json_result(json_path, "export", "unet-export onnx", workdir) as out:
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
-              max_batch=max_batch, max_size=max_size,
+              max_batch=max_batch, smallest=smallest, largest=largest,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
               max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
 
 
 def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
-          max_class_change, min_dice, data, max_batch=None, max_size=None) -> None:  # fmt: skip
+          max_class_change, min_dice, data, max_batch=None, smallest=None, largest=None) -> None:  # fmt: skip
     if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
         require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
@@ -118,7 +125,7 @@ def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_lay
     with working("onnx", f"{STEP['onnx']} and checking parity"):
         result = export_artifact(weights, "onnx", workdir, opset=opset, height=height, width=width, static=static,
                                  device=device.value, model=model, rtol=rtol, atol=atol, check_staged=check,
-                                 **envelope_options(max_batch, max_size))  # fmt: skip
+                                 **envelope_options(max_batch, smallest, largest))  # fmt: skip
     out.add_export(result)
     export_report(result, workdir)
     passed = result.passed
@@ -140,7 +147,8 @@ def torchscript_cmd(
     height: Height = 256,
     width: Width = 256,
     max_batch: MaxBatch = None,
-    max_size: MaxSize = None,
+    smallest: Smallest = None,
+    largest: Largest = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -149,7 +157,7 @@ def torchscript_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
     _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
-            rtol=rtol, atol=atol, **envelope_options(max_batch, max_size))  # fmt: skip
+            rtol=rtol, atol=atol, **envelope_options(max_batch, smallest, largest))  # fmt: skip
 
 
 @cli_errors
@@ -161,7 +169,8 @@ def aoti_cmd(
     width: Width = 256,
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
     max_batch: MaxBatch = None,
-    max_size: MaxSize = None,
+    smallest: Smallest = None,
+    largest: Largest = None,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -170,7 +179,7 @@ def aoti_cmd(
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
     _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
-            rtol=rtol, atol=atol, **envelope_options(max_batch, max_size))  # fmt: skip
+            rtol=rtol, atol=atol, **envelope_options(max_batch, smallest, largest))  # fmt: skip
 
 
 @cli_errors

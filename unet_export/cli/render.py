@@ -98,4 +98,5 @@ def parity_table(result: ExportResult | ParityReport) -> Table:
 
 def _input_label(case) -> str:
     label = f" {case.label}" if getattr(case, "label", "") and case.label != "seeded" else ""
-    return "x".join(map(str, case.shape)) + label
+    probe = f" {case.probe}" if getattr(case, "probe", "") else ""
+    return "x".join(map(str, case.shape)) + label + probe

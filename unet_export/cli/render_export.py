@@ -35,12 +35,32 @@ def export_report(result: ExportResult, workdir) -> None:
         console.print(f"manifest: new checkpoint, {dropped} of the previous one dropped")
     if result.parity.cases:
         console.print(parity_table(result))
+    envelope_lines(entry.get("envelope"), result.parity.cases)
     if result.passed:
         console.print(f"[green]verified[/] in {result.seconds:.1f} s, recorded in {workdir / 'manifest.json'}")
     else:
         for failure in result.parity.failures():
             console.print(f"[red]parity failed[/] {failure}")
         console.print(f"[red]FAILED[/]: {result.path} recorded as failed in {workdir / 'manifest.json'}")
+
+
+def envelope_lines(record: dict | None, cases) -> None:
+    """The envelope the artefact declares, whether the gate proved it, each batch against its
+    images run alone, and the shapes just outside that it refuses."""
+    if not record:
+        return
+    for case in cases:
+        alone = getattr(case, "alone", None)
+        if alone and "max_abs_diff" in alone:
+            bound = f" (allowed {alone['allowed']:.2g})" if alone.get("allowed") is not None else \
+                f", {alone['class_change']:.4%} of pixels change class"
+            verdict = "[green]same[/]" if alone["passed"] else "[red]DIFFERENT[/]"
+            console.print(f"batch {dims(case.shape)} vs each image alone: max |diff| {alone['max_abs_diff']:.2g}"
+                          f"{bound}: {verdict}")  # fmt: skip
+    verdict = "[green]proven[/]" if record["proven"] else "[red]not proven[/]"
+    console.print(f"envelope: {record['describe']}: {verdict} at {counted(len(record['checked']), 'shape')}")
+    for refusal in record.get("refused", []):
+        console.print(f"  refuses {dims(refusal['shape'])} ({refusal['probe']})")
 
 
 def shower(workdir: Path):

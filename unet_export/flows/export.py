@@ -25,7 +25,7 @@ from unet_export.models import ModelChoice, get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.parity import envelope
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
-from unet_export.parity.realimages import HOW, folder_record, gate_images
+from unet_export.parity.realimages import HOW, folder_record, gate_images, with_probes
 from unet_export.parity.run import run_parity
 from unet_export.runtimes.formats import FORMATS
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET, metadata_json
@@ -56,17 +56,20 @@ class ExportResult:
 
 
 def parity_shapes(rule: SizeRule, channels: int, height: int, width: int, static: bool, *,
-                  max_batch: int | None = None, max_size: tuple[int, int] | None = None) -> list[tuple]:  # fmt: skip
+                  max_batch: int | None = None, min_size: tuple[int, int] | None = None,
+                  max_size: tuple[int, int] | None = None) -> list[tuple]:  # fmt: skip
     """The shapes the FP32 gate checks: the envelope's probes (parity.envelope), the export size
     first. Static: the export size alone."""
-    env = declared_envelope(rule, channels, (height, width), static, max_batch, max_size)
+    env = declared_envelope(rule, channels, (height, width), static, max_batch, min_size, max_size)
     return [probe.shape for probe in env.probes((height, width))]
 
 
 def declared_envelope(rule: SizeRule, channels: int, export_size: tuple[int, int], static: bool,
-                      max_batch: int | None, max_size: tuple[int, int] | None) -> envelope.Envelope:  # fmt: skip
+                      max_batch: int | None, min_size: tuple[int, int] | None,
+                      max_size: tuple[int, int] | None) -> envelope.Envelope:  # fmt: skip
     fixed = (1, channels, *export_size) if static else None
-    return envelope.declared(rule, channels, export_size, static_shape=fixed, max_batch=max_batch, max_size=max_size)
+    return envelope.declared(rule, channels, export_size, static_shape=fixed, max_batch=max_batch, min_size=min_size,
+                             max_size=max_size)  # fmt: skip
 
 
 def export_artifact(
@@ -85,6 +88,7 @@ def export_artifact(
     atol: float | None = None,
     check_staged: Callable[[Path], None] | None = None,
     max_batch: int | None = None,
+    min_size: tuple[int, int] | None = None,
     max_size: tuple[int, int] | None = None,
 ) -> ExportResult:
     """Export a checkpoint to ``fmt`` in ``workdir``, check it against eager, update the manifest.
@@ -94,8 +98,8 @@ def export_artifact(
     the written file before anything is published (a later step's options that it cannot take).
     ``model``: --model (and what configures it), or an nn.Module (``weights`` None) to export
     instead of a checkpoint, with ``from_module(net, InputSpec(...))`` saying what it takes.
-    ``max_batch``/``max_size``: the envelope it declares and is proven on (parity.envelope;
-    default batch 8, twice the export size per side)."""
+    ``max_batch``/``min_size``/``max_size``: the envelope it declares and is proven on
+    (parity.envelope; default batch 8, half to one and a half times the export size per side)."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -104,7 +108,7 @@ def export_artifact(
     rule = get_spec(ckpt.architecture).sizes(ckpt.config)
     rule.check(height, width)
     channels = ckpt.config.get("n_channels", 3)
-    declared_envelope(rule, channels, (height, width), static, max_batch, max_size)  # bad options: before any work
+    declared_envelope(rule, channels, (height, width), static, max_batch, min_size, max_size)  # bad options: first
     net = build_model(ckpt)
     dev = resolve_device(device)
     workdir = Path(workdir)
@@ -124,7 +128,7 @@ def export_artifact(
         static = bool(io.pop("static", False)) or static
         entry = {"format": fmt, "path": dest.name, "precision": "fp32", **io, "export_size": [height, width],
                  "size_rule": rule.to_dict() | {"static": static}}  # fmt: skip
-        env = declared_envelope(rule, channels, (height, width), static, max_batch, max_size)
+        env = declared_envelope(rule, channels, (height, width), static, max_batch, min_size, max_size)
         probes = env.probes((height, width))
         inputs = seeded_inputs([p.shape for p in probes], seed)
         recording = references.seeded(seed)
@@ -181,15 +185,30 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
     entry = {"format": "onnx", "path": dest.name, "precision": "fp16", "export_size": source["export_size"],
              "size_rule": source["size_rule"]}  # fmt: skip
     inputs, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
+    inputs, probes, env = with_probes(inputs, inherit_envelope(entry, source))
     recording = references.images(entry["real_images"])
     with publish.staged(dest, publish.estimated_bytes(net), "FP16 ONNX") as staged:
         entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
-        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged,
+        parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, probes=probes,
                             threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
+        record_envelope(entry, env, parity)
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def inherit_envelope(entry: dict, source: dict) -> dict:
+    """A converted artefact (FP16 ONNX, an IR, INT8) declares what its source declared: the
+    envelope it is then proven on itself. A source exported before envelopes: none."""
+    if (source.get("envelope") or {}).get("declared"):
+        entry["envelope"] = {"declared": source["envelope"]["declared"]}
+    return entry
+
+
+def record_envelope(entry: dict, env: "envelope.Envelope | None", parity: ParityReport) -> None:
+    if env is not None:
+        entry["envelope"] = envelope.record(env, parity)
 
 
 def build_trt(

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UnetExportError, UserError, require
-from unet_export.flows.export import ExportResult
+from unet_export.flows.export import ExportResult, inherit_envelope, record_envelope
 from unet_export.flows.int8_gate import (
     GateSet,
     Images,
+    add_probes,
     calibration_images,
     gate_set,
     judge,
@@ -31,6 +32,7 @@ from unet_export.flows.int8_gate import (
     validation_samples,
 )
 from unet_export.flows.openvino import ensure_onnx, export_openvino, record_ir
+from unet_export.parity import envelope
 from unet_export.parity.gate import Tolerance, tolerance_for
 from unet_export.parity.realimages import image_record
 from unet_export.runtimes.int8 import AccuracyControl, Attempt, NncfQuantizer, OrtQuantizer
@@ -93,6 +95,7 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
         sources["openvino"] = _ensure_ir(weights, workdir, model, on_result)
     net = build_model(ckpt)
     gates = gate_set(net, ckpt, images, samples)
+    add_probes(gates, net, envelope.of_entry(sources["onnx"]), tuple(sources["onnx"]["export_size"]))
     results = []
     for name in engines:
         if name == "openvino":
@@ -161,8 +164,9 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
                     f"INT8 quantisation with {quantizer.engine} failed ({attempt.name}): "
                     f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
                 ) from exc
-            entry = _entry(dest, quantizer, onnx, info, images, gates, attempt)
+            entry = inherit_envelope(_entry(dest, quantizer, onnx, info, images, gates, attempt), onnx)
             parity, accuracy = judge(entry, workdir, staged, gates, tol, max_dice_drop)
+            record_envelope(entry, envelope.of_entry(entry), parity)
             tried.append({"name": attempt.name, "preset": attempt.preset, "ignored_scope": info["ignored_scope"],
                           "bias_correction": _bias(attempt), "fp32_nodes": len(info["fp32_nodes"]),
                           "passed": parity.passed, "failures": parity.failures()[:4]})  # fmt: skip

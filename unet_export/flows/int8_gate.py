@@ -5,7 +5,7 @@ Real images only: INT8 on noise says nothing."""
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +24,8 @@ from unet_export.errors import UnetExportError, UserError
 from unet_export.fileio import sha256_file
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec, mask_threshold
-from unet_export.parity.gate import ParityReport, Tolerance, compare
-from unet_export.parity.realimages import IMAGES_PER_BATCH
+from unet_export.parity.gate import ParityReport, Tolerance, compare, judge_alone, probe_tolerance
+from unet_export.parity.realimages import IMAGES_PER_BATCH, probe_images
 from unet_export.runtimes import EagerRunner
 from unet_export.workdir.runners import artifact_runner
 
@@ -68,10 +68,30 @@ class GateSet:
     eager_dice: float | None = None
     paths: list[Path] | None = None  # the image files, recorded with the entry for verify and bench
     threshold: float = 0.0  # where a one-class output turns into class 1 (models.mask_threshold)
+    # the envelope probe each batch checks ("" for the gate's own images), when there is an envelope
+    probes: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> int:
-        return sum(len(batch[0]) for batch in self.batches)
+        """The gate's own images (Dice vs ground truth is averaged over them), not the probes'."""
+        return sum(len(batch[0]) for batch, probe in zip(self.batches, self.labels) if not probe)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.probes or [""] * len(self.batches)
+
+
+def add_probes(gates: GateSet, net, env, export_size: tuple[int, int]) -> None:
+    """The gate's images at the envelope's probes (realimages.probe_images), eager's answers on
+    them computed once like the gate's own; no envelope (a source exported before them): none."""
+    if env is None:
+        return
+    inputs, labels = probe_images([batch[0] for batch in gates.batches], env, export_size)
+    gates.probes = gates.labels
+    with EagerRunner(net, "cpu") as eager, EagerRunner(net, "cpu", "fp64") as exact:
+        for x, label in zip(inputs, labels):
+            gates.batches.append((x, eager.infer(x).float().cpu(), exact.infer(x).cpu(), None))
+            gates.probes.append(label)
 
 
 def calibration_images(calib: str | Path | list, ckpt, subset: int | None) -> Images:
@@ -174,10 +194,14 @@ def judge(entry: dict, workdir: Path, staged: Path, gates: GateSet, tol: Toleran
     cases, total = [], 0.0
     try:
         with runner:
-            for x, ref, ref64, masks in gates.batches:
+            for (x, ref, ref64, masks), probe in zip(gates.batches, gates.labels):
                 out = runner.infer(x).float().cpu()
-                case = compare(out, ref, tol, exact=ref64, threshold=gates.threshold)
-                case.shape = list(x.shape)
+                case_tol = probe_tolerance(tol) if probe else tol
+                case = compare(out, ref, case_tol, exact=ref64, threshold=gates.threshold)
+                case.shape, case.probe = list(x.shape), probe or ("gate images" if gates.probes else "")
+                if len(x) > 1 and case.max_abs_err == case.max_abs_err:  # compared: batch invariance too
+                    judge_alone(case, out, [runner.infer(x[i : i + 1]) for i in range(len(x))], case_tol, ref64,
+                                gates.threshold)  # fmt: skip
                 cases.append(case)
                 if masks is not None:
                     total += mask_dice(out, masks, gates.n_classes, gates.threshold) * len(x)

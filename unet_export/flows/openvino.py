@@ -14,10 +14,11 @@ from pathlib import Path
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import sha256_file
-from unet_export.flows.export import ExportResult, export_artifact, require_real_images
+from unet_export.flows.export import ExportResult, export_artifact, inherit_envelope, record_envelope, require_real_images
 from unet_export.models import ModelChoice, mask_threshold
+from unet_export.parity import envelope
 from unet_export.parity.gate import seeded_inputs, tolerance_for
-from unet_export.parity.realimages import gate_images
+from unet_export.parity.realimages import gate_images, with_probes
 from unet_export.parity.run import run_parity
 from unet_export.runtimes.openvino.export import convert_onnx, ir_path
 from unet_export.workdir import publish, references
@@ -113,21 +114,33 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         publish.staged(dest, need, "OpenVINO IR") as staged,
         publish.staged(dest.with_suffix(".bin"), 0, "OpenVINO IR weights"),
     ):
-        entry = ir_entry(dest, precision, source, {})
+        entry = inherit_envelope(ir_entry(dest, precision, source, {}), source)
         if fp16:  # reduced precision is judged on real images only
             inputs, entry["real_images"] = gate_images(manifest, entry, data)
+            inputs, probes, env = with_probes(inputs, entry)
             recording = references.images(entry["real_images"])
         else:
-            inputs = seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed)
+            inputs, probes, env = _seeded_probes(source, entry, seed)
             recording = references.seeded(seed)
         entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
-        parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged,
+        parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged, probes=probes,
                             threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
+        record_envelope(entry, env, parity)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
             publish.same_model(current, manifest, workdir)
             record_ir(workdir, current, entry, parity, "cpu", staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def _seeded_probes(source: dict, entry: dict, seed: int) -> tuple[list, list[str] | None, envelope.Envelope | None]:
+    """FP32: seeded inputs at the envelope's probes; a source exported before envelopes: at the
+    shapes its own gate checked."""
+    env = envelope.of_entry(entry)
+    if env is None:
+        return seeded_inputs([tuple(case["shape"]) for case in source["parity"]["cases"]], seed), None, None
+    probes = env.probes(tuple(entry["export_size"]))
+    return seeded_inputs([p.shape for p in probes], seed), [p.label for p in probes], env
 
 
 def ir_entry(dest: Path, precision: str, source: dict, ir: dict) -> dict:

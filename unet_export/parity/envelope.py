@@ -21,11 +21,13 @@ from unet_export.errors import UserError
 from unet_export.models.sizes import SizeRule
 
 DEFAULT_MAX_BATCH = 8  # Triton's default max_batch_size here, and unet-bench's --batch 8
-# The largest side proven by default: twice the export size, which the demo's gate affords (the
-# big corner runs one image) and which covers predict's tiles at that size.
-DEFAULT_SIZE_FACTOR = 2
-ODD = (250, 375)  # a non-square size that is no multiple of 16 where the rule takes any size
-SMALL = 64  # the side of the largest-batch probe: batch invariance needs a batch, not a big image
+# The sides declared by default: half to one and a half times the export size. A model is trained
+# and exported at a scale; much smaller inputs are mostly border, where INT8 calibrated on whole
+# images changes classes (the demo's: 0.9% at 16x16), and the big corner's float64 reference is
+# the gate's cost (at 1.5x the demo's whole envelope stays near twice the two-shape gate's time,
+# benchmarks/envelope.py). --smallest/--largest declare more, and prove it.
+DEFAULT_SIZE_RANGE = (0.5, 1.5)
+ODD = (250, 375)  # the old second gate shape: non-square, no multiple of 16 (SECOND_PARITY_SHAPE)
 
 
 @dataclass(frozen=True)
@@ -108,18 +110,24 @@ class Envelope:
         return list(found.values())
 
     def _box_probes(self, box: Box, export_size: tuple[int, int]) -> list[Probe]:
+        """Batch 1 at the export size and at the three other corners of height x width, batch 1
+        at a non-square size off the usual multiples, and the largest batch at the smallest
+        corner, whose images are also run alone (check_parity): that checks batch 1 there too."""
         (n_lo, n_hi), (h_lo, h_hi), (w_lo, w_hi) = box.batch, box.height, box.width
         c, side = self.channels, self._inside
         shapes = [
             ("export size", (n_lo, c, side(export_size[0], box.height), side(export_size[1], box.width))),
-            ("smallest", (n_lo, c, h_lo, w_lo)),
             ("largest", (n_lo, c, h_hi, w_hi)),
             ("tall", (n_lo, c, h_hi, w_lo)),
             ("wide", (n_lo, c, h_lo, w_hi)),
-            ("non-square", (n_lo, c, side(ODD[0], box.height), side(ODD[1], box.width))),
-            ("largest batch", (n_hi, c, side(SMALL, box.height), side(SMALL, box.width))),
+            ("non-square", (n_lo, c, self._up(h_lo + 1, box.height), self._up(w_lo * 3 // 2 + 1, box.width))),
+            ("largest batch", (n_hi, c, h_lo, w_lo)),
         ]
         return [Probe(label, shape) for label, shape in shapes]
+
+    def _up(self, size: int, span: tuple[int, int]) -> int:
+        """The smallest accepted size >= ``size`` within ``span``."""
+        return min(max(self.rule.at_least(size), span[0]), span[1])
 
     def _inside(self, size: int, span: tuple[int, int]) -> int:
         """The accepted size nearest ``size`` within ``span``."""
@@ -150,11 +158,12 @@ def _distance(box: Box, n: int, h: int, w: int) -> int:
 
 
 def declared(rule: SizeRule, channels: int, export_size: tuple[int, int], *, static_shape: tuple | None = None,
-             max_batch: int | None = None, max_size: tuple[int, int] | None = None,
-             profiles: list[dict] | None = None) -> Envelope:  # fmt: skip
+             max_batch: int | None = None, min_size: tuple[int, int] | None = None,
+             max_size: tuple[int, int] | None = None, profiles: list[dict] | None = None) -> Envelope:  # fmt: skip
     """What an artefact declares it takes: a static one its single shape; a TensorRT engine its
-    profiles (min..max per axis); any other ``max_batch`` images of every accepted size from the
-    rule's smallest to ``max_size`` (default: twice the export size per side)."""
+    profiles (min..max per axis); any other 1 to ``max_batch`` images of every accepted size from
+    ``min_size`` to ``max_size`` (default DEFAULT_MAX_BATCH, and DEFAULT_SIZE_RANGE x the export
+    size, fitted to the rule)."""
     if static_shape is not None:
         n, _, h, w = (int(d) for d in static_shape)
         return Envelope(rule, channels, (Box((n, n), (h, h), (w, w)),))
@@ -163,26 +172,32 @@ def declared(rule: SizeRule, channels: int, export_size: tuple[int, int], *, sta
                       for p in profiles)  # fmt: skip
         return Envelope(rule, channels, boxes)
     max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
-    if max_size is None:
-        max_size = (DEFAULT_SIZE_FACTOR * export_size[0], DEFAULT_SIZE_FACTOR * export_size[1])
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {max_batch}")
-    heights, widths = (_side_span(rule, export_size[i], max_size[i], name) for i, name in enumerate(("height", "width")))
-    return Envelope(rule, channels, (Box((1, max_batch), heights, widths),))
+    low, high = DEFAULT_SIZE_RANGE
+    spans = []
+    for i, name in enumerate(("height", "width")):
+        smallest = min_size[i] if min_size else rule.at_least(int(export_size[i] * low))
+        largest = max_size[i] if max_size else rule.fit(int(export_size[i] * high))
+        spans.append(_side_span(rule, export_size[i], smallest, largest, name))
+    return Envelope(rule, channels, (Box((1, max_batch), spans[0], spans[1]),))
 
 
-def _side_span(rule: SizeRule, export: int, largest: int, name: str) -> tuple[int, int]:
-    top = rule.fit(largest)
-    if largest < export or top < export:
-        raise UserError(f"--max-size {name} {largest} is below the export size {export}: the envelope holds it")
-    return rule.first(), top
+def _side_span(rule: SizeRule, export: int, smallest: int, largest: int, name: str) -> tuple[int, int]:
+    """[smallest, largest] on the rule; it must hold the export size (the shape the artefact was
+    written and first checked at)."""
+    lo, hi = max(rule.at_least(smallest), rule.first()), rule.fit(largest)
+    if not lo <= export <= hi:
+        raise UserError(f"--smallest/--largest {name} {smallest}..{largest} does not hold the export {name} "
+                        f"{export}: the envelope is declared around the export size")  # fmt: skip
+    return lo, hi
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, option: str = "--largest") -> tuple[int, int]:
     """'512x768' (height x width) or '512' (square) -> (512, 768)."""
     parts = text.lower().replace(",", "x").split("x")
     if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise UserError(f"--max-size {text!r} is not HxW (or one side) in positive integers, e.g. 512x768")
+        raise UserError(f"{option} {text!r} is not HxW (or one side) in positive integers, e.g. 512x768")
     sizes = [int(p) for p in parts]
     return (sizes[0], sizes[-1])
 

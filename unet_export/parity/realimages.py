@@ -22,6 +22,7 @@ from unet_export.data.images import load_image
 from unet_export.errors import UserError
 from unet_export.fileio import sha256_file
 from unet_export.models.sizes import SizeRule
+from unet_export.parity import envelope
 from unet_export.text import counted
 
 REDUCED = frozenset({"fp16", "bf16", "int8"})
@@ -170,3 +171,51 @@ def gate_images(manifest: dict, entry: dict, data: str | Path | None) -> tuple[l
     channels = int(model["config"].get("n_channels", 3))
     batches = image_batches(paths, channels, Preprocess.from_dict(model.get("preprocess")))
     return fitted(batches, entry), image_record(paths)
+
+
+def with_probes(batches: list[torch.Tensor], entry: dict) -> tuple[list[torch.Tensor], list[str] | None, object]:
+    """The gate's real-image batches plus the envelope probes of ``entry`` (its own envelope, or
+    the one its source declared), their labels (None without an envelope) and the envelope."""
+    env = envelope.of_entry(entry)
+    if env is None:
+        return batches, None, None
+    extra, labels = probe_images(batches, env, tuple(entry["export_size"]))
+    return batches + extra, ["gate images"] * len(batches) + labels, env
+
+
+def probe_images(batches: list[torch.Tensor], env, export_size: tuple[int, int]) -> tuple[list[torch.Tensor], list[str]]:
+    """Real images at each envelope probe (parity.envelope) but the export size, which the gate's
+    own batches cover, with each probe's label. An image larger than the probe is cropped about
+    its centre, a smaller one mirror-padded as predict pads it: reduced precision stays judged on
+    real images at the scale the model was trained on, never on rescaled or seeded ones. A
+    batch-1 probe takes all the images (up to the envelope's batch), so its share of changed
+    pixels counts more than one small image's few hundred."""
+    images = torch.cat(batches) if batches else None
+    if images is None or env is None:
+        return [], []
+    inputs, labels = [], []
+    for probe in env.probes(export_size)[1:]:
+        n, _, h, w = probe.shape
+        many = min(len(images), IMAGES_PER_BATCH)
+        # up to the export size's area: a big probe runs one image (its float64 reference is the cost)
+        if n == 1 and h * w <= export_size[0] * export_size[1] and env.accepts(many, h, w):
+            n = many
+        picks = images[[i % len(images) for i in range(n)]]
+        inputs.append(place(picks, h, w))
+        labels.append(probe.label)
+    return inputs, labels
+
+
+def place(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) cropped about its centre and/or mirror-padded to ``height`` x ``width``."""
+    top, left = max((x.shape[-2] - height) // 2, 0), max((x.shape[-1] - width) // 2, 0)
+    x = x[..., top:top + height, left:left + width]
+    # Mirrored again and again: reflect takes a pad smaller than the side, and an edge replicated
+    # over hundreds of pixels is a stripe no camera took, on which reduced precision fails falsely.
+    while height > x.shape[-2] or width > x.shape[-1]:
+        if min(x.shape[-2:]) < 2:  # nothing to mirror
+            ph, pw = height - x.shape[-2], width - x.shape[-1]
+            return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], mode="replicate").contiguous()
+        ph, pw = min(height - x.shape[-2], x.shape[-2] - 1), min(width - x.shape[-1], x.shape[-1] - 1)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], mode="reflect")
+    return x.contiguous()

@@ -74,8 +74,9 @@ class _Module(types.ModuleType):
 
 def make_fake_tensorrt(version="10.13.0.35", layer_names=("node_Conv_1", "node_conv2d_18"), parse_errors=(),
                        build_ok=True, gpu="H100", timing_cache_ok=True, io_dtypes=("FLOAT", "FLOAT"), out_channels=2,
-                       context_ok=True):  # fmt: skip
+                       context_ok=True, profile_ok=True):  # fmt: skip
     """``gpu``: the device timing caches are made on (a cache from another is a mismatch);
+    ``profile_ok=False``: add_optimization_profile() returns -1, TensorRT's answer to an invalid profile;
     ``timing_cache_ok=False``: create_timing_cache() returns None even for b""; ``io_dtypes``: the engine's
     input and output DataType names; ``context_ok=False``: create_execution_context() returns None."""
     major = int(version.split(".")[0])
@@ -186,6 +187,8 @@ def make_fake_tensorrt(version="10.13.0.35", layer_names=("node_Conv_1", "node_c
             self._cleared.add(flag)
 
         def add_optimization_profile(self, profile):
+            if not profile_ok:
+                return -1
             self._profiles.append(profile)
             return len(self._profiles) - 1
 
@@ -267,6 +270,11 @@ def make_fake_tensorrt(version="10.13.0.35", layer_names=("node_Conv_1", "node_c
     class IExecutionContext(_Object):
         def __init__(self, names):
             self._names, self._shapes, self._addresses, self._streams = names, {}, {}, []
+            self._switches = []  # (profile index, stream handle) per set_optimization_profile_async
+
+        def set_optimization_profile_async(self, index, stream_handle):
+            self._switches.append((index, stream_handle))
+            return index >= 0
 
         def set_input_shape(self, name, shape):
             ok = name == self._names[0] and len(shape) == 4

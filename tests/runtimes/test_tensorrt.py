@@ -23,6 +23,7 @@ from unet_export.runtimes.tensorrt.plan import (
     parser_error_message,
     plan_build,
     resolve_profile,
+    resolve_profiles,
 )
 from unet_export.workdir.manifest import load_manifest
 
@@ -59,10 +60,18 @@ def test_parse_shape_and_its_errors():
             parse_shape(bad, "--opt-shape")
 
 
+def probes(profiles: list[Profile], entry: dict = ONNX_ENTRY) -> list[tuple]:
+    """(label, shape) of each shape the engine's gate checks: its envelope's probes."""
+    from unet_export.flows.export import engine_envelope
+
+    return [(p.label, p.shape) for p in engine_envelope(entry, profiles).probes(tuple(entry["export_size"]))]
+
+
 def test_default_profile_comes_from_the_manifest():
     profile = resolve_profile(ONNX_ENTRY)
     assert profile == Profile((1, 3, 256, 320), (8, 3, 256, 320), (16, 3, 256, 320))
-    assert profile.parity_shapes() == [(1, 3, 256, 320), (2, 3, 256, 320)]
+    # The size is fixed: every corner is the export size; the batch runs 1 and 16 (image by image too).
+    assert probes([profile]) == [("export size", (1, 3, 256, 320)), ("largest batch", (16, 3, 256, 320))]
     assert profile.contains((4, 3, 256, 320)) and not profile.contains((32, 3, 256, 320))
 
 
@@ -70,7 +79,50 @@ def test_user_shapes_override_and_widen_the_defaults():
     profile = resolve_profile(ONNX_ENTRY, max_text="32x3x512x640")
     assert profile.min == (1, 3, 256, 320) and profile.max == (32, 3, 512, 640) and profile.opt == (8, 3, 256, 320)
     profile = resolve_profile(ONNX_ENTRY, min_text="1x3x128x128", opt_text="4x3x512x512", max_text="8x3x1024x1024")
-    assert profile.parity_shapes() == [(1, 3, 512, 512), (2, 3, 1024, 1024)]
+    assert probes([profile]) == [  # the profile's corners and edges, not the opt size and one more
+        ("export size", (1, 3, 256, 320)), ("largest", (1, 3, 1024, 1024)), ("tall", (1, 3, 1024, 128)),
+        ("wide", (1, 3, 128, 1024)), ("non-square", (1, 3, 129, 193)), ("largest batch", (8, 3, 128, 128))]  # fmt: skip
+
+
+INTERACTIVE, BATCH8 = "1x3x256x256:1x3x256x256:1x3x512x512", "8x3x640x960:8x3x640x960:8x3x640x960"
+
+
+def test_several_profiles_each_validated_and_each_proven():
+    chosen = resolve_profiles(ONNX_ENTRY, [INTERACTIVE, BATCH8])
+    assert chosen == [Profile((1, 3, 256, 256), (1, 3, 256, 256), (1, 3, 512, 512)),
+                      Profile((8, 3, 640, 960), (8, 3, 640, 960), (8, 3, 640, 960))]  # fmt: skip
+    # Each profile's box is probed; the export size 256x320 falls in the first.
+    assert probes(chosen) == [
+        ("export size", (1, 3, 256, 320)), ("largest", (1, 3, 512, 512)), ("tall", (1, 3, 512, 256)),
+        ("wide", (1, 3, 256, 512)), ("non-square", (1, 3, 257, 385)), ("largest batch", (1, 3, 256, 256)),
+        ("export size", (8, 3, 640, 960))]  # fmt: skip
+    assert resolve_profiles(ONNX_ENTRY) == [resolve_profile(ONNX_ENTRY)]  # no --profile: the one-profile form
+    assert resolve_profiles(ONNX_ENTRY, None, max_text="32x3x512x640")[0].max == (32, 3, 512, 640)
+
+
+@pytest.mark.parametrize(
+    "profiles, kwargs, fragment",
+    [
+        ([INTERACTIVE], {"max_text": "4x3x256x256"}, "drop --min-shape/--opt-shape/--max-shape"),
+        (["1x3x256x256:8x3x256x256"], {}, "is not MIN:OPT:MAX"),
+        (["1x3x256:1x3x256x256:1x3x256x256"], {}, "NxCxHxW"),
+        ([INTERACTIVE, "1x1x64x64:1x1x64x64:1x1x64x64"], {}, r"--profile '1x1x64x64.*': min has 1 channels"),
+        (["1x3x8x64:1x3x64x64:1x3x64x64"], {}, r"min height 8 breaks the model's size rule"),
+        (["8x3x64x64:1x3x64x64:8x3x64x64"], {}, "min <= opt <= max"),
+        ([BATCH8, BATCH8], {}, "is given twice"),
+    ],
+)  # fmt: skip
+def test_bad_profile_options_are_user_errors(profiles, kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        resolve_profiles(ONNX_ENTRY, profiles, **kwargs)
+
+
+def test_a_static_model_takes_only_its_shape_as_a_profile():
+    static = ONNX_ENTRY | {"inputs": [{"name": "input", "shape": [1, 3, 64, 64]}], "size_rule": {"static": True}}
+    assert resolve_profiles(static, ["1x3x64x64:1x3x64x64:1x3x64x64"]) == [resolve_profile(static)]
+    for other in ("1x3x64x64:1x3x64x64:2x3x64x64", "2x3x64x64:2x3x64x64:2x3x64x64"):
+        with pytest.raises(UserError, match="--static"):
+            resolve_profiles(static, [other])
 
 
 @pytest.mark.parametrize(
@@ -151,7 +203,11 @@ def test_fp16_onnx_is_verified_with_fp16_tolerances(workdir):
     assert model.graph.output[0].type.tensor_type.elem_type == elem.FLOAT
     assert any(init.data_type == elem.FLOAT16 for init in model.graph.initializer)
     assert result.parity.tolerance == "fp16" and result.passed, result.parity.failures()
-    assert [c.shape for c in result.parity.cases] == [[8, 3, 128, 128]]  # real images only, at their own size
+    # real images only: at their own size, then cropped or mirrored to each probe of the envelope
+    assert [(c.probe, c.shape) for c in result.parity.cases][0] == ("gate images", [8, 3, 128, 128])
+    env = result.entry["envelope"]
+    assert env["proven"] and [c["probe"] for c in env["checked"]] == [
+        "gate images", "largest", "tall", "wide", "non-square", "largest batch"]
     assert len(result.entry["real_images"]["images"]) == 8
     for case in result.parity.cases:
         assert case.argmax_disagreement <= 1e-3 and case.dice_vs_eager >= 0.999
@@ -231,6 +287,20 @@ def test_trt_needs_an_exported_onnx_model(tmp_path, workdir):
     assert result.exit_code == 2 and "NxCxHxW" in result.stderr
 
 
+def test_trt_profile_option_is_parsed_and_never_mixed_with_the_one_profile_form(workdir):
+    two = ["--profile", "1x3x64x96:1x3x64x96:2x3x128x192", "--profile", "8x3x64x64:8x3x64x64:8x3x64x64"]
+    result = runner.invoke(app, ["trt", "-w", str(workdir), *two, "--max-shape", "4x3x64x96"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--profile gives whole profiles: drop --min-shape/--opt-shape/--max-shape" in result.stderr
+    for bad, fragment in (("1x3x64x96:2x3x64x96", "is not MIN:OPT:MAX"),
+                          ("1x3x64x96:1x3x64x96:2x3x64x8", "max width 8 breaks the model's size rule")):  # fmt: skip
+        result = runner.invoke(app, ["trt", "-w", str(workdir), "--profile", bad])
+        assert result.exit_code == 2 and fragment in result.stderr, result.output
+    # Valid profiles get as far as TensorRT, which this machine lacks (the same one line as without --profile).
+    result = runner.invoke(app, ["trt", "-w", str(workdir), *two])
+    assert result.exit_code == 2 and ("TensorRT" in result.stderr or "tensorrt" in result.stderr), result.output
+
+
 # --- real engines: only where TensorRT and a GPU exist ------------------------------------------
 
 
@@ -279,13 +349,13 @@ def fake_trt(monkeypatch):
     return install
 
 
-def _build(workdir, tmp_path, version, precision="fp16", fp32_layers=None):
+def _build(workdir, tmp_path, version, precision="fp16", fp32_layers=None, profiles=None):
     from unet_export.runtimes.tensorrt.build import build_engine
 
     source = workdir / "unet.onnx"
     plan = plan_build(version, precision, fp32_layers)
-    profile = resolve_profile(load_manifest(workdir)["artifacts"][0])
-    return build_engine(plan, source, profile, tmp_path / "e.engine", timing_cache=tmp_path / "t.cache",
+    chosen = resolve_profiles(load_manifest(workdir)["artifacts"][0], profiles)
+    return build_engine(plan, source, chosen, tmp_path / "e.engine", timing_cache=tmp_path / "t.cache",
                         fp32_layers=fp32_layers)  # fmt: skip
 
 
@@ -300,6 +370,19 @@ def test_builder_on_tensorrt_10_sets_fp16_and_pins_fp32_layers(workdir, tmp_path
     assert network._layers[1]._output_types == {0: trt.float32}
     assert config._profiles[0]._shapes["input"] == ((1, 3, 64, 96), (8, 3, 64, 96), (16, 3, 64, 96))
     assert (tmp_path / "e.engine").read_bytes() == b"PLAN" and (tmp_path / "t.cache").read_bytes() == b"cache:H100"
+
+
+@pytest.mark.parametrize("version", [TRT10, TRT11])
+def test_builder_adds_every_profile_in_order(workdir, tmp_path, fake_trt, version):
+    trt = fake_trt(version=version)
+    _build(workdir, tmp_path, version, profiles=["1x3x64x96:1x3x64x96:2x3x128x192", "8x3x64x64:8x3x64x64:8x3x64x64"])
+    shapes = [profile._shapes for profile in trt._built["config"]._profiles]
+    assert shapes == [{"input": ((1, 3, 64, 96), (1, 3, 64, 96), (2, 3, 128, 192))},
+                      {"input": ((8, 3, 64, 64), (8, 3, 64, 64), (8, 3, 64, 64))}]  # fmt: skip
+    fake_trt(version=version, profile_ok=False)
+    with pytest.raises(UserError, match=r"TensorRT refused the optimisation profile min 1x3x64x96 opt 1x3x64x96 max"):
+        _build(workdir, tmp_path / "x", version, profiles=["1x3x64x96:1x3x64x96:2x3x128x192"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_builder_on_tensorrt_11_is_strongly_typed_without_any_flag(workdir, tmp_path, fake_trt):
@@ -328,6 +411,88 @@ def test_parser_rejection_and_failed_build_are_clear_and_leave_nothing(workdir, 
     with pytest.raises(ArtifactError, match="out of workspace memory"):
         _build(workdir, tmp_path, TRT10)
     assert not list(tmp_path.iterdir())
+
+
+PROFILES = ["1x3x64x96:1x3x64x96:2x3x96x128", "4x3x64x64:4x3x64x64:4x3x64x64"]
+PROBES = [("export size", (1, 3, 64, 96)), ("largest", (1, 3, 96, 128)), ("tall", (1, 3, 96, 96)),
+          ("wide", (1, 3, 64, 128)), ("non-square", (1, 3, 65, 128)), ("largest batch", (2, 3, 64, 96)),
+          ("export size", (4, 3, 64, 64))]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_engine_with_two_profiles_is_proven_on_each_and_records_its_envelope(workdir, tmp_path, fake_trt,
+                                                                                monkeypatch, precision):  # fmt: skip
+    """build_trt with two --profile: both go into the build, the gate runs every probe of both boxes
+    (FP32 seeded; FP16 on the real images, then on them cropped to each probe), and the entry records
+    "profiles", "profile" (the first) and the envelope. The fake runs nothing, so the gate here runs
+    the eager model against itself on the CPU: what is checked is which inputs reach it and what is
+    recorded, not TensorRT's numbers (a GPU run is the only proof of those)."""
+    import unet_export.flows.export as api
+    from tests.fake_tensorrt import install_fake_cuda
+    from unet_export.parity.gate import check_parity
+    from unet_export.runtimes import EagerRunner
+
+    exports = tmp_path / "exports"
+    shutil.copytree(workdir, exports)
+    trt = fake_trt(version=TRT10)
+    install_fake_cuda(monkeypatch)
+    seen = []
+
+    def eager_gate(entry, workdir, net, device, inputs, tol, path=None, *, threshold=0.0, capture=None, probes=None):
+        seen.append(([tuple(x.shape) for x in inputs], probes))
+        with EagerRunner(net, "cpu") as runner, EagerRunner(net, "cpu") as reference:
+            return check_parity(runner, reference, inputs, tol, threshold=threshold, capture=capture, probes=probes)
+
+    monkeypatch.setattr(api, "run_parity", eager_gate)
+    result = build_trt(exports, precision=precision, profiles=PROFILES, data=DEMO_VAL)
+    assert result.passed, result.parity.failures()
+    shapes = [profile._shapes["input"] for profile in trt._built["config"]._profiles]
+    assert shapes == [((1, 3, 64, 96), (1, 3, 64, 96), (2, 3, 96, 128)), ((4, 3, 64, 64),) * 3]
+    (inputs, labels), = seen
+    # FP16: the real images at their own size, then at every probe but the first (the export size)
+    real = len(inputs) - len(PROBES) + 1 if precision == "fp16" else 0
+    expected = PROBES[1:] if precision == "fp16" else PROBES
+    assert [(label, shape[0] if label == "largest batch" else 1, shape[2:]) for label, shape in zip(labels, inputs)][real:] \
+        == [(label, shape[0] if label == "largest batch" else 1, shape[2:]) for label, shape in expected]
+    assert labels[:real] == ["gate images"] * real and (precision == "fp32" or real >= 1)
+    entry = load_manifest(exports)["artifacts"][-1]
+    assert entry["format"] == "tensorrt" and entry["status"] == "verified"
+    assert entry["profiles"] == [Profile(*(parse_shape(s, "") for s in p.split(":"))).to_dict() for p in PROFILES]
+    assert entry["profile"] == entry["profiles"][0]
+    record = entry["envelope"]
+    assert record["proven"] and [b["batch"] for b in record["declared"]["boxes"]] == [[1, 2], [4, 4]]
+    checked = [(c["probe"], tuple(c["shape"])) for c in record["checked"]]
+    if precision == "fp32":
+        assert checked == PROBES
+    else:  # the real images first, then the probes but the export size (batch 1 probes take more images)
+        assert [c for c, _ in checked] == ["gate images"] * real + [label for label, _ in PROBES[1:]]
+    assert all(c["passed"] for c in record["checked"])
+    assert all(c["alone"]["passed"] for c in record["checked"] if c["shape"][0] > 1)  # batch invariance
+    assert any(c["shape"][0] > 1 for c in record["checked"])
+    assert record["refused"] and all("outside the proven envelope" in r["message"] for r in record["refused"])
+
+
+def test_real_images_fit_the_engines_profiles_and_are_cropped_to_each_probe():
+    from unet_export.flows.export import engine_envelope
+    from unet_export.parity.realimages import fitted, place, probe_images, takes_size
+
+    profiles = [Profile((1, 3, 64, 64), (1, 3, 64, 64), (2, 3, 128, 128)), Profile(*[(4, 3, 96, 160)] * 3)]
+    entry = ONNX_ENTRY | {"profiles": [p.to_dict() for p in profiles]}
+    assert takes_size(entry, 128, 128) and takes_size(entry, 96, 160) and not takes_size(entry, 96, 200)
+    images = torch.arange(5 * 3 * 96 * 160, dtype=torch.float32).reshape(5, 3, 96, 160)
+    # 96x160: held by the second profile alone, so batches of its 4; 200 wide: no profile, so the first's opt size.
+    assert [tuple(b.shape) for b in fitted([images], entry)] == [(4, 3, 96, 160), (1, 3, 96, 160)]
+    assert [tuple(b.shape) for b in fitted([images[:3, :, :, :150]], entry | {"export_size": [256, 320]})] == [
+        (2, 3, 64, 64), (1, 3, 64, 64)]  # the export size is in no profile: the first profile's opt  # fmt: skip
+    crop, mirrored = place(images[:1], 64, 64), place(images[:1], 128, 320)
+    assert torch.equal(crop[0], images[0, :, 16:80, 48:112])  # a centre crop at the image's own scale
+    # 160 -> 319 -> 320 wide (reflect takes at most the side - 1 at a time): the image at 79:239
+    assert mirrored.shape == (1, 3, 128, 320) and torch.equal(mirrored[..., 16:112, 79:239], images[:1])
+    assert torch.equal(mirrored[0, :, 16:112, 78], images[0, :, :, 1])  # mirrored about the edge, not scaled
+    env = engine_envelope(ONNX_ENTRY, profiles)
+    inputs, labels = probe_images([images[:2], images[2:]], env, (64, 64))
+    assert [(label, tuple(x.shape)) for label, x in zip(labels, inputs)] == [
+        (p.label, p.shape) for p in env.probes((64, 64))[1:]]  # every probe but the export size, real images each
 
 
 # --- the timing cache: a bad file costs build time, never the build ------------------------------
@@ -427,11 +592,12 @@ def engine_runner(tmp_path, fake_trt, monkeypatch):
     from tests.fake_tensorrt import install_fake_cuda
     from unet_export.runtimes.tensorrt.runner import TensorRTRunner
 
-    def make(version=TRT10, plan=b"PLAN", **kwargs):
+    def make(version=TRT10, plan=b"PLAN", record=None, **kwargs):
         trt = fake_trt(version=version, **kwargs)
         cuda = install_fake_cuda(monkeypatch)
         (tmp_path / "e.engine").write_bytes(plan)
-        runner = TensorRTRunner(tmp_path / "e.engine", "cuda", "fp16", record=RECORD | {"tensorrt_version": version})
+        record = RECORD | (record or {}) | {"tensorrt_version": version}
+        runner = TensorRTRunner(tmp_path / "e.engine", "cuda", "fp16", record=record)
         return runner, trt, cuda
 
     return make
@@ -471,5 +637,35 @@ def test_runner_refuses_a_foreign_engine_and_shapes_outside_the_profile(engine_r
         runner.activate()
     runner, _, _ = engine_runner()
     runner.activate()
-    with pytest.raises(UserError, match="outside the engine's profile"):
+    with pytest.raises(UserError, match=r"input 32x3x64x96 is outside the engine's profiles \(batch 1-16, height 64, "
+                                        r"width 96\): rebuild it with a --profile that holds it"):  # fmt: skip
         runner._infer_impl(torch.randn(32, 3, 64, 96))
+
+
+TWO_PROFILES = {"profiles": [{"min": [1, 3, 64, 96], "opt": [1, 3, 64, 96], "max": [2, 3, 128, 192]},
+                             {"min": [8, 3, 64, 64], "opt": [8, 3, 64, 64], "max": [8, 3, 64, 64]}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("version", [TRT10, TRT11])
+def test_runner_runs_each_input_on_the_first_profile_that_holds_it(engine_runner, version):
+    runner, trt, cuda = engine_runner(version, record=TWO_PROFILES)
+    runner.activate()
+    context, (stream,) = trt._built["context"], cuda.created
+    inputs = [((1, 3, 64, 96), 0), ((2, 3, 128, 192), 0), ((8, 3, 64, 64), 1), ((8, 3, 64, 64), 1), ((1, 3, 96, 96), 0)]
+    for shape, profile in inputs:
+        x = torch.randn(*shape)
+        assert runner.profile_for(tuple(x.shape)) == profile
+        assert runner._infer_impl(x).shape == (x.shape[0], 2, *x.shape[2:])
+        assert runner.active == profile and context._shapes["input"] == tuple(x.shape)
+    # A switch only where the profile changes, queued on the runner's own stream (not the legacy default).
+    assert context._switches == [(1, stream.cuda_stream), (0, stream.cuda_stream)]
+    for shape in ((4, 3, 64, 64), (1, 3, 64, 64), (8, 3, 64, 96)):  # between the boxes: no profile holds it
+        with pytest.raises(UserError, match=r"outside the engine's profiles \(batch 1-2, height 64-128, width 96-192 "
+                                            r"or batch 8, height 64, width 64\)"):  # fmt: skip
+            runner._infer_impl(torch.randn(*shape))
+    assert context._switches == [(1, stream.cuda_stream), (0, stream.cuda_stream)]  # refused before any call
+    runner.deactivate()
+    # An entry recorded before "profiles" existed: its one "profile"; no record: TensorRT's profile 0 and checks.
+    legacy = type(runner)(runner.path, "cuda", "fp16", record=RECORD)
+    assert [p.max for p in legacy.profiles] == [(16, 3, 64, 96)]
+    assert type(runner)(runner.path, "cuda", "fp16").profile_for((5, 3, 7, 7)) == 0

@@ -39,6 +39,7 @@ ROOTS = {"trt": MODULE, "self.trt": MODULE, "builder": "Builder", "network": "IN
          "opt_profile": "IOptimizationProfile", "cache": "ITimingCache", "self.engine": "ICudaEngine",
          "self.context": "IExecutionContext"}  # fmt: skip
 PROFILE = Profile((1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64))
+BATCH8 = Profile((8, 3, 64, 64), (8, 3, 64, 64), (8, 3, 64, 64))
 
 
 # --- reading the real API, the fake and the source --------------------------------------------
@@ -150,20 +151,23 @@ def exercise(version: str, root: Path) -> set[tuple[str, str]]:
         if cache_bytes is not None:
             cache.write_bytes(cache_bytes)
         plan = plan_build(version, precision, layers)
-        build_engine(plan, model, PROFILE, root / "e.engine", timing_cache=cache, fp32_layers=layers)
+        build_engine(plan, model, [PROFILE, BATCH8], root / "e.engine", timing_cache=cache, fp32_layers=layers)
 
-    def run(plan=b"PLAN"):
+    def run(plan=b"PLAN", batch=2):
         (root / "r.engine").write_bytes(plan)
-        runner = TensorRTRunner(root / "r.engine", "cuda", "fp16", record={}).activate()
-        runner._infer_impl(torch.randn(2, 3, 64, 64))
+        record = {"profiles": [PROFILE.to_dict(), BATCH8.to_dict()], "tensorrt_version": version,
+                  "compute_capability": "9.0"}  # batch 8 runs on the second profile: a switch  # fmt: skip
+        runner = TensorRTRunner(root / "r.engine", "cuda", "fp16", record=record).activate()
+        runner._infer_impl(torch.randn(batch, 3, 64, 64))
         runner.deactivate()
 
     paths = [  # (what to run, its arguments, the fake's knobs)
         (build, {"layers": ["node_conv2d_18"]}, {}), (build, {}, {}), (build, {"precision": "fp32"}, {}),
         (build, {"cache_bytes": b"junk"}, {}), (build, {"cache_bytes": b"cache:A100"}, {}),
-        (build, {}, {"timing_cache_ok": False}), (build, {}, {"build_ok": False}),
+        (build, {}, {"timing_cache_ok": False}), (build, {}, {"build_ok": False}), (build, {}, {"profile_ok": False}),
         (build, {}, {"parse_errors": [("node_pad", "Pad", "x")]}),
-        (run, {}, {}), (run, {}, {"io_dtypes": ("HALF", "BF16")}), (run, {"plan": b"foreign"}, {}),
+        (run, {}, {}), (run, {"batch": 8}, {}), (run, {}, {"io_dtypes": ("HALF", "BF16")}),
+        (run, {"plan": b"foreign"}, {}),
         (run, {}, {"context_ok": False}),
     ]  # fmt: skip
     for path, kwargs, knobs in paths:

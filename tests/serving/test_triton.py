@@ -213,7 +213,7 @@ def test_rewriting_replaces_only_our_own_repository(workdir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "repo"]  # no temp or old folder left
 
 
-def _engine_entry(workdir: Path) -> dict:
+def _engine_entry(workdir: Path, profiles: list[dict] | None = None) -> dict:
     """A TensorRT entry as `unet-export trt` records it; the file is a stand-in (no GPU here):
     the config is built from the record, never by reading the engine."""
     engine = workdir / "demo_unet.fp16.engine"
@@ -224,6 +224,8 @@ def _engine_entry(workdir: Path) -> dict:
         "bytes": engine.stat().st_size, "sha256": sha256_file(engine), "tensorrt_version": "10.13.0",
         "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
         "profile": {"min": [1, 3, 128, 128], "opt": [2, 3, 128, 128], "max": [4, 3, 128, 128]}}  # fmt: skip
+    if profiles:
+        entry |= {"profiles": profiles, "profile": profiles[0]}
     with transaction(workdir) as manifest:
         upsert_artifact(manifest, entry)
     return entry
@@ -243,6 +245,26 @@ def test_tensorrt_config_stays_inside_the_engine_profile(workdir, tmp_path):
     path.write_text(path.read_text().replace("max_batch_size: 4", "max_batch_size: 8"))
     with pytest.raises(UserError, match="max_batch_size 8 exceeds the engine profile's max batch 4"):
         check_repository(tmp_path / "repo")
+
+
+def test_tensorrt_config_of_an_engine_with_several_profiles(workdir, tmp_path):
+    """Batch 1 at 128..256 and batch 8 at 128x128: max_batch_size is the largest profile's max batch
+    (never --max-batch beyond it), H and W free where the profiles differ, every profile offered to
+    the instance group (Triton otherwise uses profile 0 alone)."""
+    interactive = {"min": [1, 3, 128, 128], "opt": [1, 3, 128, 128], "max": [1, 3, 256, 256]}
+    batch8 = {"min": [8, 3, 128, 128], "opt": [8, 3, 128, 128], "max": [8, 3, 128, 128]}
+    _engine_entry(workdir, [interactive, batch8])
+    result = write_repository(workdir, tmp_path / "repo", formats="tensorrt", max_batch=16)
+    config = check_repository(tmp_path / "repo")["demo_unet_tensorrt_fp16"]
+    assert config.max_batch_size == 8 and _dims(config.input) == [("input", [3, -1, -1])]
+    assert [list(g.profile) for g in config.instance_group] == [["0", "1"]]
+    notes = result.plans[0].notes
+    assert any("the engine profile's max batch; --max-batch 16 asked" in n for n in notes)
+    assert any(n.startswith("2 optimisation profiles (1x3x128x128..1x3x256x256 or 8x3x128x128..8x3x128x128)")
+               for n in notes)  # fmt: skip
+    one = write_repository(workdir, tmp_path / "small", formats="tensorrt", max_batch=4)
+    assert check_repository(tmp_path / "small")["demo_unet_tensorrt_fp16"].max_batch_size == 4
+    assert "max_batch_size 8" not in " ".join(one.plans[0].notes)
 
 
 def test_openvino_ir_is_served_by_the_openvino_backend_with_its_weights(exports, tmp_path):

@@ -190,6 +190,12 @@ def trt_cmd(
     min_shape: Annotated[str | None, typer.Option(help="Profile minimum NxCxHxW (default batch 1, export size).")] = None,
     opt_shape: Annotated[str | None, typer.Option(help="Profile optimum NxCxHxW (default batch 8, export size).")] = None,
     max_shape: Annotated[str | None, typer.Option(help="Profile maximum NxCxHxW (default batch 16, export size).")] = None,
+    profile: Annotated[
+        list[str] | None,
+        typer.Option("--profile", metavar="MIN:OPT:MAX", help="An optimisation profile, each shape NxCxHxW (repeat "
+                     "for several, e.g. 1x3x256x256:1x3x256x256:1x3x512x512 and 8x3x640x960:8x3x640x960:8x3x640x960); "
+                     "instead of --min/--opt/--max-shape. Each is proven at its corners and edges."),
+    ] = None,
     workspace: Annotated[float, typer.Option(help="Builder workspace in GiB.")] = 4.0,
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache reused across builds (default DIR/timing.cache).")] = None,
     fp32_layers: FP32Layers = None,
@@ -204,18 +210,19 @@ def trt_cmd(
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
     with json_result(json_path, "export", "unet-export trt", workdir) as out:
         _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
-             workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
+             profiles=profile, workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol,
+             atol=atol,
              max_class_change=max_class_change, min_dice=min_dice, data=data,
              model=model_choice(None, model_factory=model_factory))  # fmt: skip
 
 
 def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
-         atol, max_class_change, min_dice, data, model) -> None:  # fmt: skip
+         atol, max_class_change, min_dice, data, model, profiles=None) -> None:  # fmt: skip
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
              to_reduced="drop --fp32")  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
         result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
-                           opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
+                           opt_shape=opt_shape, max_shape=max_shape, profiles=profiles, workspace_gib=workspace,
                            timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
                            max_class_change=max_class_change, min_dice=min_dice, data=data, model=model)  # fmt: skip
     out.add_export(result)

@@ -6,6 +6,7 @@ from pathlib import Path
 from unet_export.api import ExportResult
 from unet_export.cli.common import console
 from unet_export.cli.render import dims, parity_table
+from unet_export.runtimes.tensorrt.plan import entry_profiles
 from unet_export.text import counted
 
 
@@ -16,10 +17,10 @@ def _mb(n_bytes: int) -> str:
 def export_report(result: ExportResult, workdir) -> None:
     entry = result.entry
     shape = "static" if not entry["dynamic_axes"] else "dynamic batch/height/width"
-    if "profile" in entry:  # a TensorRT engine: what built it, for which GPU, for which shapes
-        p = entry["profile"]
+    if profiles := entry_profiles(entry):  # a TensorRT engine: what built it, for which GPU, for which shapes
+        listed = "; ".join(f"min {dims(p.min)} opt {dims(p.opt)} max {dims(p.max)}" for p in profiles)
         shape = (f"TensorRT {entry['tensorrt_version']}, {entry['gpu']} (sm {entry['compute_capability']}), "
-                 f"profile min {dims(p['min'])} opt {dims(p['opt'])} max {dims(p['max'])}")  # fmt: skip
+                 f"{'profile' if len(profiles) == 1 else f'{len(profiles)} profiles:'} {listed}")  # fmt: skip
     opset = f", opset {entry['opset']}" if "opset" in entry else ""
     label = f"{entry['format']} {entry['precision']}"
     console.print(f"[bold]{label}[/] {result.path} ({_mb(entry['bytes'])}{opset}, {shape})")

@@ -25,13 +25,13 @@ from unet_export.models import ModelChoice, get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.parity import envelope
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
-from unet_export.parity.realimages import HOW, folder_record, gate_images, with_probes
+from unet_export.parity.realimages import HOW, folder_record, gate_images, probe_images, with_probes
 from unet_export.parity.run import run_parity
 from unet_export.runtimes.formats import FORMATS
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET, metadata_json
 from unet_export.runtimes.onnx.fp16 import convert_onnx_fp16
 from unet_export.runtimes.tensorrt.build import build_engine, import_tensorrt
-from unet_export.runtimes.tensorrt.plan import engine_path, plan_build, resolve_profile
+from unet_export.runtimes.tensorrt.plan import Profile, engine_path, plan_build, resolve_profiles
 from unet_export.runtimes.tensorrt.runner import gpu_identity
 from unet_export.workdir import publish, references
 from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
@@ -191,6 +191,7 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
         entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, probes=probes,
                             threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
+        keep_named(recording, sum(p == "gate images" for p in probes) if probes else len(inputs))
         record_envelope(entry, env, parity)
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
@@ -206,6 +207,14 @@ def inherit_envelope(entry: dict, source: dict) -> dict:
     return entry
 
 
+def keep_named(recording: references.Recording, images: int) -> None:
+    """Keep the recorded eager outputs of the first ``images`` batches, the real images the
+    recording names in order (the probes' crops are not theirs: verify re-judges those where
+    the model can be rebuilt)."""
+    if recording.source.get("source") == "images":
+        del recording.batches[images:]
+
+
 def record_envelope(entry: dict, env: "envelope.Envelope | None", parity: ParityReport) -> None:
     if env is not None:
         entry["envelope"] = envelope.record(env, parity)
@@ -219,6 +228,7 @@ def build_trt(
     min_shape: str | None = None,
     opt_shape: str | None = None,
     max_shape: str | None = None,
+    profiles: list[str] | None = None,
     workspace_gib: float = 4.0,
     timing_cache: str | Path | None = None,
     fp32_layers: list[str] | None = None,
@@ -233,13 +243,17 @@ def build_trt(
     """Build a TensorRT engine from the workdir's ONNX model and check it against eager CUDA
     (judged by float64); the tolerance options replace those of the engine's precision. FP32 is
     judged on seeded inputs; FP16 on real images (``data``, else the manifest's held-out images).
+    ``profiles``: the engine's optimisation profiles, each 'MIN:OPT:MAX' (NxCxHxW each), instead of
+    the one profile of ``min_shape``/``opt_shape``/``max_shape``; the gate checks every profile at
+    its corners and edges (the envelope, parity.envelope) and the entry records its proof.
     ``model``: the factory (or nn.Module) that rebuilds a factory's (module's) eager model."""
     started = time.perf_counter()
     tol = tolerance_for(precision, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     source = onnx_entry(manifest, workdir, onnx)
-    profile = resolve_profile(source, min_shape, opt_shape, max_shape)
+    chosen = resolve_profiles(source, profiles, min_shape, opt_shape, max_shape)
+    env = engine_envelope(source, chosen)
     net = build_model(manifest_checkpoint(manifest, model=model))
     trt = import_tensorrt()
     if not torch.cuda.is_available():
@@ -248,7 +262,7 @@ def build_trt(
     real, record = [], None
     if precision != "fp32":  # before the build: an FP16 engine with no real images to judge it is refused
         gate = {"precision": precision, "export_size": source["export_size"], "size_rule": source["size_rule"],
-                "profile": profile.to_dict()}  # fmt: skip
+                **profile_records(chosen)}  # fmt: skip
         real, record = gate_images(manifest, gate, data)
     plan = plan_build(trt.__version__, precision, fp32_layers)
     onnx_path = workdir / source["path"]
@@ -258,26 +272,48 @@ def build_trt(
     dest = engine_path(workdir, source["path"], precision)
     cache = Path(timing_cache) if timing_cache else workdir / "timing.cache"
     with publish.staged(dest, publish.estimated_bytes(net), "TensorRT engine") as staged:
-        info = build_engine(plan, onnx_path, profile, staged, workspace_gib=workspace_gib, timing_cache=cache,
+        info = build_engine(plan, onnx_path, chosen, staged, workspace_gib=workspace_gib, timing_cache=cache,
                             fp32_layers=fp32_layers)  # fmt: skip
-        entry = _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache)
+        entry = _engine_entry(dest, precision, onnx_path, info, plan, chosen, source, fp32_layers, cache)
         dev = torch.device("cuda")
-        inputs = real or seeded_inputs(profile.parity_shapes(), seed)
+        # FP16: the real images as they come, then cropped or mirrored to every probe; FP32: seeded probes.
+        if real:
+            extra, labels = probe_images(real, env, tuple(source["export_size"]))
+            inputs, labels = real + extra, ["gate images"] * len(real) + labels
+        else:
+            probes = env.probes(tuple(source["export_size"]))
+            inputs, labels = seeded_inputs([p.shape for p in probes], seed), [p.label for p in probes]
         if record:
             entry["real_images"] = record
         recording = references.images(record) if real else references.seeded(seed)
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged,
-                            threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
+                            threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches,
+                            probes=labels)  # fmt: skip
+        keep_named(recording, len(real))
+        entry["envelope"] = envelope.record(env, parity)
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
             record_artifact(workdir, current, entry, parity, dev, staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
 
 
-def _engine_entry(dest, precision, onnx_path, info, plan, profile, source, fp32_layers, cache) -> dict:
+def engine_envelope(source: dict, profiles: list[Profile]) -> envelope.Envelope:
+    """What an engine built from the ONNX entry ``source`` declares: one box per profile."""
+    rule = SizeRule(**{k: v for k, v in source["size_rule"].items() if k != "static"})
+    channels = int(source["inputs"][0]["shape"][1])
+    return envelope.declared(rule, channels, tuple(source["export_size"]), profiles=[p.to_dict() for p in profiles])
+
+
+def profile_records(profiles: list[Profile]) -> dict:
+    """An engine entry's "profiles" (in the engine's order) and "profile", the first, which readers
+    written before there could be several still read."""
+    return {"profile": profiles[0].to_dict(), "profiles": [p.to_dict() for p in profiles]}
+
+
+def _engine_entry(dest, precision, onnx_path, info, plan, profiles, source, fp32_layers, cache) -> dict:
     gpu, capability = gpu_identity(torch.device("cuda"))
     return {"format": "tensorrt", "path": dest.name, "precision": precision, "source_onnx": onnx_path.name,
-            **info, "gpu": gpu, "compute_capability": capability, "profile": profile.to_dict(),
+            **info, "gpu": gpu, "compute_capability": capability, **profile_records(profiles),
             "build": {"fp16_flag": plan.fp16_flag, "strongly_typed": plan.strongly_typed,
                       "fp32_layers": fp32_layers or [], "timing_cache": str(cache)},
             "inputs": source["inputs"], "outputs": source["outputs"], "dynamic_axes": source["dynamic_axes"],

@@ -185,7 +185,8 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
 def _recording(entry: dict, gates: GateSet) -> references.Recording:
     """The gate set's eager outputs (already computed in fp32 and float64), to be recorded."""
     recording = references.images(entry["real_images"])
-    recording.batches = [(x, ref, ref64) for x, ref, ref64, _ in gates.batches]
+    # the gate's own images, which the recording names in order; not the envelope's crops of them
+    recording.batches = [(x, ref, ref64) for (x, ref, ref64, _), probe in zip(gates.batches, gates.labels) if not probe]
     return recording
 
 

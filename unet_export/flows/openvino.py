@@ -14,7 +14,8 @@ from pathlib import Path
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import sha256_file
-from unet_export.flows.export import ExportResult, export_artifact, inherit_envelope, record_envelope, require_real_images
+from unet_export.flows.export import (ExportResult, export_artifact, inherit_envelope, keep_named, record_envelope,
+                                      require_real_images)  # fmt: skip
 from unet_export.models import ModelChoice, mask_threshold
 from unet_export.parity import envelope
 from unet_export.parity.gate import seeded_inputs, tolerance_for
@@ -125,6 +126,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
         parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged, probes=probes,
                             threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
+        keep_named(recording, sum(p in ("", "gate images") for p in probes) if probes else len(inputs))
         record_envelope(entry, env, parity)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)

@@ -23,6 +23,7 @@ from unet_export.errors import UserError
 from unet_export.fileio import sha256_file
 from unet_export.models.sizes import SizeRule
 from unet_export.parity import envelope
+from unet_export.runtimes.tensorrt.plan import entry_profiles
 from unet_export.text import counted
 
 REDUCED = frozenset({"fp16", "bf16", "int8"})
@@ -130,20 +131,33 @@ def image_batches(paths: list[Path], channels: int, pp: Preprocess) -> list[torc
 
 
 def fitted(batches: list[torch.Tensor], entry: dict) -> list[torch.Tensor]:
-    """Real-image batches at their own size when the artefact takes it, else at its export size,
-    split to the batch sizes it accepts."""
+    """Real-image batches at their own size when the artefact takes it, else at its export size
+    (a TensorRT engine none of whose profiles holds that: its first profile's opt size), split to
+    the batch sizes it accepts."""
     height, width = entry["export_size"]
-    most = IMAGES_PER_BATCH
-    if entry.get("size_rule", {}).get("static"):
-        most = 1  # a static artefact takes exactly its 1xCxHxW export shape
-    elif "profile" in entry:  # a TensorRT engine: inside its optimisation profile
-        most = min(most, entry["profile"]["max"][0])
+    profiles = entry_profiles(entry)  # a TensorRT engine: inside one of its optimisation profiles
+    if profiles and not _held(profiles, height, width):
+        height, width = profiles[0].opt[2:]
     out = []
     for batch in batches:
         if batch.shape[-2:] != (height, width) and not takes_size(entry, *batch.shape[-2:]):
             batch = F.interpolate(batch, (height, width), mode="bilinear", align_corners=False)
-        out += list(batch.split(most))
+        out += list(batch.split(_most(entry, profiles, *batch.shape[-2:])))
     return out
+
+
+def _most(entry: dict, profiles: list, height: int, width: int) -> int:
+    """The largest batch an artefact takes at this size, at most IMAGES_PER_BATCH."""
+    if entry.get("size_rule", {}).get("static"):
+        return 1  # a static artefact takes exactly its 1xCxHxW export shape
+    if profiles:
+        return min(IMAGES_PER_BATCH, max((p.max[0] for p in _held(profiles, height, width)), default=1))
+    return IMAGES_PER_BATCH
+
+
+def _held(profiles: list, height: int, width: int) -> list:
+    """The profiles whose height and width ranges hold this size."""
+    return [p for p in profiles if p.min[2] <= height <= p.max[2] and p.min[3] <= width <= p.max[3]]
 
 
 def takes_size(entry: dict, height: int, width: int) -> bool:
@@ -153,10 +167,9 @@ def takes_size(entry: dict, height: int, width: int) -> bool:
     rule = {k: v for k, v in entry.get("size_rule", {}).items() if k in ("min", "multiple", "offset", "shrink")}
     if entry.get("size_rule", {}).get("static") or not rule:
         return False
-    if "profile" in entry:  # a TensorRT engine: inside its optimisation profile
-        low, high = entry["profile"]["min"], entry["profile"]["max"]
-        if not (low[2] <= height <= high[2] and low[3] <= width <= high[3]):
-            return False
+    profiles = entry_profiles(entry)
+    if profiles and not _held(profiles, height, width):  # a TensorRT engine: inside one of its profiles
+        return False
     sizes = SizeRule(**rule)
     return sizes.accepts(height) and sizes.accepts(width)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
 from unet_export.runtimes.openvino.runner import HINTS
+from unet_export.runtimes.tensorrt.plan import entry_profiles
 from unet_export.serving import configs
 from unet_export.serving.configs import NATIVE, PYTHON, VERSION
 from unet_export.serving.ensemble import pipeline_plans
@@ -148,6 +149,9 @@ def native_plan(entry: dict, manifest: dict, workdir: Path, name: str, max_batch
         inputs, limit, max_batch, notes = _engine_limits(entry, inputs, max_batch)
     config = configs.new_config(model_name, kind, max_batch if batched else 0, inputs, outputs)
     configs.add_serving(config, kind, instances, batching=batched)
+    if fmt == "tensorrt" and len(profiles := entry_profiles(entry)) > 1:
+        # Without the list Triton runs every instance on profile 0 alone; with it, it picks per request.
+        config.instance_group[0].profile.extend(str(i) for i in range(len(profiles)))
     files = {f"{VERSION}/{kind.filename}": checked_path(workdir, entry)}
     if fmt == "tensorrt":
         files = _engine_file(config, entry, files)
@@ -165,9 +169,12 @@ def _artifact_dims(entry: dict, model_config: dict) -> dict:
 
 
 def _engine_limits(entry: dict, inputs: list[dict], max_batch: int) -> tuple[list[dict], int, int, list[str]]:
-    """An engine takes only its optimisation profile: max_batch_size at most the profile's max
-    batch, H and W fixed where the profile fixes them."""
-    low, high = entry["profile"]["min"], entry["profile"]["max"]
+    """An engine takes only its optimisation profiles: max_batch_size at most the largest max
+    batch among them, H and W fixed where every profile fixes them to the same size. Triton's
+    config has no per-profile shapes: a request no profile holds fails there (the notes say so)."""
+    profiles = entry_profiles(entry)
+    low = [min(p.min[i] for p in profiles) for i in range(4)]
+    high = [max(p.max[i] for p in profiles) for i in range(4)]
     dims = [high[i] if low[i] == high[i] else -1 for i in range(1, len(high))]
     notes = []
     if max_batch > high[0]:
@@ -175,9 +182,17 @@ def _engine_limits(entry: dict, inputs: list[dict], max_batch: int) -> tuple[lis
         max_batch = high[0]
     if low[0] > 1:
         notes.append(f"the engine profile needs batches >= {low[0]}: smaller requests fail")
+    if len(profiles) > 1:
+        boxes = " or ".join(f"{dims_text(p.min)}..{dims_text(p.max)}" for p in profiles)
+        notes.append(f"{len(profiles)} optimisation profiles ({boxes}), all offered to each instance: "
+                     "a batch and size no single profile holds fails")  # fmt: skip
     notes.append(f"built for {entry.get('gpu')} (compute capability {entry.get('compute_capability')}), "
                  f"TensorRT {entry.get('tensorrt_version')}; another GPU needs its own engine")  # fmt: skip
     return [inputs[0] | {"dims": dims}], high[0], max_batch, notes
+
+
+def dims_text(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _engine_file(config, entry: dict, files: dict) -> dict:

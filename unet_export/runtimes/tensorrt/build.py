@@ -32,9 +32,10 @@ def make_logger(trt):
     return Logger()
 
 
-def build_engine(plan: BuildPlan, onnx_path: Path, profile: Profile, dest: Path, *, workspace_gib: float = 4.0,
+def build_engine(plan: BuildPlan, onnx_path: Path, profiles: list[Profile], dest: Path, *, workspace_gib: float = 4.0,
                  timing_cache: Path | None = None, fp32_layers: list[str] | None = None) -> dict:  # fmt: skip
-    """Parse ``onnx_path``, build with ``plan`` and ``profile``, write the plan to ``dest``."""
+    """Parse ``onnx_path``, build with ``plan`` and every optimisation profile of ``profiles`` (the
+    engine numbers them in this order), write the plan to ``dest``."""
     trt = import_tensorrt()
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -46,7 +47,9 @@ def build_engine(plan: BuildPlan, onnx_path: Path, profile: Profile, dest: Path,
         raise ArtifactError(parser_error_message(onnx_path.name, _parser_errors(parser)))
     config = _config(trt, builder, plan, workspace_gib)
     pinned = _pin_fp32_layers(trt, network, config, onnx_path, fp32_layers) if plan.pin_fp32_layers else 0
-    _add_profile(builder, config, network.get_input(0).name, profile)
+    input_name = network.get_input(0).name
+    for profile in profiles:
+        _add_profile(builder, config, input_name, profile)
     cache = _attach_timing_cache(config, timing_cache)  # held: TensorRT needs it alive until the build ends
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -100,7 +103,8 @@ def _pin_fp32_layers(trt, network, config, onnx_path: Path, patterns: list[str])
 def _add_profile(builder, config, input_name: str, profile: Profile) -> None:
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:  # TensorRT's answer to a profile it finds invalid
+        raise UserError(f"TensorRT refused the optimisation profile {profile.describe()}")
 
 
 def _attach_timing_cache(config, path: Path | None):

@@ -37,21 +37,67 @@ class Profile:
     def from_dict(cls, data: dict) -> "Profile":
         return cls(tuple(data["min"]), tuple(data["opt"]), tuple(data["max"]))
 
-    def parity_shapes(self) -> list[Shape]:
-        """Two checks inside the profile: the smallest batch at the opt size, and a batch of 2
-        (or the largest allowed) at the largest size."""
-        n, c, h, w = self.max
-        return [(self.min[0], c, self.opt[2], self.opt[3]), (max(self.min[0], min(2, n)), c, h, w)]
+    def describe(self) -> str:
+        return f"min {_dims(self.min)} opt {_dims(self.opt)} max {_dims(self.max)}"
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def parse_profile(text: str) -> Profile:
+    """--profile 'MIN:OPT:MAX', each NxCxHxW -> Profile."""
+    parts = text.strip().split(":")
+    if len(parts) != 3:
+        raise UserError(f"--profile {text!r} is not MIN:OPT:MAX (each NxCxHxW), "
+                        "e.g. 1x3x256x256:1x3x256x256:1x3x512x512")  # fmt: skip
+    return Profile(*(parse_shape(part, f"--profile {text!r}:") for part in parts))
+
+
+def entry_profiles(entry: dict) -> list[Profile]:
+    """An engine entry's optimisation profiles, in the engine's order: "profiles", or (recorded
+    before there could be several) its one "profile"; none for any other artefact."""
+    records = entry.get("profiles") or ([entry["profile"]] if "profile" in entry else [])
+    return [Profile.from_dict(p) for p in records]
+
+
+def resolve_profiles(onnx_entry: dict, profiles: list[str] | None = None, min_text=None, opt_text=None,
+                     max_text=None) -> list[Profile]:  # fmt: skip
+    """The engine's optimisation profiles: each --profile MIN:OPT:MAX, or the one profile of
+    --min/--opt/--max-shape and the manifest's defaults (resolve_profile). Each is validated as
+    the one-profile form is; the two forms do not mix."""
+    if not profiles:
+        return [resolve_profile(onnx_entry, min_text, opt_text, max_text)]
+    if min_text or opt_text or max_text:
+        raise UserError("--profile gives whole profiles: drop --min-shape/--opt-shape/--max-shape "
+                        "(or give one profile with those alone)")  # fmt: skip
+    channels, rule, static, fixed = _source(onnx_entry)
+    out: list[Profile] = []
+    for text in profiles:
+        profile = parse_profile(text)
+        if profile in out:
+            raise UserError(f"--profile {text!r} is given twice")
+        names = {name: f"--profile {text!r}: {name}" for name in ("min", "opt", "max")}
+        _validate(profile, channels, rule, static, names=names, fixed=fixed)
+        out.append(profile)
+    return out
+
+
+def _source(onnx_entry: dict) -> tuple[int, SizeRule, bool, Shape | None]:
+    """(channels, size rule, static, the static input shape) of the ONNX model an engine is built from."""
+    channels = int(onnx_entry["inputs"][0]["shape"][1])
+    rule = dict(onnx_entry.get("size_rule", {}))
+    static = bool(rule.pop("static", False))
+    fixed = tuple(int(d) for d in onnx_entry["inputs"][0]["shape"]) if static else None
+    return channels, SizeRule(**rule), static, fixed  # type: ignore[return-value]
 
 
 def resolve_profile(onnx_entry: dict, min_text=None, opt_text=None, max_text=None) -> Profile:
     """The optimisation profile: the user's shapes, the rest from the ONNX entry in the manifest
     (batch 1..16, opt batch 8, height and width at the export size)."""
-    channels = int(onnx_entry["inputs"][0]["shape"][1])
+    channels, rule, static, fixed = _source(onnx_entry)
     height, width = onnx_entry["export_size"]
-    rule = dict(onnx_entry.get("size_rule", {}))
-    if rule.get("static"):
-        fixed = tuple(int(d) for d in onnx_entry["inputs"][0]["shape"])
+    if fixed is not None:
         defaults = Profile(fixed, fixed, fixed)
     else:
         defaults = Profile((DEFAULT_MIN_BATCH, channels, height, width), (DEFAULT_OPT_BATCH, channels, height, width),
@@ -60,8 +106,7 @@ def resolve_profile(onnx_entry: dict, min_text=None, opt_text=None, max_text=Non
     profile = Profile(**({"min": defaults.min, "opt": defaults.opt, "max": defaults.max} | given))
     if given and not all(k in given for k in ("min", "max")):
         profile = _widen(profile, given)
-    static = bool(rule.pop("static", False))
-    _validate(profile, channels, SizeRule(**rule), static)
+    _validate(profile, channels, rule, static)
     return profile
 
 
@@ -72,17 +117,21 @@ def _widen(profile: Profile, given: dict) -> Profile:
     return Profile(lo, profile.opt, hi)  # type: ignore[arg-type]
 
 
-def _validate(profile: Profile, channels: int, rule: SizeRule, static: bool) -> None:
+def _validate(profile: Profile, channels: int, rule: SizeRule, static: bool, *, names: dict | None = None,
+              fixed: Shape | None = None) -> None:  # fmt: skip
+    """``names``: how the messages name min/opt/max (default --min-shape & co); ``fixed``: the
+    static model's one shape, which the profile must be."""
+    names = names or {name: f"--{name}-shape" for name in ("min", "opt", "max")}
     for name in ("min", "opt", "max"):
         shape = getattr(profile, name)
         if shape[1] != channels:
-            raise UserError(f"--{name}-shape has {shape[1]} channels; the model takes {channels}")
+            raise UserError(f"{names[name]} has {shape[1]} channels; the model takes {channels}")
         for dim, label in ((shape[2], "height"), (shape[3], "width")):
             if not rule.accepts(dim):
-                raise UserError(f"--{name}-shape {label} {dim} breaks the model's size rule ({rule.describe()})")
+                raise UserError(f"{names[name]} {label} {dim} breaks the model's size rule ({rule.describe()})")
     if not (all(a <= b for a, b in zip(profile.min, profile.opt)) and all(a <= b for a, b in zip(profile.opt, profile.max))):
         raise UserError(f"profile must satisfy min <= opt <= max in every dimension, got {profile.to_dict()}")
-    if static and not (profile.min == profile.opt == profile.max):
+    if static and not (profile.min == profile.opt == profile.max and fixed in (None, profile.min)):
         raise UserError("the ONNX model was exported --static: its engine profile cannot vary; export without --static")
 
 

@@ -1,6 +1,7 @@
 """TensorRT engines, run with torch CUDA tensors as I/O (set_input_shape, set_tensor_address,
 execute_async_v3 on a stream of the runner's own, ordered after and before torch's current stream), for
-any batch and size inside the profile."""
+any batch and size inside one of the engine's optimisation profiles: each input runs on the first
+profile that holds it (set_optimization_profile_async on the runner's stream when it changes)."""
 
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from unet_export.errors import UserError
 from unet_export.runtimes.base import Runner
 from unet_export.runtimes.tensorrt.build import import_tensorrt, make_logger
-from unet_export.runtimes.tensorrt.plan import Profile, check_engine_compat
+from unet_export.runtimes.tensorrt.plan import Profile, check_engine_compat, entry_profiles
 
 
 def gpu_identity(device: torch.device) -> tuple[str, str]:
@@ -23,9 +24,10 @@ class TensorRTRunner(Runner):
     def __init__(self, path: str | Path, device="cuda", precision="fp16", record: dict | None = None):
         super().__init__(device, precision)
         self.path = Path(path)
-        self.record = record or {}  # the engine's manifest entry: version, GPU, profile
-        self.profile = Profile.from_dict(self.record["profile"]) if "profile" in self.record else None
+        self.record = record or {}  # the engine's manifest entry: version, GPU, profiles
+        self.profiles: list[Profile] = entry_profiles(self.record)  # none known: TensorRT's profile 0 and its checks
         self.stream = None
+        self.active = 0  # the context's optimisation profile: 0 when it is created
 
     def _activate_impl(self) -> None:
         trt = import_tensorrt()
@@ -46,6 +48,7 @@ class TensorRTRunner(Runner):
             raise UserError(f"TensorRT could not create an execution context for {self.path.name} ({detail}); "
                             "is the GPU out of memory?")  # fmt: skip
         self.input_name, self.output_name = self._io_names(trt)
+        self.active = 0
         # TensorRT (10.13, 11.4) warns that enqueueing on the default stream adds cudaDeviceSynchronize calls.
         self.stream = torch.cuda.Stream(self.device)
 
@@ -67,9 +70,7 @@ class TensorRTRunner(Runner):
         return table[dtype]
 
     def _infer_impl(self, x: torch.Tensor) -> torch.Tensor:
-        if self.profile and not self.profile.contains(tuple(x.shape)):
-            raise UserError(f"input {tuple(x.shape)} is outside the engine's profile {self.profile.to_dict()}; "
-                            "rebuild with wider --min-shape/--max-shape")  # fmt: skip
+        self._select(self.profile_for(tuple(x.shape)))
         x = x.to(self._dtype(self.input_name)).contiguous()
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise UserError(f"TensorRT refused input shape {tuple(x.shape)} for {self.path.name}")
@@ -80,6 +81,26 @@ class TensorRTRunner(Runner):
                 raise RuntimeError(f"TensorRT refused the address of {name} for {self.path.name}")
         self._enqueue()
         return out.float()
+
+    def _select(self, index: int) -> None:
+        """Make profile ``index`` the context's before the input shape is set (TensorRT checks the shape
+        against the active profile). The switch is queued on the runner's stream, behind its last run."""
+        if index == self.active:
+            return
+        if not self.context.set_optimization_profile_async(index, self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT refused optimisation profile {index} of {self.path.name}")
+        self.active = index
+
+    def profile_for(self, shape: tuple[int, ...]) -> int:
+        """The index of the first profile that holds ``shape``; one that none holds is refused, naming them."""
+        if not self.profiles:
+            return 0
+        index = next((i for i, p in enumerate(self.profiles) if p.contains(shape)), None)
+        if index is None:
+            boxes = " or ".join(_box(p) for p in self.profiles)
+            raise UserError(f"input {'x'.join(map(str, shape))} is outside the engine's profiles ({boxes}): "
+                            "rebuild it with a --profile that holds it")  # fmt: skip
+        return index
 
     def _enqueue(self) -> None:
         """Run on the runner's stream between two waits, so torch's current stream (its copies, its timing
@@ -97,3 +118,9 @@ class TensorRTRunner(Runner):
 
     def describe(self) -> str:
         return f"TensorRT {self.record.get('tensorrt_version', '?')}, {self.record.get('gpu', self.device)}"
+
+
+def _box(profile: Profile) -> str:
+    """A profile as the envelope describes a box: batch, height and width ranges (not the channels)."""
+    spans = {name: (profile.min[i], profile.max[i]) for name, i in (("batch", 0), ("height", 2), ("width", 3))}
+    return ", ".join(f"{name} {lo if lo == hi else f'{lo}-{hi}'}" for name, (lo, hi) in spans.items())

@@ -98,5 +98,6 @@ def parity_table(result: ExportResult | ParityReport) -> Table:
 
 def _input_label(case) -> str:
     label = f" {case.label}" if getattr(case, "label", "") and case.label != "seeded" else ""
-    probe = f" {case.probe}" if getattr(case, "probe", "") else ""
+    probe = getattr(case, "probe", "")
+    probe = f" {probe}" if probe and not (probe == "gate images" and label) else ""
     return "x".join(map(str, case.shape)) + label + probe

@@ -21,6 +21,10 @@ def verify_report(report) -> None:
     for v in report.verdicts:
         if v.parity is not None and v.parity.cases:
             console.print(parity_table(v.parity))
+        if v.envelope is not None:
+            proven = "[green]proven[/]" if v.envelope["proven"] else "[red]not proven[/]"
+            console.print(f"envelope of {v.path}: {v.envelope['describe']}: {proven} here "
+                          f"at {counted(len(v.envelope['checked']), 'shape')}")  # fmt: skip
     table = Table(title="Verdicts", title_justify="left")
     table.add_column("artefact", overflow="fold")  # a path: wraps whole, never cut
     whole_column(table, "precision", [v.precision for v in report.verdicts])

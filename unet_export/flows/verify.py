@@ -20,6 +20,7 @@ from unet_export.data.dataset import Preprocess
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import EagerUnavailable, IntegrityError, UserError
 from unet_export.models import mask_threshold
+from unet_export.parity import envelope
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
 from unet_export.parity.realimages import (
     IMAGES,
@@ -27,6 +28,7 @@ from unet_export.parity.realimages import (
     image_batches,
     judged_on_images_only,
     not_judged,
+    probe_images,
     real_images_for,
 )
 from unet_export.parity.run import run_parity
@@ -50,6 +52,7 @@ class Verdict:
     reason: str = ""
     parity: ParityReport | None = None
     sha256: str | None = None
+    envelope: dict | None = None  # the envelope re-proven here (parity.envelope.record)
 
 
 @dataclass
@@ -166,11 +169,10 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
     recorded = entry.get("parity") or {}
     tol = tolerance_for(entry["precision"], base=tolerance_from_record(recorded.get("limits"), entry["precision"]),
                         **limits)  # fmt: skip
-    shapes = [tuple(case["shape"]) for case in recorded.get("cases", []) if case.get("label") != "images"]
     model = manifest["model"]
     channels = int(model["config"].get("n_channels", 3))
-    if not shapes:  # its export-time check crashed before comparing anything: the export size, batch 1
-        shapes = [(1, int(getattr(net, "n_channels", 3)) if net is not None else channels, *entry["export_size"])]
+    env = envelope.of_entry(entry)
+    shapes, seeded_probes = _seeded_shapes(entry, env, recorded, channels)
     real_inputs = fitted(image_batches(paths, channels, Preprocess.from_dict(model.get("preprocess"))), entry)
     seeded = [] if reduced else seeded_inputs(shapes, seed)
     if stand_in is not None:
@@ -178,10 +180,15 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
         if not verdict.reason:
             verdict.status, verdict.reason = "unreferenced", _unreferenced(stand_in, entry, reduced)
             return verdict
+    real_probes = None
+    if env is not None and reduced and stand_in is None:  # the envelope again, on the real images
+        extra, labels = probe_images(real_inputs, env, tuple(entry["export_size"]))
+        real_inputs, real_probes = real_inputs + extra, ["gate images"] * len(real_inputs) + labels
     labels = ["seeded"] * len(seeded) + ["images"] * len(real_inputs)
+    probes = _probe_labels(seeded, seeded_probes, real_inputs, real_probes) if env is not None else None
     try:
         verdict.parity = run_parity(entry, workdir, net, dev, seeded + real_inputs, tol,
-                                    threshold=mask_threshold(model["config"]),
+                                    threshold=mask_threshold(model["config"]), probes=probes,
                                     recorded=stand_in.references if stand_in is not None else None)
     except IntegrityError as exc:  # replaced while this ran
         verdict.status, verdict.reason = "changed", str(exc)
@@ -192,7 +199,25 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
     for case, label in zip(verdict.parity.cases, labels):
         case.label = label
     verdict.status = "verified" if verdict.parity.passed else "failed"
+    if env is not None:
+        verdict.envelope = envelope.record(env, verdict.parity)
     return verdict
+
+
+def _seeded_shapes(entry: dict, env, recorded: dict, channels: int) -> tuple[list[tuple], list[str] | None]:
+    """The FP32 gate's seeded shapes: the envelope's probes; an entry exported before envelopes,
+    the shapes its own gate recorded (or, when that crashed first, the export size at batch 1)."""
+    if env is not None:
+        probes = env.probes(tuple(entry["export_size"]))
+        return [p.shape for p in probes], [p.label for p in probes]
+    shapes = [tuple(case["shape"]) for case in recorded.get("cases", []) if case.get("label") != "images"]
+    return shapes or [(1, channels, *entry["export_size"])], None
+
+
+def _probe_labels(seeded: list, seeded_probes: list[str] | None, real: list, real_probes: list[str] | None) -> list[str]:
+    """One envelope label per input: the seeded probes', then the real images' (the gate's own
+    images, or, without probes on them, their size checked as it comes)."""
+    return (seeded_probes or [""] * len(seeded))[: len(seeded)] + (real_probes or ["gate images"] * len(real))
 
 
 def _recorded_inputs(recorded: Recorded, seeded: list, real: list) -> tuple[list, list, str]:
@@ -240,3 +265,5 @@ def _record(workdir: Path, report: VerifyReport) -> None:
             entry["status"] = verdict.status
             entry["verified_on"] = report.host | {"inputs": report.inputs,
                                                   "parity": verdict.parity.to_dict()}  # fmt: skip
+            if verdict.envelope is not None:  # proven on this host: what predict, triton and bench trust
+                entry["verified_on"]["envelope"] = verdict.envelope

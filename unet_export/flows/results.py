@@ -117,8 +117,8 @@ def artifact_record(entry: dict, *, status: str | None = None, parity: dict | No
               "parity": with_floor_ratio(parity)}  # fmt: skip
     if reason:
         record["reason"] = reason
-    # the .bin of an IR; INT8's Dice vs truth; why a TorchScript model was traced, not scripted
-    for key in ("export_size", "weights", "accuracy", "real_images", "traced"):
+    # the .bin of an IR; INT8's Dice vs truth; why a TorchScript model was traced, not scripted; the envelope
+    for key in ("export_size", "weights", "accuracy", "real_images", "traced", "envelope"):
         if entry.get(key) is not None:
             record[key] = entry[key]
     return record

@@ -89,7 +89,9 @@ def test_repository_from_the_verified_artefacts(written, demo_workdir):
     settings = json.loads(py.parameters["unet_export"].string_value)
     assert settings == {"role": "model", "runtime": "onnxruntime", "artifact": "model.onnx", "input": "input",
                         "output": "logits", "threads": 0, "precision_hint": "f32",
-                        "size_rule": {"min": 16, "multiple": 1, "offset": 0, "shrink": 0}}  # fmt: skip
+                        "size_rule": {"min": 16, "multiple": 1, "offset": 0, "shrink": 0},
+                        "envelope": {"boxes": [{"batch": [1, 8], "height": [16, 256], "width": [16, 256]}],
+                                     "describe": "batch 1-8, height 16-256, width 16-256"}}  # fmt: skip
     assert (written / "demo_unet_python/1/model.py").read_text() == Path(triton_model.__file__).read_text()
     record = json.loads((written / RECORD_NAME).read_text())
     assert record["models"]["demo_unet_onnx"]["artifact"]["sha256"] == entries["onnx"]["sha256"]
@@ -617,7 +619,8 @@ def test_triton_check_serves_the_repository_and_matches_eager(tritonserver, work
     assert result.exit_code == 0, result.output
     assert "not served here demo_unet_onnx: backend 'onnxruntime' is not in this Triton build" in out
     passing = r"demo_unet_python │ (?:http|grpc) │ \S+ │ \S+ │ \S+ │ \S+ │ pass"
-    assert len(re.findall(passing, out)) == 6, out  # 3 inputs (2 seeded, 1 of real images) x 2 protocols
+    # 8 inputs (the envelope's 7 probes, seeded, and 1 batch of real images) x 2 protocols
+    assert len(re.findall(passing, out)) == 16, out
     for protocol in ("http", "grpc"):  # 8 images of 128x128, every pixel's value as predict's
         assert f"demo_unet_pipeline │ {protocol} │ 8 │ 131072 │ 0 │ 0 │ 1.000000 │ pass" in out, out
     assert "batch-size must be <= 8 for 'demo_unet_python'" in out and "then answered a valid request: pass" in out, out

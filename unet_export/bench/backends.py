@@ -116,6 +116,35 @@ def _tensorrt(precision: str):
     return make
 
 
+# backend -> the manifest artefacts (format, precision) its row runs, the first one the manifest
+# holds (BackendContext.entry); the eager and torch.compile rows run none.
+ARTEFACTS = {
+    "torchscript": [("torchscript", "fp32")],
+    "aoti": [("aoti", "fp32")],
+    "onnxruntime": [("onnx", "fp32")],
+    "onnxruntime-cuda": [("onnx", "fp32")],
+    "onnxruntime-cuda-fp16": [("onnx", "fp16")],
+    "onnxruntime-trt": [("onnx", "fp32")],
+    "openvino": [("openvino", "fp32"), ("onnx", "fp32")],  # the IR, else the ONNX model
+    "openvino-bf16": [("openvino", "fp32"), ("onnx", "fp32")],
+    "openvino-int8": [("openvino", "int8")],
+    "onnxruntime-int8": [("onnx", "int8")],
+    "tensorrt-fp16": [("tensorrt", "fp16")],
+    "tensorrt-fp32": [("tensorrt", "fp32")],
+}
+CUDA_ROWS = ("eager-fp16", "onnxruntime-cuda", "onnxruntime-cuda-fp16", "onnxruntime-trt", "tensorrt-fp16",
+             "tensorrt-fp32")  # unavailable on another device: their artefacts are not run there  # fmt: skip
+
+
+def row_entry(manifest: dict, name: str) -> dict | None:
+    """The manifest entry the row ``name`` runs (as BackendContext.entry finds it), None: none."""
+    for fmt, precision in ARTEFACTS.get(name, []):
+        for entry in manifest["artifacts"]:
+            if entry["format"] == fmt and entry["precision"] == precision:
+                return entry
+    return None
+
+
 # Order is the table's order; "eager" is the baseline every speed-up is relative to.
 BACKENDS = {
     "eager": lambda ctx: EagerRunner(ctx.model, ctx.device),

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from unet_export.bench.backends import BackendContext, BACKENDS, Unavailable
+from unet_export.bench.backends import BackendContext, BACKENDS, CUDA_ROWS, Unavailable, row_entry
 from unet_export.bench.stats import (  # noqa: F401 (CV_WARNING, exit_code, latency_stats: the bench API)
     CV_WARNING,
     BenchConfig,
@@ -34,6 +34,7 @@ from unet_export.data.images import load_image
 from unet_export.device import device_info, resolve_device
 from unet_export.errors import IntegrityError, UserError
 from unet_export.models import get_spec, mask_threshold
+from unet_export.parity import envelope
 from unet_export.parity.gate import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
 from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
 from unet_export.runtimes import EagerRunner, Runner
@@ -245,11 +246,13 @@ def benchmark(
         if timing.get(option) is not None and timing[option] < least:
             raise UserError(f"--{option.replace('_', '-')} must be at least {least}, got {timing[option]}")
     names = backend_names(backends)
+    channels = ckpt.config.get("n_channels", 3)
+    dev = resolve_device(device)
+    check_envelopes(manifest, names, (batch, channels, height, width), dev)
     limits = dict(rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     tolerances = {precision: tolerance_for(precision, **limits) for precision in TOLERANCES}
-    net, dev = build_model(ckpt), resolve_device(device)
+    net = build_model(ckpt)
     cfg = BenchConfig(batch=batch, height=height, width=width, **timing)
-    channels = ckpt.config.get("n_channels", 3)
     ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
     rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images, manifest["model"].get("preprocess")), on_row,
@@ -284,6 +287,21 @@ def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image."""
     width, height = load_image(path).size
     return height, width
+
+
+def check_envelopes(manifest: dict, names: list[str], shape: tuple[int, int, int, int], device) -> None:
+    """Before anything is built or timed: a --batch/--height/--width outside the envelope an
+    artefact a row runs was proven on (parity.envelope) is refused in one line naming the row, the
+    artefact and its envelope (exit 2). A static artefact's row says it is unavailable instead
+    (BackendContext.entry); a row that cannot run on this device runs nothing."""
+    n, _, height, width = shape
+    for name in names:
+        entry = row_entry(manifest, name)
+        if entry is None or entry.get("size_rule", {}).get("static") or (name in CUDA_ROWS and device.type != "cuda"):
+            continue
+        env = envelope.of_entry(entry)
+        if env is not None:
+            env.check(n, height, width, what=f"--batch/--height/--width: {name} runs {entry['path']}, whose input")
 
 
 def backend_names(backends: list[str] | None) -> list[str]:

@@ -29,7 +29,9 @@ def predict_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Images, folders (searched recursively) or .txt files listing "
                                                  "image paths, one per line.")],  # fmt: skip
     out: Annotated[Path, typer.Option(help="Folder for the masks: <path under the inputs' common folder>_mask.png.")] = Path("predictions"),
-    batch_size: Annotated[int, typer.Option(min=1, help="Images of one preprocessed size per runtime call.")] = 8,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images of one preprocessed size per runtime call "
+                                                   "(default 8, or the largest batch the artefact was proven at). "
+                                                   "More than it was proven at is refused.")] = None,  # fmt: skip
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images, and threads writing masks.")] = 2,
     runtime: Annotated[str, typer.Option(help="With a workdir: auto (the fastest verified artefact, timed here) or "
                                          "one of onnxruntime, openvino, openvino-int8, onnxruntime-int8, torchscript, "

@@ -23,7 +23,9 @@ def triton_cmd(
     workdir: Workdir = Path("exports"),
     repo: Repo = None,
     name: Annotated[str | None, typer.Option(help="Model name prefix (default: the checkpoint's stem).")] = None,
-    max_batch: Annotated[int, typer.Option(help="max_batch_size (TensorRT: at most the engine profile's).")] = 8,
+    max_batch: Annotated[int | None, typer.Option(help="max_batch_size (default 8, or the largest batch an artefact "
+                                                  "was proven at if smaller; more is refused; TensorRT: at most the "
+                                                  "engine profile's).")] = None,  # fmt: skip
     instances: Annotated[int, typer.Option(help="Instances of each model (instance_group count).")] = 1,
     formats: Annotated[str | None, typer.Option(help="Comma list of FORMAT or FORMAT:PRECISION (onnx, tensorrt, "
                                                 "torchscript, openvino, python); default: every verified one.")] = None,  # fmt: skip

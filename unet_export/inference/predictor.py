@@ -57,20 +57,26 @@ class Predictor:
     fixed_batch: int | None = None  # ... and its one batch size
     label: str = "eager"  # the runtime, as `predict --runtime` and the report name it
     threshold: float = 0.0  # where a one-class output turns into class 1 (models.mask_threshold)
+    entry: dict | None = None  # the manifest entry it runs (None: a checkpoint, or an artefact without one)
+    # The parity.envelope.Envelope the entry was proven on (None: no envelope recorded, the size
+    # rule alone). Set by predict (inference sits below parity): fit_and_run keeps every call in it.
+    envelope: object | None = None
 
     def max_batch(self, requested: int) -> int:
         return self.fixed_batch or requested
 
 
 def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | None = None,
-                tile: int | None = None, fixed: tuple[int, int] | None = None) -> torch.Tensor:
+                tile: int | None = None, fixed: tuple[int, int] | None = None, envelope=None) -> torch.Tensor:
     """Pad the image to a size the model takes (mirror padding, as the 2015 paper's overlap-tile:
     half the shrink on the top/left so output pixel i is image pixel i), run, crop to the image.
     With ``halo``, an image larger than ``tile`` runs in overlapping tiles (see TILE_HALO). A
-    static artefact (``fixed``) takes one size: the image is padded to it, if it fits."""
+    static artefact (``fixed``) takes one size: the image is padded to it, if it fits. With an
+    ``envelope`` (parity.envelope.Envelope), the artefact only ever sees shapes it was proven on:
+    an image larger than it runs in tiles it holds (with ``halo``), else it is refused (UserError)."""
     height, width = x.shape[-2:]
     margin = rule.shrink // 2
-    target_h, target_w = rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
+    target_h, target_w = padded_size(rule, height, width)
     if fixed is not None:
         if height + rule.shrink > fixed[0] or width + rule.shrink > fixed[1]:
             raise UserError(f"the model is static at {fixed[0]}x{fixed[1]} and the image is {height}x{width} after "
@@ -79,11 +85,10 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | Non
     pads = [margin, target_w - width - margin, margin, target_h - height - margin]
     mode = "reflect" if max(pads) < min(height, width) else "replicate"  # reflect needs pad < size
     padded = F.pad(x, pads, mode=mode) if any(pads) else x
-    tile = tile or TILE
-    if halo and max(padded.shape[-2:]) > tile:
-        logits = run_tiled(runner, padded, tile, halo)
-    else:
-        logits = runner.infer(padded)
+    if envelope is not None:
+        runner = _Within(runner, envelope)
+    tile = tiling(target_h, target_w, halo, tile or TILE, envelope)
+    logits = run_tiled(runner, padded, tile, halo) if tile else runner.infer(padded)
     # The output is centred in the padded input: output j <-> image pixel j + (T - O) // 2 - margin.
     off_y = max(0, margin - (target_h - logits.shape[-2]) // 2)
     off_x = max(0, margin - (target_w - logits.shape[-1]) // 2)
@@ -91,6 +96,60 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | Non
     if logits.shape[-2:] != (height, width):  # a shrink the rule only approximates (valid-pad)
         logits = F.interpolate(logits, (height, width), mode="bilinear")
     return logits
+
+
+def padded_size(rule: SizeRule, height: int, width: int) -> tuple[int, int]:
+    """The input size fit_and_run feeds the model for an image of ``height`` x ``width``."""
+    return rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
+
+
+def tiling(height: int, width: int, halo: int | None, tile: int, envelope=None) -> int | None:
+    """The tile side a padded input of ``height`` x ``width`` runs in, None: whole. Larger than
+    ``tile`` or than the ``envelope`` holds: tiles, as large as both allow (halo included)."""
+    if not halo:
+        return None
+    if envelope is None:
+        return tile if max(height, width) > tile else None
+    if max(height, width) <= tile and envelope.accepts(1, height, width):
+        return None
+    return proven_tile(envelope, halo, tile)  # None: no tile fits it; _Within refuses the whole input
+
+
+def proven_tile(envelope, halo: int, tile: int | None = None) -> int | None:
+    """The largest square tile, at most ``tile``, inside a box of the envelope that takes one image,
+    whose core (tile - 2 x halo) is a positive multiple of 16 (run_tiled); None: there is none."""
+    sides = [min(box.height[1], box.width[1]) for box in envelope.boxes if box.batch[0] <= 1]
+    core = (min(max(sides, default=0), tile or TILE) - 2 * halo) // 16 * 16
+    return core + 2 * halo if core >= 16 else None
+
+
+def proven_fit(envelope, height: int, width: int, halo: int | None, tile: int | None = None) -> bool:
+    """Whether a padded input of ``height`` x ``width`` runs inside ``envelope`` (whole, or
+    every window of its tiles) at batch 1: what predict checks before it runs anything."""
+    side = tiling(height, width, halo, tile or TILE, envelope)
+    if side is None:
+        return envelope.accepts(1, height, width)
+    core = side - 2 * halo
+    rows, cols = ({w1 - w0 for *_, w0, w1 in _spans(n, core, halo)} for n in (height, width))
+    return all(envelope.accepts(1, h, w) for h in rows for w in cols)
+
+
+class _Within:
+    """A runner that calls the artefact only on shapes its envelope holds: a batch larger than it
+    holds at that size runs in parts (batch invariance is part of the proof); a size it does not
+    hold is refused in one line naming the envelope (UserError), before the artefact sees it."""
+
+    def __init__(self, runner: Runner, envelope):
+        self.runner, self.envelope = runner, envelope
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = x.shape
+        step = next((k for k in range(n, 0, -1) if self.envelope.accepts(k, height, width)), None)
+        if step is None:
+            self.envelope.check(n, height, width)  # raises, naming the envelope and the nearest sizes
+        if step == n:
+            return self.runner.infer(x)
+        return torch.cat([self.runner.infer(x[i : i + step]) for i in range(0, n, step)])
 
 
 def _spans(size: int, core: int, halo: int) -> list[tuple[int, int, int, int]]:
@@ -161,8 +220,10 @@ def entry_predictor(manifest: dict, entry: dict, workdir: Path, device) -> Predi
     if entry["status"] != "verified":
         raise UserError(f"{workdir / entry['path']} failed its parity check ({workdir}/manifest.json); fix and re-export it")
     fixed = entry["inputs"][0]["shape"] if entry.get("size_rule", {}).get("static") else None
-    return make_predictor(manifest["model"], artifact_runner(entry, workdir, device),
-                          runtime_label(entry["format"], entry["precision"]), fixed)  # fmt: skip
+    predictor = make_predictor(manifest["model"], artifact_runner(entry, workdir, device),
+                               runtime_label(entry["format"], entry["precision"]), fixed)  # fmt: skip
+    predictor.entry = entry
+    return predictor
 
 
 # artefact format -> the runtime that runs it, as `--runtime` names it (with -PRECISION unless fp32)
@@ -221,7 +282,8 @@ def predict_classes(predictor: Predictor, image_path: Path, max_pixels: int | No
     """(class index per pixel at the image's size as an array, the image as the model read it)."""
     img = load_image(image_path, predictor.n_channels, max_pixels)
     x = image_to_tensor(img, predictor.preprocess, predictor.n_channels)[None]
-    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed).float().cpu()
+    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed,
+                         envelope=predictor.envelope).float().cpu()  # fmt: skip
     del x
     return to_classes(logits, img.size, predictor.preprocess, predictor.threshold), img
 

@@ -12,6 +12,7 @@ import torch
 
 from unet_export.errors import UnetExportError, UserError
 from unet_export.inference.predictor import Predictor, entry_predictor, load_predictor, runtime_label
+from unet_export.parity import envelope
 from unet_export.parity.gate import seeded_inputs
 import unet_export.predict.remember as remember
 from unet_export.workdir.manifest import load_manifest
@@ -21,7 +22,16 @@ def open_model(model, device, runtime: str = "auto", architecture: str | None = 
                timing=lambda labels: nullcontext()) -> tuple[Predictor, str]:  # fmt: skip
     """(predictor, a line saying how the runtime was chosen, or ''). ``measure=False``: nothing
     will run (every mask is done), so with nothing remembered no runtime is timed either.
-    ``timing(labels)``: a context manager around the timing (the CLI's progress lines)."""
+    ``timing(labels)``: a context manager around the timing (the CLI's progress lines). The
+    predictor of a manifest entry carries the envelope it was proven on (parity.envelope): it is
+    never run outside it."""
+    predictor, note = _open(model, device, runtime, architecture, measure=measure, timing=timing)
+    if predictor.entry is not None:
+        predictor.envelope = envelope.of_entry(predictor.entry)
+    return predictor, note
+
+
+def _open(model, device, runtime: str, architecture: str | None, *, measure: bool, timing) -> tuple[Predictor, str]:
     path, device = Path(model), torch.device(device)
     # A save_pretrained folder (config.json, no manifest) is a checkpoint: the eager model.
     if not path.is_dir() or ((path / "config.json").is_file() and not (path / "manifest.json").is_file()):

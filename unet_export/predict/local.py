@@ -25,9 +25,12 @@ from unet_export.predict.report import Report
 from unet_export.predict.stages import Loaded, Outcome, Stages, infer, load, write
 
 
+DEFAULT_BATCH = 8  # --batch-size when none is given (or the artefact's largest proven batch, if smaller)
+
+
 @dataclass
 class PredictOptions:
-    batch_size: int = 8
+    batch_size: int | None = None  # None: DEFAULT_BATCH, or the largest batch the artefact was proven at
     workers: int = 2
     overlay: bool = False
     resume: bool = False

@@ -81,7 +81,8 @@ def is_complete(job: Job, out: Path, overlay: bool) -> bool:
 def infer(predictor, batch: list[Loaded]) -> list[np.ndarray]:
     """Class indices per pixel, at each image's own size, for images of one preprocessed size."""
     x = torch.from_numpy(np.stack([item.x for item in batch]))
-    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed).float().cpu()
+    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed,
+                         envelope=predictor.envelope).float().cpu()  # fmt: skip
     return [to_classes(logits[i : i + 1], item.size, predictor.preprocess, predictor.threshold)
             for i, item in enumerate(batch)]  # fmt: skip
 

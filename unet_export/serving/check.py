@@ -18,11 +18,12 @@ import torch
 
 from unet_export.checkpoint import build_model, class_mask_values
 from unet_export.data.dataset import image_to_tensor, mask_to_classes, Preprocess
-from unet_export.data.images import load_image
+from unet_export.data.images import load_image, open_image
 from unet_export.errors import UnetExportError, UserError
 from unet_export.metrics import decision_margin, dice_score
 from unet_export.models import mask_threshold
 from unet_export.models.sizes import SizeRule
+from unet_export.parity.envelope import Envelope
 from unet_export.parity.gate import FP32, ParityReport, check_parity, compare, seeded_inputs, tolerance_from_record
 from unet_export.parity.realimages import HOW, judged_on_images_only, not_judged, real_images_for
 from unet_export.runtimes import EagerRunner, Runner
@@ -161,6 +162,7 @@ def served_parity(server: TritonServer, name: str, config, record: dict, net, im
     tol = tolerance_from_record(artifact.get("limits"), artifact["precision"])  # the gate it passed
     limit = config.max_batch_size or 1
     shapes = [(min(s[0], limit), *s[1:]) for s in artifact["parity_shapes"]]
+    shapes = [s for s in shapes if inside(artifact, s[0], *s[2:])]  # what was proven, and no more
     # Reduced precision is judged on real images only, as its export gate was: on noise a trained
     # model's logits sit near ties and INT8 "fails" where it is fine.
     seeded = seeded_inputs(shapes, seed) if artifact["precision"] == "fp32" else []
@@ -219,7 +221,45 @@ def _real_batch(images: list[Path], model: dict, artifact: dict, limit: int) -> 
     same = [t for t in tensors if t.shape == tensors[0].shape][: min(4, limit)]
     rule = SizeRule(**{k: v for k, v in artifact["size_rule"].items() if k != "static"})
     height, width = same[0].shape[-2:]
-    return [torch.stack(same)] if rule.accepts(height) and rule.accepts(width) else []
+    while len(same) > 1 and not inside(artifact, len(same), height, width):  # at most the proven batch
+        same.pop()
+    fits = rule.accepts(height) and rule.accepts(width) and inside(artifact, len(same), height, width)
+    return [torch.stack(same)] if fits else []
+
+
+def envelope_of(artifact: dict) -> Envelope | None:
+    """The envelope the served artefact was proven on (None: recorded before envelopes)."""
+    return Envelope.from_dict(artifact["envelope"]) if artifact.get("envelope") else None
+
+
+def inside(artifact: dict, n: int, height: int, width: int) -> bool:
+    """Whether the check may send this shape: only what the artefact was proven at is sent."""
+    env = envelope_of(artifact)
+    return env is None or env.accepts(n, height, width)
+
+
+def smallest_side(artifact: dict) -> int:
+    """The smallest side the model takes and (where recorded) was proven at, for a small request."""
+    rule = SizeRule(**{k: v for k, v in artifact["size_rule"].items() if k != "static"})
+    env = envelope_of(artifact)
+    if env is None:
+        return rule.first()
+    return rule.at_least(max(rule.first(), env.boxes[0].height[0], env.boxes[0].width[0]))
+
+
+def _inside_images(images: list[Path], model: dict, artifact: dict) -> list[Path]:
+    """The images whose input to the model (preprocessed, padded to the size rule) the envelope holds."""
+    if envelope_of(artifact) is None:
+        return images
+    pp, rule = Preprocess.from_dict(model.get("preprocess")), SizeRule(**{
+        k: v for k, v in artifact["size_rule"].items() if k != "static"})  # fmt: skip
+    kept = []
+    for path in images:
+        with open_image(path) as img:  # the header: its size
+            width, height = pp.size(*img.size)
+        if inside(artifact, 1, rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)):
+            kept.append(path)
+    return kept
 
 
 def pipeline_masks(server: TritonServer, name: str, found: dict, record: dict, net, images: list[Path]) -> list:
@@ -228,6 +268,7 @@ def pipeline_masks(server: TritonServer, name: str, found: dict, record: dict, n
     step = found[name].ensemble_scheduling.step[1].model_name  # the model in the middle
     artifact = record["models"][step]["artifact"]
     tol = tolerance_from_record(artifact.get("limits"), artifact["precision"])
+    images = _inside_images(images, model, artifact)  # the served model refuses the others (a 400)
     expected = {p: expected_mask(net, model, record["models"][step]["artifact"]["size_rule"], p) for p in images}
     cases = []
     for protocol in PROTOCOLS:
@@ -282,8 +323,7 @@ def over_max_batch(server: TritonServer, name: str, config, record: dict) -> dic
     if config.max_batch_size == 0:  # a static model takes no batch dimension to exceed
         return {"model": name, "batch": None, "answers": {}, "recovered": True, "passed": True}
     n = config.max_batch_size + 1
-    rule = SizeRule(**{k: v for k, v in model["artifact"]["size_rule"].items() if k != "static"})
-    side = rule.first()
+    side = smallest_side(model["artifact"])
     shape = (n, *[d if d > 0 else side for d in config.input[0].dims])
     result = {"model": name, "batch": n, "answers": {}}
     for protocol in PROTOCOLS:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
+from unet_export.parity.envelope import DEFAULT_MAX_BATCH, of_entry
 from unet_export.runtimes.openvino.runner import HINTS
 from unet_export.runtimes.tensorrt.plan import entry_profiles
 from unet_export.serving import configs
@@ -48,10 +49,12 @@ class RepositoryResult:
 
 
 def write_repository(workdir: str | Path = "exports", repo: str | Path | None = None, *, name: str | None = None,
-                     max_batch: int = 8, instances: int = 1, formats: str | None = None, with_pipeline: bool = False,
+                     max_batch: int | None = None, instances: int = 1, formats: str | None = None, with_pipeline: bool = False,
                      python_runtime: str = "auto", before_publish=None) -> RepositoryResult:  # fmt: skip
     """``before_publish(staged)`` may refuse the written repository before it replaces ``repo``
-    (`triton --check` checks there what would stop its server from starting)."""
+    (`triton --check` checks there what would stop its server from starting). ``max_batch``:
+    max_batch_size (default 8, or an artefact's largest proven batch if smaller); more than an
+    artefact it serves was proven at is refused (parity.envelope)."""
     started = time.perf_counter()
     workdir = Path(workdir)
     repo = Path(repo) if repo else workdir / "triton"
@@ -82,8 +85,8 @@ def write_repository(workdir: str | Path = "exports", repo: str | Path | None = 
     return RepositoryResult(repo, plans, chosen.skipped, runtime, time.perf_counter() - started)
 
 
-def _check_options(max_batch: int, instances: int, python_runtime: str) -> None:
-    if not 1 <= max_batch <= MAX_BATCH_LIMIT:
+def _check_options(max_batch: int | None, instances: int, python_runtime: str) -> None:
+    if max_batch is not None and not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise UserError(f"--max-batch {max_batch}: give 1..{MAX_BATCH_LIMIT} (Triton's max_batch_size; dynamic "
                         f"batching needs >= 1)")  # fmt: skip
     if not 1 <= instances <= 64:
@@ -127,13 +130,30 @@ def _specs(tensors: list[dict], model_config: dict, names: list[str] | None = No
     return batched, specs
 
 
+def proven_batch(entry: dict, max_batch: int | None) -> int:
+    """max_batch_size for the model serving ``entry``: --max-batch, by default 8 or the largest
+    batch its envelope was proven at if smaller. More than that is refused (exit 2), before
+    anything is written: Triton would batch requests into shapes the artefact was never checked
+    at. A static artefact takes no batch dimension (max_batch_size 0); an entry without an
+    envelope record keeps --max-batch as it is."""
+    env = None if entry.get("size_rule", {}).get("static") else of_entry(entry)
+    largest = None if env is None else max(box.batch[1] for box in env.boxes)
+    if max_batch is None:
+        return min(DEFAULT_MAX_BATCH, largest or DEFAULT_MAX_BATCH)
+    if largest is not None and max_batch > largest:
+        raise UserError(f"--max-batch {max_batch} is more than {entry['path']} was proven at ({env.describe()}): "
+                        f"give --max-batch {largest} or less, or export it with --max-batch {max_batch}")  # fmt: skip
+    return max_batch
+
+
 def _artifact_record(entry: dict) -> dict:
     """The artefact a model serves, and what `--check` needs to judge it as its parity gate did."""
     parity = entry.get("parity", {})
     return {k: entry.get(k) for k in ("format", "precision", "path", "sha256", "bytes", "size_rule")} | {
         "weights_sha256": (entry.get("weights") or {}).get("sha256"),  # an OpenVINO IR's .bin
         "parity_shapes": [case["shape"] for case in parity.get("cases", [])], "limits": parity.get("limits"),
-        "verified_on": parity.get("device"), "real_images": entry.get("real_images")}
+        "verified_on": parity.get("device"), "real_images": entry.get("real_images"),
+        "envelope": (entry.get("envelope") or {}).get("declared")}  # what `triton --check` may send
 
 
 def native_plan(entry: dict, manifest: dict, workdir: Path, name: str, max_batch: int, instances: int) -> ModelPlan:
@@ -144,6 +164,7 @@ def native_plan(entry: dict, manifest: dict, workdir: Path, name: str, max_batch
     config_dims = manifest["model"]["config"]
     batched, inputs = _specs(entry["inputs"], config_dims, names[0])
     _, outputs = _specs(entry["outputs"], config_dims, names[1])
+    max_batch = proven_batch(entry, max_batch)
     notes, limit = [], None
     if fmt == "tensorrt":
         inputs, limit, max_batch, notes = _engine_limits(entry, inputs, max_batch)
@@ -218,6 +239,7 @@ def _graph_names(entry: dict) -> dict:
 def python_plan(choice: RuntimeChoice, manifest: dict, workdir: Path, name: str, max_batch: int,
                 instances: int) -> ModelPlan:  # fmt: skip
     entry = choice.entry
+    max_batch = proven_batch(entry, max_batch)
     batched, inputs = _specs(entry["inputs"], manifest["model"]["config"])
     _, outputs = _specs(entry["outputs"], manifest["model"]["config"])
     config = configs.new_config(f"{name}_python", PYTHON, max_batch if batched else 0, inputs, outputs)
@@ -228,7 +250,7 @@ def python_plan(choice: RuntimeChoice, manifest: dict, workdir: Path, name: str,
     rule = {k: v for k, v in entry["size_rule"].items() if k != "static"}  # refused sizes get a 400 naming it
     configs.set_parameter(config, "unet_export", {"role": "model", "runtime": choice.runtime, "artifact": artifact,
                           "input": inputs[0]["name"], "output": outputs[0]["name"], "threads": 0,
-                          "precision_hint": hint, "size_rule": rule})  # fmt: skip
+                          "precision_hint": hint, "size_rule": rule, "envelope": _served_envelope(entry)})  # fmt: skip
     files = {f"{VERSION}/model.py": MODEL_SOURCE.read_text(), f"{VERSION}/{artifact}": checked_path(workdir, entry)}
     if entry["format"] == "openvino":
         files[f"{VERSION}/model.bin"] = _ir_weights(workdir, entry)
@@ -237,6 +259,13 @@ def python_plan(choice: RuntimeChoice, manifest: dict, workdir: Path, name: str,
               "timings_ms": choice.timings_ms}  # fmt: skip
     notes = [f"runs {entry['path']} with {choice.runtime}, the serving machine's cores shared by the instances"]
     return ModelPlan(f"{name}_python", "python", config, files, record, notes)
+
+
+def _served_envelope(entry: dict) -> dict | None:
+    """The proven sizes the Python model answers (triton_model.envelope_problem): a request of
+    another size gets a 400 naming them. None: no envelope recorded, the size rule alone."""
+    env = of_entry(entry)
+    return env and {"boxes": [box.to_dict() for box in env.boxes], "describe": env.describe()}
 
 
 def write_model(repo: Path, plan: ModelPlan) -> None:

@@ -52,6 +52,7 @@ class Model:
     def __init__(self, settings: dict, folder: str):
         self.input, self.output = settings["input"], settings["output"]
         self.size_rule = settings.get("size_rule")  # absent in repositories written before it was recorded
+        self.envelope = settings.get("envelope")  # the sizes it was proven at; absent before issue 28
         path = os.path.join(folder, settings["artifact"])
         threads = int(settings.get("threads") or 0) or max(1, usable_cores() // settings.get("instances", 1))
         if settings["runtime"] == "onnxruntime":
@@ -84,7 +85,8 @@ class Model:
         """An INVALID_ARG response (HTTP 400) for a size the network cannot take (an empty one
         too), naming the model's size rule; None when it fits. Without it the runtime fails
         deep inside a layer and the client gets a 500."""
-        problem = self.size_rule and size_problem(x.shape[-2], x.shape[-1], self.size_rule)
+        problem = (self.size_rule and size_problem(x.shape[-2], x.shape[-1], self.size_rule)) or \
+            (self.envelope and envelope_problem(x.shape[-2], x.shape[-1], self.envelope))
         if not problem:
             return None
         message = f"input {self.input!r} of shape {list(x.shape)}: {problem}"
@@ -260,6 +262,14 @@ def size_problem(height: int, width: int, rule: dict) -> str | None:
             near = " or ".join(map(str, sorted({max(c, first_size(rule)) for c in candidates})))
             return f"{name} {size} does not fit this model ({describe_rule(rule)}): use {near}"
     return None
+
+
+def envelope_problem(height: int, width: int, envelope: dict) -> str | None:
+    """A size outside every box of the proven envelope (parity.envelope), else None."""
+    for box in envelope["boxes"]:
+        if box["height"][0] <= height <= box["height"][1] and box["width"][0] <= width <= box["width"][1]:
+            return None
+    return f"{height}x{width} is outside the proven envelope ({envelope['describe']})"
 
 
 def describe_rule(rule: dict) -> str:

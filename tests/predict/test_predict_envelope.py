@@ -39,7 +39,7 @@ def small(exports, tmp_path_factory):
 def wide(tmp_path_factory):
     """Exported at 128x128 and proven up to 512x512, batch 1-4: tiles of 512 fit it."""
     workdir = tmp_path_factory.mktemp("env512") / "exports"
-    result = cli("onnx", DEMO_WEIGHTS, "-w", workdir, "--height", 128, "--width", 128, "--max-size", "512x512",
+    result = cli("onnx", DEMO_WEIGHTS, "-w", workdir, "--height", 128, "--width", 128, "--largest", "512x512",
                  "--max-batch", 4, "--device", "cpu")  # fmt: skip
     assert result.exit_code == 0, result.output
     return workdir
@@ -109,7 +109,7 @@ def test_an_image_the_envelope_cannot_hold_is_refused_before_any_mask(small, tmp
     for args in ((small, IMAGE, big), (small / "demo_unet.onnx", big)):
         result = cli("predict", *args, "--out", out)
         one_line_refusal(result, f"{big}: input 1x3x200x300 is outside the proven envelope {ENVELOPE}: use width 256",
-                         "export it with --max-size 256x300 to prove it")  # fmt: skip
+                         "export it with --largest 256x300 to prove it")  # fmt: skip
         assert shapes == [] and not out.exists()
 
 
@@ -133,7 +133,7 @@ def test_a_model_that_cannot_tile_is_refused_an_image_over_the_envelope(wide, tm
     big = image(tmp_path / "big.png", 700, 600)
     result = cli("predict", wide, big, "--out", tmp_path / "o")
     one_line_refusal(result, "input 1x3x600x700 is outside the proven envelope (batch 1-4, height 16-512, "
-                     "width 16-512): use height 512, width 512", "--max-size 600x700")  # fmt: skip
+                     "width 16-512): use height 512, width 512", "--largest 600x700")  # fmt: skip
     assert shapes == [] and not (tmp_path / "o").exists()
 
 

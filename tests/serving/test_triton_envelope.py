@@ -37,7 +37,7 @@ def workdir(demo_workdir, tmp_path):
 
 
 def prove(workdir: Path, boxes: tuple[Box, ...]) -> None:
-    """Record another declared envelope for the ONNX model, as `onnx --max-batch/--max-size` would."""
+    """Record another declared envelope for the ONNX model, as `onnx --max-batch/--largest` would."""
     with transaction(workdir) as manifest:
         for entry in manifest["artifacts"]:
             entry["envelope"]["declared"] = Envelope(SizeRule(), 3, boxes).to_dict()

@@ -76,7 +76,7 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | Non
     an image larger than it runs in tiles it holds (with ``halo``), else it is refused (UserError)."""
     height, width = x.shape[-2:]
     margin = rule.shrink // 2
-    target_h, target_w = padded_size(rule, height, width)
+    target_h, target_w = padded_size(rule, height, width, envelope)
     if fixed is not None:
         if height + rule.shrink > fixed[0] or width + rule.shrink > fixed[1]:
             raise UserError(f"the model is static at {fixed[0]}x{fixed[1]} and the image is {height}x{width} after "
@@ -98,9 +98,15 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | Non
     return logits
 
 
-def padded_size(rule: SizeRule, height: int, width: int) -> tuple[int, int]:
-    """The input size fit_and_run feeds the model for an image of ``height`` x ``width``."""
-    return rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
+def padded_size(rule: SizeRule, height: int, width: int, envelope=None) -> tuple[int, int]:
+    """The input size fit_and_run feeds the model for an image of ``height`` x ``width``: on the
+    size rule and, with an ``envelope``, at least its smallest proven side (a small image is
+    padded up to what was proven rather than refused)."""
+    h, w = rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
+    if envelope is not None:
+        h = max(h, min(box.height[0] for box in envelope.boxes))
+        w = max(w, min(box.width[0] for box in envelope.boxes))
+    return h, w
 
 
 def tiling(height: int, width: int, halo: int | None, tile: int, envelope=None) -> int | None:

@@ -95,7 +95,7 @@ def check_inside(predictor, jobs: list[Job], max_pixels: int | None) -> None:
                 width, height = predictor.preprocess.size(*img.size)
         except UserError:
             continue
-        size = padded_size(predictor.sizes, height, width)
+        size = padded_size(predictor.sizes, height, width, env)
         if size in seen:
             continue
         seen.add(size)
@@ -105,8 +105,8 @@ def check_inside(predictor, jobs: list[Job], max_pixels: int | None) -> None:
 
 def _refuse_image(job: Job, env, size: tuple[int, int], predictor) -> None:
     tops = [max(box.height[1] for box in env.boxes), max(box.width[1] for box in env.boxes)]
-    larger = size[0] > tops[0] or size[1] > tops[1]  # --max-size proves larger sizes, not smaller ones
-    hint = f"; export it with --max-size {max(size[0], tops[0])}x{max(size[1], tops[1])} to prove it" if larger else ""
+    larger = size[0] > tops[0] or size[1] > tops[1]  # --largest proves larger sizes, not smaller ones
+    hint = f"; export it with --largest {max(size[0], tops[0])}x{max(size[1], tops[1])} to prove it" if larger else ""
     try:
         env.check(1, *size, what=f"{job.src}: input")
     except UserError as exc:

@@ -25,6 +25,7 @@ from unet_export.cli.options import (
 from unet_export.cli.render_export import export_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError
+from unet_export.flows.fallback import DEFAULT_BUDGET_S
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.runtimes.onnx.fp16 import check_fp32_layers
 
@@ -37,9 +38,20 @@ SourceWidth = Annotated[int, typer.Option(help="Export size of the ONNX model wh
 
 FP32Layers = Annotated[
     list[str] | None,
-    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
-                 "path, e.g. 'outc*' or Resize); repeatable."),
+    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on the PyTorch module path, the ONNX node "
+                 "name or the op type, e.g. up4.up, node_convolution_3, 'outc*' or Resize); repeatable."),
 ]  # fmt: skip
+
+
+FallbackBudget = Annotated[
+    float, typer.Option(help="Seconds --fallback auto may spend building and judging candidate FP32 sets.")
+]
+
+
+class Fallback(str, Enum):
+    presets = "presets"
+    auto = "auto"
+    none = "none"
 
 
 class Engine(str, Enum):
@@ -251,13 +263,16 @@ def int8_cmd(
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
     fallback: Annotated[
-        bool,
+        Fallback,
         typer.Option(
-            "--fallback/--no-fallback",
-            help="When the default quantisation fails the "
-            "gate, try the mixed preset, FP32 ends and bias correction in turn.",
+            help="When the default quantisation fails the gate: presets = try the mixed preset, FP32 ends and bias "
+            "correction in turn; auto = search for the fewest convolutions to keep in FP32, judged by the gate; "
+            "none = the default only.",
         ),
-    ] = True,
+    ] = Fallback.presets,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Same as --fallback none.", hidden=True)] = False,
+    fallback_budget: FallbackBudget = DEFAULT_BUDGET_S,
+    fp32_layers: FP32Layers = None,
     workdir: Workdir = Path("exports"),
     mask_suffix: Annotated[str, typer.Option(help="--val in milesial's layout: masks/<stem><suffix>.<ext>.")] = "_mask",
     height: SourceHeight = 256,
@@ -278,7 +293,8 @@ def int8_cmd(
         with working("int8", "calibrating and quantizing to INT8"):
             results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset,
                                     max_dice_drop=max_dice_drop, max_class_change=max_class_change, min_dice=min_dice,
-                                    fallback=fallback, mask_suffix=mask_suffix, model=model, device=device.value,
+                                    fallback="none" if no_fallback else fallback.value, fp32_layers=fp32_layers,
+                                    fallback_budget=fallback_budget, mask_suffix=mask_suffix, model=model, device=device.value,
                                     height=height, width=width, on_result=on_result)  # fmt: skip
         raise typer.Exit(0 if all(r.passed for r in results) else 1)
 

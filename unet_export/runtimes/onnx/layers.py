@@ -33,3 +33,19 @@ def describe_nodes(graph, limit: int = 4) -> str:
     """A few example names to show in an error, so a user can write a pattern that matches."""
     seen = [f"{n.name} ({n.op_type}, {module_path(n) or '-'})" for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Resize", "Pad")]
     return ", ".join(seen[:limit])
+
+
+CONVS = ("Conv", "ConvTranspose")  # the layers reduced precision quantises or rounds
+
+
+def label(node) -> str:
+    """A layer named both ways, ``up4.up (node_convolution_3)``: the PyTorch module, then the node."""
+    path = module_path(node)
+    return f"{path} ({node.name})" if path else node.name
+
+
+def flag_name(graph, node) -> str:
+    """The name ``--fp32-layers`` should use to select exactly ``node``: its module path when that
+    matches this node alone (what the user wrote), else the ONNX node name."""
+    path = module_path(node)
+    return path if path and select_nodes(graph, [path]) == [node.name] else node.name

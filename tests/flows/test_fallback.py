@@ -175,3 +175,86 @@ def test_grow_stops_when_the_slowest_step_would_overrun_the_budget(monkeypatch):
 def test_grow_with_no_passing_set_tries_every_prefix():
     found, steps = grow(["a", "b"], _fake({"z"}), budget_s=60)
     assert found is None and [s.fp32 for s in steps] == [["a"], ["a", "b"]]
+
+
+@pytest.fixture(scope="module")
+def fp16_outlier(tmp_path_factory):
+    """The outlier model with outliers past FP16's range (2e5) and a tiny weight on them: its FP16
+    model overflows (inf x 1e-4) where FP32 barely notices."""
+    root = tmp_path_factory.mktemp("fp16")
+    weights = write_outlier_checkpoint(root / "outlier16.pth", peak=2e5, leak=1e-4)
+    out = root / "exports"
+    result = runner.invoke(app, ["onnx", str(weights), "-w", str(out), "--height", str(HEIGHT), "--width", str(WIDTH),
+                                 "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return weights, out
+
+
+def test_fp16_onnx_auto_finds_the_layers_and_says_the_cpu_proves_storage_only(fp16_outlier, tmp_path):
+    weights, source = fp16_outlier
+    out = tmp_path / "exports"
+    shutil.copytree(source, out)
+    args = ["onnx", str(weights), "-w", str(out), "--height", str(HEIGHT), "--width", str(WIDTH), "--device", "cpu",
+            "--fp16", "--data", str(DEMO_VAL)]  # fmt: skip
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 1, plain.output
+    found = runner.invoke(app, [*args, "--fallback", "auto"])
+    assert found.exit_code == 0, found.output
+    art = next(a for a in load_manifest(out)["artifacts"] if a["precision"] == "fp16")
+    search = art["fallback"]
+    assert art["status"] == "verified" and search["base"]["class_change"] > 1e-3
+    assert {r["layer"] for r in search["ranked"][:3]} >= {f"{OUTLIER_LAYER} (node_convolution_3)"}
+    assert sorted(search["found_nodes"]) == ["node_Conv_317", "node_convolution_3"]
+    assert "node_relu_15" in art["fp32_nodes"]  # the ReLU between the two stays FP32 with them
+    assert "proves the FP16 storage rounding only" in search["note"] and "proves the FP16 storage rounding only" in found.stdout
+    assert "re-apply with: --fp32-layers" in found.stdout
+
+
+def test_two_kept_layers_read_fp32_weights_and_pass_fp32_between_them(outlier, tmp_path):
+    """onnxruntime's converter wrapped each blocked node in Casts, so the tensor between two FP32
+    layers went through FP16 (inf past 65504) and their weights were stored as FP16."""
+    from unet_export.runtimes.onnx.fp16 import convert_onnx_fp16
+
+    info = convert_onnx_fp16(outlier[2] / "outlier_unet.onnx", tmp_path / "m.onnx", [WRITER, OUTLIER_LAYER])
+    assert sorted(info["fp32_nodes"]) == ["node_Conv_317", "node_convolution_3", "node_relu_15"]
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    nodes = {n.name: n for n in graph.node}
+    writer = {o: n for n in graph.node for o in n.output}
+    assert writer[nodes["node_convolution_3"].input[0]].name == "node_relu_15"
+    assert writer[nodes["node_relu_15"].input[0]].name == "node_Conv_317"
+    fp32 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    for name in ("node_Conv_317", "node_convolution_3"):
+        assert all(x in fp32 for x in nodes[name].input[1:]), name
+
+
+def test_trt_fallback_auto_runs_the_same_search(fp16_outlier, tmp_path, monkeypatch):
+    """TensorRT cannot run here and the fake one builds nothing that runs: build_trt is replaced by
+    the FP16 ONNX export with the same --fp32-layers (what TensorRT >= 11 builds from), so this
+    proves the plumbing (options, search, record), not an engine."""
+    import unet_export.cli.export as cli
+
+    weights, source = fp16_outlier
+    out = tmp_path / "exports"
+    shutil.copytree(source, out)
+    seen = []
+
+    def build_trt(workdir, *, fp32_layers=None, data=None, max_class_change=None, min_dice=None, model=None, **kw):
+        seen.append(list(fp32_layers or []))
+        return cli.export_fp16_onnx(workdir, fp32_layers=fp32_layers, device="cpu", data=data)
+
+    monkeypatch.setattr(cli, "build_trt", build_trt)
+    result = runner.invoke(app, ["trt", "-w", str(out), "--data", str(DEMO_VAL), "--fallback", "auto",
+                                 "--fp32-layers", "outc.conv"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen[0] == ["outc.conv"] and all(s[0] == "outc.conv" for s in seen) and len(seen) >= 3
+    assert "re-apply with: --fp32-layers" in result.stdout and "storage rounding only" not in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fallback", "auto"], "--fallback auto searches the FP16 artefact's FP32 layers: add --fp16"),
+    (["--fp16", "--fallback", "auto", "--fallback-budget", "-1"], "--fallback-budget must be a number of seconds > 0"),
+])  # fmt: skip
+def test_onnx_fallback_needs_fp16_and_a_budget(fp16_outlier, tmp_path, args, message):
+    result = runner.invoke(app, ["onnx", str(fp16_outlier[0]), "-w", str(tmp_path / "x"), *args, "--data", str(DEMO_VAL)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x").exists()

@@ -22,10 +22,11 @@ from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import (
     DeviceOpt, ModelOpt, RebuildFactoryOpt, Weights, Workdir, model_choice, with_model_flags,
 )  # fmt: skip
-from unet_export.cli.render_export import export_report, shower, weights_line
+from unet_export.cli.render_export import export_report, search_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError
-from unet_export.flows.fallback import DEFAULT_BUDGET_S
+from unet_export.device import resolve_device
+from unet_export.flows.fallback import DEFAULT_BUDGET_S, search_fp16
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.runtimes.onnx.fp16 import check_fp32_layers
 
@@ -46,6 +47,18 @@ FP32Layers = Annotated[
 FallbackBudget = Annotated[
     float, typer.Option(help="Seconds --fallback auto may spend building and judging candidate FP32 sets.")
 ]
+
+
+class FP16Fallback(str, Enum):
+    none = "none"
+    auto = "auto"
+
+
+FP16FallbackOpt = Annotated[
+    FP16Fallback,
+    typer.Option("--fallback", help="auto: when the FP16 artefact fails its real-image gate, search for the fewest "
+                 "convolutions to keep in FP32 (judged by the gate; on a CPU only FP16 storage is proven)."),
+]  # fmt: skip
 
 
 class Fallback(str, Enum):
@@ -83,6 +96,8 @@ def onnx_cmd(
     static: Annotated[bool, typer.Option("--static", help="Fix batch and size to the export shape.")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write DIR/<stem>.fp16.onnx (FP32 I/O), verified.")] = False,
     fp32_layers: FP32Layers = None,
+    fallback: FP16FallbackOpt = FP16Fallback.none,
+    fallback_budget: FallbackBudget = DEFAULT_BUDGET_S,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -96,11 +111,23 @@ def onnx_cmd(
     with json_result(json_path, "export", "unet-export onnx", workdir) as out:
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
-              max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+              max_class_change=max_class_change, min_dice=min_dice, data=data,
+              search=_budget(fallback, fallback_budget, fp16))  # fmt: skip
+
+
+def _budget(fallback: FP16Fallback, budget: float, fp16: bool) -> float | None:
+    """--fallback auto's budget in seconds (None: no search); it searches FP16 layers only."""
+    if fallback is FP16Fallback.none:
+        return None
+    if not fp16:
+        raise UserError("--fallback auto searches the FP16 artefact's FP32 layers: add --fp16")
+    if not budget > 0 or budget == float("inf"):
+        raise UserError(f"--fallback-budget must be a number of seconds > 0, got {budget}")
+    return budget
 
 
 def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
-          max_class_change, min_dice, data) -> None:  # fmt: skip
+          max_class_change, min_dice, data, search=None) -> None:  # fmt: skip
     if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
         require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
@@ -116,11 +143,19 @@ def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_lay
     export_report(result, workdir)
     passed = result.passed
     if fp16 and passed:
+        build = functools.partial(export_fp16_onnx, workdir, device=device.value, data=data, model=model,
+                                  max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         with working("onnx --fp16", "converting to FP16 and checking parity"):
-            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data, model=model,
-                                    max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+            half = build(fp32_layers=fp32_layers)
+        if not half.passed and search is not None:
+            export_report(half, workdir)
+            with working("onnx --fp16 --fallback auto", "searching for layers to keep in FP32"):
+                half = search_fp16(workdir, lambda nodes: build(fp32_layers=[*(fp32_layers or []), *nodes]), half, search,
+                                   data, on_cpu=resolve_device(device.value).type == "cpu", time_it=True)  # fmt: skip
         out.add_export(half)
         export_report(half, workdir)
+        if half.entry.get("fallback"):
+            search_report(half.entry["fallback"])
         passed = half.passed
     raise typer.Exit(0 if passed else 1)
 
@@ -173,6 +208,8 @@ def trt_cmd(
     workspace: Annotated[float, typer.Option(help="Builder workspace in GiB.")] = 4.0,
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache reused across builds (default DIR/timing.cache).")] = None,
     fp32_layers: FP32Layers = None,
+    fallback: FP16FallbackOpt = FP16Fallback.none,
+    fallback_budget: FallbackBudget = DEFAULT_BUDGET_S,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -186,20 +223,28 @@ def trt_cmd(
         _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
              workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
              max_class_change=max_class_change, min_dice=min_dice, data=data,
-             model=model_choice(None, model_factory=model_factory))  # fmt: skip
+             model=model_choice(None, model_factory=model_factory), search=_budget(fallback, fallback_budget, fp16))  # fmt: skip
 
 
 def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
-         atol, max_class_change, min_dice, data, model) -> None:  # fmt: skip
+         atol, max_class_change, min_dice, data, model, search=None) -> None:  # fmt: skip
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
              to_reduced="drop --fp32")  # fmt: skip
+    build = functools.partial(build_trt, workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
+                              opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
+                              timing_cache=timing_cache, rtol=rtol, atol=atol, max_class_change=max_class_change,
+                              min_dice=min_dice, data=data, model=model)  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
-        result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
-                           opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
-                           timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
-                           max_class_change=max_class_change, min_dice=min_dice, data=data, model=model)  # fmt: skip
+        result = build(fp32_layers=fp32_layers)
+    if not result.passed and search is not None:  # judged on the GPU by the engine itself: no CPU caveat
+        export_report(result, workdir)
+        with working("trt --fallback auto", "searching for layers to keep in FP32"):
+            result = search_fp16(workdir, lambda nodes: build(fp32_layers=[*(fp32_layers or []), *nodes]), result,
+                                 search, data, on_cpu=False, time_it=False)  # fmt: skip
     out.add_export(result)
     export_report(result, workdir)
+    if result.entry.get("fallback"):
+        search_report(result.entry["fallback"])
     raise typer.Exit(0 if result.passed else 1)
 
 

@@ -107,7 +107,7 @@ def search_report(search: dict) -> None:
     if search.get("note"):
         console.print(f"[yellow]note[/]: {search['note']}")
     ranked = ", ".join(f"{r['layer']} {r['score']:.3g}" for r in search["ranked"][:4])
-    console.print(f"fallback auto: layers ranked by their own error on calibration images: {ranked}")
+    console.print(f"fallback auto: layers ranked by their own error alone on real images: {ranked}")
     if search.get("base"):
         console.print(f"  without FP32 layers: {_gate_numbers(search['base'])} -> [red]failed[/]")
     before: set = set()

@@ -68,14 +68,16 @@ def demo_int8(workdir: Path, device: str = "auto", on_result=None) -> list:
 OUTLIER_LAYER = "up4.up"  # the decoder layer whose input carries the outliers (outlier_demo)
 
 
-def write_outlier_checkpoint(dest: Path, channel: int = 0, peak: float = 1e4) -> Path:
+def write_outlier_checkpoint(dest: Path, channel: int = 0, peak: float = 1e4, leak: float = 0.0) -> Path:
     """The demo model with a few extreme outliers in the input of its last decoder layer, up4.up
     (the output of up3.conv): one channel of up3.conv's last BatchNorm is rescaled so that only its
     top 0.1% of values on the demo images stay above zero after the ReLU, reaching ``peak``, and
     up4.up ignores that channel (its weights are zeroed). The FP32 model keeps its masks (it only
     lost one channel), but a per-tensor INT8 scale for that tensor spans 0..``peak`` and rounds
-    every ordinary value to zero: the INT8 masks break (issue 28's test model). Written with the
-    demo's sidecar (preprocessing, classes) as ``dest``."""
+    every ordinary value to zero: the INT8 masks break (issue 28's test model). With ``peak`` above
+    FP16's largest value (65504) and a tiny ``leak`` weight instead of zero, the FP16 model breaks
+    too (inf times a tiny weight is inf) while FP32 barely moves. Written with the demo's sidecar
+    (preprocessing, classes) as ``dest``."""
     from unet_export.checkpoint import build_model, load_checkpoint
     from unet_export.flows.int8_gate import calibration_images
 
@@ -95,7 +97,7 @@ def write_outlier_checkpoint(dest: Path, channel: int = 0, peak: float = 1e4) ->
     with torch.no_grad():
         bn.weight[channel] *= scale
         bn.bias[channel] = scale * (bn.bias[channel] - cut)
-        net.up4.up.weight[channel] = 0
+        net.up4.up.weight[channel] = leak
     state = net.state_dict()
     state["mask_values"] = ckpt.mask_values
     buffer = io.BytesIO()

@@ -120,3 +120,51 @@ def _cost(search: Search, node: str) -> float | None:
     with_it = timed.get(tuple(sorted(search.found)))
     without = timed.get(tuple(sorted(n for n in search.found if n != node)))
     return None if with_it is None or without is None else round(with_it - without, 3)
+
+
+def search_fp16(workdir: str | Path, build: Callable[[list[str]], object], failed, budget_s: float,
+                data: str | Path | None, on_cpu: bool, time_it: bool):  # fmt: skip
+    """--fallback auto for an FP16 artefact that failed its gate (``failed``, an ExportResult):
+    rank the FP32 ONNX model's convolutions by their FP16 error on the gate's real images, grow
+    the FP32 set with ``build(nodes)`` (export_fp16_onnx or build_trt with those --fp32-layers,
+    which publishes and judges) and return the last result, its manifest entry carrying the search
+    under ``fallback``. ``on_cpu``: the gate ran on the CPU, which the record says plainly
+    (FP16_ON_CPU); ``time_it``: time each artefact on the CPU (ONNX Runtime)."""
+    from unet_export.parity.realimages import gate_images
+    from unet_export.runtimes.onnx.sensitivity import rank_layers
+    from unet_export.workdir.lookup import onnx_entry
+    from unet_export.workdir.manifest import checked_path, load_manifest, transaction
+    from unet_export.workdir.runners import artifact_runner
+
+    started, workdir = time.perf_counter(), Path(workdir)
+    manifest = load_manifest(workdir)
+    onnx_path = checked_path(workdir, onnx_entry(manifest, workdir))
+    batches, _ = gate_images(manifest, failed.entry, data)
+    ranked = rank_layers(onnx_path, [x.numpy() for x in batches[:2]], "fp16")
+
+    def latency(result) -> float | None:
+        if not time_it:
+            return None
+        with artifact_runner(result.entry, workdir, "cpu") as runner:
+            return round(best_ms(lambda: runner.infer(batches[0])), 3)
+
+    last = {}
+
+    def trial(nodes: list[str]) -> Step:
+        t = time.perf_counter()
+        last["result"] = build(list(nodes))  # convert_onnx_fp16 keeps the activations between them FP32 too
+        numbers = step_numbers(last["result"].parity, None)
+        return Step(list(nodes), latency_ms=latency(last["result"]), seconds=time.perf_counter() - t, **numbers)
+
+    base = Step([], latency_ms=latency(failed), **step_numbers(failed.parity, None))
+    found, steps = grow([n for n, _ in ranked], trial, budget_s)
+    if found is not None and steps[-1].fp32 != found:
+        trial(found)
+    result = last.get("result", failed)
+    search = Search(ranked, steps, found, budget_s, time.perf_counter() - started, base)
+    result.entry["fallback"] = record(search, onnx_path) | {"note": FP16_ON_CPU if on_cpu else None}
+    with transaction(workdir) as current:  # the published entry keeps the account of how it was found
+        for entry in current["artifacts"]:
+            if entry["path"] == result.entry["path"]:
+                entry["fallback"] = result.entry["fallback"]
+    return result

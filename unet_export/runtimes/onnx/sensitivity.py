@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from unet_export.errors import require
-from unet_export.runtimes.onnx.layers import CONVS
+from unet_export.runtimes.onnx.layers import CONVS, input_chain
 
 
 def rank_layers(onnx_path: Path, batches: list[np.ndarray], precision: str) -> list[tuple[str, float]]:
@@ -32,27 +32,17 @@ def rank_layers(onnx_path: Path, batches: list[np.ndarray], precision: str) -> l
     return _with_writers(model, sorted(scores, key=lambda item: -item[1]))
 
 
-PASS_THROUGH = {"Relu", "LeakyRelu", "Clip", "BatchNormalization", "Identity", "MaxPool"}
-
-
 def _with_writers(model, ranked: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """``ranked`` with each layer's input writer (a convolution) right after it, each layer once."""
     nodes = {n.name: n for n in model.graph.node}
     writer = {out: n for n in model.graph.node for out in n.output}
     out, seen = [], set()
     for name, score in ranked:
-        for node, value in ((name, score), (_input_conv(nodes[name], writer), score)):
+        for node, value in ((name, score), (input_chain(nodes[name], writer)[1], score)):
             if node and node not in seen:
                 seen.add(node)
                 out.append((node, value))
     return out
-
-
-def _input_conv(node, writer: dict) -> str | None:
-    source = writer.get(node.input[0])
-    while source is not None and source.op_type in PASS_THROUGH:
-        source = writer.get(source.input[0])
-    return source.name if source is not None and source.op_type in CONVS else None
 
 
 def _capture(model, names: list[str], batches: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
@@ -115,4 +105,5 @@ def _int8_weights(w: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _fp16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):  # past 65504 is inf: that is the point
+        return x.astype(np.float16).astype(np.float32)

@@ -253,9 +253,7 @@ def _search(quantizer, attempt: Attempt, staged: Path, dest: Path, workdir: Path
     found, steps = grow([n for n, _ in ranked], trial, budget_s)
     if found is not None and steps[-1].fp32 != found:  # pruning's last try failed: write the set found again
         trial(found)
-    entry, parity, accuracy = last.get("result") or (None, None, None)
-    if entry is None:  # the budget allowed no step at all
-        raise UserError(f"--fallback-budget {budget_s:g} s left no time to try a single FP32 set")
+    entry, parity, accuracy = last["result"]  # grow always takes its first step
     search = Search(ranked, steps, found, budget_s, time.perf_counter() - started, base)
     entry["quantization"] |= {"attempts": tried, "worked": "auto" if found is not None else None,
                               "search": record(search, onnx_path)}  # fmt: skip

@@ -22,9 +22,11 @@ from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import (
     DeviceOpt, ModelOpt, RebuildFactoryOpt, Weights, Workdir, model_choice, with_model_flags,
 )  # fmt: skip
-from unet_export.cli.render_export import export_report, shower, weights_line
+from unet_export.cli.render_export import export_report, search_report, shower, weights_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, RealData, Rtol, one_gate
 from unet_export.errors import UserError
+from unet_export.device import resolve_device
+from unet_export.flows.fallback import DEFAULT_BUDGET_S, search_fp16
 from unet_export.parity.envelope import parse_size
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET
 from unet_export.runtimes.onnx.fp16 import check_fp32_layers
@@ -52,9 +54,32 @@ Largest = Annotated[
 
 FP32Layers = Annotated[
     list[str] | None,
-    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on ONNX node name, op type or module "
-                 "path, e.g. 'outc*' or Resize); repeatable."),
+    typer.Option("--fp32-layers", metavar="<pattern>", help="Keep matching layers in FP32 (glob on the PyTorch module path, the ONNX node "
+                 "name or the op type, e.g. up4.up, node_convolution_3, 'outc*' or Resize); repeatable."),
 ]  # fmt: skip
+
+
+FallbackBudget = Annotated[
+    float, typer.Option(help="Seconds --fallback auto may spend building and judging candidate FP32 sets.")
+]
+
+
+class FP16Fallback(str, Enum):
+    none = "none"
+    auto = "auto"
+
+
+FP16FallbackOpt = Annotated[
+    FP16Fallback,
+    typer.Option("--fallback", help="auto: when the FP16 artefact fails its real-image gate, search for the fewest "
+                 "convolutions to keep in FP32 (judged by the gate; on a CPU only FP16 storage is proven)."),
+]  # fmt: skip
+
+
+class Fallback(str, Enum):
+    presets = "presets"
+    auto = "auto"
+    none = "none"
 
 
 class Engine(str, Enum):
@@ -95,6 +120,8 @@ def onnx_cmd(
     largest: Largest = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write DIR/<stem>.fp16.onnx (FP32 I/O), verified.")] = False,
     fp32_layers: FP32Layers = None,
+    fallback: FP16FallbackOpt = FP16Fallback.none,
+    fallback_budget: FallbackBudget = DEFAULT_BUDGET_S,
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     rtol: Rtol = None,
@@ -109,10 +136,23 @@ def onnx_cmd(
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
               max_batch=max_batch, smallest=smallest, largest=largest,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
-              max_class_change=max_class_change, min_dice=min_dice, data=data)  # fmt: skip
+              max_class_change=max_class_change, min_dice=min_dice, data=data,
+              search=_budget(fallback, fallback_budget, fp16))  # fmt: skip
+
+
+def _budget(fallback: FP16Fallback, budget: float, fp16: bool) -> float | None:
+    """--fallback auto's budget in seconds (None: no search); it searches FP16 layers only."""
+    if fallback is FP16Fallback.none:
+        return None
+    if not fp16:
+        raise UserError("--fallback auto searches the FP16 artefact's FP32 layers: add --fp16")
+    if not budget > 0 or budget == float("inf"):
+        raise UserError(f"--fallback-budget must be a number of seconds > 0, got {budget}")
+    return budget
 
 
 def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
+          max_class_change, min_dice, data, search=None) -> None:  # fmt: skip
           max_class_change, min_dice, data, max_batch=None, smallest=None, largest=None) -> None:  # fmt: skip
     if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
         require_real_images("fp16", weights, model, data)
@@ -130,11 +170,19 @@ def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_lay
     export_report(result, workdir)
     passed = result.passed
     if fp16 and passed:
+        build = functools.partial(export_fp16_onnx, workdir, device=device.value, data=data, model=model,
+                                  max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
         with working("onnx --fp16", "converting to FP16 and checking parity"):
-            half = export_fp16_onnx(workdir, fp32_layers=fp32_layers, device=device.value, data=data, model=model,
-                                    max_class_change=max_class_change, min_dice=min_dice)  # fmt: skip
+            half = build(fp32_layers=fp32_layers)
+        if not half.passed and search is not None:
+            export_report(half, workdir)
+            with working("onnx --fp16 --fallback auto", "searching for layers to keep in FP32"):
+                half = search_fp16(workdir, lambda nodes: build(fp32_layers=[*(fp32_layers or []), *nodes]), half, search,
+                                   data, on_cpu=resolve_device(device.value).type == "cpu", time_it=True)  # fmt: skip
         out.add_export(half)
         export_report(half, workdir)
+        if half.entry.get("fallback"):
+            search_report(half.entry["fallback"])
         passed = half.passed
     raise typer.Exit(0 if passed else 1)
 
@@ -199,6 +247,8 @@ def trt_cmd(
     workspace: Annotated[float, typer.Option(help="Builder workspace in GiB.")] = 4.0,
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache reused across builds (default DIR/timing.cache).")] = None,
     fp32_layers: FP32Layers = None,
+    fallback: FP16FallbackOpt = FP16Fallback.none,
+    fallback_budget: FallbackBudget = DEFAULT_BUDGET_S,
     rtol: Rtol = None,
     atol: Atol = None,
     max_class_change: MaxClassChange = None,
@@ -213,20 +263,33 @@ def trt_cmd(
              profiles=profile, workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol,
              atol=atol,
              max_class_change=max_class_change, min_dice=min_dice, data=data,
-             model=model_choice(None, model_factory=model_factory))  # fmt: skip
+             model=model_choice(None, model_factory=model_factory), search=_budget(fallback, fallback_budget, fp16))  # fmt: skip
 
 
 def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
+         atol, max_class_change, min_dice, data, model, search=None) -> None:  # fmt: skip
          atol, max_class_change, min_dice, data, model, profiles=None) -> None:  # fmt: skip
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
              to_reduced="drop --fp32")  # fmt: skip
+    build = functools.partial(build_trt, workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
+                              opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
+                              timing_cache=timing_cache, rtol=rtol, atol=atol, max_class_change=max_class_change,
+                              min_dice=min_dice, data=data, model=model)  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
+        result = build(fp32_layers=fp32_layers)
+    if not result.passed and search is not None:  # judged on the GPU by the engine itself: no CPU caveat
+        export_report(result, workdir)
+        with working("trt --fallback auto", "searching for layers to keep in FP32"):
+            result = search_fp16(workdir, lambda nodes: build(fp32_layers=[*(fp32_layers or []), *nodes]), result,
+                                 search, data, on_cpu=False, time_it=False)  # fmt: skip
         result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                            opt_shape=opt_shape, max_shape=max_shape, profiles=profiles, workspace_gib=workspace,
                            timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
                            max_class_change=max_class_change, min_dice=min_dice, data=data, model=model)  # fmt: skip
     out.add_export(result)
     export_report(result, workdir)
+    if result.entry.get("fallback"):
+        search_report(result.entry["fallback"])
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -290,13 +353,16 @@ def int8_cmd(
     max_class_change: MaxClassChange = None,
     min_dice: MinDice = None,
     fallback: Annotated[
-        bool,
+        Fallback,
         typer.Option(
-            "--fallback/--no-fallback",
-            help="When the default quantisation fails the "
-            "gate, try the mixed preset, FP32 ends and bias correction in turn.",
+            help="When the default quantisation fails the gate: presets = try the mixed preset, FP32 ends and bias "
+            "correction in turn; auto = search for the fewest convolutions to keep in FP32, judged by the gate; "
+            "none = the default only.",
         ),
-    ] = True,
+    ] = Fallback.presets,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Same as --fallback none.", hidden=True)] = False,
+    fallback_budget: FallbackBudget = DEFAULT_BUDGET_S,
+    fp32_layers: FP32Layers = None,
     workdir: Workdir = Path("exports"),
     mask_suffix: Annotated[str, typer.Option(help="--val in milesial's layout: masks/<stem><suffix>.<ext>.")] = "_mask",
     height: SourceHeight = 256,
@@ -317,7 +383,8 @@ def int8_cmd(
         with working("int8", "calibrating and quantizing to INT8"):
             results = quantize_int8(weights, calib, workdir, val=val, engine=engine.value, subset=subset,
                                     max_dice_drop=max_dice_drop, max_class_change=max_class_change, min_dice=min_dice,
-                                    fallback=fallback, mask_suffix=mask_suffix, model=model, device=device.value,
+                                    fallback="none" if no_fallback else fallback.value, fp32_layers=fp32_layers,
+                                    fallback_budget=fallback_budget, mask_suffix=mask_suffix, model=model, device=device.value,
                                     height=height, width=width, on_result=on_result)  # fmt: skip
         raise typer.Exit(0 if all(r.passed for r in results) else 1)
 

@@ -97,6 +97,8 @@ def int8_report(result: ExportResult) -> None:
         console.print(
             f"  attempt {attempt['name']}: preset {attempt['preset']}, {attempt['fp32_nodes']} layers in FP32 -> {verdict}"
         )
+    if q.get("search"):
+        search_report(q["search"])
     worked = f"[green]{q['worked']}[/]" if q["worked"] else "[red]none passed[/] (the last one is recorded as failed)"
     control = ", with NNCF accuracy control on Dice" if q["accuracy_control"] else ""
     console.print(
@@ -107,3 +109,43 @@ def int8_report(result: ExportResult) -> None:
     if accuracy:
         console.print(f"Dice vs ground truth on {accuracy['images']} held-out images: eager {accuracy['eager_dice']:.4f}, "
                       f"int8 {accuracy['dice']:.4f} ({-accuracy['drop']:+.4f}; allowed drop {accuracy['max_drop']})")  # fmt: skip
+
+
+def _gate_numbers(step: dict) -> str:
+    numbers = []
+    if step.get("class_change") is not None:
+        numbers.append(f"class change {step['class_change']:.4%}, Dice vs eager {step['dice_vs_eager']:.5f}")
+    if step.get("dice") is not None:
+        numbers.append(f"Dice vs ground truth {step['dice']:.4f}")
+    if step.get("latency_ms") is not None:
+        numbers.append(f"{step['latency_ms']:.1f} ms/batch")
+    return ", ".join(numbers)
+
+
+def search_report(search: dict) -> None:
+    """--fallback auto: the ranking, each step with the gate's numbers, the set found (both names),
+    the flag that re-applies it and the measured cost of each layer kept in FP32."""
+    if search.get("note"):
+        console.print(f"[yellow]note[/]: {search['note']}")
+    ranked = ", ".join(f"{r['layer']} {r['score']:.3g}" for r in search["ranked"][:4])
+    console.print(f"fallback auto: layers ranked by their own error alone on real images: {ranked}")
+    if search.get("base"):
+        console.print(f"  without FP32 layers: {_gate_numbers(search['base'])} -> [red]failed[/]")
+    before: set = set()
+    for i, step in enumerate(search["steps"], 1):
+        verdict = "[green]passed[/]" if step["passed"] else "[red]failed[/]"
+        now = set(step["layers"])
+        change = [f"+{layer}" for layer in step["layers"] if layer not in before] + [f"-{layer}" for layer in sorted(before - now)]
+        console.print(f"  step {i} ({step['seconds']:.1f} s): {' '.join(change) or 'the set found again'} -> "
+                      f"{len(now)} in FP32: {_gate_numbers(step)} -> {verdict}")  # fmt: skip
+        before = now
+    if search["found"] is None:
+        console.print(f"[red]fallback auto found no FP32 set that passes[/] in {search['seconds']:.0f} s "
+                      f"(budget {search['budget_s']:g} s, {len(search['steps'])} sets tried)")  # fmt: skip
+        return
+    costs = "; ".join(f"{layer}: {'not timed' if ms is None else f'{ms:+.1f} ms/batch'}"
+                      for layer, ms in search["cost_ms"].items())  # fmt: skip
+    console.print(f"fallback auto kept {len(search['found'])} layer(s) in FP32 in {search['seconds']:.0f} s: "
+                  f"{', '.join(search['found'])}")  # fmt: skip
+    console.print(f"  speed cost (CPU, latency with the layer in FP32 minus without): {costs}")
+    console.print(f"  re-apply with: {search['flag']}")

@@ -63,3 +63,48 @@ def demo_int8(workdir: Path, device: str = "auto", on_result=None) -> list:
     height, width = DEMO_SIZE
     return quantize_int8(DEMO_WEIGHTS, demo_calibration(), workdir, val=DEMO_VAL, device=device, height=height,
                          width=width, on_result=on_result)  # fmt: skip
+
+
+OUTLIER_LAYER = "up4.up"  # the decoder layer whose input carries the outliers (outlier_demo)
+
+
+def write_outlier_checkpoint(dest: Path, channel: int = 0, peak: float = 1e4, leak: float = 0.0) -> Path:
+    """The demo model with a few extreme outliers in the input of its last decoder layer, up4.up
+    (the output of up3.conv): one channel of up3.conv's last BatchNorm is rescaled so that only its
+    top 0.1% of values on the demo images stay above zero after the ReLU, reaching ``peak``, and
+    up4.up ignores that channel (its weights are zeroed). The FP32 model keeps its masks (it only
+    lost one channel), but a per-tensor INT8 scale for that tensor spans 0..``peak`` and rounds
+    every ordinary value to zero: the INT8 masks break (issue 28's test model). With ``peak`` above
+    FP16's largest value (65504) and a tiny ``leak`` weight instead of zero, the FP16 model breaks
+    too (inf times a tiny weight is inf) while FP32 barely moves. Written with the demo's sidecar
+    (preprocessing, classes) as ``dest``."""
+    from unet_export.checkpoint import build_model, load_checkpoint
+    from unet_export.flows.int8_gate import calibration_images
+
+    ckpt = load_checkpoint(DEMO_WEIGHTS)
+    net = build_model(ckpt).eval()
+    images = calibration_images(DEMO_VAL, ckpt, None)
+    x = torch.stack([images.tensor(p) for p in images.paths])
+    bn = net.up3.conv.double_conv[4]
+    seen = []
+    hook = bn.register_forward_hook(lambda module, args, out: seen.append(out[:, channel].detach().flatten()))
+    with torch.no_grad():
+        net(x)
+    hook.remove()
+    values = seen[0]
+    cut = torch.quantile(values, 0.999)
+    scale = peak / (values.max() - cut)  # y' = scale * (y - cut): positive on the top 0.1% only
+    with torch.no_grad():
+        bn.weight[channel] *= scale
+        bn.bias[channel] = scale * (bn.bias[channel] - cut)
+        net.up4.up.weight[channel] = leak
+    state = net.state_dict()
+    state["mask_values"] = ckpt.mask_values
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    with atomic_path(dest.with_suffix(".json")) as tmp:
+        tmp.write_bytes(DEMO_WEIGHTS.with_suffix(".json").read_bytes())
+    return dest

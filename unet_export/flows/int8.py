@@ -14,13 +14,18 @@ hand are tried in order (ATTEMPTS) and the manifest records each attempt and whi
 """
 
 import contextlib
+import functools
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import ArtifactError, UnetExportError, UserError, require
 from unet_export.flows.export import ExportResult, inherit_envelope, record_envelope
+from unet_export.flows.fallback import DEFAULT_BUDGET_S, best_ms, record, Search, Step, step_numbers, grow
 from unet_export.flows.int8_gate import (
     GateSet,
     Images,
@@ -36,12 +41,18 @@ from unet_export.parity import envelope
 from unet_export.parity.gate import Tolerance, tolerance_for
 from unet_export.parity.realimages import image_record
 from unet_export.runtimes.int8 import AccuracyControl, Attempt, NncfQuantizer, OrtQuantizer
+from unet_export.runtimes.onnx.fp16 import fp32_nodes
+from unet_export.runtimes.onnx.layers import CONVS
+from unet_export.runtimes.onnx.sensitivity import rank_layers
+from unet_export.workdir.runners import artifact_runner
 from unet_export.workdir import publish, references
 from unet_export.workdir.ir import finish_pending_weights, ir_weights
 from unet_export.workdir.manifest import checked_path, load_manifest, transaction
 from unet_export.workdir.publish import record_artifact
 
 ENGINES = {"openvino": "openvino", "onnxruntime": "onnx"}  # --engine -> the artefact's format
+FALLBACKS = ("presets", "auto", "none")  # the ATTEMPTS ladder (default), the FP32 layer search, the default only
+RANK_IMAGES = 8  # calibration images the layer ranking runs on (each convolution alone, twice)
 
 
 # The default, then what people do by hand, each step keeping the previous ones. NNCF already
@@ -65,14 +76,22 @@ ATTEMPTS = {
 
 def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir: str | Path = "exports", *, val: str | Path | None = None,
                   engine: str = "all", subset: int | None = None, max_dice_drop: float = 0.005,
-                  max_class_change: float | None = None, min_dice: float | None = None, fallback: bool = True,
-                  mask_suffix: str = "_mask", model: str | None = None, device: str = "auto", height: int = 256,
+                  max_class_change: float | None = None, min_dice: float | None = None, fallback: bool | str = True,
+                  fp32_layers: list[str] | None = None, fallback_budget: float = DEFAULT_BUDGET_S, mask_suffix: str = "_mask", model: str | None = None, device: str = "auto", height: int = 256,
                   width: int = 256, on_result=None) -> list[ExportResult]:  # fmt: skip
     """INT8 artefacts of ``weights`` for each engine (openvino, onnxruntime or all), calibrated on
     ``calib`` (a folder, or a list of image files) and gated on real images; the FP32 ONNX model
     and IR they start from are exported (and verified) first if ``workdir`` lacks them. Every
     input is checked before anything is written. ``on_result`` sees each ExportResult
-    (prerequisites included) as it lands."""
+    (prerequisites included) as it lands. ``fallback``: "presets" (True) tries ATTEMPTS in turn,
+    "auto" searches for FP32 layers within ``fallback_budget`` seconds (NNCF's accuracy control is
+    then left to the search), "none" (False) the default only; ``fp32_layers`` (globs on module
+    path, node name or op type) stay FP32 in every attempt."""
+    mode = {True: "presets", False: "none"}.get(fallback, fallback)
+    if mode not in FALLBACKS:
+        raise UserError(f"--fallback {fallback!r}: choose {', '.join(FALLBACKS)}")
+    if not math.isfinite(fallback_budget) or fallback_budget <= 0:
+        raise UserError(f"--fallback-budget must be a number of seconds > 0, got {fallback_budget}")
     engines = list(ENGINES) if engine == "all" else [engine]
     if any(e not in ENGINES for e in engines):
         raise UserError(f"--engine {engine!r}: choose openvino, onnxruntime or all")
@@ -91,6 +110,7 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
         sources["onnx"] = ensure_onnx(
             weights, workdir, model=model, device=device, height=height, width=width, on_result=on_result
         )
+    kept = _fp32_convs(workdir / sources["onnx"]["path"], fp32_layers)
     if "openvino" in engines:
         sources["openvino"] = _ensure_ir(weights, workdir, model, on_result)
     net = build_model(ckpt)
@@ -99,13 +119,14 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
     results = []
     for name in engines:
         if name == "openvino":
-            quantizer = _nncf(workdir, sources, images, gates, max_dice_drop)
+            quantizer = _nncf(workdir, sources, images, gates, max_dice_drop, control=mode != "auto")
         else:
             quantizer = OrtQuantizer(workdir / sources["onnx"]["path"], sources["onnx"]["inputs"][0]["name"], images)
-        attempts = ATTEMPTS[name] if fallback else ATTEMPTS[name][:1]
+        attempts = [replace(a, fp32=kept) for a in (ATTEMPTS[name] if mode == "presets" else ATTEMPTS[name][:1])]
+        budget = fallback_budget if mode == "auto" else None
         try:
             results.append(
-                _quantize(quantizer, attempts, workdir, sources["onnx"], net, images, gates, tol, max_dice_drop)
+                _quantize(quantizer, attempts, workdir, sources["onnx"], net, images, gates, tol, max_dice_drop, budget)
             )
         finally:
             getattr(quantizer, "close", lambda: None)()
@@ -114,12 +135,28 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
     return results
 
 
-def _nncf(workdir: Path, sources: dict, images: Images, gates: GateSet, max_dice_drop: float) -> NncfQuantizer:
+def _fp32_convs(onnx_path: Path, patterns: list[str] | None) -> tuple[str, ...]:
+    """The convolutions of the FP32 ONNX model that --fp32-layers selects (module path or node
+    name); patterns that select none are refused (exit 2), as for the FP16 model."""
+    if not patterns:
+        return ()
+    model = require("onnx").load(str(onnx_path), load_external_data=False)
+    convs = {n.name for n in model.graph.node if n.op_type in CONVS}
+    chosen = [n for n in fp32_nodes(model, patterns, onnx_path.name) if n in convs]
+    if not chosen:
+        raise UserError(f"--fp32-layers {' '.join(patterns)} selects no convolution of {onnx_path.name}: INT8 keeps "
+                        "convolutions (Conv, ConvTranspose) in FP32")  # fmt: skip
+    return tuple(chosen)
+
+
+def _nncf(workdir: Path, sources: dict, images: Images, gates: GateSet, max_dice_drop: float,
+          control: bool = True) -> NncfQuantizer:  # fmt: skip
     """NNCF on the verified FP32 IR (both files checked), with accuracy control on Dice vs ground
-    truth when the gate set has masks (--val)."""
+    truth when the gate set has masks (--val) and ``control`` (not under --fallback auto, whose
+    search keeps layers in FP32 by the full gate instead)."""
     source = checked_path(workdir, sources["openvino"])
     accuracy = None
-    if gates.eager_dice is not None:
+    if gates.eager_dice is not None and control:
         def score(i: int, logits) -> float:
             return mask_dice(logits, gates.batches[i][3], gates.n_classes, gates.threshold)
 
@@ -143,8 +180,9 @@ def _ensure_ir(weights, workdir: Path, model, on_result) -> dict:
 
 
 def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net, images: Images, gates: GateSet,
-              tol: Tolerance, max_dice_drop: float) -> ExportResult:  # fmt: skip
-    """Try each attempt until one passes the gate; publish the one that passed (or the last)."""
+              tol: Tolerance, max_dice_drop: float, budget_s: float | None = None) -> ExportResult:  # fmt: skip
+    """Try each attempt until one passes the gate; with ``budget_s`` (--fallback auto) then search for
+    FP32 layers that make the last one pass; publish the one that passed (or the last)."""
     started = time.perf_counter()
     manifest = load_manifest(workdir)
     dest = quantizer.dest(workdir, onnx["path"])
@@ -155,24 +193,18 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
         if ir:  # write_ir puts the .bin beside the staged .xml, under the .bin's own temp name
             stack.enter_context(publish.staged(dest.with_suffix(".bin"), 0, "INT8 IR weights"))
         for attempt in attempts:
-            try:
-                info = quantizer.write(attempt, staged)
-            except UnetExportError:
-                raise
-            except Exception as exc:  # NNCF and ONNX Runtime raise many types; all mean "could not quantise"
-                raise ArtifactError(
-                    f"INT8 quantisation with {quantizer.engine} failed ({attempt.name}): "
-                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-                ) from exc
-            entry = inherit_envelope(_entry(dest, quantizer, onnx, info, images, gates, attempt), onnx)
-            parity, accuracy = judge(entry, workdir, staged, gates, tol, max_dice_drop)
-            record_envelope(entry, envelope.of_entry(entry), parity)
+            entry, parity, accuracy = _try(quantizer, attempt, staged, dest, workdir, onnx, images, gates, tol, max_dice_drop)
+            info = {"ignored_scope": entry["quantization"]["ignored_scope"], "fp32_nodes": entry["fp32_nodes"]}
             tried.append({"name": attempt.name, "preset": attempt.preset, "ignored_scope": info["ignored_scope"],
                           "bias_correction": _bias(attempt), "fp32_nodes": len(info["fp32_nodes"]),
                           "passed": parity.passed, "failures": parity.failures()[:4]})  # fmt: skip
             if parity.passed:
                 break
         entry["quantization"] |= {"attempts": tried, "worked": attempt.name if parity.passed else None}
+        if not parity.passed and budget_s is not None:  # --fallback auto
+            failed = Step([], **step_numbers(parity, accuracy))
+            entry, parity, accuracy = _search(quantizer, attempt, staged, dest, workdir, onnx, images, gates, tol,
+                                              max_dice_drop, budget_s, tried, failed)  # fmt: skip
         entry["accuracy"] = accuracy
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)
@@ -180,6 +212,63 @@ def _quantize(quantizer, attempts: list[Attempt], workdir: Path, onnx: dict, net
             recording = _recording(entry, gates)
             (record_ir if ir else record_artifact)(workdir, current, entry, parity, "cpu", staged, recording)
     return ExportResult(dest, entry, parity, time.perf_counter() - started)
+
+
+def _try(quantizer, attempt: Attempt, staged: Path, dest: Path, workdir: Path, onnx: dict, images: Images,
+         gates: GateSet, tol: Tolerance, max_dice_drop: float):  # fmt: skip
+    """Write one attempt to ``staged`` and judge it: (entry, parity, accuracy)."""
+    try:
+        info = quantizer.write(attempt, staged)
+    except UnetExportError:
+        raise
+    except Exception as exc:  # NNCF and ONNX Runtime raise many types; all mean "could not quantise"
+        raise ArtifactError(
+            f"INT8 quantisation with {quantizer.engine} failed ({attempt.name}): "
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+    entry = inherit_envelope(_entry(dest, quantizer, onnx, info, images, gates, attempt), onnx)
+    parity, accuracy = judge(entry, workdir, staged, gates, tol, max_dice_drop)
+    record_envelope(entry, envelope.of_entry(entry), parity)
+    return entry, parity, accuracy
+
+
+def _search(quantizer, attempt: Attempt, staged: Path, dest: Path, workdir: Path, onnx: dict, images: Images,
+            gates: GateSet, tol: Tolerance, max_dice_drop: float, budget_s: float, tried: list, base: Step):  # fmt: skip
+    """--fallback auto: rank the convolutions by their INT8 error on calibration images, then grow
+    the FP32 set from ``attempt`` (which failed and is still staged) until the gate passes
+    (flows/fallback.py). The staged file ends as the set found, else as the last step."""
+    started = time.perf_counter()
+    onnx_path = workdir / onnx["path"]
+    x = torch.stack([images.tensor(p) for p in images.paths[:RANK_IMAGES]]).numpy()
+    ranked = [(n, s) for n, s in rank_layers(onnx_path, [x[i:i + 4] for i in range(0, len(x), 4)], "int8")
+              if n not in attempt.fp32]  # fmt: skip
+    latency = functools.partial(_latency, workdir=workdir, staged=staged, x=gates.batches[0][0])
+    entry = _entry(dest, quantizer, onnx, {"fp32_nodes": [], "layers": 0, "ignored_scope": [], "accuracy_control": False},
+                   images, gates, attempt)  # fmt: skip
+    base.latency_ms = latency(entry)
+    last = {}
+
+    def trial(nodes: list[str]) -> Step:
+        t = time.perf_counter()
+        step = replace(attempt, name=f"{attempt.name} + {len(nodes)} FP32", fp32=attempt.fp32 + tuple(nodes))
+        last["result"] = _try(quantizer, step, staged, dest, workdir, onnx, images, gates, tol, max_dice_drop)
+        numbers = step_numbers(*last["result"][1:])
+        return Step(list(nodes), latency_ms=latency(last["result"][0]), seconds=time.perf_counter() - t, **numbers)
+
+    found, steps = grow([n for n, _ in ranked], trial, budget_s)
+    if found is not None and steps[-1].fp32 != found:  # pruning's last try failed: write the set found again
+        trial(found)
+    entry, parity, accuracy = last["result"]  # grow always takes its first step
+    search = Search(ranked, steps, found, budget_s, time.perf_counter() - started, base)
+    entry["quantization"] |= {"attempts": tried, "worked": "auto" if found is not None else None,
+                              "search": record(search, onnx_path)}  # fmt: skip
+    return entry, parity, accuracy
+
+
+def _latency(entry: dict, workdir: Path, staged: Path, x: torch.Tensor) -> float:
+    """The staged artefact's best time on one gate batch, on the CPU (the search's speed cost)."""
+    with artifact_runner(entry, workdir, "cpu", path=staged) as runner:
+        return round(best_ms(lambda: runner.infer(x)), 3)
 
 
 def _recording(entry: dict, gates: GateSet) -> references.Recording:

@@ -121,6 +121,9 @@ def artifact_record(entry: dict, *, status: str | None = None, parity: dict | No
     for key in ("export_size", "weights", "accuracy", "real_images", "traced", "envelope"):
         if entry.get(key) is not None:
             record[key] = entry[key]
+    search = entry.get("fallback") or (entry.get("quantization") or {}).get("search")
+    if search:  # --fallback auto: the FP32 layer search (flows/fallback.py)
+        record["fallback"] = search
     return record
 
 

@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from unet_export.errors import require
+from unet_export.errors import ArtifactError, require
 from unet_export.fileio import claim_temp_path
-from unet_export.runtimes.onnx.layers import module_path
+from unet_export.runtimes.onnx.layers import CONVS, module_path
 from unet_export.runtimes.openvino.export import ir_path, write_ir
 
 WEIGHT_INT8 = {"i8", "u8", "i4", "u4"}
@@ -29,6 +29,7 @@ class Attempt:
     preset: str = "performance"
     ignore_ends: bool = False  # keep the first and the last convolution in FP32
     fast_bias_correction: bool | None = True  # NNCF's default; False = its full BiasCorrection
+    fp32: tuple[str, ...] = ()  # ONNX node names of convolutions kept in FP32 (--fp32-layers, the search)
 
 
 @dataclass
@@ -65,6 +66,9 @@ class NncfQuantizer:
         self.source, self.weights = source, weights  # the verified FP32 IR (.xml and its .bin)
         self.calib, self.accuracy = calib, accuracy
         self.names = _onnx_module_paths(onnx_path)
+        graph = require("onnx").load(str(onnx_path), load_external_data=False).graph
+        self.outputs = {n.name: n.output[0] for n in graph.node if n.op_type in CONVS}  # to find them in the IR
+        self.ov_to_onnx: dict[str, str] = {}
 
     def dest(self, workdir: Path, onnx_name: str) -> Path:
         return ir_path(workdir, onnx_name, "int8")
@@ -72,10 +76,13 @@ class NncfQuantizer:
     def write(self, attempt: Attempt, staged: Path) -> dict:
         nncf, model = self.nncf, self.ov.Core().read_model(str(self.source), str(self.weights))
         convs = _ov_convs(model)
+        self.ov_to_onnx = _ov_to_onnx(convs, self.outputs)
         ends = [convs[0].get_friendly_name(), convs[-1].get_friendly_name()] if attempt.ignore_ends else []
+        kept = _ov_names(convs, attempt.fp32, self.outputs)
+        ignored = list(dict.fromkeys(ends + kept))
         options = {"preset": nncf.QuantizationPreset(attempt.preset), "target_device": nncf.TargetDevice.CPU,
                    "subset_size": len(self.calib.paths), "fast_bias_correction": attempt.fast_bias_correction,
-                   "ignored_scope": nncf.IgnoredScope(names=ends) if ends else None}  # fmt: skip
+                   "ignored_scope": nncf.IgnoredScope(names=ignored) if ignored else None}  # fmt: skip
         calibration = nncf.Dataset(self.calib.paths, lambda path: self.calib.tensor(path)[None].numpy())
         with _quiet():
             if self.accuracy is None:
@@ -88,7 +95,7 @@ class NncfQuantizer:
                     drop_type=nncf.DropType.ABSOLUTE, **options)  # fmt: skip
         fp32 = [self._label(op) for op in _ov_convs(quantized) if not _ov_int8_weights(op)]
         info = write_ir(quantized, staged, {"precision": "int8", "source": self.source.name})
-        return info | {"fp32_nodes": fp32, "layers": len(convs), "ignored_scope": [self._label_name(n) for n in ends],
+        return info | {"fp32_nodes": fp32, "layers": len(convs), "ignored_scope": [self._label_name(n) for n in ignored],
                        "accuracy_control": self.accuracy is not None}  # fmt: skip
 
     def _validate(self, compiled, indices) -> tuple[float, list[float]]:
@@ -103,8 +110,36 @@ class NncfQuantizer:
         return self._label_name(op.get_friendly_name())
 
     def _label_name(self, name: str) -> str:
-        onnx_name = name.removesuffix("/WithoutBiases")
+        onnx_name = self.ov_to_onnx.get(name, name.removesuffix("/WithoutBiases"))
         return f"{self.names[onnx_name]} ({onnx_name})" if self.names.get(onnx_name) else name
+
+
+def _ov_to_onnx(convs: list, outputs: dict[str, str]) -> dict[str, str]:
+    """IR convolution friendly name -> the ONNX node it came from. A convolution with a bias becomes
+    ``<node>/WithoutBiases`` plus an Add; a ConvTranspose gets a generated name
+    (ConvolutionBackpropData_182), so it is found by the ONNX output tensor (``outputs``: node ->
+    its first output) that its bias Add carries."""
+    by_tensor = {tensor: node for node, tensor in outputs.items()}
+    found = {}
+    for op in convs:
+        name = op.get_friendly_name()
+        tensors = set(op.output(0).get_names())
+        for consumer in op.output(0).get_target_inputs():
+            tensors |= set(consumer.get_node().output(0).get_names())
+        direct = name.removesuffix("/WithoutBiases")
+        node = direct if direct in outputs else next((by_tensor[t] for t in sorted(tensors) if t in by_tensor), None)
+        if node:
+            found[name] = node
+    return found
+
+
+def _ov_names(convs: list, onnx_nodes: tuple[str, ...], outputs: dict[str, str]) -> list[str]:
+    """The friendly names of the IR convolutions that came from these ONNX nodes (_ov_to_onnx)."""
+    found = {node: name for name, node in _ov_to_onnx(convs, outputs).items()}
+    missing = [node for node in onnx_nodes if node not in found]
+    if missing:
+        raise ArtifactError(f"no OpenVINO convolution came from the ONNX node(s) {', '.join(missing)}")
+    return [found[node] for node in onnx_nodes]
 
 
 def _ov_convs(model) -> list:
@@ -159,6 +194,7 @@ class OrtQuantizer:
                     quant_pre_process(str(self.source), str(self.pre), skip_symbolic_shape=True)
             convs = [n for n in onnx.load(str(self.pre)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
             ends = [convs[0].name, convs[-1].name] if attempt.ignore_ends else []
+            ends = list(dict.fromkeys(ends + list(attempt.fp32)))
             symmetric = attempt.preset == "performance"
             q.quantize_static(str(self.pre), str(staged), _Reader(self.calib, self.input_name), quant_format=q.QuantFormat.QDQ,
                               per_channel=True, activation_type=q.QuantType.QInt8 if symmetric else q.QuantType.QUInt8,

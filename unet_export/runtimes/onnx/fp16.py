@@ -7,7 +7,7 @@ from pathlib import Path
 from unet_export.errors import ArtifactError, UserError, require
 from unet_export.fileio import atomic_path
 from unet_export.runtimes.onnx.export import io_record
-from unet_export.runtimes.onnx.layers import describe_nodes, select_nodes
+from unet_export.runtimes.onnx.layers import describe_nodes, select_nodes, with_input_chains
 
 FP16_MAX = 65504.0  # clamp weights to FP16's finite range, not the 1e4 some converters default to
 
@@ -34,10 +34,12 @@ def convert_onnx_fp16(src: Path, dest: Path, fp32_layers: list[str] | None = Non
     onnx = require("onnx")
     float16 = require("onnxruntime.transformers.float16", "onnxruntime")
     model = onnx.load(str(src))
-    blocked = fp32_nodes(model, fp32_layers, src.name)
+    blocked = with_input_chains(model.graph, fp32_nodes(model, fp32_layers, src.name))
     converted = float16.convert_float_to_float16(
         model, keep_io_types=True, node_block_list=blocked or None, max_finite_val=FP16_MAX
     )
+    if blocked:
+        _drop_round_trips(converted.graph, model.graph)
     _sort_topologically(converted.graph)
     props = {p.key: p.value for p in model.metadata_props} | {"precision": "fp16", "fp32_nodes": ",".join(blocked)}
     del converted.metadata_props[:]
@@ -64,3 +66,55 @@ def _sort_topologically(graph) -> None:
         pending = [n for n in pending if all(n is not r for r in ready)]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto's element types
+
+
+def _drop_round_trips(graph, source) -> None:
+    """The converter wraps every blocked node in Casts, even between two blocked nodes (FP32 ->
+    FP16 -> FP32: the tensor between them is still rounded to FP16, and inf past 65504), and stores
+    a blocked node's weights as FP16 with a Cast back. Remove both round trips, so a layer kept in
+    FP32 reads FP32 weights and an FP32 input from another layer kept in FP32."""
+    onnx = require("onnx")
+    originals = {t.name: t for t in source.initializer}
+    fp16_inits = {t.name for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    replace, dropped, added = {}, set(), []
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != FLOAT or node.output[0] in outputs:
+            continue  # (a graph output keeps the Cast that names it)
+        src = node.input[0]
+        if src in fp16_inits and src in originals:  # a weight: use the FP32 original instead
+            fp32 = onnx.TensorProto()
+            fp32.CopyFrom(originals[src])
+            fp32.name = f"{src}_fp32"
+            added.append(fp32)
+            replace[node.output[0]], dropped = fp32.name, dropped | {node.name}
+            continue
+        up = next((n for n in graph.node if src in n.output), None)
+        if up is not None and up.op_type == "Cast" and _cast_to(up) == FLOAT16 and src not in outputs:
+            replace[node.output[0]], dropped = up.input[0], dropped | {node.name}
+    if not replace:
+        return
+    kept = [n for n in graph.node if n.name not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    used = {name for n in kept for name in n.input}
+    kept = [n for n in kept if n.op_type != "Cast" or any(o in used or o in outputs for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for n in kept for name in n.input}
+    inits = [t for t in graph.initializer if t.name in used] + [t for t in added if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _cast_to(node) -> int:
+    return next(a.i for a in node.attribute if a.name == "to")

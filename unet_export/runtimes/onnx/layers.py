@@ -33,3 +33,47 @@ def describe_nodes(graph, limit: int = 4) -> str:
     """A few example names to show in an error, so a user can write a pattern that matches."""
     seen = [f"{n.name} ({n.op_type}, {module_path(n) or '-'})" for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Resize", "Pad")]
     return ", ".join(seen[:limit])
+
+
+CONVS = ("Conv", "ConvTranspose")  # the layers reduced precision quantises or rounds
+
+
+def label(node) -> str:
+    """A layer named both ways, ``up4.up (node_convolution_3)``: the PyTorch module, then the node."""
+    path = module_path(node)
+    return f"{path} ({node.name})" if path else node.name
+
+
+def flag_name(graph, node) -> str:
+    """The name ``--fp32-layers`` should use to select exactly ``node``: its module path when that
+    matches this node alone (what the user wrote), else the ONNX node name."""
+    path = module_path(node)
+    return path if path and select_nodes(graph, [path]) == [node.name] else node.name
+
+
+PASS_THROUGH = ("Relu", "LeakyRelu", "Clip", "BatchNormalization", "Identity", "MaxPool")
+
+
+def input_chain(node, writer: dict) -> tuple[list[str], str | None]:
+    """The pass-through nodes (activations, pooling) between ``node`` and the convolution that
+    writes its input, and that convolution's name (None if its input comes from elsewhere).
+    ``writer``: tensor name -> the node that outputs it."""
+    between, source = [], writer.get(node.input[0])
+    while source is not None and source.op_type in PASS_THROUGH:
+        between.append(source.name)
+        source = writer.get(source.input[0])
+    return between, source.name if source is not None and source.op_type in CONVS else None
+
+
+def with_input_chains(graph, nodes: list[str]) -> list[str]:
+    """``nodes`` plus, for each, the pass-through nodes that feed it from a convolution also in
+    ``nodes``: an FP16 model keeps the tensor between two FP32 convolutions FP32 only if the ReLU
+    between them stays FP32 too."""
+    writer = {out: n for n in graph.node for out in n.output}
+    by_name = {n.name: n for n in graph.node}
+    out = list(nodes)
+    for name in nodes:
+        between, source = input_chain(by_name[name], writer)
+        if source in nodes:
+            out += [n for n in between if n not in out]
+    return out

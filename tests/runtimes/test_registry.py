@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from unet_export.flows.export import parity_shapes
+from unet_export.models.sizes import SizeRule
 from unet_export.api import export_artifact
 from unet_export.checkpoint import build_model, load_checkpoint
 from unet_export.errors import UserError
@@ -96,7 +98,12 @@ def test_export_with_parity(name, fmt, tmp_path):
     size = CASES[name][1]
     result = export_artifact(path, fmt, tmp_path / "out", model=name, device="cpu", height=size, width=size)
     assert result.passed, result.parity.failures()
-    assert len(result.parity.cases) == 2
+    entry = result.entry
+    # the envelope's probes (a traced TorchScript model: its one shape), all passed and recorded
+    expected = parity_shapes(SizeRule(**SIZE_RULES[name]), entry["inputs"][0]["shape"][1], size, size,
+                             entry["size_rule"]["static"])  # fmt: skip
+    assert [tuple(c.shape) for c in result.parity.cases] == expected
+    assert entry["envelope"]["proven"] and len(entry["envelope"]["checked"]) == len(expected)
     manifest = load_manifest(tmp_path / "out")
     assert manifest["model"]["architecture"] == name
     assert manifest["artifacts"][0]["size_rule"] == SIZE_RULES[name] | {"static": False}

@@ -152,8 +152,8 @@ def _budget(fallback: FP16Fallback, budget: float, fp16: bool) -> float | None:
 
 
 def _onnx(weights, workdir, out, *, opset, height, width, static, fp16, fp32_layers, device, model, rtol, atol,
-          max_class_change, min_dice, data, search=None) -> None:  # fmt: skip
-          max_class_change, min_dice, data, max_batch=None, smallest=None, largest=None) -> None:  # fmt: skip
+          max_class_change, min_dice, data, search=None, max_batch=None, smallest=None,
+          largest=None) -> None:  # fmt: skip
     if fp16:  # the FP16 model is judged on real images: refused before the FP32 one is written
         require_real_images("fp16", weights, model, data)
     if fp32_layers and not fp16:
@@ -267,14 +267,13 @@ def trt_cmd(
 
 
 def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace, timing_cache, fp32_layers, rtol,
-         atol, max_class_change, min_dice, data, model, search=None) -> None:  # fmt: skip
-         atol, max_class_change, min_dice, data, model, profiles=None) -> None:  # fmt: skip
+         atol, max_class_change, min_dice, data, model, search=None, profiles=None) -> None:  # fmt: skip
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="add --fp32",
              to_reduced="drop --fp32")  # fmt: skip
     build = functools.partial(build_trt, workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
                               opt_shape=opt_shape, max_shape=max_shape, workspace_gib=workspace,
-                              timing_cache=timing_cache, rtol=rtol, atol=atol, max_class_change=max_class_change,
-                              min_dice=min_dice, data=data, model=model)  # fmt: skip
+                              profiles=profiles, timing_cache=timing_cache, rtol=rtol, atol=atol,
+                              max_class_change=max_class_change, min_dice=min_dice, data=data, model=model)  # fmt: skip
     with working("trt", "building the TensorRT engine and checking parity"):
         result = build(fp32_layers=fp32_layers)
     if not result.passed and search is not None:  # judged on the GPU by the engine itself: no CPU caveat
@@ -282,10 +281,6 @@ def _trt(workdir, out, *, fp16, onnx, min_shape, opt_shape, max_shape, workspace
         with working("trt --fallback auto", "searching for layers to keep in FP32"):
             result = search_fp16(workdir, lambda nodes: build(fp32_layers=[*(fp32_layers or []), *nodes]), result,
                                  search, data, on_cpu=False, time_it=False)  # fmt: skip
-        result = build_trt(workdir, precision="fp16" if fp16 else "fp32", onnx=onnx, min_shape=min_shape,
-                           opt_shape=opt_shape, max_shape=max_shape, profiles=profiles, workspace_gib=workspace,
-                           timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol, atol=atol,
-                           max_class_change=max_class_change, min_dice=min_dice, data=data, model=model)  # fmt: skip
     out.add_export(result)
     export_report(result, workdir)
     if result.entry.get("fallback"):

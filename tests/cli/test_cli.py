@@ -171,8 +171,10 @@ def test_verify_rechecks_every_artefact_and_records_where(exported):
         assert new["status"] == "verified" and new["sha256"] == old["sha256"] and new["parity"] == old["parity"]
         record = new["verified_on"]
         assert {"host", "device", "versions", "time", "inputs", "parity"} <= set(record)
-        assert record["parity"]["passed"] and len(record["parity"]["cases"]) == 3
-        assert record["parity"]["cases"][2]["label"] == "images"
+        # the envelope's probes again (seeded), then the real images
+        assert record["parity"]["passed"] and len(record["parity"]["cases"]) == len(old["envelope"]["checked"]) + 1
+        assert record["envelope"]["proven"] and record["envelope"]["declared"] == old["envelope"]["declared"]
+        assert record["parity"]["cases"][-1]["label"] == "images"
 
 
 def test_verify_fails_a_wrong_artefact_and_refuses_a_changed_one(exported, exports, tmp_path):

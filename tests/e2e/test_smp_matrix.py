@@ -30,7 +30,7 @@ from unet_export.cli.main import app  # noqa: E402
 from unet_export.data.synth import make_synth  # noqa: E402
 from unet_export.fileio import sha256_file  # noqa: E402
 from unet_export.flows.demo import DEMO_VAL, demo_calibration  # noqa: E402
-from unet_export.flows.export import SECOND_PARITY_SHAPE  # noqa: E402
+from unet_export.flows.export import parity_shapes  # noqa: E402
 from unet_export.models.sizes import SizeRule  # noqa: E402
 from unet_export.workdir.manifest import load_manifest  # noqa: E402
 
@@ -189,9 +189,9 @@ def test_export_passes_the_float64_gate(exports, pretrained, arch, fmt, size):
     encoder, (least, multiple) = MODELS[arch]
     rule = SizeRule(min=least, multiple=multiple)
     assert entry["size_rule"] == rule.to_dict() | {"static": False}
-    n, h, w = SECOND_PARITY_SHAPE
-    cases = entry["parity"]["cases"]
-    assert [c["shape"] for c in cases] == [[1, 3, height, width], [n, 3, rule.fit(h), rule.fit(w)]]
+    cases = entry["parity"]["cases"]  # the envelope's probes on the model's own size rule
+    assert [tuple(c["shape"]) for c in cases] == parity_shapes(rule, 3, height, width, False)
+    assert all(h % multiple == 0 and w % multiple == 0 for *_, h, w in (c["shape"] for c in cases))
     assert all(c["reference"] == "float64" and c["passed"] for c in cases)
     assert sha256_file(run.workdir / entry["path"]) == entry["sha256"]
     model = load_manifest(run.workdir)["model"]

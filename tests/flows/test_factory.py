@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 from typer.testing import CliRunner
 
@@ -79,8 +80,9 @@ def test_a_factory_model_exports_verified_and_its_config_is_recorded(exported):
         "n_channels": 3, "n_classes": 2, "sizes": {"min": 16, "multiple": 4, "offset": 0, "shrink": 0},
         "threshold": 0.0,
     }  # fmt: skip
-    # Asked of the model: two poolings make it take multiples of 4, so the gate's second size is 248x372.
-    assert [case["shape"] for case in entry["parity"]["cases"]] == [[1, 3, 64, 64], [2, 3, 248, 372]]
+    # Asked of the model: two poolings make it take multiples of 4, so every probe of the envelope is one.
+    assert [case["shape"] for case in entry["parity"]["cases"]] == [
+        [1, 3, 64, 64], [1, 3, 96, 96], [1, 3, 96, 64], [1, 3, 64, 96], [1, 3, 68, 84], [8, 3, 64, 64]]
 
 
 def test_verify_rebuilds_the_model_with_the_same_factory(exported, tmp_path):
@@ -181,7 +183,10 @@ def test_the_module_form_imports_from_the_current_folder(weights, tmp_path, monk
 def test_predict_with_the_factory_gives_the_masks_of_the_exported_model(weights, exported, tmp_path):
     from unet_export.flows.demo import DEMO_VAL
 
-    images = sorted((DEMO_VAL / "imgs").iterdir())[:2]
+    # at 96x80: inside the envelope the 64x64 export proved (64-96 per side), padded up to 64 rows
+    images = [tmp_path / f"{i}.png" for i in range(2)]
+    for source, dest in zip(sorted((DEMO_VAL / "imgs").iterdir()), images):
+        Image.open(source).convert("RGB").resize((80, 96)).save(dest)
     eager = cli("predict", weights, *images, "--out", tmp_path / "eager", "--device", "cpu", "--model-factory", FACTORY)
     assert eager.exit_code == 0 and "eager" in eager.stdout, eager.output
     onnx = cli("predict", exported, *images, "--out", tmp_path / "onnx", "--device", "cpu")
@@ -209,7 +214,8 @@ def test_an_in_memory_module_exports_through_the_same_gate(tmp_path):
     assert model["config"]["sizes"]["multiple"] == 8 and model["config"]["n_classes"] == 3
     assert model["checkpoint"] == {"path": "tinynet", "sha256": external.state_digest(net.state_dict())}
     (entry,) = load_manifest(tmp_path / "exports")["artifacts"]
-    assert [case["shape"] for case in entry["parity"]["cases"]] == [[1, 1, 64, 64], [2, 1, 248, 368]]
+    assert [case["shape"][:2] for case in entry["parity"]["cases"]] == [[1, 1]] * 5 + [[8, 1]]
+    assert all(case["shape"][2] % 8 == 0 and case["shape"][3] % 8 == 0 for case in entry["parity"]["cases"])
     assert api.verify_workdir(tmp_path / "exports", model=api.from_module(net, spec), device="cpu").exit_code == 0
     # Without the module the eager model cannot be rebuilt: judged against the recorded references
     alone = api.verify_workdir(tmp_path / "exports", device="cpu")

@@ -23,20 +23,20 @@ from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.manifest import load_manifest, transaction
 
 runner = CliRunner()
-SIZE = 64  # export size: the default envelope is then 32..96 per side, batch 1..8
+SIZE = 64  # export size: the default envelope is then 64..96 per side, batch 1..8
 
 
 # --- what is declared and which shapes prove it ---------------------------------------------------
 
 
-def test_default_envelope_is_half_to_one_and_a_half_times_the_export_size_and_batch_8():
+def test_default_envelope_is_the_export_size_to_one_and_a_half_times_it_and_batch_8():
     env = declared(SizeRule(), 3, (256, 256))
-    assert env.describe() == "batch 1-8, height 128-384, width 128-384"
+    assert env.describe() == "batch 1-8, height 256-384, width 256-384"
     assert [(p.label, p.shape) for p in env.probes((256, 256))] == [
-        ("export size", (1, 3, 256, 256)), ("largest", (1, 3, 384, 384)), ("tall", (1, 3, 384, 128)),
-        ("wide", (1, 3, 128, 384)), ("non-square", (1, 3, 129, 193)), ("largest batch", (8, 3, 128, 128))]  # fmt: skip
-    assert [(p.label, p.shape) for p in env.refusals()] == [("height just over", (1, 3, 385, 128)),
-                                                           ("batch just over", (9, 3, 128, 128))]  # fmt: skip
+        ("export size", (1, 3, 256, 256)), ("largest", (1, 3, 384, 384)), ("tall", (1, 3, 384, 256)),
+        ("wide", (1, 3, 256, 384)), ("non-square", (1, 3, 257, 321)), ("largest batch", (8, 3, 256, 256))]  # fmt: skip
+    assert [(p.label, p.shape) for p in env.refusals()] == [("height just over", (1, 3, 385, 256)),
+                                                           ("batch just over", (9, 3, 256, 256))]  # fmt: skip
 
 
 def test_the_size_rule_shapes_every_probe_and_declared_bounds():
@@ -44,7 +44,7 @@ def test_the_size_rule_shapes_every_probe_and_declared_bounds():
     assert env.describe() == "batch 1-4, height 64-496, width 64-688; sides a multiple of 16, at least 16"
     shapes = [p.shape for p in env.probes((256, 320))]
     assert all(h % 16 == 0 and w % 16 == 0 for _, _, h, w in shapes)
-    assert (1, 3, 496, 688) in shapes and (4, 3, 64, 64) in shapes and (1, 3, 80, 112) in shapes  # non-square: 65, 97 up
+    assert (1, 3, 496, 688) in shapes and (4, 3, 64, 64) in shapes and (1, 3, 80, 384) in shapes  # non-square: 65, 377 up
     unpadded = declared(SizeRule(min=188, multiple=16, offset=124, shrink=184), 1, (572, 572))
     assert all((h - 124) % 16 == 0 for _, _, h, _ in (p.shape for p in unpadded.probes((572, 572))))
 
@@ -61,11 +61,13 @@ def test_a_shape_outside_is_refused_in_one_line_with_the_nearest_accepted_sizes(
     with pytest.raises(UserError) as err:
         env.check(1, 250, 400)
     message = str(err.value)
-    assert message == ("input 1x3x250x400 is outside the proven envelope (batch 1-8, height 128-384, width 128-384; "
-                       "sides a multiple of 16, at least 16): use height 240 or 256, width 384")  # fmt: skip
+    assert message == ("input 1x3x250x400 is outside the proven envelope (batch 1-8, height 256-384, width 256-384; "
+                       "sides a multiple of 16, at least 16): use height 256, width 384")  # fmt: skip
     with pytest.raises(UserError, match=r"use batch 8$"):
         env.check(9, 256, 256)
-    env.check(8, 384, 128)  # a corner is inside
+    env.check(8, 384, 256)  # a corner is inside
+    with pytest.raises(UserError, match="use height 272 or 288$"):
+        env.check(1, 280, 256)  # inside the range, off the rule
 
 
 @pytest.mark.parametrize("smallest, largest, why", [
@@ -167,17 +169,17 @@ def test_export_proves_and_records_the_envelope(proven):
     workdir, output = proven
     entry = load_manifest(workdir)["artifacts"][0]
     record = entry["envelope"]
-    assert record["proven"] and record["describe"] == "batch 1-8, height 32-96, width 32-96"
+    assert record["proven"] and record["describe"] == "batch 1-8, height 64-96, width 64-96"
     assert [(c["probe"], c["shape"]) for c in record["checked"]] == [
-        ("export size", [1, 3, 64, 64]), ("largest", [1, 3, 96, 96]), ("tall", [1, 3, 96, 32]),
-        ("wide", [1, 3, 32, 96]), ("non-square", [1, 3, 33, 49]), ("largest batch", [8, 3, 32, 32])]  # fmt: skip
+        ("export size", [1, 3, 64, 64]), ("largest", [1, 3, 96, 96]), ("tall", [1, 3, 96, 64]),
+        ("wide", [1, 3, 64, 96]), ("non-square", [1, 3, 65, 81]), ("largest batch", [8, 3, 64, 64])]  # fmt: skip
     assert all(c["passed"] and c["floor_ratio"] < 5 for c in record["checked"])
     assert record["checked"][-1]["alone"]["passed"] and record["checked"][-1]["alone"]["max_abs_diff"] <= \
         record["checked"][-1]["alone"]["allowed"]  # fmt: skip
-    assert [r["shape"] for r in record["refused"]] == [[1, 3, 97, 32], [9, 3, 32, 32]]
+    assert [r["shape"] for r in record["refused"]] == [[1, 3, 97, 64], [9, 3, 64, 64]]
     assert all("outside the proven envelope" in r["message"] for r in record["refused"])
-    assert "envelope: batch 1-8, height 32-96, width 32-96: proven at 6 shapes" in output
-    assert "refuses 1x3x97x32 (height just over)" in output
+    assert "envelope: batch 1-8, height 64-96, width 64-96: proven at 6 shapes" in output
+    assert "refuses 1x3x97x64 (height just over)" in output
     doc = json.loads((workdir.parent / "export.json").read_text())
     assert doc["artifacts"][0]["envelope"]["proven"] is True
 
@@ -214,7 +216,7 @@ def _damaging_writer(monkeypatch, tmp_path, **damage):
 @pytest.mark.parametrize("damage, shape, probe", [
     (dict(axis=2, above=80), "(1, 3, 96, 96)", "largest"),  # wrong only above 80 rows (see benchmarks/envelope.py
     # for the demo's 256: above 300 rows, which the two-shape gate, at most 256 rows, passed)
-    (dict(axis=0, above=2), "(8, 3, 32, 32)", "largest batch"),  # wrong only for batch > 2: it saw 1 and 2
+    (dict(axis=0, above=2), "(8, 3, 64, 64)", "largest batch"),  # wrong only for batch > 2: it saw 1 and 2
 ])  # fmt: skip
 def test_a_damage_only_inside_the_envelope_fails_with_exit_1_naming_the_shape(weights, tmp_path, monkeypatch, damage,
                                                                              shape, probe):  # fmt: skip
@@ -222,11 +224,11 @@ def test_a_damage_only_inside_the_envelope_fails_with_exit_1_naming_the_shape(we
     result = _export(weights, tmp_path / "w")
     assert result.exit_code == 1, result.output
     assert f"parity failed {shape} ({probe}): max error vs float64" in result.output
-    assert "envelope: batch 1-8, height 32-96, width 32-96: not proven" in result.output
+    assert "envelope: batch 1-8, height 64-96, width 64-96: not proven" in result.output
     entry = load_manifest(tmp_path / "w")["artifacts"][0]
     assert entry["status"] == "failed" and not entry["envelope"]["proven"]
     passed = [c for c in entry["envelope"]["checked"] if c["passed"]]
-    assert [64, 64] in [c["shape"][2:] for c in passed]  # the export size itself was fine
+    assert [1, 3, 64, 64] in [c["shape"] for c in passed]  # the export size itself was fine
 
 
 def test_verify_reproves_the_envelope_and_fails_a_damage_at_a_corner(proven, tmp_path):
@@ -235,7 +237,7 @@ def test_verify_reproves_the_envelope_and_fails_a_damage_at_a_corner(proven, tmp
     workdir = shutil.copytree(proven[0], tmp_path / "exports")
     result = runner.invoke(app, ["verify", "-w", str(workdir), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "envelope of unet.onnx: batch 1-8, height 32-96, width 32-96: proven here at 6 shapes" in result.output
+    assert "envelope of unet.onnx: batch 1-8, height 64-96, width 64-96: proven here at 6 shapes" in result.output
     onnx_path = workdir / "unet.onnx"
     damage_when(onnx_path, tmp_path / "d.onnx", axis=2, above=80)
     shutil.copy(tmp_path / "d.onnx", onnx_path)
@@ -243,6 +245,6 @@ def test_verify_reproves_the_envelope_and_fails_a_damage_at_a_corner(proven, tmp
         manifest["artifacts"][0] |= {"sha256": sha256_file(onnx_path), "bytes": onnx_path.stat().st_size}
     result = runner.invoke(app, ["verify", "-w", str(workdir), "--device", "cpu"])
     assert result.exit_code == 1, result.output
-    assert "(1, 3, 96, 96) (largest)" in result.output and "(1, 3, 96, 32) (tall)" in result.output
+    assert "(1, 3, 96, 96) (largest)" in result.output and "(1, 3, 96, 64) (tall)" in result.output
     entry = load_manifest(workdir)["artifacts"][0]
     assert entry["status"] == "failed" and entry["verified_on"]["envelope"]["proven"] is False

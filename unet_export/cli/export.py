@@ -43,8 +43,8 @@ MaxBatch = Annotated[
 ]
 Smallest = Annotated[
     str | None,
-    typer.Option("--smallest", metavar="HxW", help="Smallest height x width it declares and is proven at (default half "
-                 "the export size)."),
+    typer.Option("--smallest", metavar="HxW", help="Smallest height x width it declares and is proven at (default the "
+                 "export size; predict pads smaller images up to it)."),
 ]  # fmt: skip
 Largest = Annotated[
     str | None,

@@ -99,7 +99,7 @@ def export_artifact(
     ``model``: --model (and what configures it), or an nn.Module (``weights`` None) to export
     instead of a checkpoint, with ``from_module(net, InputSpec(...))`` saying what it takes.
     ``max_batch``/``min_size``/``max_size``: the envelope it declares and is proven on
-    (parity.envelope; default batch 8, half to one and a half times the export size per side)."""
+    (parity.envelope; default batch 8, the export size to one and a half times it per side)."""
     started = time.perf_counter()
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")

@@ -157,10 +157,12 @@ def _nncf(workdir: Path, sources: dict, images: Images, gates: GateSet, max_dice
     source = checked_path(workdir, sources["openvino"])
     accuracy = None
     if gates.eager_dice is not None and control:
-        def score(i: int, logits) -> float:
-            return mask_dice(logits, gates.batches[i][3], gates.n_classes, gates.threshold)
+        labelled = [batch for batch in gates.batches if batch[3] is not None]  # not the envelope's crops
 
-        accuracy = AccuracyControl([batch[0] for batch in gates.batches], score, max_dice_drop)
+        def score(i: int, logits) -> float:
+            return mask_dice(logits, labelled[i][3], gates.n_classes, gates.threshold)
+
+        accuracy = AccuracyControl([batch[0] for batch in labelled], score, max_dice_drop)
     return NncfQuantizer(source, ir_weights(source, sources["openvino"]), workdir / sources["onnx"]["path"], images, accuracy)
 
 

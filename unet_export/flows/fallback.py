@@ -75,12 +75,14 @@ def grow(ranked: list[str], trial: Callable[[list[str]], Step], budget_s: float)
 
 
 def step_numbers(parity, accuracy: dict | None) -> dict:
-    """The gate's numbers for a Step: the worst batch's class change and Dice vs eager, and Dice vs
-    ground truth when there are masks."""
+    """The gate's numbers for a Step: the worst batch's class change (envelope probes included) and
+    Dice vs eager (on the whole images, as the gate judges it), and Dice vs ground truth when
+    there are masks."""
     cases = parity.cases
+    whole = [c for c in cases if c.probe in ("", "gate images")]  # Dice is judged on whole images only
     return {"passed": parity.passed, "failures": parity.failures()[:2],
             "class_change": max((c.argmax_disagreement for c in cases), default=None),
-            "dice_vs_eager": min((c.dice_vs_eager for c in cases), default=None),
+            "dice_vs_eager": min((c.dice_vs_eager for c in whole), default=None),
             "dice": accuracy["dice"] if accuracy else None}  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from unet_export.workdir.manifest import transaction
 
 runner = CliRunner()
 IMAGE = sorted((DEMO_VAL / "imgs").iterdir())[0]
-ENVELOPE = "(batch 1-8, height 16-256, width 16-256)"  # the demo's default at export size 128
+ENVELOPE = "(batch 1-8, height 128-192, width 128-192)"  # the demo's default at export size 128
 
 
 def cli(*args):
@@ -30,8 +30,9 @@ def cli(*args):
 
 @pytest.fixture(scope="module")
 def small(exports, tmp_path_factory):
-    """The demo model's ONNX model exported at 128x128: proven at batch 1-8, sides 16-256, too
-    small a side for a tile (256 leaves no core inside a halo of 128 on each side)."""
+    """The demo model's ONNX model exported at 128x128: proven at batch 1-8, sides 128-192 (the
+    default: the export size to 1.5x it), too small a side for a tile (192 leaves no core inside a
+    halo of 128 on each side)."""
     return exports.copy(tmp_path_factory.mktemp("env") / "exports", DEMO_WEIGHTS, ("onnx",), 128, 128)
 
 
@@ -87,7 +88,7 @@ def test_the_default_batch_is_the_proven_batch_when_that_is_smaller(wide, tree_o
     assert ", batch 4, local)" in result.stdout
     assert max(s[0] for s in shapes) == 4
     refused = cli("predict", wide, tree_of_five, "--out", tmp_path / "p", "--batch-size", 8)
-    one_line_refusal(refused, "(batch 1-4, height 16-512, width 16-512)", "give --batch-size 4 or less",
+    one_line_refusal(refused, "(batch 1-4, height 128-512, width 128-512)", "give --batch-size 4 or less",
                      "export it with --max-batch 8")  # fmt: skip
     assert not (tmp_path / "p").exists()
 
@@ -102,15 +103,26 @@ def tree_of_five(tmp_path):
 
 
 def test_an_image_the_envelope_cannot_hold_is_refused_before_any_mask(small, tmp_path, shapes):
-    """Exported at 128: proven up to 256, where no tile fits; a 300-wide image is refused, named,
-    with the envelope and the export that would prove it, and the other images are not run."""
-    big = image(tmp_path / "big.png", 300, 200)
+    """Exported at 128: proven up to 192, where no tile fits; a 300-wide image (its height inside)
+    is refused, named, with the envelope, the one side to change and the export that would prove
+    it, and the other images are not run."""
+    big = image(tmp_path / "big.png", 300, 160)
     out = tmp_path / "o"
     for args in ((small, IMAGE, big), (small / "demo_unet.onnx", big)):
         result = cli("predict", *args, "--out", out)
-        one_line_refusal(result, f"{big}: input 1x3x200x300 is outside the proven envelope {ENVELOPE}: use width 256",
-                         "export it with --largest 256x300 to prove it")  # fmt: skip
+        one_line_refusal(result, f"{big}: input 1x3x160x300 is outside the proven envelope {ENVELOPE}: use width 192;",
+                         "export it with --largest 192x300 to prove it")  # fmt: skip
         assert shapes == [] and not out.exists()
+
+
+def test_an_image_under_the_smallest_side_is_padded_up_to_it(small, tmp_path, shapes):
+    """Proven from 128: a 64x48 image is not refused; it runs padded up to the smallest proven side,
+    and its mask is the image's size."""
+    tiny = image(tmp_path / "tiny.png", 64, 48)
+    result = cli("predict", small, tiny, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert shapes == [(1, 3, 128, 128)]
+    assert Image.open(tmp_path / "o" / "tiny_mask.png").size == (64, 48)
 
 
 def test_a_larger_image_runs_in_tiles_the_envelope_holds(wide, tmp_path, shapes):
@@ -132,8 +144,8 @@ def test_a_model_that_cannot_tile_is_refused_an_image_over_the_envelope(wide, tm
     monkeypatch.setattr(predictor_module, "TILE_HALO", {})
     big = image(tmp_path / "big.png", 700, 600)
     result = cli("predict", wide, big, "--out", tmp_path / "o")
-    one_line_refusal(result, "input 1x3x600x700 is outside the proven envelope (batch 1-4, height 16-512, "
-                     "width 16-512): use height 512, width 512", "--largest 600x700")  # fmt: skip
+    one_line_refusal(result, "input 1x3x600x700 is outside the proven envelope (batch 1-4, height 128-512, "
+                     "width 128-512): use height 512, width 512", "--largest 600x700")  # fmt: skip
     assert shapes == [] and not (tmp_path / "o").exists()
 
 

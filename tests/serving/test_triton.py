@@ -35,6 +35,7 @@ from unet_export.errors import UserError
 from unet_export.fileio import pid_alive, sha256_file
 from unet_export.workdir.manifest import load_manifest, transaction, upsert_artifact
 from unet_export.models.sizes import SizeRule
+from unet_export.parity.envelope import Box, Envelope
 from unet_export.runtimes.base import Runner
 from unet_export.serving import install, repository, triton_model
 from unet_export.serving.client import infer, make_client
@@ -90,8 +91,8 @@ def test_repository_from_the_verified_artefacts(written, demo_workdir):
     assert settings == {"role": "model", "runtime": "onnxruntime", "artifact": "model.onnx", "input": "input",
                         "output": "logits", "threads": 0, "precision_hint": "f32",
                         "size_rule": {"min": 16, "multiple": 1, "offset": 0, "shrink": 0},
-                        "envelope": {"boxes": [{"batch": [1, 8], "height": [16, 256], "width": [16, 256]}],
-                                     "describe": "batch 1-8, height 16-256, width 16-256"}}  # fmt: skip
+                        "envelope": {"boxes": [{"batch": [1, 8], "height": [128, 192], "width": [128, 192]}],
+                                     "describe": "batch 1-8, height 128-192, width 128-192"}}  # fmt: skip
     assert (written / "demo_unet_python/1/model.py").read_text() == Path(triton_model.__file__).read_text()
     record = json.loads((written / RECORD_NAME).read_text())
     assert record["models"]["demo_unet_onnx"]["artifact"]["sha256"] == entries["onnx"]["sha256"]
@@ -108,6 +109,8 @@ def test_pipeline_ensemble_chains_preprocess_model_postprocess(written):
     post = json.loads(found["demo_unet_postprocess"].parameters["unet_export"].string_value)
     assert post["mask_values"] == [0, 128, 255] and post["preprocess"] == {"scale": 1.0, "square": None}
     assert post["threshold"] == 0.0  # the demo model's one output per class is a logit
+    pre = json.loads(found["demo_unet_preprocess"].parameters["unet_export"].string_value)
+    assert pre["smallest"] == post["smallest"] == [128, 128]  # padded up to the proven sides (128-192), as predict
 
 
 def test_the_python_model_runs_the_faster_runtime_measured_here(workdir, tmp_path):
@@ -306,23 +309,29 @@ class _Linear(Runner):
         return y[..., s : y.shape[-2] - s, s : y.shape[-1] - s] if s else y
 
 
-@pytest.mark.parametrize("pp, rule", [
-    ({"scale": 1.0, "square": None}, {"min": 16, "multiple": 1, "offset": 0, "shrink": 0}),
-    ({"scale": 0.5, "square": None}, {"min": 16, "multiple": 16, "offset": 0, "shrink": 0}),
-    ({"scale": 1.0, "square": 96}, {"min": 16, "multiple": 32, "offset": 0, "shrink": 0}),
-    ({"scale": 1.0, "square": None}, {"min": 188, "multiple": 16, "offset": 124, "shrink": 184}),
+@pytest.mark.parametrize("pp, rule, smallest", [
+    ({"scale": 1.0, "square": None}, {"min": 16, "multiple": 1, "offset": 0, "shrink": 0}, None),
+    ({"scale": 0.5, "square": None}, {"min": 16, "multiple": 16, "offset": 0, "shrink": 0}, None),
+    ({"scale": 1.0, "square": 96}, {"min": 16, "multiple": 32, "offset": 0, "shrink": 0}, None),
+    ({"scale": 1.0, "square": None}, {"min": 188, "multiple": 16, "offset": 124, "shrink": 184}, None),
+    # an envelope proven from sides larger than the image: padded up to them, as predict pads it
+    ({"scale": 1.0, "square": None}, {"min": 16, "multiple": 1, "offset": 0, "shrink": 0}, [128, 144]),
+    ({"scale": 1.0, "square": None}, {"min": 188, "multiple": 16, "offset": 124, "shrink": 184}, [332, 348]),
 ])  # fmt: skip
-def test_pipeline_steps_match_predict(tmp_path, pp, rule):
+def test_pipeline_steps_match_predict(tmp_path, pp, rule, smallest):
     """The standalone numpy pre/postprocessing the served pipeline runs gives predict's input and mask."""
     from unet_export.predict import Predictor, predict_classes
 
     image = np.random.default_rng(0).integers(0, 256, (75, 130, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "image.png")
     model = _Linear(rule["shrink"])
+    proven = smallest and Envelope(SizeRule(**rule), 3, (Box((1, 8), (smallest[0], 400), (smallest[1], 400)),))
     with model:
-        expected, _ = predict_classes(Predictor(model, [0, 1, 2], Preprocess(**pp), SizeRule(**rule)), tmp_path / "image.png")
-    settings = {"preprocess": pp, "size_rule": rule}
+        predictor = Predictor(model, [0, 1, 2], Preprocess(**pp), SizeRule(**rule), envelope=proven or None)
+        expected, _ = predict_classes(predictor, tmp_path / "image.png")
+    settings = {"preprocess": pp, "size_rule": rule} | ({"smallest": smallest} if smallest else {})
     x, sizes = triton_model.preprocess_batch(image[None], settings)
+    assert x.shape[-2:] == model.seen[0].shape[-2:] and (not smallest or list(x.shape[-2:]) == smallest)
     assert torch.allclose(torch.from_numpy(x), model.seen[0], atol=1e-6)
     assert sizes.tolist() == [[75, 130, *image_to_tensor(Image.fromarray(image), Preprocess(**pp)).shape[1:]]]
     with model:
@@ -619,8 +628,13 @@ def test_triton_check_serves_the_repository_and_matches_eager(tritonserver, work
     assert result.exit_code == 0, result.output
     assert "not served here demo_unet_onnx: backend 'onnxruntime' is not in this Triton build" in out
     passing = r"demo_unet_python │ (?:http|grpc) │ \S+ │ \S+ │ \S+ │ \S+ │ pass"
-    # 8 inputs (the envelope's 7 probes, seeded, and 1 batch of real images) x 2 protocols
-    assert len(re.findall(passing, out)) == 16, out
+    # 7 inputs x 2 protocols: the envelope's 6 probes at export size 128 (sides 128-192: the export
+    # size, which is also the smallest corner, the largest, tall, wide, non-square, batch 8 at the
+    # smallest corner), seeded, and 1 batch of 4 real images
+    assert len(re.findall(passing, out)) == 14, out
+    inputs = ["1x3x128x128", "1x3x192x192", "1x3x192x128", "1x3x128x192", "1x3x129x161", "8x3x128x128", "4x3x128x128"]
+    for protocol in ("http", "grpc"):
+        assert re.findall(rf"demo_unet_python │ {protocol} │ (\S+) │ \S+ │ \S+ │ \S+ │ pass", out) == inputs, out
     for protocol in ("http", "grpc"):  # 8 images of 128x128, every pixel's value as predict's
         assert f"demo_unet_pipeline │ {protocol} │ 8 │ 131072 │ 0 │ 0 │ 1.000000 │ pass" in out, out
     assert "batch-size must be <= 8 for 'demo_unet_python'" in out and "then answered a valid request: pass" in out, out
@@ -746,13 +760,13 @@ def _eager_logits(workdir: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _assert_served_like_eager(url: str, demo_workdir: Path, seed: int) -> None:
-    x = np.random.default_rng(seed).random((1, 3, 32, 48), dtype=np.float32)
+    x = np.random.default_rng(seed).random((1, 3, 136, 176), dtype=np.float32)  # inside the envelope, not its probes
     status, body = _infer_json(url, "demo_unet_python", "input", x)
     assert status == 200, body
     (output,) = body["outputs"]
     served = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
     expected = _eager_logits(demo_workdir, x)
-    assert served.shape == expected.shape == (1, 3, 32, 48)
+    assert served.shape == expected.shape == (1, 3, 136, 176)
     np.testing.assert_allclose(served, expected, atol=1e-4, rtol=1e-4)
 
 

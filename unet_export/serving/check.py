@@ -20,6 +20,7 @@ from unet_export.checkpoint import build_model, class_mask_values
 from unet_export.data.dataset import image_to_tensor, mask_to_classes, Preprocess
 from unet_export.data.images import load_image, open_image
 from unet_export.errors import UnetExportError, UserError
+from unet_export.inference.predictor import padded_size
 from unet_export.metrics import decision_margin, dice_score
 from unet_export.models import mask_threshold
 from unet_export.models.sizes import SizeRule
@@ -248,8 +249,10 @@ def smallest_side(artifact: dict) -> int:
 
 
 def _inside_images(images: list[Path], model: dict, artifact: dict) -> list[Path]:
-    """The images whose input to the model (preprocessed, padded to the size rule) the envelope holds."""
-    if envelope_of(artifact) is None:
+    """The images whose input to the model (preprocessed, padded to the size rule and up to the
+    smallest proven side, as predict and the pipeline pad it) the envelope holds."""
+    env = envelope_of(artifact)
+    if env is None:
         return images
     pp, rule = Preprocess.from_dict(model.get("preprocess")), SizeRule(**{
         k: v for k, v in artifact["size_rule"].items() if k != "static"})  # fmt: skip
@@ -257,7 +260,7 @@ def _inside_images(images: list[Path], model: dict, artifact: dict) -> list[Path
     for path in images:
         with open_image(path) as img:  # the header: its size
             width, height = pp.size(*img.size)
-        if inside(artifact, 1, rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)):
+        if env.accepts(1, *padded_size(rule, height, width, env)):
             kept.append(path)
     return kept
 
@@ -269,7 +272,7 @@ def pipeline_masks(server: TritonServer, name: str, found: dict, record: dict, n
     artifact = record["models"][step]["artifact"]
     tol = tolerance_from_record(artifact.get("limits"), artifact["precision"])
     images = _inside_images(images, model, artifact)  # the served model refuses the others (a 400)
-    expected = {p: expected_mask(net, model, record["models"][step]["artifact"]["size_rule"], p) for p in images}
+    expected = {p: expected_mask(net, model, artifact["size_rule"], p, envelope_of(artifact)) for p in images}
     cases = []
     for protocol in PROTOCOLS:
         client = make_client(protocol, server.http_url if protocol == "http" else server.grpc_url)

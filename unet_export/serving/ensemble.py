@@ -24,7 +24,7 @@ def pipeline_plans(plans: list[ModelPlan], manifest: dict, name: str, instances:
     rgb = isinstance(values[0], list)
     mask_type = "UINT8" if max(map(max, values) if rgb else values) <= 255 else "UINT16"
     batch = model.config.max_batch_size
-    shared = {"preprocess": _preprocess(record, n_channels), "size_rule": rule}
+    shared = {"preprocess": _preprocess(record, n_channels), "size_rule": rule} | _smallest(model.record["artifact"])
     image = {"name": "IMAGE", "dtype": "UINT8", "dims": [-1, -1, n_channels]}
     size = {"name": "SIZE", "dtype": "INT32", "dims": [4]}
     mask = {"name": "MASK", "dtype": mask_type, "dims": [-1, -1, 3] if rgb else [-1, -1]}
@@ -41,6 +41,16 @@ def pipeline_plans(plans: list[ModelPlan], manifest: dict, name: str, instances:
     steps = f"{pre.name} -> {model.name} -> {post.name}"
     return [pre, post, ModelPlan(ensemble.name, "ensemble", ensemble, {f"{VERSION}/.keep": ""}, {"kind": "ensemble"},
                                  [f"uint8 image -> {mask_type.lower()} mask: {steps}"])]  # fmt: skip
+
+
+def _smallest(artifact: dict) -> dict:
+    """{"smallest": [height, width]}: the smallest sides the model's envelope was proven from, which
+    the pre/postprocessing pad a smaller image up to and crop back from, as predict does
+    (inference.predictor.padded_size); {} where no envelope was recorded (the size rule alone)."""
+    boxes = (artifact.get("envelope") or {}).get("boxes")
+    if not boxes:
+        return {}
+    return {"smallest": [min(box["height"][0] for box in boxes), min(box["width"][0] for box in boxes)]}
 
 
 def _preprocess(record: dict, n_channels: int) -> dict:

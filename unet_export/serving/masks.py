@@ -26,16 +26,17 @@ class _RecordingEager(EagerRunner):
         return self.last
 
 
-def expected_mask(net, model: dict, size_rule: dict, path: Path) -> tuple[np.ndarray, tuple | None]:
+def expected_mask(net, model: dict, size_rule: dict, path: Path, envelope=None) -> tuple[np.ndarray, tuple | None]:
     """(predict's mask for ``path``, (eager's logits at the mask's size, the input that gave them,
-    the model), or None where predict padded or resized them: then no pixel is excused as a tie)."""
+    the model), or None where predict padded or resized them: then no pixel is excused as a tie).
+    ``envelope``: the served artefact's (parity.envelope), which predict pads a small image up to."""
     config = model["config"]
     values = class_mask_values(model.get("mask_values"), config.get("n_classes", 2))
     rule = SizeRule(**{k: v for k, v in size_rule.items() if k != "static"})
     runner = _RecordingEager(net, "cpu")
     # halo None: whole images, as the pipeline runs them (predict tiles only images over 1024 px)
     predictor = Predictor(runner, values, Preprocess.from_dict(model.get("preprocess")), rule,
-                          int(config.get("n_channels", 3)), threshold=mask_threshold(config))  # fmt: skip
+                          int(config.get("n_channels", 3)), threshold=mask_threshold(config), envelope=envelope)  # fmt: skip
     with runner:
         classes, _ = predict_classes(predictor, path)
     if runner.last is None or tuple(runner.last.shape[-2:]) != classes.shape:

@@ -11,7 +11,8 @@ workdir's manifest:
 - preprocess: uint8 (N, H, W, C) images -> the model's input exactly as training prepared it
   (unet_export.data.dataset: bicubic resize or pad-to-square, /255 when any value is above 1, the
   channels reversed if "bgr", (x - mean) / std if "mean"), then mirror-padded to a size the model
-  takes (unet_export.predict.fit_and_run), plus each image's sizes.
+  takes and at least the setting "smallest" [height, width] its envelope was proven from
+  (unet_export.predict.fit_and_run), plus each image's sizes.
 - postprocess: logits -> cropped back, resized to the image (bilinear, as predict does), argmax
   (output > the setting "threshold" for one class: 0 for a logit, 0.5 for a sigmoid output; 0
   in repositories written before it was recorded), milesial's mask_values.
@@ -196,7 +197,7 @@ def preprocess_batch(images: np.ndarray, settings: dict) -> tuple[np.ndarray, np
     for image in images:
         x = prepare_image(image, settings["preprocess"])
         sizes.append([image.shape[0], image.shape[1], x.shape[1], x.shape[2]])
-        inputs.append(pad_to_fit(x, settings["size_rule"]))
+        inputs.append(pad_to_fit(x, settings["size_rule"], settings.get("smallest")))
     return np.ascontiguousarray(np.stack(inputs)), np.asarray(sizes, dtype=np.int32)
 
 
@@ -280,15 +281,19 @@ def describe_rule(rule: dict) -> str:
     return f"{form}, at least {first_size(rule)}"
 
 
-def padding(height: int, width: int, rule: dict) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right), as fit_and_run: half the shrink on the top/left."""
+def padding(height: int, width: int, rule: dict, smallest: list | None = None) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), as fit_and_run: half the shrink on the top/left, and up to the
+    ``smallest`` proven [height, width] (inference.predictor.padded_size: predict pads a small
+    image up to what was proven; the served model refuses anything smaller)."""
     margin = rule["shrink"] // 2
     target_h, target_w = at_least(height + rule["shrink"], rule), at_least(width + rule["shrink"], rule)
+    if smallest:
+        target_h, target_w = max(target_h, smallest[0]), max(target_w, smallest[1])
     return margin, target_h - height - margin, margin, target_w - width - margin
 
 
-def pad_to_fit(x: np.ndarray, rule: dict) -> np.ndarray:
-    top, bottom, left, right = padding(x.shape[1], x.shape[2], rule)
+def pad_to_fit(x: np.ndarray, rule: dict, smallest: list | None = None) -> np.ndarray:
+    top, bottom, left, right = padding(x.shape[1], x.shape[2], rule, smallest)
     if not any((top, bottom, left, right)):
         return x
     mode = "reflect" if max(top, bottom, left, right) < min(x.shape[1:]) else "edge"  # reflect needs pad < size
@@ -320,7 +325,7 @@ def classes_of(logits: np.ndarray, size: np.ndarray, settings: dict) -> np.ndarr
     """(C, H', W') logits of one padded image -> (H, W) class indices at the image's size."""
     image_h, image_w, height, width = (int(v) for v in size)
     rule = settings["size_rule"]
-    top, bottom, left, right = padding(height, width, rule)
+    top, bottom, left, right = padding(height, width, rule, settings.get("smallest"))
     # the output is centred in the padded input (unpadded convs shrink it), as in fit_and_run
     off_y = max(0, top - (height + top + bottom - logits.shape[-2]) // 2)
     off_x = max(0, left - (width + left + right - logits.shape[-1]) // 2)

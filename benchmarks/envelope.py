@@ -19,6 +19,7 @@ Writes benchmarks/results/<date>-envelope-<cpu>.json and .md.
 """
 
 import argparse
+import re
 import datetime
 import json
 import platform
@@ -146,7 +147,8 @@ def markdown(doc: dict) -> str:
             runs = ", ".join(f"{t:.2f}" for t in c["seconds"][name])
             lines.append(f"| {name} | {shapes} | {c['pixels'][name]} | {c['median_s'][name]:.2f} | {runs} |")
         verdict = "met" if c["ratio"] <= 2 else "MISSED"
-        lines += ["", f"Envelope / two shapes: **{c['ratio']:.2f}x** (target at most 2x: {verdict}).", ""]
+        how = f" Command: `{c['meta']['command']}`." if "meta" in c else ""
+        lines += ["", f"Envelope / two shapes: **{c['ratio']:.2f}x** (target at most 2x: {verdict}).{how}", ""]
     if "damage" in doc:
         rows = doc["damage"]
         lines += ["## Damage set: verdicts of the envelope and of the two-shape gate", "",
@@ -158,7 +160,13 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Envelope: **{env['false_passes']} false passes, {env['false_failures']} false failures** "
                   f"(target 0 and 0). Two-shape gate: {old['false_passes']} false passes "
                   f"({'; '.join(old['false_pass_cases']) or 'none'}), {old['false_failures']} false failures.", ""]  # fmt: skip
+        if "meta" in doc["tally"]:
+            lines += [f"Command: `{doc['tally']['meta']['command']}`.", ""]
     return "\n".join(lines)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def main() -> None:
@@ -173,23 +181,23 @@ def main() -> None:
     meta = {"date": datetime.date.today().isoformat(), "cpu": info["name"], "cores": torch.get_num_threads(),
             "python": platform.python_version(), "versions": tool_versions("torch", "onnxruntime", "onnx"),
             "command": "python benchmarks/envelope.py " + " ".join(sys.argv[1:])}  # fmt: skip
-    doc = {"meta": meta}
+    stem = args.out / f"{meta['date']}-envelope-{slug(info['name'])}"
+    # A run of one part keeps the other part of an earlier run of the same day (each is measured
+    # alone, on the same machine); the meta of each part is kept with it.
+    doc = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    doc["meta"] = meta
 
     def log(text: str) -> None:
         print(text, flush=True)
 
     if args.part in ("all", "cost"):
         log("cost:")
-        doc["cost"] = cost(args.reps, log)
+        doc["cost"] = cost(args.reps, log) | {"meta": meta}
     if args.part in ("all", "damage"):
         log("damage:")
         doc["damage"] = damage(args.subjects.split(","), log)
         doc["tally"] = {"envelope": tally(doc["damage"], "envelope_pass"),
-                        "two shapes": tally(doc["damage"], "two_shapes_pass")}  # fmt: skip
-    cpu = "".join(c if c.isalnum() else "-" for c in info["name"].lower()).strip("-")
-    while "--" in cpu:
-        cpu = cpu.replace("--", "-")
-    stem = args.out / f"{meta['date']}-envelope-{cpu}"
+                        "two shapes": tally(doc["damage"], "two_shapes_pass"), "meta": meta}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(doc) + "\n")
     log(f"wrote {stem}.md and .json")

@@ -36,7 +36,7 @@ from unet_export.errors import IntegrityError, UserError
 from unet_export.models import get_spec, mask_threshold
 from unet_export.parity import envelope
 from unet_export.parity.gate import TOLERANCES, Tolerance, compare, exact_runner, tolerance_for
-from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, real_images_for  # noqa: F401
+from unet_export.parity.realimages import image_paths, judged_on_images_only, not_judged, place, real_images_for  # noqa: F401
 from unet_export.runtimes import EagerRunner, Runner
 from unet_export.workdir.lookup import manifest_checkpoint
 from unet_export.workdir.manifest import checked_path, load_manifest, tool_versions
@@ -167,7 +167,15 @@ def bench_batch(cfg: BenchConfig, channels: int, images: list[Path] | None = Non
     tensors = [image_to_tensor(load_image(images[i % len(images)]), pixels) for i in range(cfg.batch)]
     if any(img.shape[0] != channels for img in tensors):
         raise UserError(f"images in {images[0].parent} do not have the model's {channels} channel(s)")
-    return torch.stack([F.interpolate(img[None], (cfg.height, cfg.width), mode="bilinear")[0] for img in tensors])
+    return torch.stack([_sized(img, cfg.height, cfg.width) for img in tensors])
+
+
+def _sized(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """An image at the bench size: mirror-padded up where it is smaller on both sides (as predict
+    pads it: the scale it was trained at), else resized."""
+    if img.shape[-2] <= height and img.shape[-1] <= width:
+        return place(img[None], height, width)[0]
+    return F.interpolate(img[None], (height, width), mode="bilinear")[0]
 
 
 def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Runner, cfg: BenchConfig,
@@ -238,6 +246,7 @@ def benchmark(
     # manifest records; on seeded noise its rows are timed but not judged.
     images, source, why = real_images_for(manifest, None, data, IMAGES_PER_RUN)
     sizes = get_spec(ckpt.architecture).sizes(ckpt.config)
+    given_size = height is not None or width is not None
     height, width = _bench_size(manifest, height, width, images, sizes)
     sizes.check(height, width)
     if batch < 1:
@@ -248,6 +257,8 @@ def benchmark(
     names = backend_names(backends)
     channels = ckpt.config.get("n_channels", 3)
     dev = resolve_device(device)
+    if not given_size:  # images smaller than what was proven run padded up to it, as predict runs them
+        height, width = padded_up(manifest, names, dev, sizes, height, width)
     check_envelopes(manifest, names, (batch, channels, height, width), dev)
     limits = dict(rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice)
     tolerances = {precision: tolerance_for(precision, **limits) for precision in TOLERANCES}
@@ -302,6 +313,21 @@ def check_envelopes(manifest: dict, names: list[str], shape: tuple[int, int, int
         env = envelope.of_entry(entry)
         if env is not None:
             env.check(n, height, width, what=f"--batch/--height/--width: {name} runs {entry['path']}, whose input")
+
+
+def padded_up(manifest: dict, names: list[str], device, sizes, height: int, width: int) -> tuple[int, int]:
+    """The bench size raised to the smallest side every row's artefact was proven at (its
+    envelope), when the images are smaller: predict pads such an image up to it, so that is the
+    shape the artefact runs in use; bench_batch mirror-pads the images there, never rescales."""
+    for name in names:
+        entry = row_entry(manifest, name)
+        if entry is None or entry.get("size_rule", {}).get("static") or (name in CUDA_ROWS and device.type != "cuda"):
+            continue
+        env = envelope.of_entry(entry)
+        if env is not None:
+            height = max(height, min(box.height[0] for box in env.boxes))
+            width = max(width, min(box.width[0] for box in env.boxes))
+    return sizes.at_least(height), sizes.at_least(width)
 
 
 def backend_names(backends: list[str] | None) -> list[str]:

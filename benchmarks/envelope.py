@@ -19,6 +19,7 @@ Writes benchmarks/results/<date>-envelope-<cpu>.json and .md.
 """
 
 import argparse
+import itertools
 import re
 import datetime
 import json
@@ -105,8 +106,9 @@ def damage(subjects: list[str], log) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             path = export(model, "onnx", work / f"{name}.onnx", architecture, size)
-            cases = [("correct", path)] + list(damaged_files(name, model, path, architecture, size, work))
-            cases += list(shape_damages(path, size, env, work))
+            # lazily: damaged_files writes each scaled weight to one file name, judged before the next
+            cases = itertools.chain([("correct", path)], damaged_files(name, model, path, architecture, size, work),
+                                    shape_damages(path, size, env, work))  # fmt: skip
             for label, file in cases:
                 expect = "pass" if label == "correct" else ("either" if "deepest" in label else "fail")
                 verdicts = {}

@@ -67,7 +67,9 @@ def test_an_export_writes_its_verdict_and_gate_numbers(exported):
     assert artifact["format"] == "onnx" and artifact["precision"] == "fp32"
     assert artifact["sha256"] == sha256_file(out / "unet_v3.onnx") and artifact["bytes"] == (out / "unet_v3.onnx").stat().st_size
     cases = artifact["parity"]["cases"]
-    assert [c["shape"] for c in cases] == [[1, 3, 64, 64], [2, 3, 250, 375]]
+    assert [c["shape"] for c in cases] == [[1, 3, 64, 64], [1, 3, 96, 96], [1, 3, 96, 64], [1, 3, 64, 96], [1, 3, 65, 81],
+                                           [8, 3, 64, 64]]  # the envelope's probes (parity.envelope)
+    assert artifact["envelope"]["proven"] and [c["probe"] for c in cases][-1] == "largest batch"
     for case in cases:  # the table's columns: err vs f64, noise floor, x floor, class diff, Dice
         assert 0 < case["max_err_fp64"] <= case["atol"] and case["noise_floor"] > 0
         assert case["floor_ratio"] == pytest.approx(case["max_err_fp64"] / case["noise_floor"])

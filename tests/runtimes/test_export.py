@@ -16,9 +16,14 @@ from unet_export.runtimes.torchscript.export import read_metadata as read_ts_met
 from unet_export.workdir.manifest import load_manifest
 
 
+# The envelope's probes at the 256x256 export (parity.envelope): batch 1-8, sides 256-384.
+ENVELOPE_256 = [(1, 3, 256, 256), (1, 3, 384, 384), (1, 3, 384, 256), (1, 3, 256, 384), (1, 3, 257, 321), (8, 3, 256, 256)]
+
+
 def check_two_size_parity(result):
     shapes = [tuple(case.shape) for case in result.parity.cases]
-    assert shapes == [(1, 3, 256, 256), (2, 3, 250, 375)]
+    assert shapes == ENVELOPE_256
+    assert result.entry["envelope"]["proven"]
     for case in result.parity.cases:
         assert case.max_abs_err <= 1e-4 * max(1.0, case.max_abs_ref)
         assert case.argmax_disagreement == 0.0 and case.passed
@@ -78,7 +83,7 @@ def test_manifest_records_model_and_replaces_own_entry(make_checkpoint, tmp_path
     assert entry["format"] == "onnx" and entry["path"] == "unet_v4.onnx" and entry["precision"] == "fp32"
     assert entry["inputs"][0]["name"] == "input" and entry["outputs"][0]["name"] == "logits"
     assert entry["dynamic_axes"]["input"] == {"0": "batch", "2": "height", "3": "width"}
-    assert entry["parity"]["passed"] is True and len(entry["parity"]["cases"]) == 2
+    assert entry["parity"]["passed"] is True and len(entry["parity"]["cases"]) == len(ENVELOPE_256)
     assert entry["versions"]["torch"] == torch.__version__
     assert entry["versions"]["onnxruntime"] == ort.__version__ and "created" in entry
 

@@ -70,7 +70,11 @@ def test_ir_is_verified_and_both_files_recorded(ir_workdir):
     assert weights["sha256"] == sha256_file(ir_workdir / "demo_unet.bin")
     assert weights["bytes"] == (ir_workdir / "demo_unet.bin").stat().st_size
     assert entry["ir_shapes"]["input"].startswith("[?,3,?,?")  # dynamic batch, height and width
-    assert [c["shape"] for c in entry["parity"]["cases"]] == [[1, 3, HEIGHT, WIDTH], [2, 3, 250, 375]]
+    # the ONNX model's envelope, proven again on the IR (batch 1-8, sides 128-192)
+    assert [c["shape"] for c in entry["parity"]["cases"]] == [
+        [1, 3, HEIGHT, WIDTH], [1, 3, 192, 192], [1, 3, 192, 128], [1, 3, 128, 192], [1, 3, 129, 161], [8, 3, 128, 128]]
+    source = next(a for a in load_manifest(ir_workdir)["artifacts"] if a["format"] == "onnx" and a["precision"] == "fp32")
+    assert entry["envelope"]["proven"] and entry["envelope"]["declared"] == source["envelope"]["declared"]
     assert not [p for p in ir_workdir.iterdir() if ".tmp" in p.name or p.name.endswith(".pending")]
 
 

@@ -300,33 +300,35 @@ def _image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def check_envelopes(manifest: dict, names: list[str], shape: tuple[int, int, int, int], device) -> None:
-    """Before anything is built or timed: a --batch/--height/--width outside the envelope an
-    artefact a row runs was proven on (parity.envelope) is refused in one line naming the row, the
-    artefact and its envelope (exit 2). A static artefact's row says it is unavailable instead
-    (BackendContext.entry); a row that cannot run on this device runs nothing."""
-    n, _, height, width = shape
+def row_envelopes(manifest: dict, names: list[str], device):
+    """(row, entry, envelope) of each row whose artefact recorded an envelope and runs here: a
+    static artefact's row says it is unavailable instead (BackendContext.entry), a row that cannot
+    run on this device runs nothing."""
     for name in names:
         entry = row_entry(manifest, name)
         if entry is None or entry.get("size_rule", {}).get("static") or (name in CUDA_ROWS and device.type != "cuda"):
             continue
         env = envelope.of_entry(entry)
         if env is not None:
-            env.check(n, height, width, what=f"--batch/--height/--width: {name} runs {entry['path']}, whose input")
+            yield name, entry, env
+
+
+def check_envelopes(manifest: dict, names: list[str], shape: tuple[int, int, int, int], device) -> None:
+    """Before anything is built or timed: a --batch/--height/--width outside the envelope an
+    artefact a row runs was proven on (parity.envelope) is refused in one line naming the row, the
+    artefact and its envelope (exit 2)."""
+    n, _, height, width = shape
+    for name, entry, env in row_envelopes(manifest, names, device):
+        env.check(n, height, width, what=f"--batch/--height/--width: {name} runs {entry['path']}, whose input")
 
 
 def padded_up(manifest: dict, names: list[str], device, sizes, height: int, width: int) -> tuple[int, int]:
     """The bench size raised to the smallest side every row's artefact was proven at (its
     envelope), when the images are smaller: predict pads such an image up to it, so that is the
     shape the artefact runs in use; bench_batch mirror-pads the images there, never rescales."""
-    for name in names:
-        entry = row_entry(manifest, name)
-        if entry is None or entry.get("size_rule", {}).get("static") or (name in CUDA_ROWS and device.type != "cuda"):
-            continue
-        env = envelope.of_entry(entry)
-        if env is not None:
-            height = max(height, min(box.height[0] for box in env.boxes))
-            width = max(width, min(box.width[0] for box in env.boxes))
+    for _, _, env in row_envelopes(manifest, names, device):
+        height = max(height, min(box.height[0] for box in env.boxes))
+        width = max(width, min(box.width[0] for box in env.boxes))
     return sizes.at_least(height), sizes.at_least(width)
 
 

@@ -79,13 +79,18 @@ def test_publishing_records_the_references_of_the_gate_inputs(smp_workdir):
     # one file per model: the FP16 export merged its images into the ONNX export's file
     assert sorted(p.name for p in smp_workdir.glob("references.*.npz")) == [record["path"]]
     seeded = [r for r in record["inputs"] if r["source"] == "seeded"]
-    assert [r["shape"] for r in seeded] == [[1, 3, 64, 64], [2, 3, 250, 375]] and all(r["seed"] == 0 for r in seeded)
+    # the envelope's probes of a 64x64 export (batch 1-8, sides 64-96): export size, largest, tall,
+    # wide, non-square, largest batch
+    probes = [[1, 3, 64, 64], [1, 3, 96, 96], [1, 3, 96, 64], [1, 3, 64, 96], [1, 3, 65, 81], [8, 3, 64, 64]]
+    assert [r["shape"] for r in seeded] == probes and all(r["seed"] == 0 for r in seeded)
     images = [r for r in record["inputs"] if r["source"] == "images"]
     assert sum(len(r["samples"]) for r in images) == 8 and images[0]["names"][0] == "synth_0000.png"
+    # only the named real-image batch the FP16 gate ran at the images' own size, not its crops to the probes
+    assert [r["shape"] for r in images] == [[8, 3, 128, 128]] and len(images[0]["names"]) == 8
     # exactly the seeded inputs the gate ran: their hashes are those of seeded_inputs(shapes, 0)
     from unet_export.parity.gate import seeded_inputs
 
-    xs = seeded_inputs([(1, 3, 64, 64), (2, 3, 250, 375)], 0)
+    xs = seeded_inputs([tuple(s) for s in probes], 0)
     assert [r["samples"] for r in seeded] == [[sample_key(s) for s in x] for x in xs]
     with np.load(path, allow_pickle=False) as npz:
         assert npz[f"fp64_{seeded[0]['samples'][0]}"].dtype == np.float64

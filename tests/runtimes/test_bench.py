@@ -290,8 +290,15 @@ def test_real_images_fill_the_batch(workdir, tmp_path):
                        warmup=1, iters=1)  # fmt: skip
     assert report.config["inputs"] == f"3 images from --data {tmp_path / 'data'}"
     assert by_backend(report)["onnxruntime"].status == "ok"
-    # Images are benched at their own size (the model's scale), not rescaled to the export's 64x64 ...
-    assert (report.config["height"], report.config["width"]) == (48, 80)
+    # Images are benched at their own scale, not rescaled to the export's 64x64: their width (80,
+    # inside the proven 64-96) as it is, their height (48, under the envelope's smallest side 64)
+    # mirror-padded up to 64, as predict runs such an image ...
+    assert (report.config["height"], report.config["width"]) == (64, 80)
+    paths = image_paths(tmp_path / "data")
+    own = bench_batch(BenchConfig(batch=3, height=48, width=80), 3, paths)
+    padded = bench_batch(BenchConfig(batch=3, height=64, width=80), 3, paths)
+    assert torch.equal(padded[:, :, 8:56], own)  # the image itself in the middle, not resampled
+    assert torch.equal(padded[:, :, 7], own[:, :, 1]) and torch.equal(padded[:, :, 56], own[:, :, -2])  # mirrored
     # ... unless the user asks for a size.
     sized = benchmark(workdir, backends=["eager"], device="cpu", data=tmp_path / "data", batch=1, height=64,
                       warmup=1, iters=1)  # fmt: skip

@@ -327,8 +327,8 @@ def padded_up(manifest: dict, names: list[str], device, sizes, height: int, widt
     envelope), when the images are smaller: predict pads such an image up to it, so that is the
     shape the artefact runs in use; bench_batch mirror-pads the images there, never rescales."""
     for _, _, env in row_envelopes(manifest, names, device):
-        height = max(height, min(box.height[0] for box in env.boxes))
-        width = max(width, min(box.width[0] for box in env.boxes))
+        low_h, low_w = env.smallest()
+        height, width = max(height, low_h), max(width, low_w)
     return sizes.at_least(height), sizes.at_least(width)
 
 

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from unet_export.api import ExportResult
-from unet_export.parity.gate import ParityReport
+from unet_export.parity.gate import GATE_IMAGES, ParityReport
 
 
 def whole_column(table: Table, header: str, cells, **kwargs) -> None:
@@ -99,5 +99,5 @@ def parity_table(result: ExportResult | ParityReport) -> Table:
 def _input_label(case) -> str:
     label = f" {case.label}" if getattr(case, "label", "") and case.label != "seeded" else ""
     probe = getattr(case, "probe", "")
-    probe = f" {probe}" if probe and not (probe == "gate images" and label) else ""
+    probe = f" {probe}" if probe and not (probe == GATE_IMAGES and label) else ""
     return "x".join(map(str, case.shape)) + label + probe

@@ -25,7 +25,7 @@ from unet_export.models import ModelChoice, get_spec, mask_threshold
 from unet_export.models.sizes import SizeRule
 from unet_export.parity import envelope
 from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for
-from unet_export.parity.realimages import HOW, folder_record, gate_images, probe_images, with_probes
+from unet_export.parity.realimages import HOW, folder_record, gate_and_probes, gate_images, with_probes
 from unet_export.parity.run import run_parity
 from unet_export.runtimes.formats import FORMATS
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET, metadata_json
@@ -38,8 +38,9 @@ from unet_export.workdir.lookup import manifest_checkpoint, onnx_entry
 from unet_export.workdir.manifest import checked_path, load_manifest, set_model, transaction
 from unet_export.workdir.publish import record_artifact
 
-# The non-square envelope probe is deliberately not a multiple of 16 (milesial pads odd sizes).
-SECOND_PARITY_SHAPE = (2, *envelope.ODD)
+# The two-shape gate's second shape (non-square, no multiple of 16), kept in the public API; the
+# gate now checks the envelope's probes (parity_shapes).
+SECOND_PARITY_SHAPE = (2, 250, 375)
 
 
 @dataclass
@@ -184,14 +185,14 @@ def export_fp16_onnx(workdir: str | Path = "exports", *, fp32_layers: list[str] 
     dest = workdir / Path(source["path"]).with_suffix(".fp16.onnx").name
     entry = {"format": "onnx", "path": dest.name, "precision": "fp16", "export_size": source["export_size"],
              "size_rule": source["size_rule"]}  # fmt: skip
-    inputs, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
-    inputs, probes, env = with_probes(inputs, inherit_envelope(entry, source))
+    gate, entry["real_images"] = gate_images(manifest, entry, data)  # before anything is written
+    inputs, probes, env = with_probes(gate, inherit_envelope(entry, source))
     recording = references.images(entry["real_images"])
     with publish.staged(dest, publish.estimated_bytes(net), "FP16 ONNX") as staged:
         entry |= convert_onnx_fp16(checked_path(workdir, source), staged, fp32_layers)
         parity = run_parity(entry, workdir, net, dev, inputs, tol, path=staged, probes=probes,
                             threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
-        keep_named(recording, sum(p == "gate images" for p in probes) if probes else len(inputs))
+        keep_named(recording, len(gate))
         record_envelope(entry, env, parity)
         with transaction(workdir) as current:
             publish.same_model(current, manifest, workdir)
@@ -278,8 +279,7 @@ def build_trt(
         dev = torch.device("cuda")
         # FP16: the real images as they come, then cropped or mirrored to every probe; FP32: seeded probes.
         if real:
-            extra, labels = probe_images(real, env, tuple(source["export_size"]))
-            inputs, labels = real + extra, ["gate images"] * len(real) + labels
+            inputs, labels = gate_and_probes(real, env, tuple(source["export_size"]))
         else:
             probes = env.probes(tuple(source["export_size"]))
             inputs, labels = seeded_inputs([p.shape for p in probes], seed), [p.label for p in probes]

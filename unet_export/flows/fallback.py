@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from unet_export.errors import require
+from unet_export.parity.gate import GATE_IMAGES
 from unet_export.runtimes.onnx.layers import flag_name, label
 
 DEFAULT_BUDGET_S = 180.0
@@ -79,7 +80,7 @@ def step_numbers(parity, accuracy: dict | None) -> dict:
     Dice vs eager (on the whole images, as the gate judges it), and Dice vs ground truth when
     there are masks."""
     cases = parity.cases
-    whole = [c for c in cases if c.probe in ("", "gate images")]  # Dice is judged on whole images only
+    whole = [c for c in cases if c.probe in ("", GATE_IMAGES)]  # Dice is judged on whole images only
     return {"passed": parity.passed, "failures": parity.failures()[:2],
             "class_change": max((c.argmax_disagreement for c in cases), default=None),
             "dice_vs_eager": min((c.dice_vs_eager for c in whole), default=None),

@@ -24,7 +24,7 @@ from unet_export.errors import UnetExportError, UserError
 from unet_export.fileio import sha256_file
 from unet_export.metrics import center_crop, dice_score, logits_to_mask
 from unet_export.models import get_spec, mask_threshold
-from unet_export.parity.gate import ParityReport, Tolerance, compare, judge_alone, probe_tolerance
+from unet_export.parity.gate import GATE_IMAGES, ParityReport, Tolerance, judge_input
 from unet_export.parity.realimages import IMAGES_PER_BATCH, probe_images
 from unet_export.runtimes import EagerRunner
 from unet_export.workdir.runners import artifact_runner
@@ -195,16 +195,12 @@ def judge(entry: dict, workdir: Path, staged: Path, gates: GateSet, tol: Toleran
     try:
         with runner:
             for (x, ref, ref64, masks), probe in zip(gates.batches, gates.labels):
-                out = runner.infer(x).float().cpu()
-                case_tol = probe_tolerance(tol) if probe else tol
-                case = compare(out, ref, case_tol, exact=ref64, threshold=gates.threshold)
-                case.shape, case.probe = list(x.shape), probe or ("gate images" if gates.probes else "")
-                if len(x) > 1 and case.max_abs_err == case.max_abs_err:  # compared: batch invariance too
-                    judge_alone(case, out, [runner.infer(x[i : i + 1]) for i in range(len(x))], case_tol, ref64,
-                                gates.threshold)  # fmt: skip
+                # "" (no envelope) or the gate's whole images: the full gate; a probe: probe_tolerance
+                label = probe or (GATE_IMAGES if gates.probes else "")
+                case, out = judge_input(runner, x, ref, ref64, tol, gates.threshold, label)
                 cases.append(case)
                 if masks is not None:
-                    total += mask_dice(out, masks, gates.n_classes, gates.threshold) * len(x)
+                    total += mask_dice(out.float().cpu(), masks, gates.n_classes, gates.threshold) * len(x)
     except UnetExportError:
         raise
     except Exception as exc:  # the artefact would not run: a verification failure, as in parity.run.run_parity

@@ -117,8 +117,8 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
     ):
         entry = inherit_envelope(ir_entry(dest, precision, source, {}), source)
         if fp16:  # reduced precision is judged on real images only
-            inputs, entry["real_images"] = gate_images(manifest, entry, data)
-            inputs, probes, env = with_probes(inputs, entry)
+            gate, entry["real_images"] = gate_images(manifest, entry, data)
+            inputs, probes, env = with_probes(gate, entry)
             recording = references.images(entry["real_images"])
         else:
             inputs, probes, env = _seeded_probes(source, entry, seed)
@@ -126,7 +126,7 @@ def export_openvino(weights: str | Path | None = None, workdir: str | Path = "ex
         entry |= convert_onnx(workdir / source["path"], staged, fp16=fp16)
         parity = run_parity(entry, workdir, net, "cpu", inputs, tol, path=staged, probes=probes,
                             threshold=mask_threshold(manifest["model"]["config"]), capture=recording.batches)
-        keep_named(recording, sum(p in ("", "gate images") for p in probes) if probes else len(inputs))
+        keep_named(recording, len(gate) if fp16 else len(inputs))  # a seeded recording is kept whole
         record_envelope(entry, env, parity)
         with transaction(workdir) as current:
             finish_pending_weights(workdir, current)

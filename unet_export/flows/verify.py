@@ -21,14 +21,14 @@ from unet_export.device import device_info, resolve_device
 from unet_export.errors import EagerUnavailable, IntegrityError, UserError
 from unet_export.models import mask_threshold
 from unet_export.parity import envelope
-from unet_export.parity.gate import ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
+from unet_export.parity.gate import GATE_IMAGES, ParityReport, seeded_inputs, tolerance_for, tolerance_from_record
 from unet_export.parity.realimages import (
     IMAGES,
     fitted,
     image_batches,
     judged_on_images_only,
     not_judged,
-    probe_images,
+    gate_and_probes,
     real_images_for,
 )
 from unet_export.parity.run import run_parity
@@ -180,12 +180,12 @@ def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tupl
         if not verdict.reason:
             verdict.status, verdict.reason = "unreferenced", _unreferenced(stand_in, entry, reduced)
             return verdict
-    real_probes = None
+    real_probes = [GATE_IMAGES] * len(real_inputs)
     if env is not None and reduced and stand_in is None:  # the envelope again, on the real images
-        extra, labels = probe_images(real_inputs, env, tuple(entry["export_size"]))
-        real_inputs, real_probes = real_inputs + extra, ["gate images"] * len(real_inputs) + labels
+        real_inputs, real_probes = gate_and_probes(real_inputs, env, tuple(entry["export_size"]))
     labels = ["seeded"] * len(seeded) + ["images"] * len(real_inputs)
-    probes = _probe_labels(seeded, seeded_probes, real_inputs, real_probes) if env is not None else None
+    # the seeded probes (none left when recorded references could not hold them), then the images
+    probes = seeded_probes[: len(seeded)] + real_probes if env is not None else None
     try:
         verdict.parity = run_parity(entry, workdir, net, dev, seeded + real_inputs, tol,
                                     threshold=mask_threshold(model["config"]), probes=probes,
@@ -212,12 +212,6 @@ def _seeded_shapes(entry: dict, env, recorded: dict, channels: int) -> tuple[lis
         return [p.shape for p in probes], [p.label for p in probes]
     shapes = [tuple(case["shape"]) for case in recorded.get("cases", []) if case.get("label") != "images"]
     return shapes or [(1, channels, *entry["export_size"])], None
-
-
-def _probe_labels(seeded: list, seeded_probes: list[str] | None, real: list, real_probes: list[str] | None) -> list[str]:
-    """One envelope label per input: the seeded probes', then the real images' (the gate's own
-    images, or, without probes on them, their size checked as it comes)."""
-    return (seeded_probes or [""] * len(seeded))[: len(seeded)] + (real_probes or ["gate images"] * len(real))
 
 
 def _recorded_inputs(recorded: Recorded, seeded: list, real: list) -> tuple[list, list, str]:

@@ -104,8 +104,8 @@ def padded_size(rule: SizeRule, height: int, width: int, envelope=None) -> tuple
     padded up to what was proven rather than refused)."""
     h, w = rule.at_least(height + rule.shrink), rule.at_least(width + rule.shrink)
     if envelope is not None:
-        h = max(h, min(box.height[0] for box in envelope.boxes))
-        w = max(w, min(box.width[0] for box in envelope.boxes))
+        low_h, low_w = envelope.smallest()
+        h, w = max(h, low_h), max(w, low_w)
     return h, w
 
 

@@ -5,14 +5,15 @@ accepts between a smallest and a largest (one box; a TensorRT engine has one per
 profile). Two shapes inside it prove little: engines that are right at the optimisation shape and
 wrong at another width, models that match at batch 1 and differ at batch 2, are what users of
 these tools report. So the gate checks the box at its corners and edges (``probes``): the
-smallest and largest accepted height and width, a tall and a wide corner, a non-square size off
-the usual multiples, batch 1 and the largest batch (whose output must equal each image run
-alone: any batch of more than one image is checked so), and it makes sure a shape just outside is refused (``refusals``), naming the nearest
-accepted sizes, instead of running unproven. ``predict``, ``triton`` and ``unet-bench`` refuse a
-shape outside what was proven the same way (``Envelope.check``).
+export size, the largest, tall and wide corners, a non-square size off the usual multiples and
+the largest batch at the smallest corner (every batch of more than one image is also run image by
+image: its output must equal each image alone), and it makes sure a shape just outside is refused
+(``refusals``), naming the nearest accepted sizes, instead of running unproven. ``predict``,
+``triton`` and ``unet-bench`` refuse a shape outside what was proven the same way
+(``Envelope.check``, ``batch_for``).
 
-The cost stays near the two-shape gate's: the big corner runs one image, the largest batch runs
-at a small size.
+The big corner runs one image: its float64 reference is what the gate costs
+(benchmarks/envelope.py: 1.09x the two-shape gate on the demo).
 """
 
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ DEFAULT_MAX_BATCH = 8  # Triton's default max_batch_size here, and unet-bench's 
 # up to the smallest proven side anyway. The largest corner's float64 reference is what the gate
 # costs (benchmarks/envelope.py). --smallest/--largest declare more, and prove it.
 DEFAULT_SIZE_RANGE = (1.0, 1.5)
-ODD = (250, 375)  # the old second gate shape: non-square, no multiple of 16 (SECOND_PARITY_SHAPE)
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,10 @@ def _span(pair: tuple[int, int]) -> str:
 
 @dataclass(frozen=True)
 class Probe:
-    """One shape the envelope is checked at. ``alone``: its output must equal each image run alone."""
+    """One shape the envelope is checked at, and what it checks ("largest", "largest batch", ...)."""
 
     label: str
     shape: tuple[int, int, int, int]
-
-    @property
-    def alone(self) -> bool:
-        return self.shape[0] > 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +73,14 @@ class Envelope:
 
     def accepts(self, n: int, h: int, w: int) -> bool:
         return self.rule.accepts(h) and self.rule.accepts(w) and any(b.contains(n, h, w) for b in self.boxes)
+
+    def smallest(self) -> tuple[int, int]:
+        """The smallest proven height and width: predict, the Triton pipeline and unet-bench pad a
+        smaller image up to them."""
+        return min(b.height[0] for b in self.boxes), min(b.width[0] for b in self.boxes)
+
+    def largest_batch(self) -> int:
+        return max(b.batch[1] for b in self.boxes)
 
     def describe(self) -> str:
         boxes = " or ".join(b.describe() for b in self.boxes)
@@ -147,7 +151,7 @@ class Envelope:
 
     def to_dict(self) -> dict:
         return {"boxes": [b.to_dict() for b in self.boxes], "channels": self.channels,
-                "size_rule": {k: v for k, v in vars(self.rule).items()}}  # fmt: skip
+                "size_rule": self.rule.to_dict()}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> "Envelope":
@@ -202,6 +206,19 @@ def parse_size(text: str, option: str = "--largest") -> tuple[int, int]:
         raise UserError(f"{option} {text!r} is not HxW (or one side) in positive integers, e.g. 512x768")
     sizes = [int(p) for p in parts]
     return (sizes[0], sizes[-1])
+
+
+def batch_for(env: "Envelope | None", requested: int | None, default: int, option: str, path: str) -> int:
+    """The batch a command runs an artefact at: ``requested`` (``option``), by default ``default``
+    or the largest proven batch if smaller; more than that is refused (exit 2), naming the
+    envelope: the artefact would run batches it was never checked at. No envelope: as asked."""
+    largest = None if env is None else env.largest_batch()
+    if requested is None:
+        return min(default, largest or default)
+    if largest is not None and requested > largest:
+        raise UserError(f"{option} {requested} is more than {path} was proven at ({env.describe()}): "
+                        f"give {option} {largest} or less, or export it with --max-batch {requested}")  # fmt: skip
+    return requested
 
 
 def of_entry(entry: dict) -> Envelope | None:

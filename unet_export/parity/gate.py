@@ -298,7 +298,6 @@ def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], 
     images at a probe other than the gate's own ("gate images") are judged by probe_tolerance.
     Every batch of more than one image is also run image by image (batch invariance)."""
     exact = exact or exact_runner(reference)
-    at_probe = probe_tolerance(tol)
     cases = []
     # A float64 runner made here, or handed over inactive, lives for this check only.
     with exact if exact is not None and not exact.is_active else nullcontext():
@@ -307,18 +306,28 @@ def check_parity(runner: Runner, reference: Runner, inputs: list[torch.Tensor], 
             ref64 = _exact_logits(exact, x) if exact is not None else None
             if capture is not None:
                 capture.append((x, ref, ref64))
-            out = runner.infer(x)
-            probe = probes[i] if probes else ""
-            case_tol = at_probe if probe not in ("", "gate images") else tol
-            case = compare(out, ref, case_tol, exact=ref64, threshold=threshold)
-            case.shape = list(x.shape)  # report the input shape, which is what a user chose
-            case.probe = probe
-            if x.shape[0] > 1 and case.max_abs_err == case.max_abs_err:  # compared (not NaN): outputs line up
-                judge_alone(case, out, [runner.infer(x[j : j + 1]) for j in range(x.shape[0])], case_tol, ref64,
-                            threshold)  # fmt: skip
+            case, _ = judge_input(runner, x, ref, ref64, tol, threshold, probes[i] if probes else "")
             cases.append(case)
     return ParityReport(runner=f"{runner.name} ({runner.describe()})", tolerance=tol.name, cases=cases,
                         limits=tol.to_dict())  # fmt: skip
+
+
+GATE_IMAGES = "gate images"  # the probe label of the real images a reduced-precision gate runs whole
+
+
+def judge_input(runner: Runner, x: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor | None, tol: Tolerance,
+                threshold: float, probe: str = "") -> tuple[CaseResult, torch.Tensor]:  # fmt: skip
+    """One input of a gate (check_parity, the INT8 judge): (its case, the runner's output). The
+    output is judged against the reference by ``tol`` or, at an envelope probe other than whole
+    images, by probe_tolerance; the case keeps the input's shape and ``probe``; a batch of more
+    than one image is also run image by image (judge_alone)."""
+    out = runner.infer(x)
+    case_tol = tol if probe in ("", GATE_IMAGES) else probe_tolerance(tol)
+    case = compare(out, ref, case_tol, exact=ref64, threshold=threshold)
+    case.shape, case.probe = list(x.shape), probe  # the input shape, which is what a user chose
+    if x.shape[0] > 1 and case.max_abs_err == case.max_abs_err:  # compared (not NaN): outputs line up
+        judge_alone(case, out, [runner.infer(x[j : j + 1]) for j in range(x.shape[0])], case_tol, ref64, threshold)
+    return case, out
 
 
 def judge_alone(case: CaseResult, batch: torch.Tensor, alone: list[torch.Tensor], tol: Tolerance,
@@ -342,14 +351,14 @@ def judge_alone(case: CaseResult, batch: torch.Tensor, alone: list[torch.Tensor]
         tie_bound = case.atol if case.atol is not None else FP32.allowed(case.noise_floor or 0.0, scale)
         differ &= decision_margin(target, threshold) > 2 * tie_bound
     share = differ.sum().item() / differ.numel()
-    case.alone = {"max_abs_diff": diff, "allowed": case.atol, "class_change": share}
+    failure = ""
     if case.atol is not None and diff > case.atol:
-        case.failures.append(f"batch {batch.shape[0]} differs from each image run alone: max |diff| {diff:.3g} > "
-                             f"{case.atol:.3g}, the bound this input is judged by")  # fmt: skip
+        failure = f"max |diff| {diff:.3g} > {case.atol:.3g}, the bound this input is judged by"
     elif case.atol is None and share > tol.max_disagreement:
-        case.failures.append(f"batch {batch.shape[0]} differs from each image run alone: {share:.4%} of pixels "
-                             f"change class (allowed {tol.max_disagreement:.4%})")  # fmt: skip
-    case.alone["passed"] = not any("run alone" in f or "image by image" in f for f in case.failures)
+        failure = f"{share:.4%} of pixels change class (allowed {tol.max_disagreement:.4%})"
+    case.alone = {"max_abs_diff": diff, "allowed": case.atol, "class_change": share, "passed": not failure}
+    if failure:
+        case.failures.append(f"batch {batch.shape[0]} differs from each image run alone: {failure}")
 
 
 def _exact_logits(exact: Runner, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from unet_export.errors import UserError
 from unet_export.fileio import sha256_file
 from unet_export.models.sizes import SizeRule
 from unet_export.parity import envelope
+from unet_export.parity.gate import GATE_IMAGES
 from unet_export.runtimes.tensorrt.plan import entry_profiles
 from unet_export.text import counted
 
@@ -192,8 +193,14 @@ def with_probes(batches: list[torch.Tensor], entry: dict) -> tuple[list[torch.Te
     env = envelope.of_entry(entry)
     if env is None:
         return batches, None, None
-    extra, labels = probe_images(batches, env, tuple(entry["export_size"]))
-    return batches + extra, ["gate images"] * len(batches) + labels, env
+    return *gate_and_probes(batches, env, tuple(entry["export_size"])), env
+
+
+def gate_and_probes(batches: list[torch.Tensor], env, export_size: tuple[int, int]) -> tuple[list[torch.Tensor], list[str]]:
+    """The gate's real-image batches, then the same images at the envelope's probes, and the
+    label of each (GATE_IMAGES for the gate's own)."""
+    extra, labels = probe_images(batches, env, export_size)
+    return batches + extra, [GATE_IMAGES] * len(batches) + labels
 
 
 def probe_images(batches: list[torch.Tensor], env, export_size: tuple[int, int]) -> tuple[list[torch.Tensor], list[str]]:

@@ -14,6 +14,7 @@ from unet_export.data.images import open_image
 from unet_export.errors import UserError
 from unet_export.fileio import sweep_stale_temps
 from unet_export.inference.predictor import padded_size, proven_fit, proven_tile
+from unet_export.parity.envelope import batch_for
 from unet_export.predict.choose import open_model
 from unet_export.predict.inputs import Job, collect_jobs
 from unet_export.predict.local import DEFAULT_BATCH, PredictOptions, run_local
@@ -70,15 +71,8 @@ def batch_size(predictor, requested: int | None) -> int:
     larger than that is refused (exit 2): the artefact is not run on batches it was not proven at."""
     if predictor.fixed_batch:
         return predictor.fixed_batch
-    env = predictor.envelope
-    largest = None if env is None else max(box.batch[1] for box in env.boxes)
-    if requested is None:
-        return min(DEFAULT_BATCH, largest or DEFAULT_BATCH)
-    if largest is not None and requested > largest:
-        raise UserError(f"--batch-size {requested} is more than {predictor.entry['path']} was proven at "
-                        f"({env.describe()}): give --batch-size {largest} or less, or export it with "
-                        f"--max-batch {requested}")  # fmt: skip
-    return requested
+    path = predictor.entry["path"] if predictor.entry else ""
+    return batch_for(predictor.envelope, requested, DEFAULT_BATCH, "--batch-size", path)
 
 
 def check_inside(predictor, jobs: list[Job], max_pixels: int | None) -> None:

@@ -6,6 +6,7 @@ from unet_export.checkpoint import class_mask_values
 from unet_export.data.dataset import Preprocess
 from unet_export.errors import UserError
 from unet_export.models import mask_threshold
+from unet_export.parity.envelope import Envelope
 from unet_export.serving import configs
 from unet_export.serving.configs import ENSEMBLE, PYTHON, VERSION
 from unet_export.serving.plan import MODEL_SOURCE, ModelPlan
@@ -47,10 +48,8 @@ def _smallest(artifact: dict) -> dict:
     """{"smallest": [height, width]}: the smallest sides the model's envelope was proven from, which
     the pre/postprocessing pad a smaller image up to and crop back from, as predict does
     (inference.predictor.padded_size); {} where no envelope was recorded (the size rule alone)."""
-    boxes = (artifact.get("envelope") or {}).get("boxes")
-    if not boxes:
-        return {}
-    return {"smallest": [min(box["height"][0] for box in boxes), min(box["width"][0] for box in boxes)]}
+    record = artifact.get("envelope")
+    return {"smallest": list(Envelope.from_dict(record).smallest())} if record else {}
 
 
 def _preprocess(record: dict, n_channels: int) -> dict:

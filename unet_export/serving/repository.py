@@ -23,7 +23,7 @@ from pathlib import Path
 
 from unet_export.errors import UserError
 from unet_export.fileio import ensure_free_space, pid_alive, sha256_file, write_json
-from unet_export.parity.envelope import DEFAULT_MAX_BATCH, of_entry
+from unet_export.parity.envelope import DEFAULT_MAX_BATCH, batch_for, of_entry
 from unet_export.runtimes.openvino.runner import HINTS
 from unet_export.runtimes.tensorrt.plan import entry_profiles
 from unet_export.serving import configs
@@ -137,13 +137,7 @@ def proven_batch(entry: dict, max_batch: int | None) -> int:
     at. A static artefact takes no batch dimension (max_batch_size 0); an entry without an
     envelope record keeps --max-batch as it is."""
     env = None if entry.get("size_rule", {}).get("static") else of_entry(entry)
-    largest = None if env is None else max(box.batch[1] for box in env.boxes)
-    if max_batch is None:
-        return min(DEFAULT_MAX_BATCH, largest or DEFAULT_MAX_BATCH)
-    if largest is not None and max_batch > largest:
-        raise UserError(f"--max-batch {max_batch} is more than {entry['path']} was proven at ({env.describe()}): "
-                        f"give --max-batch {largest} or less, or export it with --max-batch {max_batch}")  # fmt: skip
-    return max_batch
+    return batch_for(env, max_batch, DEFAULT_MAX_BATCH, "--max-batch", entry["path"])
 
 
 def _artifact_record(entry: dict) -> dict:

@@ -130,12 +130,15 @@ def test_openvino_auto_finds_the_set_without_accuracy_control(outlier, tmp_path)
     assert result.exit_code == 0, result.output
     art = entry(out, "openvino")
     q = art["quantization"]
-    assert q["attempts"][0]["passed"] is False and not q["accuracy_control"]
+    # first the recipes that keep no layer in FP32, each failing; the search starts from the last
+    assert [a["name"] for a in q["attempts"]] == ["default", "mixed preset", "mixed preset, full bias correction"]
+    assert not any(a["passed"] for a in q["attempts"]) and not q["accuracy_control"]
+    assert q["preset"] == "mixed" and q["bias_correction"] == "full"
     search = q["search"]
     outlier_layer, writer = f"{OUTLIER_LAYER} (node_convolution_3)", f"{WRITER} (node_Conv_317)"
     # the outlier layer and the convolution that writes its input ranked first, and both kept;
-    # how many more the envelope probes need (6 in all on the reference machine, over the target
-    # of 3) is a measured outcome: benchmarks/fallback.py and its results hold the target, not this test
+    # how many more the envelope probes need (1 more on the reference machine: 3 in all, the
+    # target) is a measured outcome: benchmarks/fallback.py and its results hold the target
     assert [r["layer"] for r in search["ranked"][:2]] == [outlier_layer, writer]
     assert search["found"] and {outlier_layer, writer} <= set(search["found"])
     assert art["status"] == "verified" and q["worked"] == "auto" and art["accuracy"]["passed"]

@@ -97,6 +97,9 @@ def test_the_check_sends_only_shapes_inside_the_envelope(tmp_path):
     assert check.inside(artifact, 2, 64, 128) and not check.inside(artifact, 3, 64, 64)
     assert not check.inside(artifact, 1, 129, 64) and check.inside({**artifact, "envelope": None}, 9, 999, 999)
     assert check.smallest_side(artifact) == 64 and check.smallest_side({**artifact, "envelope": None}) == 16
+    # an engine's profiles, the first one not the smallest: the least square side any of them holds
+    profiles = Envelope(SizeRule(), 3, (Box((1, 1), (512, 512), (640, 640)), Box((1, 8), (96, 256), (80, 256))))
+    assert check.smallest_side({**artifact, "envelope": profiles.to_dict()}) == 96
     images = sorted((DEMO_VAL / "imgs").iterdir())[:3]  # 128x128: inside
     Image.open(images[0]).resize((200, 100)).save(tmp_path / "wide.png")
     model = {"config": {"n_channels": 3}, "preprocess": None}

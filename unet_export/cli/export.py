@@ -351,7 +351,8 @@ def int8_cmd(
         Fallback,
         typer.Option(
             help="When the default quantisation fails the gate: presets = try the mixed preset, FP32 ends and bias "
-            "correction in turn; auto = search for the fewest convolutions to keep in FP32, judged by the gate; "
+            "correction in turn; auto = the recipes that keep no layer in FP32 (OpenVINO: mixed preset, full bias "
+            "correction), then search for the fewest convolutions to keep in FP32, judged by the gate; "
             "none = the default only.",
         ),
     ] = Fallback.presets,

@@ -299,7 +299,7 @@ def build_trt(
 
 def engine_envelope(source: dict, profiles: list[Profile]) -> envelope.Envelope:
     """What an engine built from the ONNX entry ``source`` declares: one box per profile."""
-    rule = SizeRule(**{k: v for k, v in source["size_rule"].items() if k != "static"})
+    rule = SizeRule.from_record(source["size_rule"])
     channels = int(source["inputs"][0]["shape"][1])
     return envelope.declared(rule, channels, tuple(source["export_size"]), profiles=[p.to_dict() for p in profiles])
 

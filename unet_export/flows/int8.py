@@ -72,6 +72,13 @@ ATTEMPTS = {
         Attempt("first and last conv in FP32", "mixed", True, None),
     ],
 }
+# --fallback auto: first the recipes that keep no convolution in FP32 (they cost quantisation
+# time, never speed), then the search for FP32 layers from the last of them. NNCF's full bias
+# correction is one: on the outlier model it passes the gate alone (benchmarks/fallback.py).
+FREE_ATTEMPTS = {
+    "openvino": [*ATTEMPTS["openvino"][:2], Attempt("mixed preset, full bias correction", "mixed", False, False)],
+    "onnxruntime": ATTEMPTS["onnxruntime"][:1],
+}
 
 
 def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir: str | Path = "exports", *, val: str | Path | None = None,
@@ -84,8 +91,8 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
     and IR they start from are exported (and verified) first if ``workdir`` lacks them. Every
     input is checked before anything is written. ``on_result`` sees each ExportResult
     (prerequisites included) as it lands. ``fallback``: "presets" (True) tries ATTEMPTS in turn,
-    "auto" searches for FP32 layers within ``fallback_budget`` seconds (NNCF's accuracy control is
-    then left to the search), "none" (False) the default only; ``fp32_layers`` (globs on module
+    "auto" tries FREE_ATTEMPTS, then searches for FP32 layers within ``fallback_budget`` seconds
+    (NNCF's accuracy control is then left to the search), "none" (False) the default only; ``fp32_layers`` (globs on module
     path, node name or op type) stay FP32 in every attempt."""
     mode = {True: "presets", False: "none"}.get(fallback, fallback)
     if mode not in FALLBACKS:
@@ -122,7 +129,8 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
             quantizer = _nncf(workdir, sources, images, gates, max_dice_drop, control=mode != "auto")
         else:
             quantizer = OrtQuantizer(workdir / sources["onnx"]["path"], sources["onnx"]["inputs"][0]["name"], images)
-        attempts = [replace(a, fp32=kept) for a in (ATTEMPTS[name] if mode == "presets" else ATTEMPTS[name][:1])]
+        ladder = {"presets": ATTEMPTS, "auto": FREE_ATTEMPTS}.get(mode, {name: ATTEMPTS[name][:1]})[name]
+        attempts = [replace(a, fp32=kept) for a in ladder]
         budget = fallback_budget if mode == "auto" else None
         try:
             results.append(

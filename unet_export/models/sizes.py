@@ -3,7 +3,7 @@
 milesial pads at run time (any size >= 16); plain U-Nets need multiples of 16; a ResNet-50
 encoder multiples of 32; the unpadded 2015 U-Net 188, 204, 220, ... (16k + 124, k >= 4)."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from unet_export.errors import UserError
 
@@ -52,3 +52,9 @@ class SizeRule:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SizeRule":
+        """The rule a manifest's ``size_rule`` holds: its own fields only (the record also holds
+        ``static``, which is the artefact's, not the model's)."""
+        return cls(**{f.name: int(record[f.name]) for f in fields(cls) if f.name in record})

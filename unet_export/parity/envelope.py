@@ -155,7 +155,7 @@ class Envelope:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Envelope":
-        rule = SizeRule(**{k: v for k, v in data["size_rule"].items() if k in ("min", "multiple", "offset", "shrink")})
+        rule = SizeRule.from_record(data["size_rule"])
         return cls(rule, int(data["channels"]), tuple(Box.from_dict(b) for b in data["boxes"]))
 
 

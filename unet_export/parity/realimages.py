@@ -165,13 +165,13 @@ def takes_size(entry: dict, height: int, width: int) -> bool:
     """Whether a dynamic artefact runs images at their own size: judged at the scale the model
     was trained on, not rescaled to the export size (reduced precision on rescaled images is a
     false alarm; see bench.run._bench_size)."""
-    rule = {k: v for k, v in entry.get("size_rule", {}).items() if k in ("min", "multiple", "offset", "shrink")}
-    if entry.get("size_rule", {}).get("static") or not rule:
+    record = entry.get("size_rule") or {}
+    if record.get("static") or not record:
         return False
     profiles = entry_profiles(entry)
     if profiles and not _held(profiles, height, width):  # a TensorRT engine: inside one of its profiles
         return False
-    sizes = SizeRule(**rule)
+    sizes = SizeRule.from_record(record)
     return sizes.accepts(height) and sizes.accepts(width)
 
 

@@ -220,7 +220,7 @@ def _real_batch(images: list[Path], model: dict, artifact: dict, limit: int) -> 
     pp = Preprocess.from_dict(model.get("preprocess"))
     tensors = [image_to_tensor(load_image(p, n_channels), pp, n_channels) for p in images]
     same = [t for t in tensors if t.shape == tensors[0].shape][: min(4, limit)]
-    rule = SizeRule(**{k: v for k, v in artifact["size_rule"].items() if k != "static"})
+    rule = SizeRule.from_record(artifact["size_rule"])
     height, width = same[0].shape[-2:]
     while len(same) > 1 and not inside(artifact, len(same), height, width):  # at most the proven batch
         same.pop()
@@ -241,11 +241,13 @@ def inside(artifact: dict, n: int, height: int, width: int) -> bool:
 
 def smallest_side(artifact: dict) -> int:
     """The smallest side the model takes and (where recorded) was proven at, for a small request."""
-    rule = SizeRule(**{k: v for k, v in artifact["size_rule"].items() if k != "static"})
+    rule = SizeRule.from_record(artifact["size_rule"])
     env = envelope_of(artifact)
     if env is None:
         return rule.first()
-    return rule.at_least(max(rule.first(), env.boxes[0].height[0], env.boxes[0].width[0]))
+    # each box's smallest square (a TensorRT engine has a box per profile): the least one it holds
+    sides = [rule.at_least(max(rule.first(), b.height[0], b.width[0])) for b in env.boxes]
+    return min([s for s in sides if env.accepts(1, s, s)] or sides)
 
 
 def _inside_images(images: list[Path], model: dict, artifact: dict) -> list[Path]:
@@ -254,8 +256,7 @@ def _inside_images(images: list[Path], model: dict, artifact: dict) -> list[Path
     env = envelope_of(artifact)
     if env is None:
         return images
-    pp, rule = Preprocess.from_dict(model.get("preprocess")), SizeRule(**{
-        k: v for k, v in artifact["size_rule"].items() if k != "static"})  # fmt: skip
+    pp, rule = Preprocess.from_dict(model.get("preprocess")), SizeRule.from_record(artifact["size_rule"])
     kept = []
     for path in images:
         with open_image(path) as img:  # the header: its size

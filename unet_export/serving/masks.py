@@ -32,7 +32,7 @@ def expected_mask(net, model: dict, size_rule: dict, path: Path, envelope=None) 
     ``envelope``: the served artefact's (parity.envelope), which predict pads a small image up to."""
     config = model["config"]
     values = class_mask_values(model.get("mask_values"), config.get("n_classes", 2))
-    rule = SizeRule(**{k: v for k, v in size_rule.items() if k != "static"})
+    rule = SizeRule.from_record(size_rule)
     runner = _RecordingEager(net, "cpu")
     # halo None: whole images, as the pipeline runs them (predict tiles only images over 1024 px)
     predictor = Predictor(runner, values, Preprocess.from_dict(model.get("preprocess")), rule,

@@ -86,10 +86,10 @@ def resolve_profiles(onnx_entry: dict, profiles: list[str] | None = None, min_te
 def _source(onnx_entry: dict) -> tuple[int, SizeRule, bool, Shape | None]:
     """(channels, size rule, static, the static input shape) of the ONNX model an engine is built from."""
     channels = int(onnx_entry["inputs"][0]["shape"][1])
-    rule = dict(onnx_entry.get("size_rule", {}))
-    static = bool(rule.pop("static", False))
+    rule = onnx_entry.get("size_rule", {})
+    static = bool(rule.get("static", False))
     fixed = tuple(int(d) for d in onnx_entry["inputs"][0]["shape"]) if static else None
-    return channels, SizeRule(**rule), static, fixed  # type: ignore[return-value]
+    return channels, SizeRule.from_record(rule), static, fixed  # type: ignore[return-value]
 
 
 def resolve_profile(onnx_entry: dict, min_text=None, opt_text=None, max_text=None) -> Profile:

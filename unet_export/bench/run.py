@@ -4,6 +4,8 @@ timed. Results are data; the CLI renders them.
 
 CPU: perf_counter around infer(). CUDA: CUDA events around infer() with the input already on
 the device; host-to-device and device-to-host copies are timed on their own (as trtexec does).
+That is latency mode; throughput mode (--mode throughput|both) streams the batch through the
+runner set up for a stream instead (bench/throughput.py), its outputs gated the same way.
 """
 
 import functools

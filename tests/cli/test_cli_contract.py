@@ -28,6 +28,7 @@ UNET_BENCH = [sys.executable, "-c", "from unet_export.cli.bench import main; mai
     (UNET_EXPORT, ["nosuch"], "No such command 'nosuch'"),
     (UNET_BENCH, ["--batch", "x"], "Invalid value for '--batch'"),
     (UNET_BENCH, ["--compile-mode", "fast"], "choose one of default"),
+    (UNET_BENCH, ["--mode", "fast"], "--mode 'fast': choose one of latency, throughput, both"),
 ])  # fmt: skip
 def test_usage_errors_are_one_line_and_exit_2(tool, args, expected):
     proc = subprocess.run([*tool, *args], capture_output=True, text=True, timeout=120)

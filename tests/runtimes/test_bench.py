@@ -24,6 +24,7 @@ from unet_export.bench.backends import BACKENDS, BackendContext
 from unet_export.bench.run import (BenchConfig, bench_batch, benchmark, exit_code, image_paths, latency_stats,
                                    run_benchmark, time_infer)  # fmt: skip
 from unet_export.checkpoint import build_model, load_checkpoint
+from unet_export.device import physical_cores
 from unet_export.cli.bench import app
 from unet_export.fileio import sha256_file
 from unet_export.flows.demo import DEMO_WEIGHTS, random_milesial, write_random_checkpoint
@@ -89,20 +90,29 @@ def test_missing_artefact_is_unavailable_not_fatal(workdir, tmp_path):
     assert rows["torchscript"].status == "ok"
 
 
-def test_wrong_artefact_is_timed_but_flagged_parity_failed(workdir, exports, tmp_path):
+def _swapped_onnx(workdir, exports, tmp_path):
+    """A copy of ``workdir`` whose ONNX model is another model's (same name, other weights)."""
     wrong = tmp_path / "exports"
     shutil.copytree(workdir, wrong)
     other = exports.run(exports.checkpoint("other.pth", seed=1), ("onnx",), 64, 64).workdir
-    shutil.copy(other / "other.onnx", wrong / "unet_v3.onnx")  # same name, other weights
+    shutil.copy(other / "other.onnx", wrong / "unet_v3.onnx")
+    return wrong
 
-    args = ["-w", str(wrong), "--backends", "onnxruntime", "--batch", "2", "--iters", "2", "--warmup", "1"]
-    swapped = runner.invoke(app, args)  # the file is not the one that was verified: refused outright
-    assert swapped.exit_code == 2 and "changed since it was verified" in swapped.stderr
-    # An exporter that recorded the wrong file's hash: only the parity check can catch that.
+
+def _record_swapped_hash(wrong):
+    """An exporter that recorded the wrong file's hash: only the parity check can catch that."""
     manifest = json.loads((wrong / "manifest.json").read_text())
     entry = next(a for a in manifest["artifacts"] if a["path"] == "unet_v3.onnx")
     entry |= {"sha256": sha256_file(wrong / "unet_v3.onnx"), "bytes": (wrong / "unet_v3.onnx").stat().st_size}
     (wrong / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_wrong_artefact_is_timed_but_flagged_parity_failed(workdir, exports, tmp_path):
+    wrong = _swapped_onnx(workdir, exports, tmp_path)
+    args = ["-w", str(wrong), "--backends", "onnxruntime", "--batch", "2", "--iters", "2", "--warmup", "1"]
+    swapped = runner.invoke(app, args)  # the file is not the one that was verified: refused outright
+    assert swapped.exit_code == 2 and "changed since it was verified" in swapped.stderr
+    _record_swapped_hash(wrong)
     result = runner.invoke(app, args + ["--json", str(tmp_path / "r.json")])
     assert result.exit_code == 1, result.output
     row = json.loads((tmp_path / "r.json").read_text())["results"][1]
@@ -156,6 +166,9 @@ def test_json_schema_and_markdown(workdir, tmp_path):
     assert data["results"][2]["status"] == "unavailable"
     md = out_md.read_text()
     assert "| onnxruntime | fp32 | ok |" in md and "| tensorrt-fp16 | - | unavailable |" in md
+    # latency mode, the default: no stream was run, and nothing says there was
+    assert data["config"]["mode"] == "latency" and all(row["throughput"] is None for row in data["results"])
+    assert "Throughput mode" not in md and "throughput mode" not in result.stdout
 
 
 def test_tolerance_options_set_the_gate(workdir, tmp_path):
@@ -183,11 +196,13 @@ def test_tolerance_options_set_the_gate(workdir, tmp_path):
         (["--iters", "0"], "--iters must be at least 1, got 0"),
         (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
         (["--height", "8"], "does not fit this model"),
+        (["--mode", "fast"], "--mode 'fast': choose one of latency, throughput, both"),
     ],
 )
 def test_bad_options_exit_2(workdir, args, fragment):
     result = runner.invoke(app, ["-w", str(workdir), *args])
     assert result.exit_code == 2 and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_missing_manifest_exits_2(tmp_path):
@@ -672,3 +687,139 @@ def test_benchmark_script_passes_on_a_childs_exit_2_without_a_second_line(tmp_pa
     err = capfd.readouterr().err
     assert stop.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and "unet_full.pth" in err, err
+
+
+# --- Issue 29: --mode throughput|both: each runtime as it runs a stream fastest, gated alike ------
+
+
+def test_throughput_mode_streams_and_gates_every_row(workdir):
+    report = benchmark(workdir, backends=["eager", "onnxruntime", "openvino", "torchscript"], device="cpu",
+                       mode="throughput", **FAST)  # fmt: skip
+    rows = by_backend(report)
+    assert report.config["mode"] == "throughput"
+    for name, row in rows.items():
+        fast = row.throughput
+        assert row.status == "ok", (name, row.reason)
+        assert row.img_per_s is None and row.latency_ms is None and row.parity is None  # latency mode did not run
+        assert fast.iters == 2 and fast.img_per_s > 0 and fast.seconds > 0 and fast.peak_mem_mb > 0, name
+        assert fast.latency_ms["min"] <= fast.latency_ms["p50"] <= fast.latency_ms["p90"] <= fast.latency_ms["p99"]
+        assert fast.parity["passed"] and fast.parity["max_abs_err"] < 1e-4, name
+        assert fast.streams >= 1 and fast.setting, name
+    cores = physical_cores()
+    ort, ov = rows["onnxruntime"].throughput, rows["openvino"].throughput
+    assert ort.streams == cores
+    if cores > 1:
+        assert ort.setting == f"{cores} concurrent runs of one session, 1 intra-op thread(s) each"
+    assert ov.setting.startswith("THROUGHPUT hint, ") and ov.setting.endswith(f", {ov.streams} infer requests")
+    for name in ("eager", "torchscript"):  # torch: one stream on its own threads
+        assert rows[name].throughput.streams == 1 and "torch's own" in rows[name].throughput.setting
+    assert rows["eager"].throughput.speedup_vs_eager == 1.0 and ort.vs_latency is None  # no latency run
+    assert exit_code(report.rows) == 0
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_stream_returns_every_batch_once_in_order(tmp_path, runtime):
+    """Batches run concurrently (threads, an async infer queue) come back in their order: the
+    identity model's output is its input."""
+    from unet_export.runtimes import OnnxRuntimeRunner, OpenVinoRunner
+
+    path = tmp_path / "identity.onnx"
+    _identity_onnx(path)
+    make = OnnxRuntimeRunner if runtime == "onnxruntime" else OpenVinoRunner
+    batches = [torch.full((2, 3, 8, 8), float(i)) for i in range(9)]
+    with make(path).for_throughput() as runner:
+        got = list(runner.stream(iter(batches)))
+        assert runner.streams >= 1
+    assert len(got) == len(batches)
+    for x, (out, ms) in zip(batches, got):
+        assert torch.equal(out, x) and ms > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_throughput_compiles_at_the_latency_rows_precision(tmp_path, precision):
+    """FP32 stays FP32: only the performance hint differs between the two modes."""
+    from unet_export.runtimes import OpenVinoRunner
+
+    path = tmp_path / "identity.onnx"
+    _identity_onnx(path)
+    x = torch.rand(2, 3, 8, 8)
+    properties = {}
+    for mode in ("latency", "throughput"):
+        runner = OpenVinoRunner(path, "cpu", precision)
+        with runner.for_throughput() if mode == "throughput" else runner:
+            list(runner.stream([x]))
+            compiled = runner.compiled[tuple(x.shape)]
+            properties[mode] = {key: str(compiled.get_property(key)) for key in ("PERFORMANCE_HINT",
+                                                                                  "INFERENCE_PRECISION_HINT")}  # fmt: skip
+    assert properties["latency"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert properties["throughput"]["PERFORMANCE_HINT"] == "THROUGHPUT"
+    assert properties["throughput"]["INFERENCE_PRECISION_HINT"] == properties["latency"]["INFERENCE_PRECISION_HINT"]
+    if precision == "fp32":
+        assert "float32" in properties["throughput"]["INFERENCE_PRECISION_HINT"]
+
+
+class DriftingStream(EagerRunner):
+    """Right one batch at a time, wrong on the second batch of a stream: only throughput mode
+    sees it, and only if every output of the stream is looked at."""
+
+    name = "drifting"
+
+    def stream(self, batches):
+        for i, (out, ms) in enumerate(super().stream(batches)):
+            yield (out + 0.5 if i == 1 else out), ms
+
+
+def test_throughput_outputs_are_gated_on_their_own(workdir, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "drifting", lambda ctx: DriftingStream(ctx.model, ctx.device))
+    report = benchmark(workdir, backends=["drifting"], device="cpu", mode="both", **FAST)
+    row = by_backend(report)["drifting"]
+    assert row.parity["passed"] and row.throughput.parity["passed"] is False
+    assert row.status == "parity_failed" and row.reason.startswith("throughput mode: "), row.reason
+    assert row.throughput.parity["max_abs_err"] == pytest.approx(0.5, rel=1e-3)
+    assert exit_code(report.rows) == 1 and exit_code(report.rows, gate=False) == 0
+
+
+def test_crashing_runtime_is_an_error_row_in_throughput_mode(workdir, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "broken", lambda ctx: Broken())
+    report = benchmark(workdir, backends=["broken"], device="cpu", mode="throughput", **FAST)
+    row = by_backend(report)["broken"]
+    assert row.status == "error" and "kernel exploded" in row.reason and exit_code(report.rows) == 1
+
+
+def test_throughput_mode_fails_a_wrong_artefact(workdir, exports, tmp_path):
+    wrong = _swapped_onnx(workdir, exports, tmp_path)
+    _record_swapped_hash(wrong)
+    args = ["-w", str(wrong), "--backends", "onnxruntime,openvino", "--batch", "2", "--iters", "2", "--warmup", "1",
+            "--mode", "throughput", "--json", str(tmp_path / "t.json")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["config"]["mode"] == "throughput" and data["verdict"] == "failed"
+    eager, *wrong_rows = data["results"]
+    assert eager["status"] == "ok" and eager["throughput"]["parity"]["passed"]
+    for row in wrong_rows:
+        assert row["status"] == "parity_failed" and row["reason"].startswith("throughput mode: "), row
+        assert row["throughput"]["parity"]["passed"] is False and row["throughput"]["img_per_s"] > 0
+        assert row["throughput"]["streams"] >= 1 and row["img_per_s"] is None
+    assert "unet-bench throughput mode:" in result.stdout
+    assert runner.invoke(app, args + ["--no-gate"]).exit_code == 0
+
+
+def test_mode_both_writes_both_modes_and_their_ratio(workdir, tmp_path):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    args = ["-w", str(workdir), "--backends", "eager,openvino", "--batch", "2", "--iters", "2", "--warmup", "1",
+            "--mode", "both", "--json", str(out_json), "--markdown", str(out_md)]  # fmt: skip
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert data["config"]["mode"] == "both"
+    for row in data["results"]:
+        fast = row["throughput"]
+        assert row["status"] == "ok" and row["img_per_s"] > 0 and row["parity"]["passed"] and fast["parity"]["passed"]
+        assert fast["vs_latency"] == pytest.approx(fast["img_per_s"] / row["img_per_s"])
+        assert {"p50", "p90", "p99"} <= set(fast["latency_ms"]) and fast["streams"] >= 1 and fast["setting"]
+    md = out_md.read_text()
+    assert md.count("| backend | precision | status | img/s |") == 2 and "| vs latency |" in md
+    assert "- openvino: throughput mode: THROUGHPUT hint, " in md
+    assert "unet-bench: " in result.stdout and "unet-bench throughput mode: " in result.stdout
+    assert "openvino: THROUGHPUT hint, " in result.stdout

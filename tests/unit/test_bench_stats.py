@@ -141,7 +141,71 @@ def test_row_to_dict_has_every_field():
     row = Row("eager", "fp32", "ok", reason="r", iters=3, warnings=["w"])
     d = row.to_dict()
     assert d["backend"] == "eager" and d["precision"] == "fp32" and d["status"] == "ok" and d["reason"] == "r"
-    assert d["iters"] == 3 and d["warnings"] == ["w"] and d["peak_mem_mb"] is None and len(d) == 15
+    assert d["iters"] == 3 and d["warnings"] == ["w"] and d["peak_mem_mb"] is None and len(d) == 16
+    assert d["throughput"] is None  # latency mode, the default
+    row.throughput = stats.Throughput(2, "2 streams", img_per_s=5.0)
+    fast = row.to_dict()["throughput"]
+    assert fast["streams"] == 2 and fast["setting"] == "2 streams" and fast["img_per_s"] == 5.0 and len(fast) == 10
+
+
+# --- throughput mode ------------------------------------------------------------------------------
+
+
+def test_throughput_is_images_over_the_streams_wall_time_not_over_mean_latency():
+    """Two streams: 4 batches of 2 images, each 100 ms, overlapping in 0.2 s: 40 img/s, where
+    batch / mean latency would say 20."""
+    record = stats.throughput_record([100.0, 100.0, 100.0, 100.0], 0.2, batch=2, streams=2, setting="s")
+    assert record.img_per_s == pytest.approx(40.0) and record.iters == 4 and record.seconds == 0.2
+    assert record.streams == 2 and record.setting == "s"
+    assert record.latency_ms == {"mean": 100.0, "min": 100.0, "p50": 100.0, "p90": 100.0, "p99": 100.0, "max": 100.0}
+    assert stats.throughput_record([1.0], 0.0, 1, 1, "s").img_per_s is None  # nothing resolved: no rate
+
+
+def _verdict(status, reason=""):
+    return Row("openvino", "fp32", status, reason=reason)
+
+
+@pytest.mark.parametrize(
+    "before, verdict, after",
+    [
+        (("ok", ""), ("ok", ""), ("ok", "")),
+        (("parity_failed", "a"), ("ok", ""), ("parity_failed", "a")),
+        (("ok", ""), ("parity_failed", "b"), ("parity_failed", "throughput mode: b")),
+        (("parity_failed", "a"), ("parity_failed", "b"), ("parity_failed", "a; throughput mode: b")),
+        (("not_judged", "n"), ("not_judged", "n"), ("not_judged", "n")),
+        (("ok", ""), ("not_judged", "n"), ("not_judged", "n")),  # --mode throughput: no latency verdict
+        (("not_judged", "n"), ("parity_failed", "NaN"), ("parity_failed", "throughput mode: NaN")),
+    ],
+)
+def test_throughput_verdict_folds_into_the_row(before, verdict, after):
+    row = _verdict(*before)
+    stats.merge_verdict(row, _verdict(*verdict))
+    assert (row.status, row.reason) == after
+
+
+def _fast(backend, status="ok", img_per_s=10.0, streamed=None):
+    row = _row(backend, status, img_per_s)
+    row.throughput = None if streamed is False else stats.Throughput(1, "", img_per_s=streamed)
+    return row
+
+
+def test_throughput_speedups_are_relative_to_eagers_throughput_and_to_the_rows_latency():
+    rows = [_fast("eager", img_per_s=10.0, streamed=8.0), _fast("openvino", img_per_s=20.0, streamed=32.0),
+            _fast("onnxruntime", img_per_s=None, streamed=16.0), _fast("aoti", streamed=None),
+            _fast("torchscript", streamed=False)]  # fmt: skip
+    set_speedups(rows)
+    assert [r.throughput and r.throughput.speedup_vs_eager for r in rows] == [1.0, 4.0, 2.0, None, None]
+    assert [r.throughput and r.throughput.vs_latency for r in rows] == [0.8, 1.6, None, None, None]
+    assert [r.speedup_vs_eager for r in rows] == [1.0, 2.0, None, 1.0, 1.0]
+
+
+def test_no_throughput_speedups_without_an_eager_stream():
+    rows = [_fast("eager", streamed=False), _fast("openvino", img_per_s=20.0, streamed=30.0)]
+    set_speedups(rows)
+    assert rows[1].throughput.speedup_vs_eager is None and rows[1].throughput.vs_latency == 1.5
+    rows = [_fast("eager", streamed=None), _fast("openvino", img_per_s=20.0, streamed=30.0)]
+    set_speedups(rows)
+    assert rows[1].throughput.speedup_vs_eager is None
 
 
 def _vm_hwm_kb() -> int:

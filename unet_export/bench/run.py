@@ -4,6 +4,8 @@ timed. Results are data; the CLI renders them.
 
 CPU: perf_counter around infer(). CUDA: CUDA events around infer() with the input already on
 the device; host-to-device and device-to-host copies are timed on their own (as trtexec does).
+That is latency mode; throughput mode (--mode throughput|both) streams the batch through the
+runner set up for a stream instead (bench/throughput.py), its outputs gated the same way.
 """
 
 import functools
@@ -18,16 +20,20 @@ import torch.nn.functional as F
 from unet_export.bench.backends import BackendContext, BACKENDS, CUDA_ROWS, Unavailable, row_entry
 from unet_export.bench.stats import (  # noqa: F401 (CV_WARNING, exit_code, latency_stats: the bench API)
     CV_WARNING,
+    MODES,
     BenchConfig,
     Row,
     exit_code,
     latency_stats,
+    merge_verdict,
     more_iterations,
     parity_record,
     record_timing,
     set_speedups,
+    throughput_record,
     vm_hwm_mb,
 )
+from unet_export.bench.throughput import time_stream
 from unet_export.checkpoint import build_model
 from unet_export.data.dataset import image_to_tensor, Preprocess
 from unet_export.data.images import load_image
@@ -104,11 +110,13 @@ class PeakMemory:
 
 def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference: torch.Tensor, cfg: BenchConfig, *,
               exact: torch.Tensor | None = None, tolerances: dict[str, Tolerance] | None = None,
-              no_images: str = "", threshold: float = 0.0) -> Row:  # fmt: skip
+              no_images: str = "", threshold: float = 0.0, mode: str = "latency") -> Row:  # fmt: skip
     """Build, parity-check and time one runtime; every outcome is a row, nothing raises. ``exact``:
     the eager model's float64 logits on ``x``; ``tolerances``: the gate per precision; ``no_images``:
     why ``x`` is not real images ("" when it is): FP16/BF16/INT8 rows are then timed, not judged.
-    ``threshold``: where the model's one-class output turns into class 1 (models.mask_threshold)."""
+    ``threshold``: where the model's one-class output turns into class 1 (models.mask_threshold).
+    ``mode``: latency (one batch at a time), throughput (a stream, Runner.for_throughput) or both,
+    each mode's outputs gated alike."""
     try:
         runner = make()
     except IntegrityError:
@@ -116,15 +124,13 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
     except (Unavailable, UserError) as exc:
         return Row(name, "-", "unavailable", reason=str(exc))
     row = Row(name, runner.precision, "ok", runs_on=runner.describe())
+    judge = functools.partial(_judge_row, reference=reference, tol=(tolerances or TOLERANCES)[runner.precision],
+                              exact=exact, no_images=no_images, threshold=threshold)  # fmt: skip
     try:
-        with PeakMemory(runner.device) as memory, runner:
-            row.runs_on = runner.describe()
-            x_dev = x.to(runner.device)
-            out = runner.infer(x_dev)
-            _judge_row(row, out, reference, (tolerances or TOLERANCES)[runner.precision], exact, no_images,
-                       threshold)  # fmt: skip
-            _time_into(row, runner, x_dev, out, cfg)
-        row.peak_mem_mb = memory.mb
+        if mode != "throughput":
+            _latency_into(row, runner, x, judge, cfg)
+        if mode != "latency":
+            _throughput_into(row, runner.for_throughput(), x, reference, judge, cfg)
     except IntegrityError:
         raise  # found when the runtime opened it (ONNX data outside the model's folder): as above
     except (Unavailable, UserError) as exc:
@@ -134,7 +140,32 @@ def bench_row(name: str, make: Callable[[], Runner], x: torch.Tensor, reference:
     return row
 
 
-def _judge_row(row: Row, out: torch.Tensor, reference: torch.Tensor, tol: Tolerance, exact, no_images: str,
+def _latency_into(row: Row, runner: Runner, x: torch.Tensor, judge: Callable, cfg: BenchConfig) -> None:
+    """Latency mode: one batch at a time, gated on the first output, then timed call by call."""
+    with PeakMemory(runner.device) as memory, runner:
+        row.runs_on = runner.describe()
+        x_dev = x.to(runner.device)
+        out = runner.infer(x_dev)
+        judge(row, out)
+        _time_into(row, runner, x_dev, out, cfg)
+    row.peak_mem_mb = memory.mb
+
+
+def _throughput_into(row: Row, runner: Runner, x: torch.Tensor, reference: torch.Tensor, judge: Callable,
+                     cfg: BenchConfig) -> None:  # fmt: skip
+    """Throughput mode: the batch streamed (bench/throughput.py), its farthest output gated as
+    latency mode's first one is; the verdict folds into the row's."""
+    verdict = Row(row.backend, row.precision, "ok")
+    with PeakMemory(runner.device) as memory, runner:
+        row.runs_on = runner.describe()
+        latencies, seconds, farthest = time_stream(runner, x.to(runner.device), reference, cfg)
+        judge(verdict, farthest)
+        row.throughput = throughput_record(latencies, seconds, x.shape[0], runner.streams, runner.throughput_setting())
+    row.throughput.peak_mem_mb, row.throughput.parity = memory.mb, verdict.parity
+    merge_verdict(row, verdict)
+
+
+def _judge_row(row: Row, out: torch.Tensor, *, reference: torch.Tensor, tol: Tolerance, exact, no_images: str,
                threshold: float) -> None:  # fmt: skip
     """The parity verdict of a row. On noise a reduced-precision row is not judged (class changes
     there say nothing), but a wrong shape or NaN/Inf says something on any input."""
@@ -181,10 +212,10 @@ def _sized(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Runner, cfg: BenchConfig,
                   x: torch.Tensor, on_row: Callable[[Row], None] | None = None, *,
                   tolerances: dict[str, Tolerance] | None = None, no_images: str = "",
-                  threshold: float = 0.0) -> list[Row]:  # fmt: skip
+                  threshold: float = 0.0, mode: str = "latency") -> list[Row]:  # fmt: skip
     """Bench every runner in ``makers`` (the first, "eager", is the baseline) on the batch ``x``,
     each gated against the reference's output and its float64 run (when it is an eager model);
-    ``no_images``: why ``x`` is not real images, "" when it is; ``threshold``: see bench_row."""
+    ``no_images``: why ``x`` is not real images, "" when it is; ``threshold``, ``mode``: see bench_row."""
     with reference_runner:
         reference = reference_runner.infer(x.to(reference_runner.device)).cpu()
     exact = None
@@ -194,7 +225,7 @@ def run_benchmark(makers: dict[str, Callable[[], Runner]], reference_runner: Run
     rows = []
     for name, make in makers.items():
         rows.append(bench_row(name, make, x, reference, cfg, exact=exact, tolerances=tolerances, no_images=no_images,
-                              threshold=threshold))  # fmt: skip
+                              threshold=threshold, mode=mode))  # fmt: skip
         if on_row:
             on_row(rows[-1])
     set_speedups(rows)
@@ -230,11 +261,14 @@ def benchmark(
     max_class_change: float | None = None,
     min_dice: float | None = None,
     model=None,
+    mode: str = "latency",
     **timing,
 ) -> BenchReport:
     """Parity-gate and time every backend on the workdir's model; ``timing`` goes to BenchConfig.
     ``rtol``/``atol`` replace the FP32 gate's, ``max_class_change``/``min_dice`` the reduced-precision ones.
-    ``model`` rebuilds a factory's (--model-factory) or an in-memory module's eager model."""
+    ``model`` rebuilds a factory's (--model-factory) or an in-memory module's eager model.
+    ``mode``: latency, throughput or both (bench_row)."""
+    check_mode(mode)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     if manifest.get("model") is None:
@@ -267,8 +301,8 @@ def benchmark(
     ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
     rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images, manifest["model"].get("preprocess")), on_row,
-                         tolerances=tolerances, no_images=why, threshold=mask_threshold(ckpt.config))  # fmt: skip
-    config = asdict(cfg) | {"backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
+                         tolerances=tolerances, no_images=why, threshold=mask_threshold(ckpt.config), mode=mode)  # fmt: skip
+    config = asdict(cfg) | {"mode": mode, "backends": names, "compile_mode": compile_mode, "workdir": str(workdir),
                             "inputs": source if images else f"{NOISE_NOTE} ({why})", "model": manifest["model"],
                             "tolerances": {p: t.to_dict() for p, t in tolerances.items()}}  # fmt: skip
     return BenchReport(device_info(dev), tool_versions("torch", "onnx", "onnxruntime", "openvino", "unet-export"), config, rows)
@@ -330,6 +364,11 @@ def padded_up(manifest: dict, names: list[str], device, sizes, height: int, widt
         low_h, low_w = env.smallest()
         height, width = max(height, low_h), max(width, low_w)
     return sizes.at_least(height), sizes.at_least(width)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
 
 
 def backend_names(backends: list[str] | None) -> list[str]:

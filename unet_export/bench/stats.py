@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 CV_WARNING = 0.05  # trtexec warns when GPU time varies by more than a few percent
+MODES = ("latency", "throughput", "both")  # latency: one batch at a time; throughput: a stream of them
 
 
 @dataclass
@@ -20,6 +21,22 @@ class BenchConfig:
     min_iters: int = 5
     max_iters: int = 1000
     seed: int = 0
+
+
+@dataclass
+class Throughput:
+    """A row's throughput-mode run: batches streamed as the runtime is fastest for a stream."""
+
+    streams: int  # batches in flight
+    setting: str  # what ran, e.g. "THROUGHPUT hint, 2 streams, 2 infer requests"
+    img_per_s: float | None = None  # images over the wall time of the whole stream
+    latency_ms: dict | None = None  # per batch, start to finish, under the load of the others
+    iters: int = 0
+    seconds: float = 0.0
+    speedup_vs_eager: float | None = None  # over the eager row's throughput
+    vs_latency: float | None = None  # over the same row's latency-mode img/s (--mode both)
+    peak_mem_mb: float | None = None
+    parity: dict | None = None  # the gate on the stream's output farthest from eager's
 
 
 @dataclass
@@ -39,6 +56,7 @@ class Row:
     iters: int = 0
     parity: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    throughput: Throughput | None = None  # --mode throughput/both; the fields above are latency mode's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +90,30 @@ def record_timing(row: Row, latencies_ms: list[float], batch: int) -> None:
         row.warnings.append(f"latency varies by {row.cv:.1%} (CV > {CV_WARNING:.0%}): the machine may be busy")
 
 
+def throughput_record(latencies_ms: list[float], seconds: float, batch: int, streams: int,
+                      setting: str) -> Throughput:  # fmt: skip
+    """Images/s over the wall time of the stream (batches overlap: not batch over mean latency),
+    and the latency distribution under that load."""
+    record = Throughput(streams, setting, latency_ms=latency_stats(latencies_ms, batch)["latency_ms"],
+                        iters=len(latencies_ms), seconds=seconds)  # fmt: skip
+    if seconds > 0:
+        record.img_per_s = len(latencies_ms) * batch / seconds
+    return record
+
+
+def merge_verdict(row: Row, verdict: Row) -> None:
+    """Fold the verdict on the throughput-mode outputs into ``row``'s: a failure of either fails
+    the row, naming which mode failed; an unjudged batch is unjudged in both modes."""
+    if verdict.status == "ok" or verdict.status == row.status == "not_judged":
+        return
+    if verdict.status == "not_judged":
+        row.status, row.reason = verdict.status, verdict.reason
+        return
+    reason = f"throughput mode: {verdict.reason}"
+    row.reason = f"{row.reason}; {reason}" if row.status == "parity_failed" else reason
+    row.status = verdict.status
+
+
 def parity_record(case) -> dict:
     """Errors against eager fp32 and against float64, next to eager fp32's own (the noise floor)."""
     return {"max_abs_err": case.max_abs_err, "mean_abs_err": case.mean_abs_err,
@@ -81,11 +123,19 @@ def parity_record(case) -> dict:
 
 
 def set_speedups(rows: list[Row]) -> None:
-    """Each timed row's images/s over the eager row's (none when eager did not run)."""
+    """Each timed row's images/s over the eager row's (none when eager did not run), in each mode,
+    and its throughput over its own latency-mode images/s."""
     base = next((r for r in rows if r.backend == "eager" and r.status == "ok"), None)
     for row in rows:
         if base and row.img_per_s:
             row.speedup_vs_eager = row.img_per_s / base.img_per_s
+        fast = row.throughput
+        if fast is None or not fast.img_per_s:
+            continue
+        if base and base.throughput and base.throughput.img_per_s:
+            fast.speedup_vs_eager = fast.img_per_s / base.throughput.img_per_s
+        if row.img_per_s:
+            fast.vs_latency = fast.img_per_s / row.img_per_s
 
 
 def exit_code(rows: list[Row], gate: bool = True) -> int:

@@ -7,11 +7,12 @@ import typer
 
 from unet_export.api import benchmark, prepare_workdir
 from unet_export.bench.backends import BACKENDS
-from unet_export.bench.run import exit_code
+from unet_export.bench.run import check_mode, exit_code
+from unet_export.bench.stats import MODES
 from unet_export.cli.common import cli_errors, console, run_app, working
 from unet_export.cli.jsonout import JsonOpt, json_result
 from unet_export.cli.options import DeviceOpt, FactoryOpt, VersionOpt, Workdir, model_choice
-from unet_export.cli.render_bench import bench_markdown, bench_table, export_line, prepared_lines, row_line
+from unet_export.cli.render_bench import bench_markdown, bench_tables, export_line, prepared_lines, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
@@ -37,6 +38,9 @@ def bench(
                                               help="Timed calls (default: as many as --min-time allows).")] = None,  # fmt: skip
     min_time: Annotated[float, typer.Option(envvar="UNET_BENCH_MIN_TIME",
                                             help="Seconds to time each backend (at least 5 calls).")] = 5.0,  # fmt: skip
+    mode: Annotated[str, typer.Option(help=f"{', '.join(MODES)}: one batch at a time (the CI table), a stream of "
+                                      "batches run as each runtime is fastest for one (a batch job, a server), "
+                                      "or both side by side.")] = "latency",  # fmt: skip
     device: DeviceOpt = "auto",
     compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode: {', '.join(COMPILE_MODES)}.")] = "default",
     weights: Annotated[Path | None, typer.Option(help="Checkpoint, if the manifest's has moved.")] = None,
@@ -56,6 +60,7 @@ def bench(
     """Time every runtime against eager fp32 after checking each one's output (exit 1 on mismatch).
     With WEIGHTS, export what is missing first (unet-bench weights.pth)."""
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
+    check_mode(mode)  # before anything is exported
     if compile_mode not in COMPILE_MODES:
         raise typer.BadParameter(f"choose one of {', '.join(COMPILE_MODES)}", param_hint="--compile-mode")
     if checkpoint is not None and weights is not None:
@@ -77,9 +82,10 @@ def bench(
                 workdir, batch=batch, height=height, width=width, backends=names, device=device.value,
                 weights=weights or checkpoint, compile_mode=compile_mode, data=data, warmup=warmup, iters=iters,
                 min_time=min_time, on_row=lambda row: console.print(row_line(row)), rtol=rtol, atol=atol,
-                max_class_change=max_class_change, min_dice=min_dice, model=model,
+                max_class_change=max_class_change, min_dice=min_dice, model=model, mode=mode,
             )  # fmt: skip
-        console.print(bench_table(report))
+        for table in bench_tables(report):
+            console.print(table)
         out.update({key: value for key, value in report.to_dict().items() if key != "versions"})  # the envelope's are more
         if markdown:
             with atomic_path(markdown) as tmp:

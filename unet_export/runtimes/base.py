@@ -3,9 +3,26 @@
 A template in the manner of Polygraphy's runners: the public methods do the state checks
 once, each runtime writes only ``_activate_impl`` / ``_infer_impl`` / ``_deactivate_impl``.
 Construction is cheap (paths and options only); loading and building happen in activate().
+
+Two ways to run: infer(), one batch at a time (what latency is measured on), and stream(), a
+stream of batches run the way the runtime is fastest for one, set up by for_throughput() (what
+throughput is measured on, and what batch work can use).
 """
 
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
+
 import torch
+
+
+def torch_stream(device: torch.device) -> str:
+    """The throughput setting of a torch runtime: one batch at a time on torch's own intra-op
+    threads, which already take every core (or on the GPU)."""
+    if device.type == "cpu":
+        return f"1 stream, torch's own {torch.get_num_threads()} intra-op thread(s)"
+    return "1 stream"
 
 
 class Runner:
@@ -18,6 +35,8 @@ class Runner:
         # Set before activate() when other threads need the CPU alongside (predict's decode and
         # write stages): a runtime that would spin-wait between calls yields instead.
         self.shares_cpu = False
+        # Batches stream() runs at once; for_throughput() sets what the runtime runs best at.
+        self.streams = 1
 
     def activate(self) -> "Runner":
         if not self.is_active:
@@ -40,6 +59,39 @@ class Runner:
         """Wait for queued device work, so a timer around infer() measures all of it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def for_throughput(self) -> "Runner":
+        """Set up, before activate(), for a stream of batches rather than one request at a time.
+        A runtime without a setting of its own keeps one stream (torch: its own intra-op threads)."""
+        if self.is_active:
+            raise RuntimeError(f"{self.name}: for_throughput() before activate(), not after")
+        return self
+
+    def throughput_setting(self) -> str:
+        """What stream() runs, as reports show it."""
+        return f"{self.streams} stream{'s' if self.streams > 1 else ''}, one batch each"
+
+    def stream(self, batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, float]]:
+        """Each batch's output, in the batches' order, with its latency in ms (start to finish,
+        under the load of the others in flight). ``self.streams`` batches run at once, each an
+        infer() on its own thread (for runtimes that release the GIL while they compute)."""
+        if self.streams == 1:
+            yield from map(self._timed, batches)
+            return
+        with ThreadPoolExecutor(self.streams) as pool:
+            running = deque()
+            for x in batches:
+                if len(running) == self.streams:
+                    yield running.popleft().result()
+                running.append(pool.submit(self._timed, x))
+            while running:
+                yield running.popleft().result()
+
+    def _timed(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        started = time.perf_counter()
+        out = self.infer(x)
+        self.synchronize()
+        return out, (time.perf_counter() - started) * 1000.0
 
     def describe(self) -> str:
         """Where it runs, as shown in reports (e.g. the ONNX Runtime provider actually used)."""

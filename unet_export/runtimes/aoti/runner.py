@@ -7,7 +7,7 @@ import torch
 
 from unet_export.errors import UserError
 from unet_export.runtimes.aoti.export import quiet_cpp_extension
-from unet_export.runtimes.base import Runner
+from unet_export.runtimes.base import Runner, torch_stream
 
 
 # Before anything imports torch._inductor (reading a package's metadata does): the log is at import.
@@ -39,3 +39,6 @@ class AotiRunner(Runner):
 
     def _deactivate_impl(self) -> None:
         self.package = None
+
+    def throughput_setting(self) -> str:
+        return torch_stream(self.device)

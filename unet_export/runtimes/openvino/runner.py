@@ -6,8 +6,14 @@ precision hint: fp32 keeps full precision, bf16 uses the CPU's bf16 units where 
 in INT8 (VNNI/AMX) and the layers left in FP32 in f32.
 
 An IR is two files: the runner takes both paths (workdir/ir.py finds and checks the .bin of a
-workdir's IR)."""
+workdir's IR).
 
+for_throughput() compiles with PERFORMANCE_HINT THROUGHPUT (the CPU split into streams) instead of
+LATENCY, at the same precision hint; stream() then keeps the compiled model's
+OPTIMAL_NUMBER_OF_INFER_REQUESTS in flight through an AsyncInferQueue, as benchmark_app -hint
+throughput does."""
+
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +38,9 @@ class OpenVinoRunner(Runner):
         self.path = Path(path)
         self.weights = Path(weights) if weights else None
         self.hint = hint or HINTS[precision]
-        self.requests = {}
+        self.performance = "LATENCY"
+        self.compiled, self.requests = {}, {}
+        self.setting = ""
 
     def _activate_impl(self) -> None:
         ov = require("openvino", extra="openvino")
@@ -46,14 +54,19 @@ class OpenVinoRunner(Runner):
             if self.path.suffix == ".onnx":  # an ONNX model read by OpenVINO (no IR in the workdir)
                 refuse_outside_data(self.path)
             raise
-        self.requests = {}
+        self.compiled, self.requests = {}, {}
+
+    def _compiled(self, shape: tuple[int, ...]):
+        if shape not in self.compiled:
+            model = self.model.clone()
+            model.reshape({model.input(0).get_any_name(): list(shape)})
+            config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": self.performance}
+            self.compiled[shape] = self.core.compile_model(model, "CPU", config)
+        return self.compiled[shape]
 
     def _request(self, shape: tuple[int, ...]):
         if shape not in self.requests:
-            model = self.model.clone()
-            model.reshape({model.input(0).get_any_name(): list(shape)})
-            config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY"}
-            compiled = self.core.compile_model(model, "CPU", config)
+            compiled = self._compiled(shape)
             self.requests[shape] = (compiled.create_infer_request(), compiled.output(0))
         return self.requests[shape]
 
@@ -62,8 +75,57 @@ class OpenVinoRunner(Runner):
         request.infer({0: x.detach().contiguous().numpy()})
         return torch.from_numpy(request.get_tensor(output).data.copy())
 
+    def for_throughput(self) -> "OpenVinoRunner":
+        self.performance = "THROUGHPUT"
+        return super().for_throughput()
+
+    def stream(self, batches):
+        """As Runner.stream, through one AsyncInferQueue per input shape (compiled THROUGHPUT
+        after for_throughput(); LATENCY otherwise: one request at a time, as infer())."""
+        if self.performance != "THROUGHPUT":
+            yield from super().stream(batches)
+            return
+        done, queues, submitted, next_out = {}, {}, 0, 0
+        for x in batches:
+            shape = tuple(x.shape)
+            if shape not in queues:
+                queues[shape] = self._queue(shape, done)
+            queues[shape].get_idle_request_id()  # waits for a free request: its latency starts when it can run
+            queues[shape].start_async({0: x.detach().contiguous().numpy()}, (submitted, time.perf_counter()))
+            submitted += 1
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+        for queue in queues.values():
+            queue.wait_all()
+        for index in range(next_out, submitted):
+            if index not in done:
+                raise RuntimeError(f"OpenVINO finished no output for batch {index} of the stream")
+            yield done.pop(index)
+
+    def _queue(self, shape: tuple[int, ...], done: dict):
+        """An AsyncInferQueue with the compiled model's optimal number of requests, whose
+        callback puts each output (copied: the request's buffer is reused) and latency in ``done``."""
+        ov = require("openvino", extra="openvino")
+        compiled = self._compiled(shape)
+        jobs = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        queue = ov.AsyncInferQueue(compiled, jobs)
+
+        def finished(request, userdata):
+            index, started = userdata
+            out = torch.from_numpy(request.get_output_tensor(0).data.copy())
+            done[index] = (out, (time.perf_counter() - started) * 1000.0)
+
+        queue.set_callback(finished)
+        self.streams = jobs
+        self.setting = f"THROUGHPUT hint, {compiled.get_property('NUM_STREAMS')} streams, {jobs} infer requests"
+        return queue
+
+    def throughput_setting(self) -> str:
+        return self.setting or super().throughput_setting()
+
     def _deactivate_impl(self) -> None:
-        self.requests = {}
+        self.compiled, self.requests = {}, {}
         self.model = None
 
     def describe(self) -> str:

@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from unet_export.runtimes.base import Runner
+from unet_export.runtimes.base import Runner, torch_stream
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -54,3 +54,6 @@ class EagerRunner(Runner):
 
     def _deactivate_impl(self) -> None:
         self.module = None
+
+    def throughput_setting(self) -> str:
+        return torch_stream(self.device)

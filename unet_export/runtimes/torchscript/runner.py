@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from unet_export.errors import UserError
-from unet_export.runtimes.base import Runner
+from unet_export.runtimes.base import Runner, torch_stream
 
 
 class TorchScriptRunner(Runner):
@@ -35,6 +35,9 @@ class TorchScriptRunner(Runner):
 
     def _deactivate_impl(self) -> None:
         self.module = None
+
+    def throughput_setting(self) -> str:
+        return torch_stream(self.device)
 
     def describe(self) -> str:
         return f"{self.device}, frozen" if self.freeze else str(self.device)

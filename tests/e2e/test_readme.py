@@ -361,13 +361,15 @@ CPP_TOOLS = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c+
 
 def page_runs() -> list:
     """One run per page with runnable blocks; a page with cpp or ray blocks runs again, whole,
-    under that marker (its blocks may use what the page's earlier blocks wrote)."""
+    under that marker (its blocks may use what the page's earlier blocks wrote; cpp under slow too)."""
     default, runs = {"bash", "python"}, []
     for page in (p for p in FILES if p != README):
         if runnable(page, default):
             runs.append(pytest.param(page, default, id=page.name))
         if runnable(page, {"bash cpp"}):
-            marks = [pytest.mark.cpp, CPP_TOOLS]
+            # slow: it builds the C++ example again (160 s), which tests/runtimes/test_cpp.py
+            # builds and checks against Python in make test; make test-all runs the page too
+            marks = [pytest.mark.cpp, pytest.mark.slow, CPP_TOOLS]
             runs.append(pytest.param(page, default | {"bash cpp"}, id=f"{page.name}-cpp", marks=marks))
         if runnable(page, {"bash ray"}):
             runs.append(pytest.param(page, default | {"bash ray"}, id=f"{page.name}-ray", marks=pytest.mark.ray))

@@ -125,11 +125,12 @@ def test_an_image_under_the_smallest_side_is_padded_up_to_it(small, tmp_path, sh
     assert Image.open(tmp_path / "o" / "tiny_mask.png").size == (64, 48)
 
 
-def test_a_larger_image_runs_in_tiles_the_envelope_holds(wide, tmp_path, shapes):
+@pytest.mark.parametrize("mode", ["throughput", "latency"])
+def test_a_larger_image_runs_in_tiles_the_envelope_holds(wide, tmp_path, shapes, mode):
     """Proven up to 512: a 700x600 image runs in tiles of 512 (halo included), never whole, and its
-    mask is the checkpoint's untiled one."""
+    mask is the checkpoint's untiled one; throughput mode streams the tiles (issue 29)."""
     big = image(tmp_path / "big.png", 700, 600)
-    result = cli("predict", wide, big, "--out", tmp_path / "o")
+    result = cli("predict", wide, big, "--out", tmp_path / "o", "--mode", mode)
     assert result.exit_code == 0, result.output
     assert len(shapes) > 1 and all(s[0] == 1 and max(s[2:]) <= 512 for s in shapes), shapes
     eager = cli("predict", DEMO_WEIGHTS, big, "--out", tmp_path / "e", "--device", "cpu")

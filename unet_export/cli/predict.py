@@ -33,6 +33,9 @@ def predict_cmd(
                                                    "(default 8, or the largest batch the artefact was proven at). "
                                                    "More than it was proven at is refused.")] = None,  # fmt: skip
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images, and threads writing masks.")] = 2,
+    mode: Annotated[str, typer.Option(help="throughput: the runtime runs several batches at once, as it is fastest for a "
+                                      "stream (OpenVINO's async infer queue, ONNX Runtime's concurrent runs); latency: "
+                                      "one batch at a time. The masks are the same. --ray runs one batch at a time.")] = "throughput",  # fmt: skip
     runtime: Annotated[str, typer.Option(help="With a workdir: auto (the fastest verified artefact, timed here) or "
                                          "one of onnxruntime, openvino, openvino-int8, onnxruntime-int8, torchscript, "
                                          "aoti, tensorrt-fp16, ...")] = "auto",  # fmt: skip
@@ -53,7 +56,7 @@ def predict_cmd(
     the end); every mask is written whole (temp + rename), so --resume can pick up a killed run."""
     use_ray = ray or ray_address is not None
     address = (ray_address or os.environ.get("RAY_ADDRESS")) if use_ray else None
-    options = PredictOptions(batch_size, workers, overlay, resume, max_pixels)
+    options = PredictOptions(batch_size, workers, overlay, resume, max_pixels, mode)
     with stop_on_signals():  # from the start: choosing a runtime times each one
         prepared = prepare(model, inputs, out, options, device=resolve_device("cpu" if use_ray else device.value),
                            runtime=runtime, architecture=architecture, ray_address=address, use_ray=use_ray,

@@ -4,6 +4,7 @@ the preprocessing the model was trained with and milesial's mask_values restored
 Large images are run in overlapping tiles (the fully convolutional U-Nets only), so memory is
 bounded by the tile, not the image: see TILE and TILE_HALO."""
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,44 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | Non
     With ``halo``, an image larger than ``tile`` runs in overlapping tiles (see TILE_HALO). A
     static artefact (``fixed``) takes one size: the image is padded to it, if it fits. With an
     ``envelope`` (parity.envelope.Envelope), the artefact only ever sees shapes it was proven on:
-    an image larger than it runs in tiles it holds (with ``halo``), else it is refused (UserError)."""
+    an image larger than it runs in tiles it holds (with ``halo``), else it is refused (UserError).
+    The calls run one at a time (infer); batch predict's throughput mode streams them (fit_input)."""
+    fit = fit_input(x, rule, halo, tile, fixed, envelope)
+    return fit.logits(map(runner.infer, fit.calls))
+
+
+@dataclass
+class Fit:
+    """One batch as fit_and_run feeds the model: ``calls``, the inputs the runtime runs, in order
+    (the padded batch, its tiles, or parts of either that the envelope holds); logits() makes the
+    batch's logits at the image size from their outputs, given in the same order."""
+
+    calls: list[torch.Tensor]
+    counts: list[int]  # per window (one, or one per tile): how many of the calls it took
+    spans: list[tuple[int, ...]] | None  # the tiles' spans (tile_spans), None: run whole
+    shape: tuple[int, ...]  # the padded batch's
+    height: int
+    width: int
+    margin: int
+
+    def logits(self, outputs) -> torch.Tensor:
+        outputs = iter(outputs)
+        windows = (_joined(list(itertools.islice(outputs, n))) for n in self.counts)
+        logits = _placed(self.shape, self.spans, windows) if self.spans else next(windows)
+        # The output is centred in the padded input: output j <-> image pixel j + (T - O) // 2 - margin.
+        target_h, target_w = self.shape[-2:]
+        off_y = max(0, self.margin - (target_h - logits.shape[-2]) // 2)
+        off_x = max(0, self.margin - (target_w - logits.shape[-1]) // 2)
+        logits = logits[..., off_y : off_y + self.height, off_x : off_x + self.width]
+        if logits.shape[-2:] != (self.height, self.width):  # a shrink the rule only approximates (valid-pad)
+            logits = F.interpolate(logits, (self.height, self.width), mode="bilinear")
+        return logits
+
+
+def fit_input(x: torch.Tensor, rule: SizeRule, halo: int | None = None, tile: int | None = None,
+              fixed: tuple[int, int] | None = None, envelope=None) -> Fit:  # fmt: skip
+    """The padding, tiling and envelope of fit_and_run, before anything runs: a static size the
+    image does not fit, or a shape the envelope does not hold, is refused here (UserError)."""
     height, width = x.shape[-2:]
     margin = rule.shrink // 2
     target_h, target_w = padded_size(rule, height, width, envelope)
@@ -85,17 +123,16 @@ def fit_and_run(runner: Runner, x: torch.Tensor, rule: SizeRule, halo: int | Non
     pads = [margin, target_w - width - margin, margin, target_h - height - margin]
     mode = "reflect" if max(pads) < min(height, width) else "replicate"  # reflect needs pad < size
     padded = F.pad(x, pads, mode=mode) if any(pads) else x
-    if envelope is not None:
-        runner = _Within(runner, envelope)
     tile = tiling(target_h, target_w, halo, tile or TILE, envelope)
-    logits = run_tiled(runner, padded, tile, halo) if tile else runner.infer(padded)
-    # The output is centred in the padded input: output j <-> image pixel j + (T - O) // 2 - margin.
-    off_y = max(0, margin - (target_h - logits.shape[-2]) // 2)
-    off_x = max(0, margin - (target_w - logits.shape[-1]) // 2)
-    logits = logits[..., off_y : off_y + height, off_x : off_x + width]
-    if logits.shape[-2:] != (height, width):  # a shrink the rule only approximates (valid-pad)
-        logits = F.interpolate(logits, (height, width), mode="bilinear")
-    return logits
+    spans = tile_spans(target_h, target_w, tile, halo) if tile else None
+    windows = [padded[..., w0:w1, v0:v1] for *_, w0, w1, v0, v1 in spans] if spans else [padded]
+    parts = [_Within(envelope).parts(window) if envelope is not None else [window] for window in windows]
+    return Fit([call for part in parts for call in part], list(map(len, parts)), spans, tuple(padded.shape),
+               height, width, margin)  # fmt: skip
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def padded_size(rule: SizeRule, height: int, width: int, envelope=None) -> tuple[int, int]:
@@ -141,21 +178,19 @@ def proven_fit(envelope, height: int, width: int, halo: int | None, tile: int | 
 
 
 class _Within:
-    """A runner that calls the artefact only on shapes its envelope holds: a batch larger than it
-    holds at that size runs in parts (batch invariance is part of the proof); a size it does not
-    hold is refused in one line naming the envelope (UserError), before the artefact sees it."""
+    """The calls an ``envelope`` holds: a batch larger than it holds at that size runs in parts
+    (batch invariance is part of the proof); a size it does not hold is refused in one line naming
+    the envelope (UserError), before the artefact sees it."""
 
-    def __init__(self, runner: Runner, envelope):
-        self.runner, self.envelope = runner, envelope
+    def __init__(self, envelope):
+        self.envelope = envelope
 
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         n, _, height, width = x.shape
         step = next((k for k in range(n, 0, -1) if self.envelope.accepts(k, height, width)), None)
         if step is None:
             self.envelope.check(n, height, width)  # raises, naming the envelope and the nearest sizes
-        if step == n:
-            return self.runner.infer(x)
-        return torch.cat([self.runner.infer(x[i : i + step]) for i in range(0, n, step)])
+        return [x] if step == n else [x[i : i + step] for i in range(0, n, step)]
 
 
 def _spans(size: int, core: int, halo: int) -> list[tuple[int, int, int, int]]:
@@ -169,18 +204,29 @@ def _spans(size: int, core: int, halo: int) -> list[tuple[int, int, int, int]]:
 def run_tiled(runner: Runner, x: torch.Tensor, tile: int, halo: int) -> torch.Tensor:
     """Logits of (N, C, H, W) ``x`` from windows of at most ``tile`` x ``tile``, each keeping its
     centre: peak memory is one window's activations plus the input and the logits."""
+    spans = tile_spans(*x.shape[-2:], tile, halo)
+    return _placed(tuple(x.shape), spans, (runner.infer(x[..., w0:w1, v0:v1]) for *_, w0, w1, v0, v1 in spans))
+
+
+def tile_spans(height: int, width: int, tile: int, halo: int) -> list[tuple[int, ...]]:
+    """(core rows c0:c1, core columns d0:d1, window rows w0:w1, window columns v0:v1) of each tile."""
     core = tile - 2 * halo
     if core < 16 or core % 16 or halo % 16:
         raise ValueError(f"tile {tile} and halo {halo} must leave a core that is a positive multiple of 16")
-    height, width = x.shape[-2:]
+    return [(c0, c1, d0, d1, w0, w1, v0, v1) for c0, c1, w0, w1 in _spans(height, core, halo)
+            for d0, d1, v0, v1 in _spans(width, core, halo)]  # fmt: skip
+
+
+def _placed(shape: tuple[int, ...], spans: list[tuple[int, ...]], windows) -> torch.Tensor:
+    """The logits of a batch of ``shape`` from its tiles' logits (``windows``, in ``spans``' order),
+    each keeping its centre; a window is let go as soon as it is placed."""
     out = None
-    for c0, c1, w0, w1 in _spans(height, core, halo):
-        for d0, d1, v0, v1 in _spans(width, core, halo):
-            logits = runner.infer(x[..., w0:w1, v0:v1]).float()
-            if out is None:
-                out = torch.empty(x.shape[0], logits.shape[1], height, width, device=logits.device)
-            out[..., c0:c1, d0:d1] = logits[..., c0 - w0 : c1 - w0, d0 - v0 : d1 - v0]
-            del logits
+    for (c0, c1, d0, d1, w0, _, v0, _), logits in zip(spans, windows):
+        logits = logits.float()
+        if out is None:
+            out = torch.empty(shape[0], logits.shape[1], *shape[-2:], device=logits.device)
+        out[..., c0:c1, d0:d1] = logits[..., c0 - w0 : c1 - w0, d0 - v0 : d1 - v0]
+        del logits
     return out
 
 

@@ -17,7 +17,7 @@ from unet_export.inference.predictor import padded_size, proven_fit, proven_tile
 from unet_export.parity.envelope import batch_for
 from unet_export.predict.choose import open_model
 from unet_export.predict.inputs import Job, collect_jobs
-from unet_export.predict.local import DEFAULT_BATCH, PredictOptions, run_local
+from unet_export.predict.local import DEFAULT_BATCH, MODES, PredictOptions, run_local
 from unet_export.predict.ray_data import check_cluster, run_ray
 from unet_export.predict.report import Report
 from unet_export.predict.stages import Outcome, is_complete
@@ -44,6 +44,8 @@ def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, de
     nothing left to do (--resume) or an unreachable cluster is known without it."""
     if (options.batch_size is not None and options.batch_size < 1) or options.workers < 1:
         raise UserError("--batch-size and --workers must be at least 1")
+    if options.mode not in MODES:
+        raise UserError(f"--mode {options.mode!r}: choose one of {', '.join(MODES)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
@@ -62,6 +64,8 @@ def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, de
                     inputs=len(jobs), positions={job.rel: i for i, job in enumerate(jobs)})  # fmt: skip
     for job in done:
         report.add(Outcome(job, job.mask(out), skipped=True))
+    if not use_ray:  # the Ray job runs one batch at a time per worker (the report's default)
+        report.mode, report.setting = options.mode, ""  # the setting: once the runner has run (run_local)
     return Prepared(predictor, todo, out, options, report, note, str(model), not out.exists())
 
 

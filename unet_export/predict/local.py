@@ -22,10 +22,11 @@ from unet_export.fileio import environment_error, os_error_message
 from unet_export.inference.predictor import TILE
 from unet_export.predict.inputs import Job
 from unet_export.predict.report import Report
-from unet_export.predict.stages import Loaded, Outcome, Stages, infer, load, write
+from unet_export.predict.stages import Loaded, Outcome, Stages, infer, infer_stream, load, write
 
 
 DEFAULT_BATCH = 8  # --batch-size when none is given (or the artefact's largest proven batch, if smaller)
+MODES = ("throughput", "latency")  # --mode: the runner's stream of batches (Runner.for_throughput), or one call at a time
 
 
 @dataclass
@@ -35,6 +36,7 @@ class PredictOptions:
     overlay: bool = False
     resume: bool = False
     max_pixels: int | None = None
+    mode: str = "throughput"  # throughput: the runner's stream (Runner.for_throughput); latency: one call at a time
 
 
 def stages_of(predictor, options: PredictOptions) -> Stages:
@@ -51,7 +53,10 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
     """Every job's outcome into ``report``. An unreadable image is that image's failure; a write
     error (full disk) or Ctrl-C ends the run with every finished mask whole and no temp file."""
     stages, depth = stages_of(predictor, options), 2 * options.batch_size + options.workers
-    predictor.runner.shares_cpu = True
+    runner = predictor.runner
+    runner.shares_cpu = True
+    if options.mode == "throughput":
+        runner.for_throughput()
     batcher = Batcher(predictor.max_batch(options.batch_size), limit=2 * options.batch_size, alone=TILE)
     with ThreadPoolExecutor(options.workers, "load", _background) as readers, \
             ThreadPoolExecutor(options.workers, "write", _background) as writers:
@@ -61,29 +66,18 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
             report.add(outcome)
             tick(outcome)
 
-        def run(batch: list[Loaded]) -> None:
-            try:
-                classes = infer(predictor, batch)
-            except UserError as exc:  # this batch's size is one the model cannot take (a static model)
-                for item in batch:
-                    finish(Outcome(item.job, reason=str(exc)))
-                return
-            for item, mask in zip(batch, classes):
-                writes.append(writers.submit(_write_and_record, report, item, mask, stages, Path(out)))
-            while len(writes) > depth or (writes and writes[0].done()):
-                tick(_written(writes.popleft()))
+        def refused(batch: list[Loaded], exc: UserError) -> None:
+            for item in batch:
+                finish(Outcome(item.job, reason=str(exc)))
 
         try:
             loading = prefetch(readers, partial(load, stages=stages, out=Path(out), resume=options.resume), jobs, depth)
-            with predictor.runner, closing(loading):
-                for item in loading:
-                    if isinstance(item, Outcome):
-                        finish(item)
-                        continue
-                    for batch in batcher.add(item):
-                        run(batch)
-                for batch in batcher.flush():
-                    run(batch)
+            with runner, closing(loading):
+                for batch, classes in _inferred(predictor, _batches(loading, batcher, finish), refused, options.mode):
+                    for item, mask in zip(batch, classes):
+                        writes.append(writers.submit(_write_and_record, report, item, mask, stages, Path(out)))
+                    while len(writes) > depth or (writes and writes[0].done()):
+                        tick(_written(writes.popleft()))
             while writes:
                 tick(_written(writes.popleft()))
         except BaseException:  # Ctrl-C or a fatal write error: started writes finish whole (pool exit)
@@ -91,7 +85,41 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
             for future in writes:
                 future.cancel()
             raise
+        finally:
+            report.mode, report.setting = _setting(runner, options.mode)
     return report
+
+
+def _batches(loading: Iterator, batcher: "Batcher", finish: Callable[[Outcome], None]) -> Iterator[list[Loaded]]:
+    """The loaded images in batches; an image that could not be loaded (or is done) is finished here."""
+    for item in loading:
+        if isinstance(item, Outcome):
+            finish(item)
+            continue
+        yield from batcher.add(item)
+    yield from batcher.flush()
+
+
+def _inferred(predictor, batches: Iterator[list[Loaded]], refused, mode: str) -> Iterator[tuple[list[Loaded], list]]:
+    """Each batch with its classes, in order: streamed in throughput mode (stages.infer_stream),
+    else one runtime call at a time."""
+    if mode == "throughput":
+        yield from infer_stream(predictor, batches, refused)
+        return
+    for batch in batches:
+        try:
+            classes = infer(predictor, batch)
+        except UserError as exc:  # this batch's size is one the model cannot take (a static model)
+            refused(batch, exc)
+            continue
+        yield batch, classes
+
+
+def _setting(runner, mode: str) -> tuple[str, str]:
+    """The mode and what the runtime ran, for the report."""
+    if mode == "throughput":
+        return mode, runner.throughput_setting()
+    return mode, "one batch at a time"
 
 
 def _write_and_record(report: Report, item: Loaded, classes, stages: Stages, out: Path) -> Outcome:

@@ -30,6 +30,10 @@ class Report:
     batch_size: int
     workers: int
     engine: str = "local"  # local | ray
+    # latency: one runtime call at a time (the Ray job's workers); throughput: the runner's stream of
+    # batches (Runner.for_throughput, the local pipeline's default). setting: what the runtime ran.
+    mode: str = "latency"
+    setting: str = "one batch at a time"
     inputs: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -67,7 +71,8 @@ class Report:
     def to_dict(self) -> dict:
         out = Path(self.out)
         return {
-            "model": self.model, "runtime": self.runtime, "engine": self.engine, "out": self.out,
+            "model": self.model, "runtime": self.runtime, "engine": self.engine, "mode": self.mode,
+            "setting": self.setting, "out": self.out,
             "batch_size": self.batch_size, "workers": self.workers, "inputs": self.inputs,
             "written": len(self.written), "skipped": len(self.skipped), "failed": len(self.failed),
             "not_run": self.inputs - len(self.outcomes), "interrupted": self.interrupted,

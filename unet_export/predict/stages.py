@@ -1,12 +1,16 @@
 """The three stages of batch prediction, shared by the local pipeline and the Ray job so that
 both write byte-identical masks: load (decode + preprocess, or skip a finished mask), infer (one
 batch of same-size images through the runner, back to class indices at each image's size) and
-write (PNG encode, temp + rename, sha256)."""
+write (PNG encode, temp + rename, sha256). infer_stream is the infer stage for a stream of
+batches (the local pipeline's throughput mode)."""
 
 import hashlib
 import io
+import itertools
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +20,7 @@ from unet_export.data.dataset import Preprocess, image_array  # image_array: ima
 from unet_export.data.images import load_image
 from unet_export.errors import UserError
 from unet_export.fileio import atomic_path
-from unet_export.inference.predictor import fit_and_run, mask_to_image_array, overlay, to_classes
+from unet_export.inference.predictor import Fit, fit_input, mask_to_image_array, overlay, to_classes
 from unet_export.predict.inputs import Job
 
 
@@ -80,9 +84,43 @@ def is_complete(job: Job, out: Path, overlay: bool) -> bool:
 
 def infer(predictor, batch: list[Loaded]) -> list[np.ndarray]:
     """Class indices per pixel, at each image's own size, for images of one preprocessed size."""
+    fit = fitted(predictor, batch)
+    return classes_of(predictor, batch, fit.logits(map(predictor.runner.infer, fit.calls)))
+
+
+def infer_stream(predictor, batches: Iterable[list[Loaded]],
+                 refused: Callable[[list[Loaded], UserError], None]) -> Iterator[tuple[list[Loaded], list[np.ndarray]]]:  # fmt: skip
+    """infer() for a stream of batches, through the runner's stream() (set up by for_throughput():
+    several calls in flight), each batch with its classes in the batches' order. Every call of a
+    batch goes into the one stream (its tiles and envelope parts too), so the runtime stays busy
+    across batches; a batch refused before it runs (fit_input) goes to ``refused`` instead. The
+    stream holds the runner's few calls in flight and the batches they belong to, no more."""
+    pending: deque[tuple[list[Loaded], Fit]] = deque()
+
+    def calls():
+        for batch in batches:
+            try:
+                fit = fitted(predictor, batch)
+            except UserError as exc:  # this batch's size is one the model cannot take (a static model)
+                refused(batch, exc)
+                continue
+            pending.append((batch, fit))
+            yield from fit.calls
+
+    outputs = (out for out, _ in predictor.runner.stream(calls()))
+    for first in outputs:
+        batch, fit = pending.popleft()
+        logits = fit.logits(itertools.chain([first], itertools.islice(outputs, len(fit.calls) - 1)))
+        yield batch, classes_of(predictor, batch, logits)
+
+
+def fitted(predictor, batch: list[Loaded]) -> Fit:
     x = torch.from_numpy(np.stack([item.x for item in batch]))
-    logits = fit_and_run(predictor.runner, x, predictor.sizes, predictor.halo, fixed=predictor.fixed,
-                         envelope=predictor.envelope).float().cpu()  # fmt: skip
+    return fit_input(x, predictor.sizes, predictor.halo, fixed=predictor.fixed, envelope=predictor.envelope)
+
+
+def classes_of(predictor, batch: list[Loaded], logits: torch.Tensor) -> list[np.ndarray]:
+    logits = logits.float().cpu()
     return [to_classes(logits[i : i + 1], item.size, predictor.preprocess, predictor.threshold)
             for i, item in enumerate(batch)]  # fmt: skip
 

@@ -87,7 +87,10 @@ def test_the_cli_takes_mode_and_the_report_records_it(workdir, mixed, tmp_path):
     result = CliRunner().invoke(app, ["predict", str(workdir), str(mixed), "--out", str(tmp_path / "o"), "--runtime",
                                       "openvino", "--mode", "latency", "--report", str(report)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads(report.read_text())["mode"] == "latency"
+    assert json.loads(report.read_text())["mode"] == "latency" and "\nlatency mode: one batch at a time\n" in result.stdout
+    streamed = CliRunner().invoke(app, ["predict", str(workdir), str(mixed), "--out", str(tmp_path / "t"), "--runtime",
+                                        "openvino"])  # fmt: skip
+    assert streamed.exit_code == 0 and "\nthroughput mode: THROUGHPUT hint, " in streamed.stdout, streamed.output
     bad = CliRunner().invoke(app, ["predict", str(workdir), str(mixed), "--out", str(tmp_path / "x"), "--mode", "fast"])
     assert bad.exit_code == 2 and bad.stderr.strip() == "error: --mode 'fast': choose one of throughput, latency"
     assert not (tmp_path / "x").exists()

@@ -371,3 +371,11 @@ def test_reflect_runs_at_the_smallest_size_its_rule_accepts():
     assert rule.first() == 32 and not rule.accepts(16)
     with torch.no_grad(), one_thread():
         assert model(torch.rand(1, 3, 32, 64)).shape[-2:] == (32, 64)
+
+
+def test_a_recorded_size_rule_keeps_only_its_own_fields():
+    """A manifest's size_rule also records the artefact's ``static`` (and a newer or edited one
+    may hold more): the rule takes its four fields, as ints, and ignores the rest."""
+    record = {"min": 124, "multiple": "16", "offset": 124, "shrink": 184, "static": True, "future": 1}
+    assert SizeRule.from_record(record) == SizeRule(124, 16, 124, 184)
+    assert SizeRule.from_record(SizeRule(32, 32).to_dict() | {"static": False}) == SizeRule(32, 32)

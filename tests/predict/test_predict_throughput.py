@@ -79,7 +79,7 @@ def throughput_setting_of_ort() -> str:
     from unet_export.device import physical_cores
 
     cores = physical_cores()
-    return "1 stream, one batch each" if cores == 1 else f"{cores} concurrent runs of one session, 1 intra-op thread(s) each"
+    return "1 run at a time, 1 intra-op thread(s)" if cores == 1 else f"{cores} concurrent runs of one session, 1 intra-op thread(s) each"
 
 
 def test_the_cli_takes_mode_and_the_report_records_it(workdir, mixed, tmp_path):

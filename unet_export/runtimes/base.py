@@ -60,12 +60,18 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def for_throughput(self) -> "Runner":
-        """Set up, before activate(), for a stream of batches rather than one request at a time.
-        A runtime without a setting of its own keeps one stream (torch: its own intra-op threads)."""
+    def for_throughput(self, streams: int | None = None) -> "Runner":
+        """Set up, before activate(), for a stream of batches rather than one request at a time;
+        ``streams``: one of throughput_choices() (None: the runtime's default). A runtime without
+        a setting of its own keeps one stream (torch: its own intra-op threads)."""
         if self.is_active:
             raise RuntimeError(f"{self.name}: for_throughput() before activate(), not after")
         return self
+
+    def throughput_choices(self) -> list[int | None]:
+        """The settings for_throughput() can take where which one pays depends on the model and
+        the shape, for a benchmark to measure each (None: the runtime's own, one setting)."""
+        return [None]
 
     def throughput_setting(self) -> str:
         """What stream() runs, as reports show it."""

@@ -93,18 +93,24 @@ class OnnxRuntimeRunner(Runner):
             raise UserError(f"cannot infer output shape {self.output.shape} for input {tuple(x.shape)}")
         return tuple(dims)
 
-    def for_throughput(self) -> "OnnxRuntimeRunner":
-        """On the CPU: one batch per physical core at once, each on one intra-op thread (concurrent
-        run() calls on the one session: ONNX Runtime releases the GIL while it computes), rather
-        than every core on one batch, whose small layers leave cores waiting. GPU providers keep one stream."""
+    def for_throughput(self, streams: int | None = None) -> "OnnxRuntimeRunner":
+        """On the CPU: by default one batch per physical core at once, each on one intra-op thread
+        (concurrent run() calls on the one session: ONNX Runtime releases the GIL while it
+        computes), rather than every core on one batch, whose small layers leave cores waiting.
+        That pays on small images and loses on large ones (demo model, 2 cores: 1.63x at 128x128,
+        0.86x at 640x960), so ``streams`` can ask for fewer. GPU providers keep one stream."""
         if self.wanted == "cpu":
-            self.streams = physical_cores()
+            self.streams = min(streams or physical_cores(), physical_cores())
             self.threads = max(1, physical_cores() // self.streams)
-        return super().for_throughput()
+        return super().for_throughput(streams)
+
+    def throughput_choices(self) -> list[int | None]:
+        cores = physical_cores()
+        return [cores, 1] if self.wanted == "cpu" and cores > 1 else [None]
 
     def throughput_setting(self) -> str:
         if self.streams == 1:
-            return super().throughput_setting()
+            return f"1 run at a time, {self.threads or physical_cores()} intra-op thread(s)"
         return f"{self.streams} concurrent runs of one session, {self.threads} intra-op thread(s) each"
 
     def _deactivate_impl(self) -> None:

@@ -75,9 +75,9 @@ class OpenVinoRunner(Runner):
         request.infer({0: x.detach().contiguous().numpy()})
         return torch.from_numpy(request.get_tensor(output).data.copy())
 
-    def for_throughput(self) -> "OpenVinoRunner":
-        self.performance = "THROUGHPUT"
-        return super().for_throughput()
+    def for_throughput(self, streams: int | None = None) -> "OpenVinoRunner":
+        self.performance = "THROUGHPUT"  # OpenVINO picks its streams and requests for the shape
+        return super().for_throughput(streams)
 
     def stream(self, batches):
         """As Runner.stream, through one AsyncInferQueue per input shape (compiled THROUGHPUT

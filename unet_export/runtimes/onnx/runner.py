@@ -105,8 +105,10 @@ class OnnxRuntimeRunner(Runner):
         return super().for_throughput(streams)
 
     def throughput_choices(self) -> list[int | None]:
+        # one run at a time first: the allocator keeps what concurrent runs took, which would
+        # count in the next setting's peak memory
         cores = physical_cores()
-        return [cores, 1] if self.wanted == "cpu" and cores > 1 else [None]
+        return [1, cores] if self.wanted == "cpu" and cores > 1 else [None]
 
     def throughput_setting(self) -> str:
         if self.streams == 1:

@@ -91,6 +91,11 @@ def test_the_cli_takes_mode_and_the_report_records_it(workdir, mixed, tmp_path):
     streamed = CliRunner().invoke(app, ["predict", str(workdir), str(mixed), "--out", str(tmp_path / "t"), "--runtime",
                                         "openvino"])  # fmt: skip
     assert streamed.exit_code == 0 and "\nthroughput mode: THROUGHPUT hint, " in streamed.stdout, streamed.output
+    # every mask already done: the runtime never ran, so no setting is claimed
+    done = CliRunner().invoke(app, ["predict", str(workdir), str(mixed), "--out", str(tmp_path / "t"), "--runtime",
+                                    "openvino", "--resume", "--report", str(report)])  # fmt: skip
+    assert done.exit_code == 0 and " mode:" not in done.stdout, done.output
+    assert (json.loads(report.read_text())["mode"], json.loads(report.read_text())["setting"]) == ("throughput", "")
     bad = CliRunner().invoke(app, ["predict", str(workdir), str(mixed), "--out", str(tmp_path / "x"), "--mode", "fast"])
     assert bad.exit_code == 2 and bad.stderr.strip() == "error: --mode 'fast': choose one of throughput, latency"
     assert not (tmp_path / "x").exists()

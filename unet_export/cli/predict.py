@@ -91,7 +91,8 @@ def _summary(result: Report, report_path: Path | None) -> None:
     if result.skipped:
         line += f"; {len(result.skipped)} already done (--resume)"
     console.print(line)
-    console.print(f"{result.mode} mode: {result.setting}")  # what the runtime ran: a stream, or one batch at a time
+    if result.setting:  # what the runtime ran, a stream or one batch at a time ("": it did not run)
+        console.print(f"{result.mode} mode: {result.setting}")
     if report_path is not None:
         console.print(f"report: {report_path}")
     if result.failed:

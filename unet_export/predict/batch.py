@@ -65,7 +65,7 @@ def prepare(model, inputs: list[Path], out: Path, options: PredictOptions, *, de
     for job in done:
         report.add(Outcome(job, job.mask(out), skipped=True))
     if not use_ray:  # the Ray job runs one batch at a time per worker (the report's default)
-        report.mode, report.setting = options.mode, ""  # the setting: once the runner has run (run_local)
+        report.mode, report.setting = options.mode, ""  # the setting once the runner ran (run_local); "": it did not
     return Prepared(predictor, todo, out, options, report, note, str(model), not out.exists())
 
 

@@ -31,7 +31,8 @@ class Report:
     workers: int
     engine: str = "local"  # local | ray
     # latency: one runtime call at a time (the Ray job's workers); throughput: the runner's stream of
-    # batches (Runner.for_throughput, the local pipeline's default). setting: what the runtime ran.
+    # batches (Runner.for_throughput, the local pipeline's default). setting: what the runtime ran
+    # ("" when it did not run: every mask was already done, --resume).
     mode: str = "latency"
     setting: str = "one batch at a time"
     inputs: int = 0

@@ -129,7 +129,7 @@ def quantize_int8(weights: str | Path | None, calib: str | Path | list, workdir:
             quantizer = _nncf(workdir, sources, images, gates, max_dice_drop, control=mode != "auto")
         else:
             quantizer = OrtQuantizer(workdir / sources["onnx"]["path"], sources["onnx"]["inputs"][0]["name"], images)
-        ladder = {"presets": ATTEMPTS, "auto": FREE_ATTEMPTS}.get(mode, {name: ATTEMPTS[name][:1]})[name]
+        ladder = {"presets": ATTEMPTS[name], "auto": FREE_ATTEMPTS[name]}.get(mode, ATTEMPTS[name][:1])  # none: the default
         attempts = [replace(a, fp32=kept) for a in ladder]
         budget = fallback_budget if mode == "auto" else None
         try:

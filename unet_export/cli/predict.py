@@ -34,7 +34,8 @@ def predict_cmd(
                                                    "More than it was proven at is refused.")] = None,  # fmt: skip
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images, and threads writing masks.")] = 2,
     mode: Annotated[str, typer.Option(help="throughput: the runtime runs several batches at once, as it is fastest for a "
-                                      "stream (OpenVINO's async infer queue, ONNX Runtime's concurrent runs); latency: "
+                                      "stream (OpenVINO's async infer queue; ONNX Runtime's concurrent runs or one run on every core, "
+                                      "whichever the first batches measure faster); latency: "
                                       "one batch at a time. The masks are the same. --ray runs one batch at a time.")] = "throughput",  # fmt: skip
     runtime: Annotated[str, typer.Option(help="With a workdir: auto (the fastest verified artefact, timed here) or "
                                          "one of onnxruntime, openvino, openvino-int8, onnxruntime-int8, torchscript, "

@@ -21,12 +21,14 @@ from unet_export.errors import UserError
 from unet_export.fileio import environment_error, os_error_message
 from unet_export.inference.predictor import TILE
 from unet_export.predict.inputs import Job
+from unet_export.predict.probe import ThroughputProbe
 from unet_export.predict.report import Report
 from unet_export.predict.stages import Loaded, Outcome, Stages, infer, infer_stream, load, write
 
 
 DEFAULT_BATCH = 8  # --batch-size when none is given (or the artefact's largest proven batch, if smaller)
-MODES = ("throughput", "latency")  # --mode: the runner's stream of batches (Runner.for_throughput), or one call at a time
+# --mode: the runner's stream of batches (Runner.for_throughput, its setting measured: probe.py), or one call at a time
+MODES = ("throughput", "latency")
 
 
 @dataclass
@@ -55,8 +57,8 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
     stages, depth = stages_of(predictor, options), 2 * options.batch_size + options.workers
     runner = predictor.runner
     runner.shares_cpu = True
-    if options.mode == "throughput":
-        runner.for_throughput()
+    # throughput mode: the runner set up for a stream, its setting measured on the first calls
+    probe = ThroughputProbe(runner) if options.mode == "throughput" else None
     batcher = Batcher(predictor.max_batch(options.batch_size), limit=2 * options.batch_size, alone=TILE)
     with ThreadPoolExecutor(options.workers, "load", _background) as readers, \
             ThreadPoolExecutor(options.workers, "write", _background) as writers:
@@ -73,7 +75,7 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
         try:
             loading = prefetch(readers, partial(load, stages=stages, out=Path(out), resume=options.resume), jobs, depth)
             with runner, closing(loading):
-                for batch, classes in _inferred(predictor, _batches(loading, batcher, finish), refused, options.mode):
+                for batch, classes in _inferred(predictor, _batches(loading, batcher, finish), refused, probe):
                     for item, mask in zip(batch, classes):
                         writes.append(writers.submit(_write_and_record, report, item, mask, stages, Path(out)))
                     while len(writes) > depth or (writes and writes[0].done()):
@@ -86,7 +88,7 @@ def run_local(predictor, jobs: list[Job], out: Path, options: PredictOptions, re
                 future.cancel()
             raise
         finally:
-            report.mode, report.setting = _setting(runner, options.mode)
+            report.mode, report.setting = options.mode, probe.setting() if probe else "one batch at a time"
     return report
 
 
@@ -100,11 +102,12 @@ def _batches(loading: Iterator, batcher: "Batcher", finish: Callable[[Outcome], 
     yield from batcher.flush()
 
 
-def _inferred(predictor, batches: Iterator[list[Loaded]], refused, mode: str) -> Iterator[tuple[list[Loaded], list]]:
-    """Each batch with its classes, in order: streamed in throughput mode (stages.infer_stream),
-    else one runtime call at a time."""
-    if mode == "throughput":
-        yield from infer_stream(predictor, batches, refused)
+def _inferred(predictor, batches: Iterator[list[Loaded]], refused,
+              probe: ThroughputProbe | None) -> Iterator[tuple[list[Loaded], list]]:  # fmt: skip
+    """Each batch with its classes, in order: streamed in throughput mode (stages.infer_stream,
+    through the probe that chooses the setting), else one runtime call at a time."""
+    if probe is not None:
+        yield from infer_stream(predictor, batches, refused, probe.stream)
         return
     for batch in batches:
         try:
@@ -113,13 +116,6 @@ def _inferred(predictor, batches: Iterator[list[Loaded]], refused, mode: str) ->
             refused(batch, exc)
             continue
         yield batch, classes
-
-
-def _setting(runner, mode: str) -> tuple[str, str]:
-    """The mode and what the runtime ran, for the report."""
-    if mode == "throughput":
-        return mode, runner.throughput_setting()
-    return mode, "one batch at a time"
 
 
 def _write_and_record(report: Report, item: Loaded, classes, stages: Stages, out: Path) -> Outcome:

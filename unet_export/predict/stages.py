@@ -88,10 +88,11 @@ def infer(predictor, batch: list[Loaded]) -> list[np.ndarray]:
     return classes_of(predictor, batch, fit.logits(map(predictor.runner.infer, fit.calls)))
 
 
-def infer_stream(predictor, batches: Iterable[list[Loaded]],
-                 refused: Callable[[list[Loaded], UserError], None]) -> Iterator[tuple[list[Loaded], list[np.ndarray]]]:  # fmt: skip
+def infer_stream(predictor, batches: Iterable[list[Loaded]], refused: Callable[[list[Loaded], UserError], None],
+                 stream: Callable | None = None) -> Iterator[tuple[list[Loaded], list[np.ndarray]]]:  # fmt: skip
     """infer() for a stream of batches, through the runner's stream() (set up by for_throughput():
-    several calls in flight), each batch with its classes in the batches' order. Every call of a
+    several calls in flight) or ``stream`` (predict/probe.py: the same, choosing the setting on the
+    way), each batch with its classes in the batches' order. Every call of a
     batch goes into the one stream (its tiles and envelope parts too), so the runtime stays busy
     across batches; a batch refused before it runs (fit_input) goes to ``refused`` instead. The
     stream holds the runner's few calls in flight and the batches they belong to, no more."""
@@ -107,7 +108,7 @@ def infer_stream(predictor, batches: Iterable[list[Loaded]],
             pending.append((batch, fit))
             yield from fit.calls
 
-    outputs = (out for out, _ in predictor.runner.stream(calls()))
+    outputs = (out for out, _ in (stream or predictor.runner.stream)(calls()))
     for first in outputs:
         batch, fit = pending.popleft()
         logits = fit.logits(itertools.chain([first], itertools.islice(outputs, len(fit.calls) - 1)))

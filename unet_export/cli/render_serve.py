@@ -107,6 +107,10 @@ def load_line(load) -> str:
     errors = f"; {counted(len(load.errors), 'error')}, first: {escape(load.errors[0])}" if load.errors else ""
     timing = (f"{load.requests_per_s:.1f} requests/s, latency p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f} ms, "
               f"p99 {lat['p99']:.1f} ms") if lat else "no answers"  # fmt: skip
+    split = load.server_ms
+    server = (f"; in the server per request: queue {split['queue']:.1f} ms, input {split['compute_input']:.1f}, execute "
+              f"{split['compute_infer']:.1f}, output {split['compute_output']:.1f}") if split else ""  # fmt: skip
     return (f"load test {load.model}: {load.clients} clients (half HTTP, half gRPC) x {load.requests} requests of "
             f"{dims(load.shape)} in {load.seconds:.1f} s: {load.answered}/{load.expected} answered, "
-            f"{load.mismatched} mismatched; {timing}; batches formed (size: executions) {batches}{errors}: {verdict}")  # fmt: skip
+            f"{load.mismatched} mismatched; {timing}{server}; batches formed (size: executions) {batches}{errors}: "
+            f"{verdict}")  # fmt: skip

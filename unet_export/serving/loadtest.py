@@ -1,6 +1,7 @@
-"""A bounded load test on a served model: N concurrent clients (half HTTP, half gRPC) each send M
-batch-1 requests back to back, and stop at a deadline. Reported: requests/s, latency p50/p90/p99,
-and the batch sizes dynamic batching formed (the server's statistics, before and after). Every
+"""A bounded load test on a served model: N concurrent clients (half HTTP, half gRPC, or one
+protocol) each send M requests of ``batch`` images back to back, and stop at a deadline. Reported:
+requests/s and images/s, latency p50/p90/p99, the batch sizes dynamic batching formed and where a
+request's time went in the server (its statistics, before and after). Every
 response is then compared with eager's output for the same input (after the timed part, so the
 comparison does not compete with the server for the CPU); every request must be answered and match."""
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from unet_export.parity.gate import compare, seeded_inputs, tolerance_from_record
 from unet_export.runtimes import EagerRunner
-from unet_export.serving.client import PROTOCOLS, TritonRunner, batch_counts
+from unet_export.serving.client import PROTOCOLS, SERVER_PARTS, TritonRunner, batch_counts, server_time_ns
 
 POOL = 4  # distinct inputs cycled through, so a wrong answer for one input cannot hide
 
@@ -24,6 +25,8 @@ class LoadReport:
     clients: int
     requests: int  # per client
     shape: list[int]
+    protocols: tuple[str, ...] = PROTOCOLS
+    binary: bool = True  # HTTP tensors as binary (tritonclient's default), else as JSON lists
     answered: int = 0
     mismatched: int = 0
     distinct_answers: int = 0  # (input, output bytes) pairs: batching may change the last bits
@@ -31,6 +34,7 @@ class LoadReport:
     seconds: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)
     batches: dict[int, int] = field(default_factory=dict)  # batch size -> executions
+    server_ms: dict[str, float] = field(default_factory=dict)  # SERVER_PARTS and "request": mean ms per request
 
     @property
     def expected(self) -> int:
@@ -41,35 +45,42 @@ class LoadReport:
         return self.answered / self.seconds if self.seconds else 0.0
 
     @property
+    def images_per_s(self) -> float:
+        return self.requests_per_s * self.shape[0]
+
+    @property
     def passed(self) -> bool:
         return self.answered == self.expected and not self.errors and self.mismatched == 0
 
 
 def load_test(server, name: str, config, model_record: dict, net, *, clients: int = 8, requests: int = 50,
-              deadline_s: float = 180.0, seed: int = 0, threshold: float = 0.0) -> LoadReport:  # fmt: skip
+              deadline_s: float = 180.0, seed: int = 0, threshold: float = 0.0, batch: int = 1,
+              protocols: tuple[str, ...] = PROTOCOLS, binary: bool = True) -> LoadReport:  # fmt: skip
     artifact = model_record["artifact"]
-    shape = [1, *artifact["parity_shapes"][0][1:]]
-    report = LoadReport(name, clients, requests, shape)
+    shape = [batch, *artifact["parity_shapes"][0][1:]]
+    report = LoadReport(name, clients, requests, shape, tuple(protocols), binary)
     inputs = seeded_inputs([tuple(shape)] * POOL, seed + 1)
     with EagerRunner(net, "cpu") as reference, EagerRunner(net, "cpu", "fp64") as exact:
         refs = [(reference.infer(x), exact.infer(x)) for x in inputs]  # fp32 and the float64 answer
-    before = _batch_counts(server, name, report)
+    before, spent = _batch_counts(server, name, report), _server_time(server, name, report)
     urls = {"http": server.http_url, "grpc": server.grpc_url}
     deadline = time.monotonic() + deadline_s
     io = (config.input[0].name, config.output[0].name)
     began = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
-        results = list(pool.map(lambda k: _client(k, urls, name, io, inputs, requests, deadline), range(clients)))
+        results = list(pool.map(lambda k: _client(k, report, urls, io, inputs, deadline), range(clients)))
     report.seconds = time.perf_counter() - began
-    report.batches = _formed(server, name, report, before, sum(len(lat) for lat, _, _ in results))
+    report.batches = _formed(server, name, report, before, batch * sum(len(lat) for lat, _, _ in results))
+    report.server_ms = _split(spent, _server_time(server, name, report))
     _judge(report, results, refs, tolerance_from_record(artifact.get("limits"), artifact["precision"]), threshold)
     return report
 
 
-def _client(k: int, urls: dict, name: str, io: tuple, inputs: list, requests: int, deadline: float):
-    """Client ``k`` (HTTP for even k, gRPC for odd): (latencies ms, [(input index, output)], errors)."""
-    protocol = PROTOCOLS[k % len(PROTOCOLS)]
-    runner = TritonRunner(urls[protocol], name, *io, protocol)
+def _client(k: int, report: LoadReport, urls: dict, io: tuple, inputs: list, deadline: float):
+    """Client ``k`` (the protocols in turn: with both, HTTP for even k, gRPC for odd):
+    (latencies ms, [(input index, output)], errors)."""
+    protocol, requests = report.protocols[k % len(report.protocols)], report.requests
+    runner = TritonRunner(urls[protocol], report.model, *io, protocol, binary=report.binary)
     latencies, outputs, errors = [], [], []
     try:
         runner.activate()
@@ -96,7 +107,7 @@ def _client(k: int, urls: dict, name: str, io: tuple, inputs: list, requests: in
 def _formed(server, name: str, report: LoadReport, before: dict[int, int], answered: int) -> dict[int, int]:
     """Executions per batch size during the test. Triton may record an execution's statistics
     after its responses went out, so the endpoint is read until it accounts for every answered
-    request (batch-1 requests: sum of size x executions), for at most 5 s."""
+    image (``answered``: the sum of size x executions), for at most 5 s."""
     deadline = time.monotonic() + 5.0
     while True:
         after = _batch_counts(server, name, report)
@@ -112,6 +123,22 @@ def _batch_counts(server, name: str, report: LoadReport) -> dict[int, int]:
     except Exception as exc:  # a server that died under load: reported, the load test still ends
         report.errors.append(f"statistics endpoint: {' '.join(str(exc).split())[:160]}")
         return {}
+
+
+def _server_time(server, name: str, report: LoadReport) -> dict[str, int]:
+    try:
+        return server_time_ns(server.http_url, name)
+    except Exception as exc:  # as _batch_counts
+        report.errors.append(f"statistics endpoint: {' '.join(str(exc).split())[:160]}")
+        return {}
+
+
+def _split(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Mean ms per request in each part of the server during the test (empty if unread)."""
+    requests = after.get("requests", 0) - before.get("requests", 0)
+    if not before or not after or requests <= 0:
+        return {}
+    return {part: (after[part] - before[part]) / requests / 1e6 for part in (*SERVER_PARTS, "request")}
 
 
 def _judge(report: LoadReport, results, refs, tol, threshold: float) -> None:

@@ -87,6 +87,7 @@ def test_repository_from_the_verified_artefacts(written, demo_workdir):
     assert sha256_file(written / "demo_unet_torchscript/1/model.pt") == entries["torchscript"]["sha256"]
     assert sha256_file(written / "demo_unet_python/1/model.onnx") == entries["onnx"]["sha256"]
     assert py.backend == "python" and _dims(py.input) == [("input", [3, -1, -1])]
+    assert py.HasField("dynamic_batching") and py.dynamic_batching.max_queue_delay_microseconds == 0  # no idle wait
     settings = json.loads(py.parameters["unet_export"].string_value)
     assert settings == {"role": "model", "runtime": "onnxruntime", "artifact": "model.onnx", "input": "input",
                         "output": "logits", "threads": 0, "precision_hint": "f32",

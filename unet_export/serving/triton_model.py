@@ -59,7 +59,8 @@ class Model:
         if settings["runtime"] == "onnxruntime":
             self.run = onnxruntime_session(path, threads)
         else:
-            self.run = OpenVinoModel(path, settings.get("precision_hint", "f32"), threads)
+            pinned = settings.get("instances", 1) == 1
+            self.run = OpenVinoModel(path, settings.get("precision_hint", "f32"), threads, pinned)
 
     def execute(self, requests, pb):
         xs = [np.from_dlpack(pb.get_input_tensor_by_name(r, self.input)) for r in requests]
@@ -146,13 +147,19 @@ def onnxruntime_session(path: str, threads: int):
 
 
 class OpenVinoModel:
-    """One static compilation per input shape (faster kernels than a dynamic one), at most 8 kept."""
+    """One static compilation per input shape (faster kernels than a dynamic one), at most 8 kept.
 
-    def __init__(self, path: str, precision_hint: str, threads: int):
+    ``pinned`` False for several instances: each instance is a stub process of its own, and
+    OpenVINO pins each process's threads to cores counted from the first, so two instances of one
+    thread each both ran on core 0 (benchmarks/serve.py: 2 instances 0.56x one instance, each
+    execute 3.5x longer); unpinned, the kernel spreads them (INT8, 2 clients: 1.1-1.4x one)."""
+
+    def __init__(self, path: str, precision_hint: str, threads: int, pinned: bool = True):
         import openvino as ov
 
         self.core, self.model = ov.Core(), ov.Core().read_model(path)
-        self.config = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+        self.config = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY",
+                       "ENABLE_CPU_PINNING": pinned}  # fmt: skip
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.compiled: dict[tuple, object] = {}

@@ -94,4 +94,27 @@ def test_the_check_reports_where_a_request_spends_its_time_in_the_server(tritons
     split = re.search(r"in the server per request: queue ([\d.]+) ms, input ([\d.]+), execute ([\d.]+), output ([\d.]+);",
                       out)  # fmt: skip
     assert split and float(split.group(3)) > 0, out  # the model's execute() took time
-    assert "8/8 answered, 0 mismatched" in out, out
+    assert "requests of 1x3x128x128 (seeded)" in out and "8/8 answered, 0 mismatched" in out, out
+
+
+def test_a_served_int8_model_is_load_tested_on_real_images(tritonserver, exports, tmp_path):
+    """Regression: `triton --formats python:int8 --check` judged the INT8 model's load-test
+    answers on seeded noise with the INT8 gate (on noise a trained model's logits sit near ties)
+    and failed a correct export, exit 1, though its parity on real images passed. Reduced
+    precision is judged on real images only: the load test now sends real ones."""
+    from unet_export.flows.demo import demo_calibration, DEMO_VAL
+
+    workdir = exports.copy(tmp_path / "w", DEMO_WEIGHTS, ("onnx", "openvino"), 128, 128)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in demo_calibration():
+        shutil.copy(path, calib / path.name)
+    result = runner.invoke(app, ["int8", str(DEMO_WEIGHTS), "-w", str(workdir), "--calib", str(calib), "--val",
+                                 str(DEMO_VAL), "--engine", "openvino", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    args = ["triton", "-w", str(workdir), "--repo", str(tmp_path / "repo"), "--formats", "python:int8", "--check",
+            "--clients", "2", "--requests", "4"]  # fmt: skip
+    result = runner.invoke(app, args)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "requests of 4x3x128x128 (real images)" in out and "8/8 answered, 0 mismatched" in out, out

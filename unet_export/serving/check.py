@@ -126,10 +126,15 @@ def check_served(repo: str | Path, *, tritonserver: str | Path | None = None, da
             report.masks += pipeline_masks(server, name, found, record, net, images)
         primary = next((n for n in logits_models if record["models"][n]["kind"] == "python"), logits_models[0])
         report.overload = over_max_batch(server, primary, found[primary], record)
+        real = load_images(record["models"][primary]["artifact"], record["model"], images)
+        if real is None:  # reduced precision and no real images: timed, its answers not judged
+            reason = why if not images else "none of the real images has a size it was proven at"
+            report.not_checked.setdefault(primary, not_judged(record["models"][primary]["artifact"]["precision"], reason))
+            report.notes.append(f"load test on {primary}: seeded requests, answers not judged (reduced precision)")
         on_step(f"load test: {clients} clients x {requests} requests on {primary}")
         report.load = load_test(server, primary, found[primary], record["models"][primary], net, clients=clients,
-                                requests=requests, deadline_s=deadline_s, seed=seed,
-                                threshold=mask_threshold(record["model"]["config"]))  # fmt: skip
+                                requests=requests, deadline_s=deadline_s, seed=seed, real=real or None,
+                                judge=real is not None, threshold=mask_threshold(record["model"]["config"]))  # fmt: skip
     report.server["stopped_s"] = server.stopped_in
     return report
 
@@ -226,6 +231,17 @@ def _real_batch(images: list[Path], model: dict, artifact: dict, limit: int) -> 
         same.pop()
     fits = rule.accepts(height) and rule.accepts(width) and inside(artifact, len(same), height, width)
     return [torch.stack(same)] if fits else []
+
+
+def load_images(artifact: dict, model: dict, images: list[Path]) -> list[torch.Tensor] | None:
+    """The load test's requests for a reduced-precision model: the batch of real images its
+    served parity is judged on (a reduced-precision gate judges a batch: Dice and class changes
+    over its pixels; on one small image alone it says less), in each rotation of its order, so
+    the requests differ; [] for FP32 (seeded requests); None where it has no real image it takes."""
+    if not judged_on_images_only(artifact["precision"]):
+        return []
+    batch = _real_batch(images, model, artifact, limit=4)
+    return [torch.roll(batch[0], k, dims=0) for k in range(len(batch[0]))] if batch else None
 
 
 def envelope_of(artifact: dict) -> Envelope | None:

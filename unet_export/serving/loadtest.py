@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from unet_export.parity.gate import compare, seeded_inputs, tolerance_from_record
 from unet_export.runtimes import EagerRunner
@@ -27,6 +28,8 @@ class LoadReport:
     shape: list[int]
     protocols: tuple[str, ...] = PROTOCOLS
     binary: bool = True  # HTTP tensors as binary (tritonclient's default), else as JSON lists
+    inputs: str = "seeded"  # what the requests carried: "seeded" or "real images"
+    judged: bool = True  # False: answers counted, not compared (reduced precision without real images)
     answered: int = 0
     mismatched: int = 0
     distinct_answers: int = 0  # (input, output bytes) pairs: batching may change the last bits
@@ -55,11 +58,17 @@ class LoadReport:
 
 def load_test(server, name: str, config, model_record: dict, net, *, clients: int = 8, requests: int = 50,
               deadline_s: float = 180.0, seed: int = 0, threshold: float = 0.0, batch: int = 1,
-              protocols: tuple[str, ...] = PROTOCOLS, binary: bool = True) -> LoadReport:  # fmt: skip
+              protocols: tuple[str, ...] = PROTOCOLS, binary: bool = True,
+              real: list[torch.Tensor] | None = None, judge: bool = True) -> LoadReport:  # fmt: skip
+    """``real``: request tensors of real images (all of one shape; their batch replaces
+    ``batch``), sent instead of seeded ones: what a reduced-precision model is judged on.
+    ``judge`` False: every answer must come, none is compared (a reduced-precision model on
+    seeded requests, where a comparison says nothing)."""
     artifact = model_record["artifact"]
-    shape = [batch, *artifact["parity_shapes"][0][1:]]
-    report = LoadReport(name, clients, requests, shape, tuple(protocols), binary)
-    inputs = seeded_inputs([tuple(shape)] * POOL, seed + 1)
+    shape = list(real[0].shape) if real else [batch, *artifact["parity_shapes"][0][1:]]
+    report = LoadReport(name, clients, requests, shape, tuple(protocols), binary, "real images" if real else "seeded",
+                        judge)  # fmt: skip
+    inputs = real[:POOL] if real else seeded_inputs([tuple(shape)] * POOL, seed + 1)
     with EagerRunner(net, "cpu") as reference, EagerRunner(net, "cpu", "fp64") as exact:
         refs = [(reference.infer(x), exact.infer(x)) for x in inputs]  # fp32 and the float64 answer
     before, spent = _batch_counts(server, name, report), _server_time(server, name, report)
@@ -91,7 +100,7 @@ def _client(k: int, report: LoadReport, urls: dict, io: tuple, inputs: list, dea
             if time.monotonic() > deadline:
                 errors.append(f"client {k}: {requests - i} requests not sent before the deadline")
                 break
-            j = (k + i) % POOL
+            j = (k + i) % len(inputs)
             began = time.perf_counter()
             try:
                 outputs.append((j, runner.infer(inputs[j])))
@@ -146,7 +155,7 @@ def _judge(report: LoadReport, results, refs, tol, threshold: float) -> None:
     report.answered = len(latencies)
     report.errors += [e for _, _, errors in results for e in errors]
     verdicts = {}  # identical answers (most are) are judged once: comparing costs more than serving
-    for _, outputs, _ in results:
+    for _, outputs, _ in results if report.judged else []:
         for j, out in outputs:
             key = (j, hashlib.sha256(out.numpy().tobytes()).hexdigest())
             if key not in verdicts:

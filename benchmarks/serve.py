@@ -11,9 +11,11 @@ afterwards, a deadline). Per batch size (the requests' batch):
 1. in-process: the same artefact with the same runtime in unet-bench's throughput mode (each
    setting the runtime offers, the fastest kept), at that batch, on seeded inputs;
 2. the repository as written, and as it was written before issue 29 (dynamic batching waiting up
-   to 2 ms to fill a batch), measured alternately, HTTP and gRPC apart, at each --concurrency: images/s, p50/p99
-   latency, the batch sizes dynamic batching formed, and the server's own split of a request's
-   time (queue, input hand-off, execute, output hand-off); served / in-process >= 0.8 is the target;
+   to 2 ms to fill a batch), measured alternately, HTTP and gRPC apart, at each --concurrency:
+   images/s, p50/p99 latency, the batch sizes dynamic batching formed, and the server's own split
+   of a request's time (queue, input hand-off, execute, output hand-off); served / in-process
+   >= 0.8 is the target. A reduced-precision model's requests are real images (the record's
+   held-out ones), judged as `triton --check` judges them;
 3. one cause at a time, each a change to the "before" repository or to the client, at
    --cause-concurrency over gRPC (HTTP for the tensor encoding), each measured alternately with
    "before": HTTP tensors as JSON, the instance count, the runtime's threads, dynamic batching's
@@ -21,7 +23,7 @@ afterwards, a deadline). Per batch size (the requests' batch):
    the model was tried and measured slower at batch 1 and 8: not kept.)
 
 The numbers are ratios measured in one run on a busy or quiet machine: run it alone.
-Results: benchmarks/results/<date>-serve-<cpu>.json and .md.
+Results: benchmarks/results/<date>-serve-<runtime>-<precision>[-<N>-instances]-<cpu>.json and .md.
 """
 
 import argparse
@@ -35,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -54,14 +55,15 @@ from unet_export.parity.gate import seeded_inputs  # noqa: E402
 from unet_export.runtimes import OnnxRuntimeRunner, OpenVinoRunner  # noqa: E402
 from unet_export.serving import configs  # noqa: E402
 from unet_export.serving.client import SERVER_PARTS  # noqa: E402
+from unet_export.serving.check import real_images  # noqa: E402
 from unet_export.serving.loadtest import load_test  # noqa: E402
+from unet_export.parity.realimages import judged_on_images_only  # noqa: E402
+from unet_export.data.dataset import Preprocess, image_to_tensor  # noqa: E402
+from unet_export.data.images import load_image  # noqa: E402
 from unet_export.serving.server import repository_server  # noqa: E402
 from unet_export.serving.validate import read_record  # noqa: E402
 from unet_export.workdir.manifest import checked_path, load_manifest  # noqa: E402
 from unet_export.workdir.ir import ir_weights  # noqa: E402
-
-TARGET = 0.8
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,11 +167,12 @@ class Bench:
     def measure(self, server, found, clients, protocols, binary=True) -> dict:
         model, record = found[self.name], self.record["models"][self.name]
         requests = max(3, math.ceil(self.inproc["img_per_s"] * self.seconds / (self.batch * clients)))
+        real = real_requests(self.record, self.batch)
         load_test(server, self.name, model, record, self.net, clients=clients, requests=2, batch=self.batch,
-                  protocols=protocols, binary=binary)  # warm-up: OpenVINO compiles per shape on first use
+                  protocols=protocols, binary=binary, real=real)  # warm-up: OpenVINO compiles per shape on first use
         report = load_test(server, self.name, model, record, self.net, clients=clients, requests=requests,
                            batch=self.batch, protocols=protocols, binary=binary, deadline_s=30 * self.seconds,
-                           threshold=mask_threshold(self.record["model"]["config"]))  # fmt: skip
+                           threshold=mask_threshold(self.record["model"]["config"]), real=real)  # fmt: skip
         row = {"protocol": "+".join(protocols) + ("" if binary else " (JSON)"), "clients": clients,
                "batch": self.batch, "requests": report.answered, "img_per_s": report.images_per_s,
                "latency_ms": report.latency_ms, "formed_batches": report.batches, "server_ms": report.server_ms,
@@ -188,6 +191,25 @@ class Bench:
         row["passed"] = all(r["passed"] for r in runs)
         row["requests"] = sum(r["requests"] for r in runs)
         return row
+
+
+def real_requests(record: dict, batch: int) -> list[torch.Tensor] | None:
+    """For a reduced-precision model (judged on real images only, as `triton --check` judges it):
+    requests of ``batch`` of the record's held-out images at the export size, cycled; None for FP32
+    (seeded requests)."""
+    name = next(iter(record["models"]))
+    artifact = record["models"][name]["artifact"]
+    if not judged_on_images_only(artifact["precision"]):
+        return None
+    images, why = real_images(record, None)
+    if not images:
+        sys.exit(f"{artifact['path']} is {artifact['precision']}: judged on real images only, and {why}")
+    n_channels = record["model"]["config"].get("n_channels", 3)
+    pp = Preprocess.from_dict(record["model"].get("preprocess"))
+    size = tuple(artifact["parity_shapes"][0][2:])
+    tensors = [t for t in (image_to_tensor(load_image(p, n_channels), pp, n_channels) for p in images)
+               if tuple(t.shape[-2:]) == size]  # fmt: skip
+    return [torch.stack([tensors[(k * batch + i) % len(tensors)] for i in range(batch)]) for k in range(4)]
 
 
 def fmt_split(split: dict) -> str:
@@ -279,7 +301,7 @@ def write(result: dict) -> None:
     for batch, part in result["batches"].items():
         inproc = part["in_process"]
         lines += [f"## Requests of batch {batch}: in-process {inproc['img_per_s']:.1f} img/s ({inproc['setting']})", "",
-                  "| repository | protocol | clients | img/s | served / in-process (>= 0.8) | p50 ms | p99 ms | server split ms "
+                  "| repository | protocol | clients | img/s | served / in-process (target >= 0.8) | p50 ms | p99 ms | server split ms "
                   "(queue, input, execute, output) | formed batches | answers match eager |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]  # fmt: skip
         lines += [row_line(r, "as written") for r in part["as_written"]] + [row_line(r, "before") for r in part["before"]]

@@ -608,16 +608,7 @@ def test_the_input_limit_is_passed_where_the_server_has_the_option(written, tmp_
 # --- a real server -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tritonserver():
-    """The bundled tritonserver (fetched into the cache on first use); skipped, with the reason,
-    only where the package registry cannot be reached."""
-    try:
-        return install.locate_tritonserver()
-    except UserError as exc:
-        if "cannot fetch" in str(exc):
-            pytest.skip(str(exc))
-        raise
+# tritonserver: tests/serving/conftest.py
 
 
 def test_triton_check_serves_the_repository_and_matches_eager(tritonserver, workdir, tmp_path):

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from unet_export.checkpoint import build_model
+from unet_export.cli.render_serve import load_line
 from unet_export.cli.main import app
-from unet_export.errors import UserError
 from unet_export.flows.demo import DEMO_WEIGHTS
-from unet_export.serving import configs, install, triton_model
+from unet_export.serving import configs, triton_model
 from unet_export.serving.check import check_inputs
 from unet_export.serving.client import SERVER_PARTS
 from unet_export.serving.loadtest import load_test
@@ -28,16 +28,6 @@ NAME = "demo_unet_python"
 def workdir(exports, tmp_path_factory):
     """The demo model's FP32 ONNX model and IR at its training size."""
     return exports.copy(tmp_path_factory.mktemp("served") / "exports", DEMO_WEIGHTS, ("onnx", "openvino"), 128, 128)
-
-
-@pytest.fixture(scope="module")
-def tritonserver():
-    try:
-        return install.locate_tritonserver()
-    except UserError as exc:
-        if "cannot fetch" in str(exc):
-            pytest.skip(str(exc))
-        raise
 
 
 @pytest.mark.parametrize("instances, pinned", [(1, True), (2, False)])
@@ -79,6 +69,8 @@ def test_the_load_test_takes_batches_one_protocol_and_json(tritonserver, workdir
             assert report.images_per_s == pytest.approx(report.requests_per_s * 8)
             assert set(report.server_ms) == {*SERVER_PARTS, "request"}
             assert 0 < report.server_ms["compute_infer"] <= report.server_ms["request"]
+            assert f"2 clients ({ {'http': 'HTTP', 'grpc': 'gRPC'}[protocol]}) x 3 requests of 8x3x128x128" in \
+                load_line(report)  # fmt: skip
         plain = load_test(server, NAME, model, record, net, clients=1, requests=2, batch=2, protocols=("http",),
                           binary=False)  # fmt: skip
         assert plain.passed and plain.answered == 2 and not plain.binary, plain
@@ -118,3 +110,6 @@ def test_a_served_int8_model_is_load_tested_on_real_images(tritonserver, exports
     out = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
     assert "requests of 4x3x128x128 (real images)" in out and "8/8 answered, 0 mismatched" in out, out
+    pairs = re.search(r"executions\) ((?:\d+: \d+(?:, )?)+)", out).group(1).split(", ")
+    formed = dict(map(int, pair.split(": ")) for pair in pairs)
+    assert sum(size * count for size, count in formed.items()) == 8 * 4, out  # every image of every request

@@ -111,6 +111,8 @@ def load_line(load) -> str:
     server = (f"; in the server per request: queue {split['queue']:.1f} ms, input {split['compute_input']:.1f}, execute "
               f"{split['compute_infer']:.1f}, output {split['compute_output']:.1f}") if split else ""  # fmt: skip
     judged = f"{load.mismatched} mismatched" if load.judged else "answers not judged"
-    return (f"load test {load.model}: {load.clients} clients (half HTTP, half gRPC) x {load.requests} requests of "
+    names = {"http": "HTTP", "grpc": "gRPC"}
+    protocols = "half HTTP, half gRPC" if len(load.protocols) > 1 else names[load.protocols[0]]
+    return (f"load test {load.model}: {load.clients} clients ({protocols}) x {load.requests} requests of "
             f"{dims(load.shape)} ({load.inputs}) in {load.seconds:.1f} s: {load.answered}/{load.expected} answered, "
             f"{judged}; {timing}{server}; batches formed (size: executions) {batches}{errors}: {verdict}")  # fmt: skip

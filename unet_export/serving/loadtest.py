@@ -79,7 +79,7 @@ def load_test(server, name: str, config, model_record: dict, net, *, clients: in
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = list(pool.map(lambda k: _client(k, report, urls, io, inputs, deadline), range(clients)))
     report.seconds = time.perf_counter() - began
-    report.batches = _formed(server, name, report, before, batch * sum(len(lat) for lat, _, _ in results))
+    report.batches = _formed(server, name, report, before, shape[0] * sum(len(lat) for lat, _, _ in results))
     report.server_ms = _split(spent, _server_time(server, name, report))
     _judge(report, results, refs, tolerance_from_record(artifact.get("limits"), artifact["precision"]), threshold)
     return report

@@ -149,10 +149,10 @@ def onnxruntime_session(path: str, threads: int):
 class OpenVinoModel:
     """One static compilation per input shape (faster kernels than a dynamic one), at most 8 kept.
 
-    ``pinned`` False for several instances: each instance is a stub process of its own, and
-    OpenVINO pins each process's threads to cores counted from the first, so two instances of one
-    thread each both ran on core 0 (benchmarks/serve.py: 2 instances 0.56x one instance, each
-    execute 3.5x longer); unpinned, the kernel spreads them (INT8, 2 clients: 1.1-1.4x one)."""
+    ``pinned`` False for several instances: each instance is a stub process of its own, and with
+    OpenVINO's default pinning two instances of one thread each ran 0.56x one instance, each
+    execute 3.5x longer, as if both were pinned to the same core (benchmarks/serve.py, a short
+    run); unpinned, the kernel spreads them (FP32, batch 8, 4 clients: 1.11x one)."""
 
     def __init__(self, path: str, precision_hint: str, threads: int, pinned: bool = True):
         import openvino as ov

@@ -52,18 +52,17 @@ from unet_export.checkpoint import build_model  # noqa: E402
 from unet_export.device import device_info  # noqa: E402
 from unet_export.models import mask_threshold  # noqa: E402
 from unet_export.parity.gate import seeded_inputs  # noqa: E402
-from unet_export.runtimes import OnnxRuntimeRunner, OpenVinoRunner  # noqa: E402
 from unet_export.serving import configs  # noqa: E402
 from unet_export.serving.client import SERVER_PARTS  # noqa: E402
 from unet_export.serving.check import real_images  # noqa: E402
+from unet_export.serving.selection import cpu_runner  # noqa: E402
 from unet_export.serving.loadtest import load_test  # noqa: E402
 from unet_export.parity.realimages import judged_on_images_only  # noqa: E402
 from unet_export.data.dataset import Preprocess, image_to_tensor  # noqa: E402
 from unet_export.data.images import load_image  # noqa: E402
 from unet_export.serving.server import repository_server  # noqa: E402
 from unet_export.serving.validate import read_record  # noqa: E402
-from unet_export.workdir.manifest import checked_path, load_manifest  # noqa: E402
-from unet_export.workdir.ir import ir_weights  # noqa: E402
+from unet_export.workdir.manifest import load_manifest  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,11 +118,10 @@ def in_process(workdir: Path, served: dict, batch: int, seconds: float) -> dict:
     timing: bench/throughput.py, each of the runtime's settings, the fastest kept)."""
     manifest = load_manifest(workdir)
     entry = next(e for e in manifest["artifacts"] if e["path"] == served["artifact"]["path"])
-    path = checked_path(workdir, entry)
     x = seeded_inputs([(batch, *served["artifact"]["parity_shapes"][0][1:])], 11)[0]
     cfg = BenchConfig(batch=batch, warmup=3, min_time=seconds, min_iters=5)
     best = None
-    runner = runner_for(served["runtime"], path, entry)
+    runner = cpu_runner(entry, served["runtime"], workdir)
     for choice in runner.throughput_choices():
         with runner.for_throughput(choice):
             latencies, wall, _ = time_stream(runner, x, runner.infer(x), cfg)
@@ -131,14 +129,6 @@ def in_process(workdir: Path, served: dict, batch: int, seconds: float) -> dict:
         if best is None or got["img_per_s"] > best["img_per_s"]:
             best = got
     return best
-
-
-def runner_for(runtime: str, path: Path, entry: dict):
-    if runtime == "onnxruntime":
-        return OnnxRuntimeRunner(path, "cpu", entry["precision"])
-    if entry["format"] == "openvino":
-        return OpenVinoRunner(path, "cpu", entry["precision"], weights=ir_weights(path, entry))
-    return OpenVinoRunner(path, "cpu", entry["precision"])
 
 
 @contextlib.contextmanager
@@ -156,6 +146,7 @@ class Bench:
     def __init__(self, name, net, record, batch, inproc, seconds, rounds):
         self.name, self.net, self.record, self.batch = name, net, record, batch
         self.inproc, self.seconds, self.rounds = inproc, seconds, rounds
+        self.real = real_requests(record, batch)  # read once: every measurement sends the same requests
 
     def paired(self, a, b, clients: int, protocols: tuple, binary=(True, True)) -> tuple[dict, dict]:
         runs = ([], [])
@@ -167,12 +158,11 @@ class Bench:
     def measure(self, server, found, clients, protocols, binary=True) -> dict:
         model, record = found[self.name], self.record["models"][self.name]
         requests = max(3, math.ceil(self.inproc["img_per_s"] * self.seconds / (self.batch * clients)))
-        real = real_requests(self.record, self.batch)
         load_test(server, self.name, model, record, self.net, clients=clients, requests=2, batch=self.batch,
-                  protocols=protocols, binary=binary, real=real)  # warm-up: OpenVINO compiles per shape on first use
+                  protocols=protocols, binary=binary, real=self.real)  # warm-up: OpenVINO compiles per shape on first use
         report = load_test(server, self.name, model, record, self.net, clients=clients, requests=requests,
                            batch=self.batch, protocols=protocols, binary=binary, deadline_s=30 * self.seconds,
-                           threshold=mask_threshold(self.record["model"]["config"]), real=real)  # fmt: skip
+                           threshold=mask_threshold(self.record["model"]["config"]), real=self.real)  # fmt: skip
         row = {"protocol": "+".join(protocols) + ("" if binary else " (JSON)"), "clients": clients,
                "batch": self.batch, "requests": report.answered, "img_per_s": report.images_per_s,
                "latency_ms": report.latency_ms, "formed_batches": report.batches, "server_ms": report.server_ms,

@@ -37,17 +37,12 @@ def infer(client, protocol: str, model: str, inputs: dict[str, np.ndarray], outp
     from tritonclient.utils import np_to_triton_dtype
 
     tensors = []
+    encoding = {"binary_data": binary} if protocol == "http" else {}  # gRPC's tensors have no other form
     for name, array in inputs.items():
         tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        if protocol == "http":
-            tensor.set_data_from_numpy(np.ascontiguousarray(array), binary_data=binary)
-        else:
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        tensor.set_data_from_numpy(np.ascontiguousarray(array), **encoding)
         tensors.append(tensor)
-    if protocol == "http":
-        wanted = [module.InferRequestedOutput(name, binary_data=binary) for name in outputs]
-    else:
-        wanted = [module.InferRequestedOutput(name) for name in outputs]
+    wanted = [module.InferRequestedOutput(name, **encoding) for name in outputs]
     if protocol == "grpc":
         result = client.infer(model, tensors, outputs=wanted, client_timeout=timeout_s)
     else:  # the HTTP client's network_timeout bounds the request
@@ -102,10 +97,11 @@ def model_statistics(url: str, model: str) -> list[dict]:
 SERVER_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
-def server_time_ns(url: str, model: str) -> dict[str, int]:
-    """Cumulative ns per SERVER_PARTS, plus "request" (arrival to response) and "requests"."""
+def server_time_ns(stats: list[dict]) -> dict[str, int]:
+    """Cumulative ns per SERVER_PARTS, plus "request" (arrival to response) and "requests", from
+    model_statistics()."""
     totals = dict.fromkeys((*SERVER_PARTS, "request", "requests"), 0)
-    for model_stats in model_statistics(url, model):
+    for model_stats in stats:
         stats = model_stats.get("inference_stats", {})
         for part in SERVER_PARTS:
             totals[part] += int(stats.get(part, {}).get("ns", 0))
@@ -114,11 +110,11 @@ def server_time_ns(url: str, model: str) -> dict[str, int]:
     return totals
 
 
-def batch_counts(url: str, model: str) -> dict[int, int]:
-    """{batch size: executions} from the server's statistics endpoint: the batches that dynamic
-    batching formed (a Python-backend execution counts the requests it received together)."""
+def batch_counts(stats: list[dict]) -> dict[int, int]:
+    """{batch size: executions} from model_statistics(): the batches that dynamic batching formed
+    (a Python-backend execution counts the requests it received together)."""
     counts: dict[int, int] = {}
-    for model_stats in model_statistics(url, model):
+    for model_stats in stats:
         for entry in model_stats.get("batch_stats", []):
             size = int(entry["batch_size"])
             counts[size] = counts.get(size, 0) + int(entry["compute_infer"]["count"])

@@ -15,7 +15,7 @@ import torch
 
 from unet_export.parity.gate import compare, seeded_inputs, tolerance_from_record
 from unet_export.runtimes import EagerRunner
-from unet_export.serving.client import PROTOCOLS, SERVER_PARTS, TritonRunner, batch_counts, server_time_ns
+from unet_export.serving.client import PROTOCOLS, SERVER_PARTS, TritonRunner, batch_counts, model_statistics, server_time_ns
 
 POOL = 4  # distinct inputs cycled through, so a wrong answer for one input cannot hide
 
@@ -69,9 +69,8 @@ def load_test(server, name: str, config, model_record: dict, net, *, clients: in
     report = LoadReport(name, clients, requests, shape, tuple(protocols), binary, "real images" if real else "seeded",
                         judge)  # fmt: skip
     inputs = real[:POOL] if real else seeded_inputs([tuple(shape)] * POOL, seed + 1)
-    with EagerRunner(net, "cpu") as reference, EagerRunner(net, "cpu", "fp64") as exact:
-        refs = [(reference.infer(x), exact.infer(x)) for x in inputs]  # fp32 and the float64 answer
-    before, spent = _batch_counts(server, name, report), _server_time(server, name, report)
+    refs = _references(net, inputs) if judge else []
+    before = _statistics(server, name, report)
     urls = {"http": server.http_url, "grpc": server.grpc_url}
     deadline = time.monotonic() + deadline_s
     io = (config.input[0].name, config.output[0].name)
@@ -79,8 +78,9 @@ def load_test(server, name: str, config, model_record: dict, net, *, clients: in
     with ThreadPoolExecutor(max_workers=clients) as pool:
         results = list(pool.map(lambda k: _client(k, report, urls, io, inputs, deadline), range(clients)))
     report.seconds = time.perf_counter() - began
-    report.batches = _formed(server, name, report, before, shape[0] * sum(len(lat) for lat, _, _ in results))
-    report.server_ms = _split(spent, _server_time(server, name, report))
+    after = _settled(server, name, report, before, shape[0] * sum(len(lat) for lat, _, _ in results))
+    report.batches = _formed(before, after)
+    report.server_ms = _split(before, after)
     _judge(report, results, refs, tolerance_from_record(artifact.get("limits"), artifact["precision"]), threshold)
     return report
 
@@ -113,41 +113,46 @@ def _client(k: int, report: LoadReport, urls: dict, io: tuple, inputs: list, dea
     return latencies, outputs, errors
 
 
-def _formed(server, name: str, report: LoadReport, before: dict[int, int], answered: int) -> dict[int, int]:
-    """Executions per batch size during the test. Triton may record an execution's statistics
-    after its responses went out, so the endpoint is read until it accounts for every answered
+def _references(net, inputs: list) -> list[tuple]:
+    """Eager's fp32 and float64 answer for each input."""
+    with EagerRunner(net, "cpu") as reference, EagerRunner(net, "cpu", "fp64") as exact:
+        return [(reference.infer(x), exact.infer(x)) for x in inputs]
+
+
+def _settled(server, name: str, report: LoadReport, before: list[dict], answered: int) -> list[dict]:
+    """The statistics once they account for the test. Triton may record an execution's statistics
+    after its responses went out, so the endpoint is read until its batches hold every answered
     image (``answered``: the sum of size x executions), for at most 5 s."""
     deadline = time.monotonic() + 5.0
     while True:
-        after = _batch_counts(server, name, report)
-        formed = {n: after[n] - before.get(n, 0) for n in sorted(after) if after[n] > before.get(n, 0)}
-        if sum(n * count for n, count in formed.items()) >= answered or time.monotonic() > deadline or not after:
-            return formed
+        after = _statistics(server, name, report)
+        if sum(n * count for n, count in _formed(before, after).items()) >= answered or time.monotonic() > deadline \
+                or not after:  # fmt: skip
+            return after
         time.sleep(0.1)
 
 
-def _batch_counts(server, name: str, report: LoadReport) -> dict[int, int]:
+def _statistics(server, name: str, report: LoadReport) -> list[dict]:
     try:
-        return batch_counts(server.http_url, name)
+        return model_statistics(server.http_url, name)
     except Exception as exc:  # a server that died under load: reported, the load test still ends
         report.errors.append(f"statistics endpoint: {' '.join(str(exc).split())[:160]}")
-        return {}
+        return []
 
 
-def _server_time(server, name: str, report: LoadReport) -> dict[str, int]:
-    try:
-        return server_time_ns(server.http_url, name)
-    except Exception as exc:  # as _batch_counts
-        report.errors.append(f"statistics endpoint: {' '.join(str(exc).split())[:160]}")
-        return {}
+def _formed(before: list[dict], after: list[dict]) -> dict[int, int]:
+    """Executions per batch size between two reads of the statistics."""
+    old, new = batch_counts(before), batch_counts(after)
+    return {n: new[n] - old.get(n, 0) for n in sorted(new) if new[n] > old.get(n, 0)}
 
 
-def _split(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+def _split(before: list[dict], after: list[dict]) -> dict[str, float]:
     """Mean ms per request in each part of the server during the test (empty if unread)."""
-    requests = after.get("requests", 0) - before.get("requests", 0)
-    if not before or not after or requests <= 0:
+    if not before or not after:
         return {}
-    return {part: (after[part] - before[part]) / requests / 1e6 for part in (*SERVER_PARTS, "request")}
+    old, new = server_time_ns(before), server_time_ns(after)
+    requests = new["requests"] - old["requests"]
+    return {part: (new[part] - old[part]) / requests / 1e6 for part in (*SERVER_PARTS, "request")} if requests > 0 else {}
 
 
 def _judge(report: LoadReport, results, refs, tol, threshold: float) -> None:

@@ -128,11 +128,16 @@ def choose_cpu_runtime(manifest: dict, workdir: Path, runtime: str = "auto", pre
     return RuntimeChoice(best, name, {f"{p} with {r}": round(ms, 2) for (p, r), ms in timings.items()}, shape)
 
 
-def _median_ms(entry: dict, runtime: str, workdir: Path, shape: tuple, repeats: int) -> float:
+def cpu_runner(entry: dict, runtime: str, workdir: Path):
+    """The runner for ``entry`` with ``runtime``, as the Python model runs it (an ONNX model may
+    run on OpenVINO)."""
     if entry["format"] == "onnx" and runtime == "openvino":
-        runner = OpenVinoRunner(checked_path(workdir, entry), "cpu", entry["precision"])
-    else:  # the runner that verified it (files checked against their sha256)
-        runner = artifact_runner(entry, workdir, "cpu")
+        return OpenVinoRunner(checked_path(workdir, entry), "cpu", entry["precision"])
+    return artifact_runner(entry, workdir, "cpu")  # the runner that verified it (files checked against their sha256)
+
+
+def _median_ms(entry: dict, runtime: str, workdir: Path, shape: tuple, repeats: int) -> float:
+    runner = cpu_runner(entry, runtime, workdir)
     (x,) = seeded_inputs([shape])
     try:
         with runner:

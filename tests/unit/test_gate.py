@@ -423,3 +423,22 @@ def test_every_option_an_fp32_failure_names_makes_it_pass():
         option, value = hint.split()
         fixed = compare(out, eager, tolerance_for("fp32", **{option.removeprefix("--"): float(value)}), exact=exact)
         assert fixed.passed, f"{hint} does not pass: {fixed.failures}"
+
+
+def test_each_input_records_the_checks_it_was_put_to_and_which_failed():
+    """CaseResult.checks (what JUnit reports one test case per check from): every check that ran,
+    in order, and each failed one's message is its failure line."""
+    exact = _two_class(90)
+    case = compare(_flip_to_class_0(exact, 15), exact.float(), FP16, exact=exact)
+    assert case.checks == {"output": True, "class change": False, "Dice": True}
+    assert case.failed_checks() == {"class change": case.failures[0]}
+    fp32 = compare(noisy(logits(), 1e-3), logits().float(), FP32, exact=logits())
+    assert list(fp32.checks) == ["output", "error vs float64", "class change"] and not fp32.checks["error vs float64"]
+    assert fp32.failed_checks()["error vs float64"].startswith("max error vs float64")
+    assert compare(logits().float(), logits().float(), FP32, exact=logits()).checks == dict.fromkeys(
+        ["output", "error vs float64", "class change"], True)  # fmt: skip
+    nan = compare(torch.full((1, 3, 4, 4), float("nan")), logits(shape=(1, 3, 4, 4)).float(), FP32)
+    assert nan.checks == {"output": False} and nan.failed_checks() == {"output": "output has NaN or Inf values"}
+    # A record from before checks were kept: its failures under one "parity" check.
+    old = replace(case, checks={})
+    assert old.failed_checks() == {"parity": case.failures[0]}

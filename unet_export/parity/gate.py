@@ -100,6 +100,15 @@ def tolerance_from_record(record: dict | None, precision: str) -> Tolerance:
                      record.get("min_dice"), record.get("rtol"))  # fmt: skip
 
 
+# The checks one input is put to, in the order they run (CaseResult.checks).
+OUTPUT = "output"  # the artefact's output has eager's shape and is finite
+ERROR = "error vs float64"  # within the error bound (FP32; "vs eager fp32" where no float64 ran)
+CLASS_CHANGE = "class change"  # share of pixels changing class, ties excluded
+DICE = "Dice"  # Dice against float64's mask (reduced precision)
+ALONE = "batch vs alone"  # a batch's output matches each of its images run alone
+CHECKS = (OUTPUT, ERROR, CLASS_CHANGE, DICE, ALONE)
+
+
 @dataclass
 class CaseResult:
     """One input batch: the statistics, and the checks that failed (empty when it passed)."""
@@ -122,10 +131,27 @@ class CaseResult:
     # batch > 1: the artefact's output for the batch against its output for each image alone
     alone: dict | None = None
     failures: list[str] = field(default_factory=list)
+    # each check this input was put to (CHECKS) -> passed; the failed ones' messages are
+    # ``failures``, in the same order (JUnit reports one test case per check)
+    checks: dict[str, bool] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    def check(self, name: str, failure: str = "") -> None:
+        """Record that the check ``name`` ran, and its failure message if it failed."""
+        self.checks[name] = not failure
+        if failure:
+            self.failures.append(failure)
+
+    def failed_checks(self) -> dict[str, str]:
+        """check -> its failure message, for the checks that failed (a record made before checks
+        were kept: every message under "parity")."""
+        failed = [name for name, ok in self.checks.items() if not ok]
+        if len(failed) != len(self.failures):
+            return {"parity": "; ".join(self.failures)} if self.failures else {}
+        return dict(zip(failed, self.failures))
 
     @property
     def judged_err(self) -> float:
@@ -176,12 +202,13 @@ def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torc
     a one-class output turns into class 1 (models.mask_threshold of the model's config)."""
     case = CaseResult(shape=list(ref.shape))
     if out.shape != ref.shape:
-        case.failures.append(f"output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}")
+        case.check(OUTPUT, f"output shape {tuple(out.shape)} differs from eager {tuple(ref.shape)}")
         return case
     out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
     if not torch.isfinite(out).all():
-        case.failures.append("output has NaN or Inf values")
+        case.check(OUTPUT, "output has NaN or Inf values")
         return case
+    case.check(OUTPUT)
     err = (out - ref).abs()
     case.max_abs_err, case.mean_abs_err = err.max().item(), err.mean().item()
     if exact is None:
@@ -202,39 +229,52 @@ def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torc
         tie_bound = allowed if allowed is not None else FP32.allowed(floor, scale)
     case.atol = allowed
     out_mask, ref_mask = logits_to_mask(out, threshold), logits_to_mask(target, threshold)
-    differ = out_mask != ref_mask
-    case.differing_pixels = int(differ.sum())
-    if tie_bound is not None:
-        # A pixel whose exact logits are within 2 x the allowed error of a tie may flip under any
-        # error the tolerance allows; it says nothing about the artefact, so it is counted apart
-        # and held against neither the class-change count nor Dice.
-        ties = differ & (decision_margin(target, threshold) <= 2 * tie_bound)
-        case.tie_pixels = int(ties.sum())
-        out_mask = torch.where(ties, ref_mask, out_mask)
+    differ, ties = class_changes(out_mask, target, threshold, tie_bound)
+    case.differing_pixels, case.tie_pixels = int(differ.sum()), int(ties.sum())
+    out_mask = torch.where(ties, ref_mask, out_mask)
     case.argmax_disagreement = (case.differing_pixels - case.tie_pixels) / out_mask.numel()
     case.dice_vs_eager = dice_score(out_mask, ref_mask, n_classes=ref.shape[1])
     _judge(case, tol, floor)
     return case
 
 
+def class_changes(out_mask: torch.Tensor, target: torch.Tensor, threshold: float,
+                  tie_bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(pixels whose class differs from ``target``'s decision, the ones among them that are ties),
+    as boolean masks: what the gate counts, and what the HTML report draws over the image.
+
+    A pixel whose exact logits are within 2 x ``tie_bound`` (the allowed error) of a tie may flip
+    under any error the tolerance allows; it says nothing about the artefact, so it is counted
+    apart and held against neither the class-change count nor Dice."""
+    differ = out_mask != logits_to_mask(target, threshold)
+    if tie_bound is None:
+        return differ, torch.zeros_like(differ)
+    return differ, differ & (decision_margin(target, threshold) <= 2 * tie_bound)
+
+
 def _judge(case: CaseResult, tol: Tolerance, floor: float | None) -> None:
-    if case.atol is not None and case.judged_err > case.atol:
-        case.failures.append(_error_failure(case, tol, floor))
-    if case.argmax_disagreement > tol.max_disagreement:
+    if case.atol is not None:
+        case.check(ERROR, _error_failure(case, tol, floor) if case.judged_err > case.atol else "")
+    if not case.argmax_disagreement > tol.max_disagreement:
+        case.check(CLASS_CHANGE)
+    else:
         changed = (f"{case.argmax_disagreement:.4%} of pixels change class, ties excluded (allowed "
                    f"{tol.max_disagreement:.4%})")  # fmt: skip
         if case.atol is not None:
             # Outside the ties a class change takes an error beyond the bound, so the error check
             # failed too and its option clears both; a gate with an error bound (FP32) takes no
             # --max-class-change (tolerance_for ignores it, the commands refuse it).
-            case.failures.append(f"{changed}: each is an error beyond the bound, cleared by the error check's option")
+            case.check(CLASS_CHANGE, f"{changed}: each is an error beyond the bound, cleared by the error check's option")
         else:
             needed = loosest(case.argmax_disagreement, lambda v: case.argmax_disagreement <= v)
-            case.failures.append(f"{changed}: would pass with --max-class-change {needed:g}")
-    if tol.min_dice is not None and case.dice_vs_eager < tol.min_dice:
+            case.check(CLASS_CHANGE, f"{changed}: would pass with --max-class-change {needed:g}")
+    if tol.min_dice is None:
+        return
+    if not case.dice_vs_eager < tol.min_dice:  # a NaN Dice (no pixels compared) is no failure, as before
+        case.check(DICE)
+    else:
         needed = loosest(case.dice_vs_eager, lambda v: case.dice_vs_eager >= v, up=False, digits=4)
-        case.failures.append(f"Dice vs eager {case.dice_vs_eager:.5f} < {tol.min_dice:g}: "
-                             f"would pass with --min-dice {needed:g}")  # fmt: skip
+        case.check(DICE, f"Dice vs eager {case.dice_vs_eager:.5f} < {tol.min_dice:g}: would pass with --min-dice {needed:g}")
 
 
 def _error_failure(case: CaseResult, tol: Tolerance, floor: float | None) -> str:
@@ -340,8 +380,8 @@ def judge_alone(case: CaseResult, batch: torch.Tensor, alone: list[torch.Tensor]
     single = torch.cat([a.detach().float().cpu() for a in alone])
     if single.shape != batch.shape or not torch.isfinite(single).all():
         case.alone = {"passed": False}
-        case.failures.append(f"run image by image the output is {tuple(single.shape)} or not finite, "
-                             f"where the batch gave {tuple(batch.shape)}")  # fmt: skip
+        case.check(ALONE, f"run image by image the output is {tuple(single.shape)} or not finite, "
+                          f"where the batch gave {tuple(batch.shape)}")  # fmt: skip
         return
     diff = (batch - single).abs().max().item()
     differ = logits_to_mask(batch, threshold) != logits_to_mask(single, threshold)
@@ -357,8 +397,7 @@ def judge_alone(case: CaseResult, batch: torch.Tensor, alone: list[torch.Tensor]
     elif case.atol is None and share > tol.max_disagreement:
         failure = f"{share:.4%} of pixels change class (allowed {tol.max_disagreement:.4%})"
     case.alone = {"max_abs_diff": diff, "allowed": case.atol, "class_change": share, "passed": not failure}
-    if failure:
-        case.failures.append(f"batch {batch.shape[0]} differs from each image run alone: {failure}")
+    case.check(ALONE, f"batch {batch.shape[0]} differs from each image run alone: {failure}" if failure else "")
 
 
 def _exact_logits(exact: Runner, x: torch.Tensor) -> torch.Tensor:

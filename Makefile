@@ -4,10 +4,14 @@
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: venv demo test test-ray test-all mutation lock clean
+.PHONY: venv browser demo test test-ray test-all mutation lock clean
 
 venv:
 	@PYTHON=$(PYTHON) bash scripts/venv.sh
+
+# Debian's Chromium, which the HTML report's browser test drives (scripts/chromium.sh; root + apt).
+browser:
+	@bash scripts/chromium.sh
 
 demo: venv
 	$(VENV)/bin/unet-export demo
@@ -19,7 +23,7 @@ demo: venv
 # threads on two cores and took 11:42 instead of 8:28 (2-core AMD EPYC, alone; one process: 17:37).
 CORES := $(shell nproc 2>/dev/null || echo 1)
 WORKERS := $(shell n=$(CORES); [ $$n -gt 4 ] && n=4; echo $$n)
-test: venv
+test: venv browser
 	OMP_NUM_THREADS=$$(( $(CORES) / $(WORKERS) )) $(VENV)/bin/python -m pytest -q -p no:logging -n $(WORKERS) --dist loadfile --durations=25
 
 # The Ray tests start a two-node cluster on 127.0.0.1 (about 90 s): kept out of `make test`'s
@@ -27,7 +31,7 @@ test: venv
 test-ray: venv
 	$(VENV)/bin/python -m pytest -q -p no:logging -m ray
 
-test-all: venv
+test-all: venv browser
 	$(VENV)/bin/python -m pytest -q -p no:logging -m "not gpu and not tensorrt"
 
 # mutmut over the verdict and storage modules (pyproject [tool.mutmut]); ends with the score line.

@@ -14,11 +14,11 @@ from unet_export.errors import UserError, require
 MODULES = sorted(m.name for m in pkgutil.walk_packages(unet_export.__path__, "unet_export.") if m.name != "unet_export.__main__")
 
 
-def test_every_module_imports_without_onnx_onnxruntime_or_tensorrt():
+def test_every_module_imports_without_onnx_onnxruntime_tensorrt_or_the_report_extra():
     """Each module imports with these packages unavailable, and none of them even tries to import
     one at import time (a top-level ``try: import onnx`` would pass the first check, not this one)."""
     blocked = ["onnx", "onnxruntime", "onnxscript", "tensorrt", "torchvision", "segmentation_models_pytorch", "timm",
-               "huggingface_hub"]
+               "huggingface_hub", "matplotlib", "jinja2"]
     code = (
         "import importlib, importlib.abc, sys\n"
         f"BLOCKED, tried = {blocked!r}, []\n"

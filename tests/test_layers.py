@@ -3,7 +3,7 @@
 inside a function, points down the layer order or stays in its layer, and no modules import each
 other in a loop.
 
-Layers, top to bottom: cli > api > serving > predict > bench > flows > parity > inference >
+Layers, top to bottom: cli > api > serving > predict > bench > report > flows > parity > inference >
 workdir > runtimes > base. A new module must be placed in PLACES (test_every_module_is_placed)."""
 
 import ast
@@ -14,7 +14,8 @@ import unet_export
 ROOT = Path(unet_export.__path__[0])
 PACKAGE = ROOT.name
 
-LAYERS = ["base", "runtimes", "workdir", "inference", "parity", "flows", "bench", "predict", "serving", "api", "cli"]
+LAYERS = ["base", "runtimes", "workdir", "inference", "parity", "flows", "report", "bench", "predict", "serving", "api",
+          "cli"]
 
 # module -> layer. "x.y" places x.y and everything under it; "x.y.*" only what is under x.y;
 # "unet_export" is the package's __init__ alone. The most specific name wins.
@@ -44,6 +45,8 @@ PLACES = {
     "unet_export.parity": "parity",
     # flows: one use case each, over a whole workdir (and the --json documents of every command)
     "unet_export.flows": "flows",
+    # report: the HTML / JUnit / job-summary writers over a command's result document
+    "unet_export.report": "report",
     # bench: the harness (run.py), its row rules (stats.py), its rows (backends.py)
     "unet_export.bench": "bench",
     # predict: batch prediction

@@ -25,6 +25,11 @@ use case lives in the module named beside its example, and the CLI calls the sam
     report = api.benchmark("exports", batch=8)                     # parity-gated rows, side by side
     api.prepare_workdir("weights.pth", "exports")         # unet-bench WEIGHTS: export what is missing
 
+    # Reports people and CI read (report/): an HTML page with pictures, JUnit XML, from a result document
+    doc = {"workdir": "exports", "artifacts": api.workdir_artifacts(Path("exports"))}  # what `unet-export report` reads
+    api.write_html(doc, Path("report.html"), data="val_set/")                         # re-runs each on real images
+    api.write_junit(doc, Path("report.xml"))
+
     # Use it (predict/, serving/repository.py, flows/cpp_check.py)
     masks = api.predict("exports/model.onnx", [Path("images/")], Path("masks"))
     api.write_repository("exports", "triton_repo")       # a Triton model repository
@@ -77,6 +82,10 @@ from unet_export.parity.gate import (
 )  # fmt: skip
 from unet_export.parity.run import run_parity
 from unet_export.predict import predict
+from unet_export.report.build import (
+    artefact_pictures, hold_against_recheck, workdir_artifacts, workdir_exit_code, write_html, write_junit,
+)  # fmt: skip
+from unet_export.report.summary import append_summary
 from unet_export.runtimes import EagerRunner
 from unet_export.runtimes.formats import FORMATS
 from unet_export.runtimes.onnx.export import DEFAULT_OPSET
@@ -93,7 +102,9 @@ __all__ = [
     # use cases
     "benchmark", "build_trt", "convert_labelme", "cpp_check", "evaluate", "export_artifact", "export_fp16_onnx",
     "export_openvino", "inspect_artifact", "make_synth", "predict", "prepare_workdir", "quantize_int8", "run_checks", "train",
-    "TrainConfig", "verify_workdir", "write_repository",
+    "TrainConfig", "verify_workdir", "write_repository", "workdir_artifacts", "workdir_exit_code", "write_html",
+    "write_junit", "append_summary",
+    "artefact_pictures", "hold_against_recheck",
     # an nn.Module instead of a checkpoint
     "from_module", "InputSpec", "EagerUnavailable",
     # pieces

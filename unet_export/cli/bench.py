@@ -10,7 +10,7 @@ from unet_export.bench.backends import BACKENDS
 from unet_export.bench.run import check_mode, exit_code
 from unet_export.bench.stats import MODES
 from unet_export.cli.common import cli_errors, console, run_app, working
-from unet_export.cli.jsonout import JsonOpt, json_result
+from unet_export.cli.jsonout import JsonOpt, JunitOpt, ReportOpt, json_result
 from unet_export.cli.options import DeviceOpt, FactoryOpt, VersionOpt, Workdir, model_choice
 from unet_export.cli.render_bench import bench_markdown, bench_tables, export_line, prepared_lines, row_line
 from unet_export.cli.tolerances import Atol, MaxClassChange, MinDice, Rtol
@@ -49,6 +49,8 @@ def bench(
                                                    "manifest records, else seeded noise, on which FP16/BF16/INT8 "
                                                    "rows are timed but not judged).")] = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the table as Markdown.")] = None,
     gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Exit 1 when a backend fails parity.")] = True,
     rtol: Rtol = None,
@@ -66,7 +68,8 @@ def bench(
     if checkpoint is not None and weights is not None:
         raise UserError("--weights names the workdir's moved checkpoint; with WEIGHTS given, leave it out")
     model = model_choice(None, model_factory=model_factory)
-    with json_result(json_path, "bench", "unet-bench") as out:
+    with json_result(json_path, "bench", "unet-bench", report=report_path, junit=junit_path) as out:
+        out.images = data  # the HTML report's pictures use the same images
         out["workdir"] = str(workdir)
         exports_passed = True
         if checkpoint is not None:

@@ -18,7 +18,7 @@ from unet_export.api import (
     require_real_images,
 )
 from unet_export.cli.common import cli_errors, working
-from unet_export.cli.jsonout import JsonOpt, json_result
+from unet_export.cli.jsonout import JsonOpt, JunitOpt, ReportOpt, json_result
 from unet_export.cli.options import (
     DeviceOpt, ModelOpt, RebuildFactoryOpt, Weights, Workdir, model_choice, with_model_flags,
 )  # fmt: skip
@@ -97,8 +97,9 @@ def envelope_options(max_batch: int | None, smallest: str | None, largest: str |
 STEP = {"onnx": "exporting ONNX", "torchscript": "scripting TorchScript", "aoti": "compiling the AOTInductor package"}
 
 
-def _export(fmt: str, weights: Path, workdir: Path, json_path: Path | None, **options) -> None:
-    with json_result(json_path, "export", f"unet-export {fmt}", workdir) as out:
+def _export(fmt: str, weights: Path, workdir: Path, json_path: Path | None, report_path: Path | None,
+            junit_path: Path | None, **options) -> None:
+    with json_result(json_path, "export", f"unet-export {fmt}", workdir, report=report_path, junit=junit_path) as out:
         with working(fmt, f"{STEP[fmt]} and checking parity"):
             result = export_artifact(weights, fmt, workdir, **options)
         out.add_export(result)
@@ -130,9 +131,12 @@ def onnx_cmd(
     min_dice: MinDice = None,
     data: RealData = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.onnx, checked against the eager model (exit 1 if parity fails)."""
-    with json_result(json_path, "export", "unet-export onnx", workdir) as out:
+    with json_result(json_path, "export", "unet-export onnx", workdir, report=report_path, junit=junit_path) as out:
+        out.images = data  # the HTML report's pictures use the same images
         _onnx(weights, workdir, out, opset=opset, height=height, width=width, static=static, fp16=fp16,
               max_batch=max_batch, smallest=smallest, largest=largest,
               fp32_layers=fp32_layers, device=device, model=model, rtol=rtol, atol=atol,
@@ -202,9 +206,11 @@ def torchscript_cmd(
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.ts (torch.jit.load / libtorch), checked against the eager model."""
-    _export("torchscript", weights, workdir, json_path, height=height, width=width, device=device.value, model=model,
+    _export("torchscript", weights, workdir, json_path, report_path, junit_path, height=height, width=width, device=device.value, model=model,
             rtol=rtol, atol=atol, **envelope_options(max_batch, smallest, largest))  # fmt: skip
 
 
@@ -224,9 +230,11 @@ def aoti_cmd(
     rtol: Rtol = None,
     atol: Atol = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.pt2 (AOTInductor, for torch::inductor::AOTIModelPackageLoader), verified."""
-    _export("aoti", weights, workdir, json_path, height=height, width=width, static=static, device=device.value, model=model,
+    _export("aoti", weights, workdir, json_path, report_path, junit_path, height=height, width=width, static=static, device=device.value, model=model,
             rtol=rtol, atol=atol, **envelope_options(max_batch, smallest, largest))  # fmt: skip
 
 
@@ -256,9 +264,12 @@ def trt_cmd(
     data: RealData = None,
     model_factory: RebuildFactoryOpt = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """The ONNX model in DIR -> DIR/<stem>.<precision>.engine, checked against eager CUDA."""
-    with json_result(json_path, "export", "unet-export trt", workdir) as out:
+    with json_result(json_path, "export", "unet-export trt", workdir, report=report_path, junit=junit_path) as out:
+        out.images = data  # the HTML report's pictures use the same images
         _trt(workdir, out, fp16=fp16, onnx=onnx, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
              profiles=profile, workspace=workspace, timing_cache=timing_cache, fp32_layers=fp32_layers, rtol=rtol,
              atol=atol,
@@ -304,11 +315,14 @@ def openvino_cmd(
     min_dice: MinDice = None,
     data: RealData = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Checkpoint -> DIR/<stem>.xml + .bin (OpenVINO IR, from the verified ONNX model), checked against eager on
     the CPU. The gate options judge the IR; an ONNX model exported first is judged as `onnx` judges it."""
     one_gate(fp16, rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice, to_fp32="drop --fp16")
-    with json_result(json_path, "export", "unet-export openvino", workdir) as out:
+    with json_result(json_path, "export", "unet-export openvino", workdir, report=report_path, junit=junit_path) as out:
+        out.images = data  # the HTML report's pictures use the same images
 
         def onnx_first(result: ExportResult) -> None:  # the ONNX model it converts, exported when missing
             out.add_export(result)
@@ -366,10 +380,13 @@ def int8_cmd(
     device: DeviceOpt = "auto",
     model: ModelOpt = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Checkpoint -> INT8 OpenVINO IR (NNCF) and/or INT8 ONNX (ONNX Runtime QDQ), calibrated on --calib and
     gated on real images (exit 1 if the gate fails)."""
-    with json_result(json_path, "export", "unet-export int8", workdir) as out:
+    with json_result(json_path, "export", "unet-export int8", workdir, report=report_path, junit=junit_path) as out:
+        out.images = val  # the HTML report's pictures use the same images
         show = shower(workdir)
 
         def on_result(result: ExportResult) -> None:  # each artefact as it lands, the FP32 ONNX source too

@@ -1,5 +1,7 @@
-"""`--json PATH` for every command that judges something: the option, and the block that writes
-the result document (unet_export/flows/results.py) when the command ends, however it ends.
+"""`--json PATH`, `--report PATH.html` and `--junit PATH.xml` for every command that judges
+something: the options, and the block that writes the result document (unet_export/flows/results.py)
+when the command ends, however it ends, with the HTML and JUnit reports made from that same
+document (unet_export/report) and, where GITHUB_STEP_SUMMARY names a file, the job summary.
 
 Written temp + rename (never half a file), also on exit 1 (a failed gate is the result CI wants)
 and on exit 2/3 (the document then carries ``error``, the line printed on stderr, and whatever
@@ -7,6 +9,7 @@ results were reached): a file at PATH always describes the latest run that got p
 parsing. A PATH that cannot be written is refused (exit 2) before any work starts.
 """
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator
@@ -17,6 +20,7 @@ from unet_export.cli.common import exit_status
 from unet_export.errors import UserError
 from unet_export.fileio import write_json
 from unet_export.flows.results import artifact_record, check_writable, envelope, finish, with_floor_ratio
+from unet_export.api import append_summary, write_html, write_junit
 from unet_export.workdir.manifest import load_manifest
 
 JsonOpt = Annotated[
@@ -26,30 +30,49 @@ JsonOpt = Annotated[
 ]  # fmt: skip
 
 
-class Result:
-    """The document a command fills while it runs; without --json every call does nothing."""
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option("--report", metavar="PATH.html", help="Also write an HTML report to PATH: verdicts, gate numbers "
+                 "and pictures of where each artefact's masks differ (docs/reports.md), also when the command fails."),
+]  # fmt: skip
+JunitOpt = Annotated[
+    Path | None,
+    typer.Option("--junit", metavar="PATH.xml", help="Also write a JUnit XML report to PATH: a test case per "
+                 "artefact and gate check, for CI's test view (docs/reports.md), also when the command fails."),
+]  # fmt: skip
+SUMMARY = "GITHUB_STEP_SUMMARY"
 
-    def __init__(self, path: Path | None, schema: str, command: str):
-        self.path = path
-        self.doc = envelope(schema, command) if path is not None else {}
+
+class Result:
+    """The document a command fills while it runs; without --json, --report, --junit or a job
+    summary to write, every call does nothing. ``images``: the real images the command was given
+    (--data), which the HTML report's pictures use too."""
+
+    def __init__(self, path: Path | None, schema: str, command: str, report: Path | None = None,
+                 junit: Path | None = None):  # fmt: skip
+        self.path, self.report, self.junit = path, report, junit
+        self.active = any(p is not None for p in (path, report, junit)) or bool(os.environ.get(SUMMARY))
+        self.doc = envelope(schema, command) if self.active else {}
+        self.images: Path | None = None
+        self.pictures: dict = {}  # the HTML's pictures: how many images each artefact runs on, the page's note
 
     def __setitem__(self, key: str, value) -> None:
-        if self.path is not None:
+        if self.active:
             self.doc[key] = value
 
     def update(self, values: dict) -> None:
-        if self.path is not None:
+        if self.active:
             self.doc |= values
 
     def add_export(self, result) -> None:
         """One published artefact (an api.ExportResult), as its manifest entry records it."""
-        if self.path is not None:
+        if self.active:
             self.doc.setdefault("artifacts", []).append(artifact_record(result.entry) | {"seconds": round(result.seconds, 3)})
 
     def add_verify(self, report) -> None:
         """verify's verdicts (a flows.verify.VerifyReport): this run's status and gate numbers per
         artefact; one that was not judged here (unavailable, not_judged, changed) has no parity."""
-        if self.path is None:
+        if not self.active:
             return
         entries = {(e["format"], e["precision"]): e for e in load_manifest(report.workdir)["artifacts"]}
         self.doc["inputs"], self.doc["device"] = report.inputs, report.host["device"]
@@ -63,7 +86,7 @@ class Result:
     def add_evaluate(self, report: dict, workdir: Path) -> None:
         """evaluate's report as it always was (eager, images, artifacts), each artefact row with
         its file's sha256 from the manifest."""
-        if self.path is None:
+        if not self.active:
             return
         hashes = {}
         if (workdir / "manifest.json").is_file() and report["artifacts"]:
@@ -73,30 +96,42 @@ class Result:
 
 
 @contextmanager
-def json_result(path: Path | None, schema: str, command: str, workdir: Path | None = None) -> Iterator[Result]:
-    """A Result for the command's block, written to ``path`` when the block ends: its exit code
-    comes from the typer.Exit it raises, or from the error boundary's mapping of its exception."""
-    if path is not None:
-        check_writable(path)
-    result = Result(path, schema, command)
+def json_result(path: Path | None, schema: str, command: str, workdir: Path | None = None, *,
+                report: Path | None = None, junit: Path | None = None) -> Iterator[Result]:  # fmt: skip
+    """A Result for the command's block, written to ``path`` (and ``report``, ``junit``, the job
+    summary) when the block ends: its exit code comes from the typer.Exit it raises, or from the
+    error boundary's mapping of its exception."""
+    for option, target in (("--json", path), ("--report", report), ("--junit", junit)):
+        if target is not None:
+            check_writable(target, option)
+    result = Result(path, schema, command, report, junit)
     if workdir is not None:
         result["workdir"] = str(workdir)
         result["artifacts"] = []
     try:
         yield result
     except BaseException as exc:
-        if path is not None and not isinstance(exc, BrokenPipeError):
+        if result.active and not isinstance(exc, BrokenPipeError):
             code, message = exit_status(exc)
-            _write(path, finish(result.doc, code, result.doc.pop("error", "") or message))
+            _write_all(result, finish(result.doc, code, result.doc.pop("error", "") or message))
         raise
     else:
-        if path is not None:
-            _write(path, finish(result.doc, 0))
+        if result.active:
+            _write_all(result, finish(result.doc, 0))
 
 
-def _write(path: Path, doc: dict) -> None:
-    try:
-        write_json(path, doc)
-    except OSError as exc:  # checked writable at the start; the disk filled up or it changed since
-        raise UserError(f"cannot write --json {path}: {exc.strerror or exc}") from None
-
+def _write_all(result: Result, doc: dict) -> None:
+    """Every output the command was asked for, from the one finished document."""
+    outputs = (("--json", result.path, lambda target: write_json(target, doc)),
+               ("--junit", result.junit, lambda target: write_junit(doc, target)),
+               ("--report", result.report, lambda target: write_html(doc, target, data=result.images, **result.pictures)))  # fmt: skip
+    written = []
+    for option, target, write in outputs:
+        if target is None:
+            continue
+        try:
+            write(target)
+        except OSError as exc:  # checked writable at the start; the disk filled up or it changed since
+            raise UserError(f"cannot write {option} {target}: {exc.strerror or exc}") from None
+        written.append(target)
+    append_summary(doc, written)

@@ -25,7 +25,7 @@ FAMILIES = (export, verify, train, predict, serve, data, system)
 # The order `unet-export --help` lists the commands in, as it always has (Typer lists a group such
 # as `data` after the commands, wherever it is added).
 HELP_ORDER = ("onnx", "torchscript", "aoti", "cpp-check", "doctor", "trt", "verify", "demo", "train", "evaluate",
-              "predict", "triton", "serve", "openvino", "int8", "inspect", "data")  # fmt: skip
+              "predict", "triton", "serve", "openvino", "int8", "inspect", "report", "data")  # fmt: skip
 
 
 def _attach(name: str, command) -> None:

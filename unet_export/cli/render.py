@@ -8,6 +8,7 @@ from rich.text import Text
 
 from unet_export.api import ExportResult
 from unet_export.parity.gate import GATE_IMAGES, ParityReport
+from unet_export.text import gate_rule, x_floor  # noqa: F401 (render_* import them from here)
 
 
 def whole_column(table: Table, header: str, cells, **kwargs) -> None:
@@ -51,26 +52,8 @@ def cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def gate_rule(limits: dict | None, name: str) -> str:
-    """The rule a parity report was judged by, in words."""
-    if limits and (limits.get("rtol") is not None or limits.get("atol") is not None):
-        return (f"{name} tolerance: max |err vs float64| <= {limits.get('rtol') or 0:g} x noise floor + "
-                f"{limits.get('atol') or 0:g} x max(1, |logit|), no class change outside float64 ties")  # fmt: skip
-    if limits:
-        dice = f", Dice >= {limits['min_dice']:g}" if limits.get("min_dice") is not None else ""
-        return f"{name} tolerance: class change vs float64 <= {limits['max_class_change']:.2%} (ties excluded){dice}"
-    return f"{name} tolerance"
-
-
 def _sci(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}e}"
-
-
-def x_floor(ratio) -> str:
-    """An error in units of the noise floor: 0.79, 1.00, 169, 3.6e+07."""
-    if ratio is None:
-        return "-"
-    return f"{ratio:.2f}" if ratio < 100 else f"{ratio:.0f}" if ratio < 1e5 else f"{ratio:.1e}"
 
 
 def parity_table(result: ExportResult | ParityReport) -> Table:

@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
-from unet_export.api import cpp_check, evaluate, verify_workdir
+from unet_export.api import (
+    artefact_pictures, cpp_check, evaluate, hold_against_recheck, verify_workdir, workdir_artifacts, workdir_exit_code,
+)  # fmt: skip
 from unet_export.cli.common import cli_errors, console, fail, working
-from unet_export.cli.jsonout import JsonOpt, json_result
+from unet_export.cli.jsonout import JsonOpt, JunitOpt, ReportOpt, json_result
 from unet_export.cli.options import (
     Device,
     DeviceOpt,
@@ -42,10 +44,13 @@ def verify_cmd(
     min_dice: MinDice = None,
     model_factory: RebuildFactoryOpt = None,
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Re-run the parity gate of every artefact in DIR's manifest on this machine and record the
     verdicts (exit 1 if one fails, 2 if a file changed since it was verified)."""
-    with json_result(json_path, "verify", "unet-export verify", workdir) as out:
+    with json_result(json_path, "verify", "unet-export verify", workdir, report=report_path, junit=junit_path) as out:
+        out.images = data  # the HTML report's pictures use the same images
         with working("verify", f"re-running the parity gate of every artefact in {workdir}"):
             report = verify_workdir(workdir, data=data, images=images, device=device.value, weights=weights,
                                     rtol=rtol, atol=atol, max_class_change=max_class_change, min_dice=min_dice,
@@ -76,9 +81,12 @@ def evaluate_cmd(
     model: ModelOpt = None,
     device: RunDeviceOpt = "auto",
     json_path: JsonOpt = None,
+    report_path: ReportOpt = None,
+    junit_path: JunitOpt = None,
 ) -> None:
     """Mean Dice against ground truth for the eager model and every artefact in DIR, side by side."""
-    with json_result(json_path, "evaluate", "unet-export evaluate") as out:
+    with json_result(json_path, "evaluate", "unet-export evaluate", report=report_path, junit=junit_path) as out:
+        out.images = data  # the HTML report's pictures use the same images
         out["workdir"], out["data"] = str(workdir), str(data)
         report = evaluate(weights, data, workdir if workdir.is_dir() else None, device=device.value,
                           mask_suffix=mask_suffix, model=model, max_pixels=max_pixels,
@@ -107,4 +115,42 @@ def cpp_check_cmd(
     raise typer.Exit(1 if any(r["status"] == "parity_failed" for r in rows) else 0)
 
 
-COMMANDS = {"verify": verify_cmd, "evaluate": evaluate_cmd, "cpp-check": cpp_check_cmd}
+@cli_errors
+def report_cmd(
+    workdir: Workdir = Path("exports"),
+    data: Annotated[Path | None, typer.Option(help="Real images for the pictures (a folder, or a dataset with imgs/); "
+                                              "default: the images the manifest records.")] = None,  # fmt: skip
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH.html", help="The HTML report.")] = Path("report.html"),
+    images: Annotated[int, typer.Option(help="Real images each artefact runs on for the pictures; the 3 where it "
+                                        "disagrees most are drawn.")] = 8,  # fmt: skip
+    json_path: JsonOpt = None,
+    junit_path: JunitOpt = None,
+) -> None:
+    """An HTML report of every artefact in DIR, for a person to judge the release from: the verdicts and gate
+    numbers its manifest records, and each artefact re-run here on a few real images, drawn where its masks
+    differ most (exit 1 if an artefact failed, 2 if a file changed since it was verified)."""
+    if images < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--images")
+    with json_result(json_path, "report", "unet-export report", workdir, report=output, junit=junit_path) as out:
+        out.images = data
+        out.pictures = {"note": "Verdicts and gate numbers as manifest.json records them (the latest export or verify "
+                        "of each artefact), held against a re-run here, on the CPU, on real images."}  # fmt: skip
+        with working("report", f"re-running every artefact of {workdir} on real images for the pictures"):
+            artifacts = workdir_artifacts(workdir)
+            pictures = artefact_pictures({"workdir": str(workdir), "artifacts": artifacts}, data=data, images=images)
+        hold_against_recheck(artifacts, pictures)
+        out.pictures["pictures"] = pictures
+        out["artifacts"] = artifacts
+        for art in artifacts:
+            line = f"{art['path']}: {art['status']} ({art['format']} {art['precision']}, judged {art['judged']})"
+            console.print(line + (f"\n  {art['reason']}" if art.get("reason") else ""), soft_wrap=True, markup=False)
+        console.print(f"writing {output}")
+        code = workdir_exit_code(artifacts)
+        if code == 2:
+            reason = "; ".join(a["reason"] for a in artifacts if a["status"] in ("changed", "missing"))
+            out["error"] = reason
+            fail(reason, 2)
+        raise typer.Exit(code)
+
+
+COMMANDS = {"verify": verify_cmd, "evaluate": evaluate_cmd, "cpp-check": cpp_check_cmd, "report": report_cmd}

@@ -21,7 +21,7 @@ from unet_export.errors import UserError
 from unet_export.workdir.manifest import tool_versions, utc_now
 
 SCHEMA_VERSION = 1
-SCHEMAS = ("export", "verify", "evaluate", "doctor", "bench")
+SCHEMAS = ("export", "verify", "evaluate", "doctor", "bench", "report")
 ENVELOPE = ("schema", "command", "time", "seconds", "host", "versions", "exit_code", "verdict")
 ARTIFACT = ("path", "format", "precision", "status", "sha256", "bytes", "parity")
 # Every runtime unet-export drives: absent ones are null, so a document says what was not there.
@@ -152,16 +152,16 @@ def json_safe(value):
     return value
 
 
-def check_writable(path: Path) -> None:
-    """Refuse, before any work, a --json PATH that cannot be written: a folder, a folder that is a
-    file, or a place this user may not write. Nothing is created here."""
+def check_writable(path: Path, option: str = "--json") -> None:
+    """Refuse, before any work, a --json (--report, --junit) PATH that cannot be written: a folder,
+    a folder that is a file, or a place this user may not write. Nothing is created here."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"--json {path} is a folder; give a file name")
+        raise UserError(f"{option} {path} is a folder; give a file name")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise UserError(f"--json {path}: {folder} is a file, not a folder")
+        raise UserError(f"{option} {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path.parent, os.W_OK)):
-        raise UserError(f"--json {path}: {folder} is not writable")
+        raise UserError(f"{option} {path}: {folder} is not writable")

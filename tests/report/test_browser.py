@@ -2,8 +2,8 @@
 Playwright; `make test` installs it with scripts/chromium.sh): the page renders, is not blank,
 every picture decodes, and the verdict is what the command said.
 
-With UNET_EXPORT_DOCS_SCREENSHOTS=1 the screenshots are also written to docs/images/, which is
-how the ones docs/reports.md shows were made.
+With UNET_EXPORT_DOCS_REPORT=PATH (the demo's report), the same checks run on that page and its
+screenshots are written to docs/images/: that is how the ones docs/reports.md shows were made.
 """
 
 import os
@@ -56,13 +56,31 @@ def report_page(int8_demo, tmp_path_factory):
 
 def test_the_report_renders_with_every_picture_and_the_verdict(browser, report_page, tmp_path):
     html, workdir = report_page
+    read_back(browser, html, len(load_manifest(workdir)["artifacts"]), tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("UNET_EXPORT_DOCS_REPORT"), reason="only when making the docs' screenshots")
+def test_the_docs_screenshots_of_the_demo_report(browser, tmp_path):
+    """UNET_EXPORT_DOCS_REPORT=report.html (what `unet-export report -w exports/demo --data
+    unet_export/assets/demo_val -o report.html` wrote after `make demo`): the same checks on that
+    page, and its screenshots written to docs/images/ for docs/reports.md."""
+    html = Path(os.environ["UNET_EXPORT_DOCS_REPORT"]).resolve()
+    artefacts = html.read_text().count('<section class="artefact"')
+    shot, section = read_back(browser, html, artefacts, tmp_path)
+    DOCS_IMAGES.mkdir(exist_ok=True)
+    shutil.copy(shot, DOCS_IMAGES / "report.png")
+    shutil.copy(section, DOCS_IMAGES / "report-int8.png")
+
+
+def read_back(browser, html: Path, artefacts: int, out: Path) -> tuple[Path, Path]:
+    """Open ``html`` (a passing report of ``artefacts`` artefacts, one an INT8 IR) in Chromium and
+    check what a person sees; the screenshots of its top and of the INT8 section."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(30_000)
     page.goto(html.as_uri(), wait_until="load")
-    shot = tmp_path / "report.png"
+    shot = out / "report.png"
     page.screenshot(path=str(shot))
     assert _not_blank(shot)
-    artefacts = len(load_manifest(workdir)["artifacts"])
     images = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth > 0)")
     assert images == [True] * (3 * 5 * artefacts)  # 3 images x 5 pictures per artefact, every one decoded
     assert page.inner_text("#verdict").startswith("PASSED (exit code 0)")
@@ -71,15 +89,11 @@ def test_the_report_renders_with_every_picture_and_the_verdict(browser, report_p
     rechecks = page.evaluate("[...document.querySelectorAll('.recheck')].map(p => p.dataset.passed)")
     assert rechecks == ["true"] * artefacts
     assert "sha256" in page.inner_text("#header") and "milesial" in page.inner_text("#header")
-    int8 = page.locator("#artefact-demo-unet-int8-xml")
-    section = tmp_path / "int8.png"
-    int8.screenshot(path=str(section))
+    section = out / "int8.png"
+    page.locator("section.artefact[id$='-int8-xml']").screenshot(path=str(section))
     assert _not_blank(section)
-    if os.environ.get("UNET_EXPORT_DOCS_SCREENSHOTS"):
-        DOCS_IMAGES.mkdir(exist_ok=True)
-        shutil.copy(shot, DOCS_IMAGES / "report.png")
-        shutil.copy(section, DOCS_IMAGES / "report-int8.png")
     page.close()
+    return shot, section
 
 
 def test_a_failed_verdict_reads_failed_in_the_browser(browser, exports, tmp_path):

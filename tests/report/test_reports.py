@@ -253,3 +253,36 @@ def test_without_the_report_extra_the_html_names_its_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UserError, match=r'pip install "unet-export\[report\]"'):
         charts.throughput_chart([], "t")
+
+
+def test_an_export_writes_its_report_with_pictures_on_the_data_it_was_given(exports, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for path in sorted((DEMO_VAL / "imgs").iterdir())[:3]:
+        shutil.copy(path, images / path.name)
+    html, xml = tmp_path / "e.html", tmp_path / "e.xml"
+    result = runner.invoke(app, ["onnx", str(exports.checkpoint("unet_v3.pth")), "-w", str(tmp_path / "w"), "--height", "64",
+                                 "--width", "64", "--device", "cpu", "--data", str(images), "--report", str(html),
+                                 "--junit", str(xml)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    page = Page(html.read_text())
+    assert page.sections == {"artefact-unet-v3-onnx": "verified"} and len(page.images) == 3 * 5
+    assert "the 3 of 3 real images" in html.read_text()
+    [suite] = read_junit(xml).getroot().findall("testsuite")
+    [entry] = load_manifest(tmp_path / "w")["artifacts"]
+    assert int(suite.get("tests")) == sum(len(c["checks"]) for c in entry["parity"]["cases"])
+
+
+def test_evaluate_junit_fails_each_row_below_the_dice_gate(int8_workdir, tmp_path):
+    from unet_export.flows.demo import DEMO_WEIGHTS
+
+    html, xml = tmp_path / "d.html", tmp_path / "d.xml"
+    result = runner.invoke(app, ["evaluate", str(DEMO_WEIGHTS), str(DEMO_VAL), "-w", str(int8_workdir), "--device", "cpu",
+                                 "--min-dice", "0.9999", "--junit", str(xml), "--report", str(html)])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    [suite] = read_junit(xml).getroot().findall("testsuite")
+    rows = 1 + len(load_manifest(int8_workdir)["artifacts"])  # eager and every artefact
+    assert int(suite.get("tests")) == int(suite.get("failures")) == rows
+    assert all("--min-dice 0.9999" in f.get("message") for f in suite.iter("failure"))
+    text = html.read_text()
+    assert "FAILED (exit code 1)" in text and "Accuracy against ground truth" in text and "Mean Dice on 24" in text

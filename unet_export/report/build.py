@@ -19,7 +19,8 @@ from unet_export.report.pictures import CANDIDATES, Pictures, workdir_pictures
 from unet_export.workdir.lookup import manifest_checkpoint
 from unet_export.workdir.manifest import MANIFEST_NAME, checked_path, load_manifest
 
-JUDGED = ("verified", "failed")  # verdicts reached on this artefact's file: the ones pictures can show
+# verdicts reached on this artefact's file (evaluate's "ok": scored on it): the ones pictures can show
+JUDGED = ("verified", "failed", "ok")
 
 
 def write_html(doc: dict, path: Path, *, data: str | Path | None = None, model=None, weights=None,
@@ -54,7 +55,7 @@ def artefact_pictures(doc: dict, *, data: str | Path | None = None, model=None, 
             pictures = {e["path"]: Pictures(note=f"no pictures: {exc}") for e in judged}
     for art in doc.get("artifacts") or []:
         if art.get("path") not in pictures:
-            pictures[art.get("path")] = Pictures(note=f"no pictures: {art.get('status')} here")
+            pictures[art.get("path")] = Pictures(note=f"no pictures: the artefact was not run here ({art.get('status')})")
     return pictures
 
 

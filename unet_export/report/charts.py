@@ -69,24 +69,30 @@ def throughput_chart(rows: list[dict], title: str) -> str:
 
 
 def latency_chart(rows: list[dict], title: str) -> str:
-    """Each row's latency per batch: a line from min to max, a dot at p50 and a tick at p99."""
+    """Each row's latency per batch: a line from min to max, a dot at p50 and a tick at p99; on a
+    log axis when the rows differ by more than 20x (one slow row would flatten the rest)."""
     plt = _pyplot()
     timed = [r for r in rows if (r.get("latency_ms") or {}).get("p50") is not None]
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * max(len(timed), 1) + 1.2))
     for i, row in enumerate(timed):
         lat = row["latency_ms"]
         ax.plot([lat.get("min", lat["p50"]), lat.get("max", lat["p99"])], [i, i], color="#bdbdbd", linewidth=1)
-        ax.plot([lat["p50"]], [i], "o", color=P50, label="p50" if i == 0 else None)
-        ax.plot([lat["p99"]], [i], "|", color=P99, markersize=14, markeredgewidth=2, label="p99" if i == 0 else None)
+        ax.plot([lat["p50"]], [i], "o", color=P50)
+        ax.plot([lat["p99"]], [i], "|", color=P99, markersize=14, markeredgewidth=2)
         ax.text(lat.get("max", lat["p99"]), i, f"  p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms", va="center",
                 fontsize=8)  # fmt: skip
     ax.set_yticks(range(len(timed)), [row_label(r) for r in timed])
     ax.invert_yaxis()
-    right = max((r["latency_ms"].get("max", r["latency_ms"]["p99"]) for r in timed), default=1.0)
-    ax.set_xlim(0, right * 1.6)
-    ax.set_xlabel("milliseconds per batch (less is better); grey: min to max")
+    lows = [r["latency_ms"].get("min", r["latency_ms"]["p50"]) for r in timed]
+    highs = [r["latency_ms"].get("max", r["latency_ms"]["p99"]) for r in timed]
+    if lows and min(lows) > 0 and max(highs) / min(lows) > 20:
+        ax.set_xscale("log")
+        ax.set_xlim(min(lows) / 1.5, max(highs) * 8)
+        scale = "log scale"
+    else:
+        ax.set_xlim(0, max(highs, default=1.0) * 1.6)
+        scale = "linear"
+    ax.set_xlabel(f"milliseconds per batch, {scale} (less is better): dot p50, bar p99, grey min to max")
     ax.set_title(title, fontsize=10, loc="left")
-    if timed:
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)

@@ -29,7 +29,8 @@ def render_html(doc: dict, *, model: dict | None = None, entries: dict[str, dict
     document leaves out); ``pictures``: per artefact path; ``note``: how the page was made."""
     jinja2 = require("jinja2", extra="report")
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters |= {"sci": _sci, "pct": _pct, "xfloor": x_floor, "size": _size, "dims": _dims}
+    env.filters |= {"sci": _sci, "pct": _pct, "xfloor": lambda r: x_floor(r) if _number(r) else "-", "size": _size,
+                    "dims": _dims}
     template = env.from_string(TEMPLATE.read_text())
     model = model or (doc.get("config") or {}).get("model")
     artifacts = [_artifact(a, (entries or {}).get(a.get("path"), {}), (pictures or {}).get(a.get("path")))
@@ -141,16 +142,20 @@ def _evaluate(doc: dict) -> dict | None:
             "gate": doc.get("gate") or {}, "rows": doc.get("artifacts") or []}  # fmt: skip
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _sci(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}e}"
+    return f"{value:.{digits}e}" if _number(value) else "-"
 
 
 def _pct(value, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}%}"
+    return f"{value:.{digits}%}" if _number(value) else "-"
 
 
 def _size(n) -> str:
-    if n is None:
+    if not _number(n):
         return "-"
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -160,4 +165,4 @@ def _size(n) -> str:
 
 
 def _dims(shape) -> str:
-    return "x".join(map(str, shape or []))
+    return "x".join(map(str, shape)) if isinstance(shape, (list, tuple)) else "-"

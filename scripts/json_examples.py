@@ -46,11 +46,14 @@ def documents(tmp: Path) -> dict[str, str]:
         run(app, ["doctor", "--json", str(tmp / "doctor.json")])
         run(bench_app, [weights, "-w", work, "--backends", "eager,onnxruntime,torchscript", *size, "--json",
                         str(tmp / "bench.json")], env={"UNET_BENCH_WARMUP": "1", "UNET_BENCH_ITERS": "5"})  # fmt: skip
+        run(app, ["report", "-w", work, "-o", str(tmp / "report.html"), "--images", "2", "--json",
+                  str(tmp / "report.json")])  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if made_exports:
             shutil.rmtree("exports", ignore_errors=True)
-    return {name: (tmp / f"{name}.json").read_text() for name in ("export", "verify", "evaluate", "doctor", "bench")}
+    names = ("export", "verify", "evaluate", "doctor", "bench", "report")
+    return {name: (tmp / f"{name}.json").read_text() for name in names}
 
 
 def main() -> None:

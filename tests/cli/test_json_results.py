@@ -224,14 +224,17 @@ def test_bench_refuses_another_checkpoints_workdir_and_a_missing_checkpoint(demo
 
 
 def test_every_judging_command_takes_json_path():
-    """The commands that export-and-gate or judge: each has --json (doctor's takes an optional PATH)."""
+    """The commands that export-and-gate or judge: each has --json (doctor's takes an optional PATH),
+    and all but doctor --report and --junit (issue 30)."""
     import typer.main
 
     group = typer.main.get_command(app)
-    for name in ("onnx", "torchscript", "aoti", "openvino", "int8", "trt", "verify", "evaluate", "doctor"):
+    for name in ("onnx", "torchscript", "aoti", "openvino", "int8", "trt", "verify", "evaluate", "doctor", "report"):
         options = {opt for param in group.commands[name].params for opt in getattr(param, "opts", [])}
         assert "--json" in options, name
-    assert "--json" in {o for p in typer.main.get_command(bench_app).params for o in p.opts}
+        assert name in ("doctor", "report") or {"--report", "--junit"} <= options, name
+    bench_options = {o for p in typer.main.get_command(bench_app).params for o in p.opts}
+    assert {"--json", "--report", "--junit"} <= bench_options
 
 
 def test_docs_show_a_real_example_of_each_schema(exported, demo_exported, tmp_path):
@@ -242,8 +245,12 @@ def test_docs_show_a_real_example_of_each_schema(exported, demo_exported, tmp_pa
     for block in re.findall(r"```json\n(.*?)```", DOCS.read_text(), re.S):
         doc = json.loads(block)
         examples[doc["schema"]] = doc
-    assert set(examples) == {schema_name(s) for s in ("export", "verify", "evaluate", "doctor", "bench")}
+    assert set(examples) == {schema_name(s) for s in ("export", "verify", "evaluate", "doctor", "bench", "report")}
+    report = runner.invoke(app, ["report", "-w", str(exported[1]), "-o", str(tmp_path / "r.html"), "--images", "1",
+                                 "--json", str(tmp_path / "report.json")])  # fmt: skip
+    assert report.exit_code == 0, report.output
     written = {
+        "report": json.loads((tmp_path / "report.json").read_text()),
         "export": json.loads(exported[2]["onnx"].json.read_text()),
         "bench": json.loads((demo_exported[0] / "b.json").read_text()),
         "doctor": json.loads(_doctor_document(tmp_path).read_text()),

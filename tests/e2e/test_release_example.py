@@ -56,8 +56,12 @@ def test_release_workflow_runs_green_on_cpu(tmp_path):
         else:
             assert proc.returncode == 0, f"{step['name']}: {proc.stderr[-2000:]}"
     assert ran == ["Export ONNX and TorchScript (parity-gated on CUDA)", "Build the TensorRT FP16 engine (parity-gated)",
-                   "Benchmark every runtime, parity-gated", "Job summary"]  # fmt: skip
+                   "Benchmark every runtime, parity-gated", "The page the release is signed off from", "Job summary"]  # fmt: skip
     bench = json.loads((checkout / "reports" / "bench.json").read_text())
     assert bench["config"]["inputs"].endswith("demo_val") and {r["status"] for r in bench["results"]} <= {"ok", "unavailable"}
-    assert "| backend |" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| backend |" in summary and "`unet-export report` passed (exit code 0)" in summary
+    for name in ("onnx", "torchscript", "trt", "bench", "report"):  # every step's JUnit, the TRT step's too (exit 2)
+        assert (checkout / "reports" / f"{name}.xml").is_file(), name
+    assert "PASSED (exit code 0)" in (checkout / "reports" / "report.html").read_text()
     assert (checkout / "exports" / "manifest.json").is_file()

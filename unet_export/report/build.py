@@ -64,9 +64,7 @@ def hold_against_recheck(artifacts: list[dict], pictures: dict[str, Pictures]) -
     on the real images is reported failed (exit 1), with why: the page never shows a verdict the
     pictures beside it contradict, and it agrees with what verify on those images would find."""
     for art in artifacts:
-        recheck = getattr(pictures.get(art.get("path")), "recheck", None)
-        if recheck is not None:
-            art["recheck"] = recheck
+        recheck = art["recheck"] = getattr(pictures.get(art.get("path")), "recheck", None)  # null: not re-run here
         if art.get("status") == "verified" and recheck and not recheck["passed"]:
             art["status"] = "failed"
             art["reason"] = (f"recorded as verified {art.get('judged', '')}, but re-run here on {recheck['images']} real "

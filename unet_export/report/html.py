@@ -82,7 +82,7 @@ def _artifact(artifact: dict, entry: dict, pictures: Pictures | None) -> dict:
         "quantization": _quantization(quantization),
         "pictures": pictures,
         "envelope": artifact.get("envelope"),
-        "fallback": artifact.get("fallback"),
+        "fallback": _fallback(artifact.get("fallback")),
         "accuracy": artifact.get("accuracy"),
         "id": "artefact-" + "".join(ch if ch.isalnum() else "-" for ch in str(artifact.get("path"))),
     }
@@ -122,6 +122,20 @@ def _quantization(quantization: dict) -> dict | None:
     if quantization.get("ignored_scope"):
         facts.append(("kept in FP32", ", ".join(map(str, quantization["ignored_scope"]))))
     return {"facts": facts, "attempts": quantization.get("attempts") or [], "worked": quantization.get("worked")}
+
+
+def _fallback(search) -> dict | None:
+    """--fallback auto's search for the fewest layers to keep in FP32 (flows/fallback.record)."""
+    if not isinstance(search, dict):
+        return None
+    found = search.get("found")
+    facts = [("searched", f"{search.get('seconds')} s of a {search.get('budget_s')} s budget"),
+             ("kept in FP32", ", ".join(map(str, found)) if found else "no set found that passes")]  # fmt: skip
+    if search.get("flag"):
+        facts.append(("to rebuild it", search["flag"]))
+    steps = ([search["base"]] if isinstance(search.get("base"), dict) else []) + [
+        s for s in search.get("steps") or [] if isinstance(s, dict)]  # fmt: skip
+    return {"facts": facts, "steps": steps}
 
 
 def _bench(doc: dict) -> dict:

@@ -12,11 +12,15 @@ case with the reason; a file that changed or is missing is an error.
 
 import xml.etree.ElementTree as ET
 
-from unet_export.parity.gate import CaseResult
+from unet_export.parity.gate import ALONE, CLASS_CHANGE, DICE, ERROR, OUTPUT, CaseResult
 from unet_export.text import gate_rule
 
 NUMBERS = ("max_err_fp64", "noise_floor", "floor_ratio", "atol", "max_abs_err", "argmax_disagreement", "tie_pixels",
            "dice_vs_eager")  # fmt: skip
+# The numbers each check is decided by, in its test case's system-out (all of them: the suite's properties).
+CHECK_NUMBERS = {OUTPUT: ("shape",), ERROR: ("max_err_fp64", "noise_floor", "floor_ratio", "atol"),
+                 CLASS_CHANGE: ("argmax_disagreement", "differing_pixels", "tie_pixels"), DICE: ("dice_vs_eager",),
+                 ALONE: ("max_abs_diff", "allowed", "class_change")}  # fmt: skip
 ERRORS = ("changed", "missing", "unreferenced")  # verify: the file is not the verified one, or cannot be judged
 SKIPS = ("unavailable", "not_judged")
 
@@ -95,7 +99,7 @@ def _artifact_suite(artifact: dict, doc: dict) -> ET.Element:
         _case(suite, classname, "Dice vs ground truth", failure=parity.get("error", "") if accuracy_error else "",
               out=_numbers(accuracy, ("images", "eager_dice", "dice", "drop", "max_drop")))  # fmt: skip
     recheck = artifact.get("recheck")  # unet-export report: the gate re-run on real images
-    if recheck is not None:
+    if recheck:
         _case(suite, classname, f"re-run on {recheck['images']} real images",
               failure="; ".join(recheck["failures"]) if not recheck["passed"] else "")  # fmt: skip
     if not list(suite.iter("testcase")):  # judged on nothing: one case with the verdict
@@ -109,9 +113,10 @@ def _input_cases(suite: ET.Element, classname: str, i: int, record: dict) -> Non
     where = "x".join(map(str, case.shape)) + "".join(f" {record[k]}" for k in ("label", "probe") if record.get(k))
     failed = case.failed_checks()
     checks = list(case.checks) or ["parity"]  # a record from before the checks were kept
-    out = _numbers(record, NUMBERS)
     for check in checks:
-        _case(suite, classname, f"input {i} ({where}): {check}", failure=failed.get(check, ""), out=out)
+        numbers = record.get("alone") or {} if check == ALONE else record
+        _case(suite, classname, f"input {i} ({where}): {check}", failure=failed.get(check, ""),
+              out=_numbers(numbers, CHECK_NUMBERS.get(check, NUMBERS)))  # fmt: skip
 
 
 def _bench_suite(doc: dict) -> ET.Element:

@@ -90,6 +90,8 @@ def artefact_pictures(workdir: Path, manifest: dict, entry: dict, paths: list[Pa
     which one image alone may exceed while its batch passes)."""
     if entry["format"] == "tensorrt":
         return Pictures(note="no pictures: a TensorRT engine runs on CUDA only and this report ran on the CPU")
+    if entry["format"] == "aoti" and entry.get("device", "cpu") != "cpu":
+        return Pictures(note=f"no pictures: compiled for {entry.get('device')}, and this report ran on the CPU")
     model = manifest["model"]
     pp = Preprocess.from_dict(model.get("preprocess"))
     images = torch.cat(fitted(image_batches(paths, int(model["config"].get("n_channels", 3)), pp), entry))

@@ -23,7 +23,8 @@ def summary_markdown(doc: dict, files: list[Path] | None = None) -> str:
         lines += ["| artefact | format | precision | verdict | worst x floor | worst class change |", "|---|---|---|---|---|---|"]
         for art in doc["artifacts"]:
             cases = (art.get("parity") or {}).get("cases") or []
-            ratios = [c["floor_ratio"] for c in cases if c.get("floor_ratio") is not None]
+            fp32 = art.get("precision") == "fp32"  # reduced precision has no error bound: its ratio says nothing
+            ratios = [c["floor_ratio"] for c in cases if c.get("floor_ratio") is not None and fp32]
             changes = [c["argmax_disagreement"] for c in cases if c.get("argmax_disagreement") is not None]
             name = f"`{Path(workdir) / art['path'] if workdir else art['path']}`"
             status = art.get("status") or ""
@@ -40,7 +41,17 @@ def summary_markdown(doc: dict, files: list[Path] | None = None) -> str:
         lines.append("")
     if files:
         lines += ["Reports: " + ", ".join(f"`{f}`" for f in files), ""]
+    run = run_url()
+    if run:
+        lines += [f"Artefacts uploaded by this run: [{run}#artifacts]({run}#artifacts)", ""]
     return "\n".join(lines) + "\n"
+
+
+def run_url() -> str:
+    """The GitHub Actions run's page (its uploaded artefacts are listed there), from the variables
+    GitHub sets in every step; empty elsewhere."""
+    parts = [os.environ.get(k, "") for k in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY", "GITHUB_RUN_ID")]
+    return f"{parts[0]}/{parts[1]}/actions/runs/{parts[2]}" if all(parts) else ""
 
 
 def append_summary(doc: dict, files: list[Path] | None = None) -> Path | None:

@@ -58,7 +58,8 @@ def test_release_workflow_runs_green_on_cpu(tmp_path):
     assert ran == ["Export ONNX and TorchScript (parity-gated on CUDA)", "Build the TensorRT FP16 engine (parity-gated)",
                    "Benchmark every runtime, parity-gated", "The page the release is signed off from", "Job summary"]  # fmt: skip
     bench = json.loads((checkout / "reports" / "bench.json").read_text())
-    assert bench["config"]["inputs"].endswith("demo_val") and {r["status"] for r in bench["results"]} <= {"ok", "unavailable"}
+    # the held-out images the checkpoint's sidecar names, recorded in the manifest (the demo's 24)
+    assert bench["config"]["inputs"] == "24 held-out images (recorded)" and {r["status"] for r in bench["results"]} <= {"ok", "unavailable"}
     summary = (tmp_path / "summary.md").read_text()
     assert "| backend |" in summary and "`unet-export report` passed (exit code 0)" in summary
     for name in ("onnx", "torchscript", "trt", "bench", "report"):  # every step's JUnit, the TRT step's too (exit 2)

@@ -54,7 +54,7 @@ class Result:
         self.active = any(p is not None for p in (path, report, junit)) or bool(os.environ.get(SUMMARY))
         self.doc = envelope(schema, command) if self.active else {}
         self.images: Path | None = None
-        self.pictures: dict = {}  # the HTML's pictures: how many images each artefact runs on, the page's note
+        self.page: dict = {}  # write_html's options beyond the images: the page's note, pictures made already
 
     def __setitem__(self, key: str, value) -> None:
         if self.active:
@@ -124,7 +124,7 @@ def _write_all(result: Result, doc: dict) -> None:
     """Every output the command was asked for, from the one finished document."""
     outputs = (("--json", result.path, lambda target: write_json(target, doc)),
                ("--junit", result.junit, lambda target: write_junit(doc, target)),
-               ("--report", result.report, lambda target: write_html(doc, target, data=result.images, **result.pictures)))  # fmt: skip
+               ("--report", result.report, lambda target: write_html(doc, target, data=result.images, **result.page)))  # fmt: skip
     written = []
     for option, target, write in outputs:
         if target is None:

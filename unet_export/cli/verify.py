@@ -133,13 +133,13 @@ def report_cmd(
         raise typer.BadParameter("must be at least 1", param_hint="--images")
     with json_result(json_path, "report", "unet-export report", workdir, report=output, junit=junit_path) as out:
         out.images = data
-        out.pictures = {"note": "Verdicts and gate numbers as manifest.json records them (the latest export or verify "
+        out.page = {"note": "Verdicts and gate numbers as manifest.json records them (the latest export or verify "
                         "of each artefact), held against a re-run here, on the CPU, on real images."}  # fmt: skip
         with working("report", f"re-running every artefact of {workdir} on real images for the pictures"):
             artifacts = workdir_artifacts(workdir)
             pictures = artefact_pictures({"workdir": str(workdir), "artifacts": artifacts}, data=data, images=images)
         hold_against_recheck(artifacts, pictures)
-        out.pictures["pictures"] = pictures
+        out.page["pictures"] = pictures
         out["artifacts"] = artifacts
         for art in artifacts:
             line = f"{art['path']}: {art['status']} ({art['format']} {art['precision']}, judged {art['judged']})"

@@ -145,14 +145,22 @@ def _eager_or_recorded(workdir: Path, manifest: dict, weights, model=None) -> tu
         return None, Recorded(recorded_references(workdir, manifest, str(exc)), str(exc))
 
 
-def _integrity(entry: dict, workdir: Path) -> Verdict | None:
-    """A verdict for an entry whose file is missing or not the one verified, else None."""
+def integrity_problem(entry: dict, workdir: Path) -> tuple[str, str] | None:
+    """("missing" or "changed", why) for an entry whose file is not the one verified, else None
+    (verify, and `unet-export report`, say so of it)."""
     try:
         checked_path(workdir, entry)
         return None
     except IntegrityError as exc:
-        status = "missing" if "missing" in str(exc) else "changed"
-        return Verdict(entry["format"], entry["precision"], entry["path"], status, str(exc), sha256=entry.get("sha256"))
+        return ("missing" if "missing" in str(exc) else "changed"), str(exc)
+
+
+def _integrity(entry: dict, workdir: Path) -> Verdict | None:
+    """A verdict for an entry whose file is missing or not the one verified, else None."""
+    problem = integrity_problem(entry, workdir)
+    if problem is None:
+        return None
+    return Verdict(entry["format"], entry["precision"], entry["path"], *problem, sha256=entry.get("sha256"))
 
 
 def _verify_entry(entry: dict, workdir: Path, net, dev: torch.device, real: tuple[list[Path], str], seed: int,

@@ -229,7 +229,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torc
         tie_bound = allowed if allowed is not None else FP32.allowed(floor, scale)
     case.atol = allowed
     out_mask, ref_mask = logits_to_mask(out, threshold), logits_to_mask(target, threshold)
-    differ, ties = class_changes(out_mask, target, threshold, tie_bound)
+    differ, ties = class_changes(out_mask, ref_mask, target, threshold, tie_bound)
     case.differing_pixels, case.tie_pixels = int(differ.sum()), int(ties.sum())
     out_mask = torch.where(ties, ref_mask, out_mask)
     case.argmax_disagreement = (case.differing_pixels - case.tie_pixels) / out_mask.numel()
@@ -238,15 +238,16 @@ def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, *, exact: torc
     return case
 
 
-def class_changes(out_mask: torch.Tensor, target: torch.Tensor, threshold: float,
+def class_changes(out_mask: torch.Tensor, target_mask: torch.Tensor, target: torch.Tensor, threshold: float,
                   tie_bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(pixels whose class differs from ``target``'s decision, the ones among them that are ties),
-    as boolean masks: what the gate counts, and what the HTML report draws over the image.
+    """(pixels whose class differs from ``target``'s decision ``target_mask``, the ones among them
+    that are ties), as boolean masks: what the gate counts, and what the HTML report draws over
+    the image.
 
     A pixel whose exact logits are within 2 x ``tie_bound`` (the allowed error) of a tie may flip
     under any error the tolerance allows; it says nothing about the artefact, so it is counted
     apart and held against neither the class-change count nor Dice."""
-    differ = out_mask != logits_to_mask(target, threshold)
+    differ = out_mask != target_mask
     if tie_bound is None:
         return differ, torch.zeros_like(differ)
     return differ, differ & (decision_margin(target, threshold) <= 2 * tie_bound)

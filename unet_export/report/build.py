@@ -10,14 +10,15 @@ workdir's manifest gives the full entries and the eager model's checkpoint, ``da
 from pathlib import Path
 
 from unet_export.checkpoint import build_model
-from unet_export.errors import IntegrityError, UnetExportError, UserError
+from unet_export.errors import UnetExportError, UserError
 from unet_export.fileio import atomic_path
 from unet_export.flows.results import artifact_record
+from unet_export.flows.verify import integrity_problem
 from unet_export.report.html import render_html
 from unet_export.report.junit import junit_xml
 from unet_export.report.pictures import CANDIDATES, Pictures, workdir_pictures
 from unet_export.workdir.lookup import manifest_checkpoint
-from unet_export.workdir.manifest import MANIFEST_NAME, checked_path, load_manifest
+from unet_export.workdir.manifest import MANIFEST_NAME, load_manifest
 
 # verdicts reached on this artefact's file (evaluate's "ok": scored on it): the ones pictures can show
 JUDGED = ("verified", "failed", "ok")
@@ -27,10 +28,9 @@ def write_html(doc: dict, path: Path, *, data: str | Path | None = None, model=N
                images: int = CANDIDATES, note: str = "", pictures: dict[str, Pictures] | None = None) -> None:  # fmt: skip
     """The HTML report of ``doc`` at ``path`` (temp + rename), with pictures of every judged
     artefact (``pictures``, else made here on ``images`` real images from ``data``)."""
-    workdir = Path(doc["workdir"]) if doc.get("workdir") else None
-    manifest = _manifest(workdir)
+    manifest = _manifest(doc)
     if pictures is None:
-        pictures = artefact_pictures(doc, data=data, model=model, weights=weights, images=images)
+        pictures = _pictures(doc, manifest, data=data, model=model, weights=weights, images=images)
     entries = {e["path"]: e for e in (manifest or {}).get("artifacts", [])}
     page = render_html(doc, model=(manifest or {}).get("model"), entries=entries, pictures=pictures, note=note)
     with atomic_path(path) as tmp:
@@ -41,8 +41,10 @@ def artefact_pictures(doc: dict, *, data: str | Path | None = None, model=None, 
                       images: int = CANDIDATES) -> dict[str, Pictures]:  # fmt: skip
     """Pictures of each artefact of ``doc`` judged on its file (verified or failed): the workdir's
     manifest gives its full entry and the eager model's checkpoint; the rest say why there are none."""
-    workdir = Path(doc["workdir"]) if doc.get("workdir") else None
-    manifest = _manifest(workdir)
+    return _pictures(doc, _manifest(doc), data=data, model=model, weights=weights, images=images)
+
+
+def _pictures(doc: dict, manifest: dict | None, *, data, model, weights, images: int) -> dict[str, Pictures]:
     entries = {e["path"]: e for e in (manifest or {}).get("artifacts", [])}
     pictures = {}
     judged = [entries[a["path"]] for a in doc.get("artifacts") or []
@@ -50,7 +52,8 @@ def artefact_pictures(doc: dict, *, data: str | Path | None = None, model=None, 
     if judged and manifest.get("model"):
         net, why = _eager(manifest, weights, model)
         try:
-            pictures = workdir_pictures(workdir, manifest, judged, net, data, why_no_model=why, candidates=images)
+            pictures = workdir_pictures(Path(doc["workdir"]), manifest, judged, net, data, why_no_model=why,
+                                        candidates=images)  # fmt: skip
         except UnetExportError as exc:  # the images cannot be read as the model's: the page says so, the verdict stands
             pictures = {e["path"]: Pictures(note=f"no pictures: {exc}") for e in judged}
     for art in doc.get("artifacts") or []:
@@ -89,10 +92,9 @@ def workdir_artifacts(workdir: Path) -> list[dict]:
         latest = entry.get("verified_on") or {}
         record = artifact_record(entry, parity=latest.get("parity"))
         record["judged"] = f"by verify on {latest.get('host')} at {latest.get('time')}" if latest else "at export"
-        try:
-            checked_path(workdir, entry)
-        except IntegrityError as exc:
-            record |= {"status": "missing" if "missing" in str(exc) else "changed", "reason": str(exc)}
+        problem = integrity_problem(entry, workdir)
+        if problem is not None:
+            record |= {"status": problem[0], "reason": problem[1]}
         records.append(record)
     return records
 
@@ -103,7 +105,9 @@ def workdir_exit_code(artifacts: list[dict]) -> int:
     return 2 if statuses & {"changed", "missing"} else 1 if "failed" in statuses else 0
 
 
-def _manifest(workdir: Path | None) -> dict | None:
+def _manifest(doc: dict) -> dict | None:
+    """The manifest of the document's workdir, or None where there is none (or it is unreadable)."""
+    workdir = Path(doc["workdir"]) if doc.get("workdir") else None
     if workdir is None or not (workdir / MANIFEST_NAME).is_file():
         return None
     try:

@@ -11,6 +11,7 @@ artefact). So a picture can never tell another story than the verdict beside it.
 import base64
 import io
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_export.data.dataset import Preprocess
-from unet_export.errors import IntegrityError, UnetExportError, require
+from unet_export.errors import UnetExportError, require
 from unet_export.metrics import logits_to_mask
 from unet_export.models import mask_threshold
 from unet_export.parity.gate import FP32, class_changes, compare, tolerance_from_record
@@ -69,16 +70,21 @@ def workdir_pictures(workdir: Path, manifest: dict, entries: list[dict], net: to
     on up to ``candidates`` real images (``data``, else the images its own gate ran on, else the
     model's held-out ones), the ``shown`` with the most class changes drawn. ``net``: the eager
     model (None: no pictures, for ``why_no_model``)."""
-    out, eager = {}, _EagerCache(net)
-    for entry in entries:
-        if net is None:
-            out[entry["path"]] = Pictures(note=f"no pictures: the eager model cannot be rebuilt here ({why_no_model})")
-            continue
-        paths, _, why = real_images_for(manifest, entry, data, candidates)
-        if not paths:
-            out[entry["path"]] = Pictures(note=f"no pictures: no real images ({why}); pass --data DIR")
-            continue
-        out[entry["path"]] = artefact_pictures(workdir, manifest, entry, paths[:candidates], eager, shown)
+    if net is None:
+        return {e["path"]: Pictures(note=f"no pictures: the eager model cannot be rebuilt here ({why_no_model})")
+                for e in entries}  # fmt: skip
+    out = {}
+    # --data or the held-out images, found (every recorded file hashed) once for the workdir, as
+    # verify finds them; only an artefact with gate images of its own looks again.
+    shared = real_images_for(manifest, None, data, candidates)
+    with _EagerCache(net) as eager:
+        for entry in entries:
+            own = data is None and entry.get("real_images") is not None
+            paths, _, why = real_images_for(manifest, entry, data, candidates) if own else shared
+            if not paths:
+                out[entry["path"]] = Pictures(note=f"no pictures: no real images ({why}); pass --data DIR")
+                continue
+            out[entry["path"]] = artefact_pictures(workdir, manifest, entry, paths[:candidates], eager, shown)
     return out
 
 
@@ -100,9 +106,7 @@ def artefact_pictures(workdir: Path, manifest: dict, entry: dict, paths: list[Pa
     try:
         with artifact_runner(entry, workdir, "cpu") as runner:
             outs = [runner.infer(images[i : i + 1]) for i in range(len(images))]
-    except IntegrityError as exc:
-        return Pictures(note=f"no pictures: {exc}")
-    except UnetExportError as exc:  # no runtime for it here
+    except UnetExportError as exc:  # no runtime for it here, or the file changed (IntegrityError)
         return Pictures(note=f"no pictures: {exc}")
     except Exception as exc:  # the artefact would not run: its verdict says so, the pictures say why there are none
         return Pictures(note=f"no pictures: the artefact did not run ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
@@ -137,18 +141,27 @@ def _recheck(outs: list, refs: list, refs64: list, tol, threshold: float) -> dic
 
 
 class _EagerCache:
-    """The eager model's fp32 and float64 outputs per input, computed once for every artefact."""
+    """The eager model's fp32 and float64 outputs per input, computed once for every artefact; its
+    two runners are activated once (the float64 one copies the whole model) for all of them."""
 
     def __init__(self, net):
-        self.net, self.done = net, {}
+        self.fp32, self.fp64, self.done = EagerRunner(net, "cpu"), EagerRunner(net, "cpu", "fp64"), {}
+
+    def __enter__(self) -> "_EagerCache":
+        self.stack = ExitStack()
+        self.stack.enter_context(self.fp32)
+        self.stack.enter_context(self.fp64)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
 
     def outputs(self, path: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32, float64) logits of image ``path`` as ``x``: the same file at the same size is the
         same input for every artefact (one preprocessing)."""
         key = (str(path), tuple(x.shape))
         if key not in self.done:
-            with EagerRunner(self.net, "cpu") as fp32, EagerRunner(self.net, "cpu", "fp64") as fp64:
-                self.done[key] = (fp32.infer(x), fp64.infer(x))
+            self.done[key] = (self.fp32.infer(x), self.fp64.infer(x))
         return self.done[key]
 
 
@@ -191,7 +204,7 @@ def _panel(name: str, x, out, ref64, case, pp: Preprocess, threshold: float, sca
     out = out.detach().double().cpu()
     out_mask, exact_mask = logits_to_mask(out, threshold)[0], logits_to_mask(ref64, threshold)[0]
     tie_bound = case.atol if case.atol is not None else FP32.allowed(case.noise_floor or 0.0, max(1.0, case.max_abs_ref))
-    differ, ties = class_changes(out_mask[None], ref64, threshold, tie_bound)
+    differ, ties = class_changes(out_mask[None], exact_mask[None], ref64, threshold, tie_bound)
     counted, ties = (differ & ~ties)[0], ties[0]
     err = (out - ref64.double()).abs().amax(dim=1)[0]
     rgb = _input_rgb(x, pp)

@@ -294,11 +294,11 @@ def _bias(attempt: Attempt) -> str | None:
 
 
 def _entry(dest: Path, quantizer, onnx: dict, info: dict, images: Images, gates: GateSet, attempt: Attempt) -> dict:
-    extra = {k: v for k, v in info.items() if k not in ("fp32_nodes", "layers", "ignored_scope", "accuracy_control")}
+    extra = {k: v for k, v in info.items() if k not in ("fp32_nodes", "layers", "ignored_scope", "accuracy_control", "weight_range")}
     quantization = {"engine": "nncf" if quantizer.engine == "openvino" else "onnxruntime", "calibration": images.record,
                     "preset": attempt.preset, "ignored_scope": info["ignored_scope"], "bias_correction": _bias(attempt),
                     "accuracy_control": info["accuracy_control"], "int8_layers": info["layers"] - len(info["fp32_nodes"]),
-                    "layers": info["layers"], "gate_images": gates.source}  # fmt: skip
+                    "layers": info["layers"], "weight_range": info.get("weight_range"), "gate_images": gates.source}  # fmt: skip
     # Every gate image by path and sha256: verify and bench judge the artefact on these again.
     extra |= {"real_images": image_record(gates.paths, limit=len(gates.paths))}
     if quantizer.engine == "openvino":

@@ -115,7 +115,8 @@ def _quantization(quantization: dict) -> dict | None:
     """INT8: how it was quantized and what the fallback tried before the set that passed."""
     if not quantization:
         return None
-    facts = [(k, quantization[k]) for k in ("engine", "preset", "bias_correction", "accuracy_control", "gate_images")
+    facts = [(k, quantization[k]) for k in ("engine", "preset", "weight_range", "bias_correction", "accuracy_control",
+                                                        "gate_images")
              if quantization.get(k) is not None]  # fmt: skip
     if quantization.get("layers") is not None:
         facts.append(("INT8 layers", f"{quantization.get('int8_layers')} of {quantization['layers']}"))

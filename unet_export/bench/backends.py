@@ -18,6 +18,7 @@ from unet_export.runtimes import (
     TorchCompileRunner,
     TorchScriptRunner,
 )
+from unet_export.runtimes.openvino.runner import openvino_cpu_bf16
 from unet_export.workdir.ir import ir_weights
 from unet_export.workdir.manifest import checked_path
 
@@ -34,6 +35,7 @@ class BackendContext:
     device: torch.device
     shape: tuple[int, int, int, int]
     compile_mode: str = "default"
+    emulated: bool = True  # time rows this CPU only emulates (benchmark(): when --backends names them)
 
     def entry(self, fmt: str, precision: str = "fp32") -> dict:
         """The manifest entry of an artefact that can run at the benchmark shape."""
@@ -60,6 +62,21 @@ def _eager_half(ctx: BackendContext) -> Runner:
     return EagerRunner(ctx.model, ctx.device, "fp16", channels_last=True)
 
 
+def _eager_bf16(ctx: BackendContext) -> Runner:
+    # Without native bf16 (no AVX-512 or avx512_bf16/AMX) torch emulates it in software: the demo's
+    # row ran at 0.02x eager fp32 on a 2-core AVX2 EPYC, minutes a row that can only say "don't".
+    if ctx.device.type == "cpu" and not ctx.emulated and not torch_cpu_bf16():
+        raise Unavailable("this CPU has no native bf16 (torch would emulate it, far slower than fp32); "
+                          "--backends eager-bf16 times it anyway")  # fmt: skip
+    return EagerRunner(ctx.model, ctx.device, "bf16", channels_last=ctx.device.type == "cuda")
+
+
+def torch_cpu_bf16() -> bool:
+    """Whether torch's CPU kernels (oneDNN) run bf16 natively here, as torch's own tests ask."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported()) if supported is not None else True
+
+
 def _ort_provider(provider: str, precision: str = "fp32"):
     def make(ctx: BackendContext) -> Runner:
         ctx.needs_cuda(f"ONNX Runtime's {provider} provider")
@@ -80,6 +97,11 @@ def _openvino(precision: str):
     else the ONNX model."""
 
     def make(ctx: BackendContext) -> Runner:
+        if precision == "bf16" and not openvino_cpu_bf16():
+            # measured on an AVX2 EPYC: the bf16 hint compiled f32 (same speed, same error as the
+            # openvino row) while the row said bf16
+            raise Unavailable("OpenVINO has no bf16 on this CPU (no BF16 in its OPTIMIZATION_CAPABILITIES): "
+                              "the bf16 hint runs f32, which the openvino row times")  # fmt: skip
         try:
             entry = ctx.entry("openvino")
         except Unavailable:
@@ -149,7 +171,7 @@ def row_entry(manifest: dict, name: str) -> dict | None:
 BACKENDS = {
     "eager": lambda ctx: EagerRunner(ctx.model, ctx.device),
     "eager-channels-last": lambda ctx: EagerRunner(ctx.model, ctx.device, channels_last=True),
-    "eager-bf16": lambda ctx: EagerRunner(ctx.model, ctx.device, "bf16", channels_last=ctx.device.type == "cuda"),
+    "eager-bf16": _eager_bf16,
     "eager-fp16": _eager_half,
     "torch.compile": lambda ctx: TorchCompileRunner(ctx.model, ctx.device, mode=ctx.compile_mode),
     "torchscript": lambda ctx: TorchScriptRunner(ctx.artifact("torchscript"), ctx.device, freeze=True),

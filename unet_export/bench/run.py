@@ -272,12 +272,14 @@ def benchmark(
     min_dice: float | None = None,
     model=None,
     mode: str = "latency",
+    emulated: bool | None = None,
     **timing,
 ) -> BenchReport:
     """Parity-gate and time every backend on the workdir's model; ``timing`` goes to BenchConfig.
     ``rtol``/``atol`` replace the FP32 gate's, ``max_class_change``/``min_dice`` the reduced-precision ones.
     ``model`` rebuilds a factory's (--model-factory) or an in-memory module's eager model.
-    ``mode``: latency, throughput or both (bench_row)."""
+    ``mode``: latency, throughput or both (bench_row). ``emulated``: time rows this CPU only
+    emulates (eager-bf16 without native bf16); default: only when ``backends`` names them."""
     check_mode(mode)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
@@ -308,7 +310,8 @@ def benchmark(
     tolerances = {precision: tolerance_for(precision, **limits) for precision in TOLERANCES}
     net = build_model(ckpt)
     cfg = BenchConfig(batch=batch, height=height, width=width, **timing)
-    ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode)
+    emulated = backends is not None if emulated is None else emulated
+    ctx = BackendContext(net, workdir, manifest, dev, (batch, channels, height, width), compile_mode, emulated)
     makers = {name: functools.partial(BACKENDS[name], ctx) for name in names}
     rows = run_benchmark(makers, EagerRunner(net, dev), cfg, bench_batch(cfg, channels, images, manifest["model"].get("preprocess")), on_row,
                          tolerances=tolerances, no_images=why, threshold=mask_threshold(ckpt.config), mode=mode)  # fmt: skip

@@ -68,7 +68,7 @@ def demo_cmd(workdir: Workdir = Path("exports/demo"), device: DeviceOpt = "auto"
     console.print(dice_table(evaluate(DEMO_WEIGHTS, DEMO_VAL, workdir, device=device.value), "the shipped validation set"))
     cpu_rows = DEMO_CPU_BACKENDS + DEMO_INT8_BACKENDS
     report = benchmark(workdir, batch=8, backends=None if resolve_device(device.value).type == "cuda" else cpu_rows,
-                       device=device.value, data=DEMO_VAL, warmup=2, min_time=2.0,
+                       device=device.value, data=DEMO_VAL, warmup=2, min_time=2.0, emulated=False,
                        on_row=lambda row: console.print(row_line(row)))  # fmt: skip
     console.print(bench_table(report))
     raise typer.Exit(0 if passed and exit_code(report.rows) == 0 else 1)

@@ -2,8 +2,9 @@
 Each new input shape is compiled static once (static kernels are faster than dynamic ones);
 ``precision`` names what the artefact is (fp32, fp16, bf16, int8) and sets the inference
 precision hint: fp32 keeps full precision, bf16 uses the CPU's bf16 units where it has them
-(OpenVINO emulates them, slowly, on CPUs without avx512_bf16/AMX), int8 runs the quantised layers
-in INT8 (VNNI/AMX) and the layers left in FP32 in f32.
+(emulated, slowly, on AVX-512 without avx512_bf16; on an AVX2-only CPU OpenVINO lists no BF16
+capability and compiles the hint as f32: openvino_cpu_bf16), int8 runs the quantised layers in
+INT8 (VNNI/AMX) and the layers left in FP32 in f32.
 
 An IR is two files: the runner takes both paths (workdir/ir.py finds and checks the .bin of a
 workdir's IR).
@@ -23,6 +24,13 @@ from unet_export.runtimes.base import Runner
 from unet_export.runtimes.onnx.export import refuse_outside_data
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+
+
+def openvino_cpu_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 here; without BF16 in its capabilities the bf16
+    hint compiles f32 (the compiled model's INFERENCE_PRECISION_HINT reads f32)."""
+    ov = require("openvino", extra="openvino")
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoRunner(Runner):

@@ -12,6 +12,7 @@ workdir or an image folder is text on the page, never markup.
 from pathlib import Path
 
 from unet_export.errors import require
+from unet_export.parity.realimages import judged_on_images_only
 from unet_export.report import charts
 from unet_export.report.pictures import CHANGED, TIE, Pictures
 from unet_export.text import counted, gate_rule, x_floor
@@ -76,7 +77,7 @@ def _artifact(artifact: dict, entry: dict, pictures: Pictures | None) -> dict:
     return {
         "a": artifact, "status": status, "badge": BADGE.get(status, "skip"),
         "rule": gate_rule(limits, parity.get("tolerance") or artifact.get("precision", "")) if limits else "",
-        "reduced": artifact.get("precision") in ("fp16", "bf16", "int8"),
+        "reduced": judged_on_images_only(artifact.get("precision")),  # no error bound: no x floor
         "cases": [_case(c) for c in parity.get("cases") or []],
         "image_sets": _image_sets(artifact, quantization),
         "quantization": _quantization(quantization),
@@ -115,9 +116,8 @@ def _quantization(quantization: dict) -> dict | None:
     """INT8: how it was quantized and what the fallback tried before the set that passed."""
     if not quantization:
         return None
-    facts = [(k, quantization[k]) for k in ("engine", "preset", "weight_range", "bias_correction", "accuracy_control",
-                                                        "gate_images")
-             if quantization.get(k) is not None]  # fmt: skip
+    keys = ("engine", "preset", "weight_range", "bias_correction", "accuracy_control", "gate_images")
+    facts = [(k, quantization[k]) for k in keys if quantization.get(k) is not None]
     if quantization.get("layers") is not None:
         facts.append(("INT8 layers", f"{quantization.get('int8_layers')} of {quantization['layers']}"))
     if quantization.get("ignored_scope"):

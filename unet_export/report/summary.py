@@ -5,6 +5,7 @@ one table row per artefact (or bench row), the reports it wrote linked by name."
 import os
 from pathlib import Path
 
+from unet_export.parity.realimages import judged_on_images_only
 from unet_export.text import x_floor
 
 MARK = {"verified": "✅", "passed": "✅", "ok": "✅", "failed": "❌", "parity_failed": "❌", "error": "⚠️",
@@ -23,8 +24,8 @@ def summary_markdown(doc: dict, files: list[Path] | None = None) -> str:
         lines += ["| artefact | format | precision | verdict | worst x floor | worst class change |", "|---|---|---|---|---|---|"]
         for art in doc["artifacts"]:
             cases = (art.get("parity") or {}).get("cases") or []
-            fp32 = art.get("precision") == "fp32"  # reduced precision has no error bound: its ratio says nothing
-            ratios = [c["floor_ratio"] for c in cases if c.get("floor_ratio") is not None and fp32]
+            bounded = not judged_on_images_only(art.get("precision"))  # reduced precision has no error bound
+            ratios = [c["floor_ratio"] for c in cases if c.get("floor_ratio") is not None and bounded]
             changes = [c["argmax_disagreement"] for c in cases if c.get("argmax_disagreement") is not None]
             name = f"`{Path(workdir) / art['path'] if workdir else art['path']}`"
             status = art.get("status") or ""
